@@ -1,0 +1,205 @@
+#!/usr/bin/env python
+"""Time fer_edge's fused multi-scale convolution against PyTorch's best ways.
+
+For the MACNN layer shapes L1-L5, batch 1 and 256, it times
+  fused : fer_edge.kernels.fused_ms_conv (one pass, our kernel)
+  eager : three convolutions + ReLU + cat                       (baseline a)
+  pad5  : one convolution with 1x1/3x3 kernels zero-padded to 5x5 (baseline b)
+  graph : `eager` captured in a CUDA graph (CUDA only)            (baseline c)
+and prints median microseconds, the speed-up of `fused` over each baseline and
+over the best of them, and what `fused` achieves in GB/s and TFLOP/s.  The
+table is printed last; --json writes the same rows.
+
+    python benchmarks/bench_msconv.py --device cuda --json msconv.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from fer_edge.kernels import fused_ms_conv
+
+# name: (cin, height=width, c1, c3, c5) -- the merged MAConv layers of MACNN at 48x48.
+LAYERS = {
+    "L1": (1, 48, 16, 24, 24),
+    "L2": (64, 24, 32, 48, 48),
+    "L3": (128, 12, 64, 96, 96),
+    "L4": (256, 6, 128, 192, 192),
+    "L5": (512, 3, 128, 192, 192),
+}
+ROTATE = 4  # input sets cycled through so repeated runs do not just re-read the cache
+
+
+def make_layer(cin, hw, c1, c3, c5, n, dtype, device, layout):
+    g = torch.Generator().manual_seed(0)
+    fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+
+    def rnd(*s, scale=1.0):
+        return (torch.randn(*s, generator=g) * scale).to(device=device, dtype=dtype)
+
+    xs = [rnd(n, cin, hw, hw).contiguous(memory_format=fmt) for _ in range(ROTATE)]
+    w1, w3, w5 = (rnd(c, cin, k, k, scale=(cin * k * k) ** -0.5) for c, k in ((c1, 1), (c3, 3), (c5, 5)))
+    b1, b3, b5 = rnd(c1), rnd(c3), rnd(c5)
+    # Baseline (b): one 5x5 convolution whose 1x1 and 3x3 kernels are zero-padded.
+    w_pad = torch.cat([F.pad(w1, (2, 2, 2, 2)), F.pad(w3, (1, 1, 1, 1)), w5]).contiguous(memory_format=fmt)
+    b_pad = torch.cat([b1, b3, b5])
+    fused_w = (w1, b1, w3, b3, w5, b5)  # fused_ms_conv takes plain OIHW weights
+    # The baselines get weights in the input's memory format, as cuDNN prefers.
+    w1, w3, w5 = (w.contiguous(memory_format=fmt) for w in (w1, w3, w5))
+    return xs, fused_w, (w1, b1, w3, b3, w5, b5), (w_pad, b_pad)
+
+
+def eager(x, w1, b1, w3, b3, w5, b5):
+    return torch.cat([F.relu(F.conv2d(x, w1, b1)), F.relu(F.conv2d(x, w3, b3, padding=1)),
+                      F.relu(F.conv2d(x, w5, b5, padding=2))], dim=1)
+
+
+def time_fn(fn, inputs, device, repeat, warmup=5):
+    """Median microseconds of fn(x) over `repeat` runs, cycling through inputs."""
+    for i in range(warmup):
+        fn(inputs[i % len(inputs)])
+    times = []
+    if device == "cuda":
+        torch.cuda.synchronize()
+        for i in range(repeat):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(inputs[i % len(inputs)])
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e3)
+    else:
+        for i in range(repeat):
+            t0 = time.perf_counter()
+            fn(inputs[i % len(inputs)])
+            times.append((time.perf_counter() - t0) * 1e6)
+    return statistics.median(times)
+
+
+def graphed(fn, inputs):
+    """Capture fn on a static input buffer; replaying copies the next input in first."""
+    static = inputs[0].clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn(static)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn(static)
+    # The copy is part of what is timed; at these sizes it is ~1-2 us.
+    return lambda x: (static.copy_(x), g.replay())
+
+
+def layer_cost(cin, hw, c1, c3, c5, n, itemsize):
+    """Useful flops (no zero taps) and the fewest bytes: input, weights, output once."""
+    flops = 2 * n * hw * hw * cin * (c1 + 9 * c3 + 25 * c5)
+    nbytes = itemsize * (n * cin * hw * hw + cin * (c1 + 9 * c3 + 25 * c5) + (c1 + c3 + c5)
+                         + n * (c1 + c3 + c5) * hw * hw)
+    return flops, nbytes
+
+
+def run(args) -> list[dict]:
+    device = args.device
+    dtypes = ["fp32"] + (["fp16"] if device == "cuda" else [])
+    if args.dtypes:
+        dtypes = args.dtypes
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16}
+    if device == "cuda":
+        # cuDNN autotuning picks its best algorithm for each shape, as a user would.
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    rows = []
+    for name in args.layers:
+        cin, hw, c1, c3, c5 = LAYERS[name]
+        for n in args.batches:
+            for dt in dtypes:
+                xs, fw, ws, (wp, bp) = make_layer(cin, hw, c1, c3, c5, n, torch_dtype[dt], device, args.layout)
+                methods = {
+                    "fused": lambda x: fused_ms_conv(x, *fw),
+                    "eager": lambda x: eager(x, *ws),
+                    "pad5": lambda x: F.relu(F.conv2d(x, wp, bp, padding=2)),
+                }
+                if device == "cuda":
+                    methods["graph"] = graphed(methods["eager"], xs)
+                with torch.inference_mode():
+                    ref = methods["eager"](xs[0]).float()
+                    err = ((methods["fused"](xs[0]).float() - ref).norm() / ref.norm()).item()
+                    us = {m: time_fn(f, xs, device, args.repeat) for m, f in methods.items()}
+                flops, nbytes = layer_cost(cin, hw, c1, c3, c5, n, torch.finfo(torch_dtype[dt]).bits // 8)
+                best = min(v for k, v in us.items() if k != "fused")
+                row = {
+                    "layer": name, "batch": n, "dtype": dt, "layout": args.layout, "device": device,
+                    **{f"{m}_us": round(v, 2) for m, v in us.items()},
+                    **{f"speedup_vs_{m}": round(v / us["fused"], 3) for m, v in us.items() if m != "fused"},
+                    "speedup_vs_best": round(best / us["fused"], 3),
+                    "fused_GBps": round(nbytes / us["fused"] / 1e3, 1),
+                    "fused_TFLOPs": round(flops / us["fused"] / 1e6, 3),
+                    "rel_err_vs_eager": float(f"{err:.2e}"),
+                }
+                rows.append(row)
+                print(f"{name} n={n} {dt}: " + ", ".join(f"{m} {v:.1f} us" for m, v in us.items()), file=sys.stderr)
+    return rows
+
+
+def print_table(rows):
+    methods = [m for m in ("fused", "eager", "pad5", "graph") if f"{m}_us" in rows[0]]
+    head = ["layer", "n", "dtype"] + [f"{m} us" for m in methods] + \
+        [f"x{m}" for m in methods[1:]] + ["x best", "GB/s", "TFLOP/s", "rel err"]
+    lines = [head]
+    for r in rows:
+        lines.append([r["layer"], str(r["batch"]), r["dtype"]]
+                     + [f"{r[f'{m}_us']:.1f}" for m in methods]
+                     + [f"{r[f'speedup_vs_{m}']:.2f}" for m in methods[1:]]
+                     + [f"{r['speedup_vs_best']:.2f}", f"{r['fused_GBps']:.1f}", f"{r['fused_TFLOPs']:.3f}",
+                        f"{r['rel_err_vs_eager']:.1e}"])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    for i, line in enumerate(lines):
+        print("  ".join(c.rjust(w) for c, w in zip(line, widths)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    print("x<m> = time of baseline m / time of fused (higher is better); "
+          "GB/s and TFLOP/s count the fewest bytes and the useful flops of fused.")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", help="write the table's rows to this JSON file")
+    p.add_argument("--layers", nargs="+", default=list(LAYERS), choices=list(LAYERS))
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 256])
+    p.add_argument("--dtypes", nargs="+", choices=["fp32", "fp16"])
+    p.add_argument("--layout", choices=["nhwc", "nchw"], default="nhwc")
+    p.add_argument("--repeat", type=int, default=None, help="timed runs per method (default 200 cuda, 10 cpu)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible")
+    if args.repeat is None:
+        args.repeat = 200 if args.device == "cuda" else 10
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = run(args)
+    meta = {
+        "date": time.strftime("%Y-%m-%d"),
+        "device": torch.cuda.get_device_name(0) if args.device == "cuda" else f"cpu x{torch.get_num_threads()}",
+        "torch": torch.__version__,
+        "command": " ".join(sys.argv),
+    }
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    print(f"\n{meta['date']}  {meta['device']}  torch {meta['torch']}  layout {args.layout}")
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()

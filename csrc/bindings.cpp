@@ -1,0 +1,105 @@
+// pybind11 module fer_edge._C.  It deliberately does not link PyTorch: the
+// Python wrapper (fer_edge/kernels.py) validates tensors and passes raw
+// pointers, shapes and (for CUDA) the stream handle, so one build works with
+// any torch version.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "msconv.h"
+
+namespace py = pybind11;
+using fer_edge::Layout;
+using fer_edge::MsConvArgs;
+
+namespace {
+
+MsConvArgs make_args(std::uintptr_t x, std::uintptr_t out, std::uintptr_t w1, std::uintptr_t b1,
+                     std::uintptr_t w3, std::uintptr_t b3, std::uintptr_t w5, std::uintptr_t b5,
+                     std::int64_t n, std::int64_t c, std::int64_t h, std::int64_t w, std::int64_t c1,
+                     std::int64_t c3, std::int64_t c5, int layout, bool relu) {
+  if (layout != 0 && layout != 1) throw std::invalid_argument("fused_ms_conv: layout must be 0 (NCHW) or 1 (NHWC)");
+  MsConvArgs a;
+  a.x = x; a.out = out; a.w1 = w1; a.b1 = b1; a.w3 = w3; a.b3 = b3; a.w5 = w5; a.b5 = b5;
+  a.n = n; a.c = c; a.h = h; a.w = w; a.c1 = c1; a.c3 = c3; a.c5 = c5;
+  a.layout = static_cast<Layout>(layout);
+  a.relu = relu;
+  fer_edge::validate(a);
+  return a;
+}
+
+std::vector<std::string> split_archs(const std::string& s) {
+  std::vector<std::string> out;
+  std::string cur;
+  for (char ch : s) {
+    if (ch == ';' || ch == ',' || ch == ' ') {
+      if (!cur.empty()) out.push_back(cur);
+      cur.clear();
+    } else {
+      cur += ch;
+    }
+  }
+  if (!cur.empty()) out.push_back(cur);
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fer-edge compiled kernels (fused multi-scale convolution), CPU and CUDA";
+
+  m.def(
+      "msconv_cpu",
+      [](std::uintptr_t x, std::uintptr_t out, std::uintptr_t w1, std::uintptr_t b1, std::uintptr_t w3,
+         std::uintptr_t b3, std::uintptr_t w5, std::uintptr_t b5, std::int64_t n, std::int64_t c,
+         std::int64_t h, std::int64_t w, std::int64_t c1, std::int64_t c3, std::int64_t c5, int layout,
+         bool relu, int num_threads) {
+        MsConvArgs a = make_args(x, out, w1, b1, w3, b3, w5, b5, n, c, h, w, c1, c3, c5, layout, relu);
+        py::gil_scoped_release nogil;
+        fer_edge::msconv_cpu_f32(a, num_threads);
+      },
+      py::arg("x"), py::arg("out"), py::arg("w1"), py::arg("b1"), py::arg("w3"), py::arg("b3"),
+      py::arg("w5"), py::arg("b5"), py::arg("n"), py::arg("c"), py::arg("h"), py::arg("w"),
+      py::arg("c1"), py::arg("c3"), py::arg("c5"), py::arg("layout"), py::arg("relu"),
+      py::arg("num_threads") = 0,
+      "float32 fused multi-scale conv on host pointers (layout 0 = NCHW, 1 = NHWC).");
+
+#ifdef FER_EDGE_WITH_CUDA
+  m.def(
+      "msconv_cuda",
+      [](std::uintptr_t x, std::uintptr_t out, std::uintptr_t w1, std::uintptr_t b1, std::uintptr_t w3,
+         std::uintptr_t b3, std::uintptr_t w5, std::uintptr_t b5, std::int64_t n, std::int64_t c,
+         std::int64_t h, std::int64_t w, std::int64_t c1, std::int64_t c3, std::int64_t c5, int layout,
+         bool relu, int dtype, std::uintptr_t stream) {
+        if (dtype != 0 && dtype != 1) throw std::invalid_argument("fused_ms_conv: dtype must be 0 (float32) or 1 (float16)");
+        MsConvArgs a = make_args(x, out, w1, b1, w3, b3, w5, b5, n, c, h, w, c1, c3, c5, layout, relu);
+        py::gil_scoped_release nogil;
+        fer_edge::msconv_cuda(a, static_cast<fer_edge::DType>(dtype), stream);
+      },
+      py::arg("x"), py::arg("out"), py::arg("w1"), py::arg("b1"), py::arg("w3"), py::arg("b3"),
+      py::arg("w5"), py::arg("b5"), py::arg("n"), py::arg("c"), py::arg("h"), py::arg("w"),
+      py::arg("c1"), py::arg("c3"), py::arg("c5"), py::arg("layout"), py::arg("relu"), py::arg("dtype"),
+      py::arg("stream"),
+      "fused multi-scale conv on CUDA device pointers (dtype 0 = float32, 1 = float16) on `stream`.");
+  m.def("cuda_device_count", &fer_edge::cuda_device_count);
+#endif
+
+  m.def("build_info", []() {
+    py::dict d;
+    d["version"] = FER_EDGE_VERSION;
+    d["cpu"] = true;
+#ifdef FER_EDGE_OPENMP
+    d["openmp"] = true;
+#else
+    d["openmp"] = false;
+#endif
+#ifdef FER_EDGE_WITH_CUDA
+    d["cuda"] = true;
+    d["cuda_archs"] = split_archs(FER_EDGE_CUDA_ARCHS);
+    d["cuda_runtime_version"] = fer_edge::cuda_runtime_version();
+#else
+    d["cuda"] = false;
+    d["cuda_archs"] = std::vector<std::string>{};
+#endif
+    return d;
+  });
+}

@@ -1,0 +1,58 @@
+// Fused multi-scale convolution (the merged MACNN layer):
+//
+//   y = concat_c( act(conv1x1(x) + b1), act(conv3x3(x, pad 1) + b3), act(conv5x5(x, pad 2) + b5) )
+//
+// stride 1, same spatial size, act = ReLU or identity.  Weights are PyTorch's
+// OIHW layout (w1: c1 x C x 1 x 1, w3: c3 x C x 3 x 3, w5: c5 x C x 5 x 5).
+//
+// These entry points take raw pointers so that the extension never links
+// against PyTorch: one build works with any torch version.
+#pragma once
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace fer_edge {
+
+enum class Layout : int { NCHW = 0, NHWC = 1 };
+enum class DType : int { Float32 = 0, Float16 = 1 };
+
+struct MsConvArgs {
+  std::uintptr_t x = 0, out = 0;
+  std::uintptr_t w1 = 0, b1 = 0, w3 = 0, b3 = 0, w5 = 0, b5 = 0;
+  std::int64_t n = 0, c = 0, h = 0, w = 0;
+  std::int64_t c1 = 0, c3 = 0, c5 = 0;
+  Layout layout = Layout::NCHW;
+  bool relu = true;
+};
+
+// Checks every field the kernels rely on; throws std::invalid_argument (a
+// Python ValueError through pybind11) with a plain message.
+inline void validate(const MsConvArgs& a) {
+  auto fail = [](const std::string& m) { throw std::invalid_argument("fused_ms_conv: " + m); };
+  if (!a.x || !a.out || !a.w1 || !a.b1 || !a.w3 || !a.b3 || !a.w5 || !a.b5)
+    fail("null data pointer");
+  if (a.n < 1 || a.c < 1 || a.h < 1 || a.w < 1)
+    fail("input must be non-empty (N, C, H, W >= 1), got N=" + std::to_string(a.n) +
+         " C=" + std::to_string(a.c) + " H=" + std::to_string(a.h) + " W=" + std::to_string(a.w));
+  if (a.c1 < 1 || a.c3 < 1 || a.c5 < 1) fail("c1, c3 and c5 must each be >= 1");
+  if (a.layout != Layout::NCHW && a.layout != Layout::NHWC) fail("unknown layout");
+  // The CUDA kernel indexes with 32-bit integers; keep both paths to one rule.
+  const std::int64_t lim = (std::int64_t(1) << 31) - 1;
+  const std::int64_t ctot = a.c1 + a.c3 + a.c5;
+  if (a.n * a.c * a.h * a.w > lim || a.n * ctot * a.h * a.w > lim || ctot * a.c * 25 > lim)
+    fail("tensor too large (more than 2^31-1 elements)");
+}
+
+// CPU, float32 only.  num_threads <= 0 means the OpenMP default.
+void msconv_cpu_f32(const MsConvArgs& a, int num_threads);
+
+#ifdef FER_EDGE_WITH_CUDA
+// CUDA, float32 or float16 (float32 accumulation) on the given stream.
+void msconv_cuda(const MsConvArgs& a, DType dtype, std::uintptr_t stream);
+int cuda_device_count();
+int cuda_runtime_version();  // CUDART_VERSION the module was built with
+#endif
+
+}  // namespace fer_edge

@@ -1,0 +1,240 @@
+// CUDA kernel of the fused multi-scale convolution (float32, or float16 with
+// float32 accumulation; NCHW or NHWC / channels_last).
+//
+// One pass: a block owns an 8x8 tile of output pixels and 32 combined output
+// channels.  For each slice of CK input channels it stages the input tile with
+// its 2-pixel halo and the matching weights of all three branches in shared
+// memory once, then every thread accumulates 8 channels of one pixel from
+// them.  Combined channels are ordered [c5 | c3 | c1] (see msconv_cpu.cpp):
+// a block whose channels are all 3x3 or 1x1 visits only the inner taps.
+// Bias and ReLU are applied in registers and results are written straight into
+// their slice of the concatenated output: no intermediate tensors, no cat.
+//
+// This is the portable SIMT version (any sm_75+ GPU, Jetson Orin included);
+// tensor-core variants belong to the speed work and must keep these results.
+#include "msconv.h"
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <string>
+
+namespace fer_edge {
+namespace {
+
+constexpr int TH = 8, TW = 8;          // output tile
+constexpr int NPIX = TH * TW;          // pixels per block
+constexpr int COB = 8;                 // channels per thread
+constexpr int CGROUPS = 4;             // channel groups per block
+constexpr int BCO = COB * CGROUPS;     // channels per block
+constexpr int THREADS = NPIX * CGROUPS;
+constexpr int CK = 8;                  // input channels per shared-memory stage
+constexpr int IH = TH + 4, IW = TW + 4;
+constexpr int WSTRIDE = BCO + 1;       // odd row stride: conflict-free staging writes
+
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+template <typename T> __device__ __forceinline__ T from_f(float v);
+template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+
+struct Dims {
+  int n0, C, H, W, c1, c3, c5, ctot, tiles_w;
+  bool relu;
+};
+
+template <typename T, bool NHWC>
+__global__ void __launch_bounds__(THREADS)
+msconv_kernel(const T* __restrict__ x, T* __restrict__ out,
+              const T* __restrict__ w1, const T* __restrict__ b1,
+              const T* __restrict__ w3, const T* __restrict__ b3,
+              const T* __restrict__ w5, const T* __restrict__ b5, Dims d) {
+  __shared__ float s_in[CK][IH][IW];
+  __shared__ float s_w[CK][25][WSTRIDE];
+
+  const int tid = threadIdx.x;
+  const int pix = tid % NPIX, cg = tid / NPIX;
+  const int py = pix / TW, px = pix % TW;
+  const int ty0 = (blockIdx.x / d.tiles_w) * TH, tx0 = (blockIdx.x % d.tiles_w) * TW;
+  const int co_block = blockIdx.y * BCO;
+  const int n = d.n0 + blockIdx.z;
+  const int C = d.C, H = d.H, W = d.W;
+  // Taps this block needs: the first channel of the block has the widest kernel.
+  const int r = co_block < d.c5 ? 2 : (co_block < d.c5 + d.c3 ? 1 : 0);
+
+  float acc[COB];
+#pragma unroll
+  for (int j = 0; j < COB; ++j) acc[j] = 0.f;
+
+  for (int ci0 = 0; ci0 < C; ci0 += CK) {
+    __syncthreads();  // previous stage fully consumed
+    for (int idx = tid; idx < CK * IH * IW; idx += THREADS) {
+      int cc, yy, xx;
+      if (NHWC) {  // channels fastest: contiguous in global memory
+        cc = idx % CK;
+        const int p = idx / CK;
+        yy = p / IW;
+        xx = p % IW;
+      } else {     // columns fastest
+        cc = idx / (IH * IW);
+        const int p = idx % (IH * IW);
+        yy = p / IW;
+        xx = p % IW;
+      }
+      const int ih = ty0 + yy - 2, iw = tx0 + xx - 2, ci = ci0 + cc;
+      float v = 0.f;
+      if (ih >= 0 && ih < H && iw >= 0 && iw < W && ci < C) {
+        const long long off = NHWC ? ((static_cast<long long>(n) * H + ih) * W + iw) * C + ci
+                                   : ((static_cast<long long>(n) * C + ci) * H + ih) * W + iw;
+        v = to_f(x[off]);
+      }
+      s_in[cc][yy][xx] = v;
+    }
+    for (int idx = tid; idx < CK * 25 * BCO; idx += THREADS) {
+      const int tap = idx % 25;  // taps fastest: contiguous in OIHW weights
+      const int rest = idx / 25;
+      const int j = rest % BCO, cc = rest / BCO;
+      const int co = co_block + j, ci = ci0 + cc;
+      const int ky = tap / 5, kx = tap % 5;
+      float v = 0.f;
+      if (ci < C && co < d.ctot) {
+        if (co < d.c5) {
+          v = to_f(w5[(static_cast<long long>(co) * C + ci) * 25 + tap]);
+        } else if (co < d.c5 + d.c3) {
+          if (ky >= 1 && ky <= 3 && kx >= 1 && kx <= 3)
+            v = to_f(w3[(static_cast<long long>(co - d.c5) * C + ci) * 9 + (ky - 1) * 3 + (kx - 1)]);
+        } else if (ky == 2 && kx == 2) {
+          v = to_f(w1[static_cast<long long>(co - d.c5 - d.c3) * C + ci]);
+        }
+      }
+      s_w[cc][tap][j] = v;
+    }
+    __syncthreads();
+    const int cmax = min(CK, C - ci0);
+    for (int cc = 0; cc < cmax; ++cc)
+      for (int ky = 2 - r; ky <= 2 + r; ++ky)
+        for (int kx = 2 - r; kx <= 2 + r; ++kx) {
+          const float xv = s_in[cc][py + ky][px + kx];
+          const float* wv = &s_w[cc][ky * 5 + kx][cg * COB];
+#pragma unroll
+          for (int j = 0; j < COB; ++j) acc[j] = fmaf(xv, wv[j], acc[j]);
+        }
+  }
+
+  const int oh = ty0 + py, ow = tx0 + px;
+  if (oh >= H || ow >= W) return;
+#pragma unroll
+  for (int j = 0; j < COB; ++j) {
+    const int co = co_block + cg * COB + j;
+    if (co >= d.ctot) break;
+    float b;
+    int oc;
+    if (co < d.c5) {
+      b = to_f(b5[co]);
+      oc = d.c1 + d.c3 + co;
+    } else if (co < d.c5 + d.c3) {
+      b = to_f(b3[co - d.c5]);
+      oc = d.c1 + (co - d.c5);
+    } else {
+      b = to_f(b1[co - d.c5 - d.c3]);
+      oc = co - d.c5 - d.c3;
+    }
+    float v = acc[j] + b;
+    if (d.relu) v = v > 0.f ? v : (v == v ? 0.f : v);  // keep NaN like torch.relu
+    const long long off = NHWC ? ((static_cast<long long>(n) * H + oh) * W + ow) * d.ctot + oc
+                               : ((static_cast<long long>(n) * d.ctot + oc) * H + oh) * W + ow;
+    out[off] = from_f<T>(v);
+  }
+}
+
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess)
+    throw std::runtime_error(std::string("fused_ms_conv (CUDA): ") + what + ": " + cudaGetErrorString(e));
+}
+
+// The device that owns `p`, or an exception when `p` is not device memory.
+int device_of(std::uintptr_t p, const char* name) {
+  cudaPointerAttributes attr{};
+  cudaError_t e = cudaPointerGetAttributes(&attr, reinterpret_cast<const void*>(p));
+  if (e != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky-free error state
+    throw std::invalid_argument(std::string("fused_ms_conv: ") + name + " is not a CUDA pointer (" +
+                                cudaGetErrorString(e) + ")");
+  }
+  if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged)
+    throw std::invalid_argument(std::string("fused_ms_conv: ") + name + " is not CUDA device memory");
+  return attr.device;
+}
+
+template <typename T, bool NHWC>
+void launch(const MsConvArgs& a, cudaStream_t s) {
+  Dims d{};
+  d.C = static_cast<int>(a.c);
+  d.H = static_cast<int>(a.h);
+  d.W = static_cast<int>(a.w);
+  d.c1 = static_cast<int>(a.c1);
+  d.c3 = static_cast<int>(a.c3);
+  d.c5 = static_cast<int>(a.c5);
+  d.ctot = d.c1 + d.c3 + d.c5;
+  d.tiles_w = (d.W + TW - 1) / TW;
+  d.relu = a.relu;
+  const int tiles = d.tiles_w * ((d.H + TH - 1) / TH);
+  const int cblocks = (d.ctot + BCO - 1) / BCO;
+  // gridDim.z is limited to 65535: launch large batches in slices.
+  for (long long n0 = 0; n0 < a.n; n0 += 65535) {
+    d.n0 = static_cast<int>(n0);
+    const unsigned nz = static_cast<unsigned>(std::min<long long>(65535, a.n - n0));
+    msconv_kernel<T, NHWC><<<dim3(tiles, cblocks, nz), THREADS, 0, s>>>(
+        reinterpret_cast<const T*>(a.x), reinterpret_cast<T*>(a.out),
+        reinterpret_cast<const T*>(a.w1), reinterpret_cast<const T*>(a.b1),
+        reinterpret_cast<const T*>(a.w3), reinterpret_cast<const T*>(a.b3),
+        reinterpret_cast<const T*>(a.w5), reinterpret_cast<const T*>(a.b5), d);
+    check(cudaGetLastError(), "kernel launch");
+  }
+}
+
+}  // namespace
+
+void msconv_cuda(const MsConvArgs& a, DType dtype, std::uintptr_t stream) {
+  validate(a);
+  const int dev = device_of(a.x, "x");
+  const std::uintptr_t ptrs[] = {a.out, a.w1, a.b1, a.w3, a.b3, a.w5, a.b5};
+  const char* names[] = {"out", "w1", "b1", "w3", "b3", "w5", "b5"};
+  for (int i = 0; i < 7; ++i)
+    if (device_of(ptrs[i], names[i]) != dev)
+      throw std::invalid_argument(std::string("fused_ms_conv: ") + names[i] + " is on another GPU than x");
+  int prev = 0;
+  check(cudaGetDevice(&prev), "cudaGetDevice");
+  if (prev != dev) check(cudaSetDevice(dev), "cudaSetDevice");
+  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  try {
+    const bool nhwc = a.layout == Layout::NHWC;
+    if (dtype == DType::Float32) {
+      nhwc ? launch<float, true>(a, s) : launch<float, false>(a, s);
+    } else if (dtype == DType::Float16) {
+      nhwc ? launch<__half, true>(a, s) : launch<__half, false>(a, s);
+    } else {
+      throw std::invalid_argument("fused_ms_conv: unsupported dtype code");
+    }
+  } catch (...) {
+    if (prev != dev) cudaSetDevice(prev);
+    throw;
+  }
+  if (prev != dev) check(cudaSetDevice(prev), "cudaSetDevice");
+}
+
+int cuda_device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return n;
+}
+
+}  // namespace fer_edge
+
+namespace fer_edge {
+int cuda_runtime_version() { return CUDART_VERSION; }
+}  // namespace fer_edge

@@ -1,0 +1,25 @@
+"""fer-edge: facial-expression recognition from desktop GPU to edge device.
+
+Importing ``fer_edge`` is cheap and never imports torch: the on-device runtime
+(``fer_edge.targets``) must work where PyTorch is not installed.  The training
+side (``fer_edge.kernels``, models, converters) imports torch on demand.
+"""
+from __future__ import annotations
+
+from importlib import metadata as _metadata
+
+try:
+    __version__ = _metadata.version("fer-edge")
+except _metadata.PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0.0.0+unknown"
+
+
+class UserError(Exception):
+    """A problem with what the user asked for (bad path, bad file, bad option).
+
+    The command line prints its message as one line on stderr and exits
+    non-zero, without a traceback.
+    """
+
+
+__all__ = ["__version__", "UserError"]

@@ -1,0 +1,82 @@
+"""What this installation can do: versions, compiled kernels, runtimes, GPU."""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import platform
+import sys
+
+# Inference runtimes a bundle can run on, by import name.
+RUNTIMES = ("onnxruntime", "ai_edge_litert", "tflite_runtime", "tensorrt", "onnx", "litert_torch")
+
+
+def _module_version(name: str) -> str | None:
+    """The version of an importable module, or None when it does not import."""
+    if importlib.util.find_spec(name) is None:
+        return None
+    try:
+        mod = importlib.import_module(name)
+    except Exception:  # a broken install counts as absent  # noqa: BLE001
+        return None
+    version = getattr(mod, "__version__", None)
+    if version is None:
+        try:
+            from importlib import metadata
+
+            version = metadata.version(name.replace("_", "-"))
+        except Exception:  # noqa: BLE001
+            version = "unknown"
+    return str(version)
+
+
+def collect() -> dict:
+    """Everything `fer-edge info` reports, as a JSON-ready dict."""
+    from fer_edge import __version__
+
+    info: dict = {
+        "fer_edge": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": None,
+        "kernels": {"cpu": False, "cuda": False, "cuda_archs": [], "openmp": False},
+        "runtimes": {},
+        "cuda_device": None,
+    }
+    try:
+        from fer_edge import _C
+
+        built = _C.build_info()
+        info["kernels"] = {
+            "cpu": bool(built["cpu"]),
+            "cuda": bool(built["cuda"]),
+            "cuda_archs": list(built["cuda_archs"]),
+            "openmp": bool(built["openmp"]),
+        }
+        if built["cuda"]:
+            info["kernels"]["cuda_devices_visible"] = int(_C.cuda_device_count())
+    except ImportError as exc:
+        info["kernels"]["error"] = f"fer_edge._C does not import: {exc}"
+    info["torch"] = _module_version("torch")
+    if info["torch"] is not None and "torch" in sys.modules:
+        torch = sys.modules["torch"]
+        if torch.cuda.is_available():
+            info["cuda_device"] = torch.cuda.get_device_name(0)
+    for name in RUNTIMES:
+        info["runtimes"][name] = _module_version(name)
+    return info
+
+
+def format_text(info: dict) -> str:
+    k = info["kernels"]
+    lines = [
+        f"fer-edge {info['fer_edge']} (Python {info['python']}, {info['platform']})",
+        f"torch: {info['torch'] or 'not installed'}",
+        f"kernels: cpu={'yes' if k['cpu'] else 'no'} (openmp={'yes' if k.get('openmp') else 'no'}), "
+        f"cuda={'yes' if k['cuda'] else 'no'}"
+        + (f" for sm_{', sm_'.join(k['cuda_archs'])}" if k["cuda_archs"] else ""),
+        f"cuda device: {info['cuda_device'] or 'none'}",
+        "runtimes:",
+    ]
+    for name, ver in info["runtimes"].items():
+        lines.append(f"  {name:16s} {ver or '-'}")
+    return "\n".join(lines)

@@ -1,0 +1,204 @@
+"""The fused multi-scale convolution as a torch custom op.
+
+``fused_ms_conv(x, w1, b1, w3, b3, w5, b5, relu=True)`` computes the merged
+MACNN layer
+
+    concat_c(act(conv1x1(x) + b1), act(conv3x3(x, pad=1) + b3), act(conv5x5(x, pad=2) + b5))
+
+in one pass through the compiled kernels in ``fer_edge._C`` (C++/OpenMP on the
+CPU, CUDA on the GPU).  The extension is not built against PyTorch: this module
+checks every tensor, then hands raw pointers, shapes, layout and the current
+CUDA stream to it.  ``fused_ms_conv_reference`` is the plain-PyTorch definition
+used by the tests and as the fallback when the extension was built without
+CUDA (a warning is issued once; it never happens silently).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+try:
+    from fer_edge import _C
+except ImportError as exc:  # pragma: no cover - only in a broken install
+    raise ImportError(
+        "fer_edge._C (the compiled kernels) is missing: install fer-edge with `pip install .` "
+        "rather than importing it from the source folder"
+    ) from exc
+
+__all__ = [
+    "fused_ms_conv",
+    "fused_ms_conv_reference",
+    "check_ms_conv_inputs",
+    "build_info",
+    "cuda_kernels_available",
+]
+
+_LAYOUT_NCHW, _LAYOUT_NHWC = 0, 1
+_CUDA_DTYPES = {torch.float32: 0, torch.float16: 1}
+_warned_fallback = False
+
+
+def build_info() -> dict:
+    """What the compiled extension contains: cpu, openmp, cuda, cuda_archs."""
+    return dict(_C.build_info())
+
+
+def cuda_kernels_available() -> bool:
+    """True when the CUDA kernel was compiled in and a CUDA device is visible."""
+    return hasattr(_C, "msconv_cuda") and _C.cuda_device_count() > 0
+
+
+def fused_ms_conv_reference(x, w1, b1, w3, b3, w5, b5, relu: bool = True) -> torch.Tensor:
+    """Plain-PyTorch definition of the fused layer (three convs, ReLU, cat)."""
+    y = torch.cat(
+        [F.conv2d(x, w1, b1), F.conv2d(x, w3, b3, padding=1), F.conv2d(x, w5, b5, padding=2)], dim=1
+    )
+    return F.relu(y) if relu else y
+
+
+def _is_nhwc(x: torch.Tensor) -> bool:
+    """Whether x is laid out channels_last (NHWC) rather than NCHW.
+
+    For C == 1 (or H == W == 1) both contiguity checks hold; the strides then
+    say which format the tensor was made in, as torch's own convolutions do.
+    """
+    if not x.is_contiguous(memory_format=torch.channels_last):
+        return False
+    if not x.is_contiguous():
+        return True
+    return x.stride(1) == 1 and x.stride(3) == x.shape[1]
+
+
+def check_ms_conv_inputs(x, w1, b1, w3, b3, w5, b5) -> tuple[int, int, int, bool]:
+    """Validate the inputs of fused_ms_conv; return (c1, c3, c5, nhwc).
+
+    Raises ValueError with a plain message for anything the kernels could not
+    handle, so no bad pointer ever reaches C++.
+    """
+    names = ("x", "w1", "b1", "w3", "b3", "w5", "b5")
+    tensors = (x, w1, b1, w3, b3, w5, b5)
+    for name, t in zip(names, tensors):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"fused_ms_conv: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"fused_ms_conv: x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    n, c, h, w = x.shape
+    if n == 0 or c == 0 or h == 0 or w == 0:
+        raise ValueError(f"fused_ms_conv: x is empty, shape {tuple(x.shape)}")
+    for name, t in zip(names[1:], tensors[1:]):
+        if t.device != x.device:
+            raise ValueError(f"fused_ms_conv: {name} is on {t.device} but x is on {x.device}")
+        if t.dtype != x.dtype:
+            raise ValueError(f"fused_ms_conv: {name} has dtype {t.dtype} but x has {x.dtype}")
+    counts = []
+    for wname, bname, wt, bt, k in (("w1", "b1", w1, b1, 1), ("w3", "b3", w3, b3, 3), ("w5", "b5", w5, b5, 5)):
+        if wt.dim() != 4 or wt.shape[1] != c or wt.shape[2] != k or wt.shape[3] != k:
+            raise ValueError(
+                f"fused_ms_conv: {wname} must have shape (c_out, {c}, {k}, {k}) for x with {c} channels, "
+                f"got {tuple(wt.shape)}"
+            )
+        if wt.shape[0] < 1:
+            raise ValueError(f"fused_ms_conv: {wname} has no output channels")
+        if bt.dim() != 1 or bt.shape[0] != wt.shape[0]:
+            raise ValueError(f"fused_ms_conv: {bname} must have shape ({wt.shape[0]},), got {tuple(bt.shape)}")
+        counts.append(int(wt.shape[0]))
+    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        raise ValueError(
+            "fused_ms_conv: x must be contiguous (NCHW) or channels_last (NHWC); call .contiguous() first"
+        )
+    if x.dtype not in (torch.float32, torch.float16):
+        raise ValueError(f"fused_ms_conv: dtype {x.dtype} is not supported (float32, or float16 on CUDA)")
+    if x.device.type == "cpu" and x.dtype != torch.float32:
+        raise ValueError(f"fused_ms_conv: the CPU kernel computes float32 only, got {x.dtype}")
+    if x.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"fused_ms_conv: device {x.device} is not supported (cpu or cuda)")
+    return counts[0], counts[1], counts[2], _is_nhwc(x)
+
+
+def _empty_output(x: torch.Tensor, ctot: int, nhwc: bool) -> torch.Tensor:
+    fmt = torch.channels_last if nhwc else torch.contiguous_format
+    n, _, h, w = x.shape
+    return torch.empty((n, ctot, h, w), dtype=x.dtype, device=x.device, memory_format=fmt)
+
+
+def _warn_fallback_once(reason: str) -> None:
+    global _warned_fallback
+    if not _warned_fallback:
+        _warned_fallback = True
+        warnings.warn(
+            f"fer_edge.kernels.fused_ms_conv: {reason}; using the plain PyTorch reference "
+            "(three convolutions + cat) instead of the fused CUDA kernel",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+@torch.library.custom_op("fer_edge::fused_ms_conv", mutates_args=())
+def _fused_ms_conv_op(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w3: torch.Tensor,
+    b3: torch.Tensor,
+    w5: torch.Tensor,
+    b5: torch.Tensor,
+    relu: bool,
+) -> torch.Tensor:
+    c1, c3, c5, nhwc = check_ms_conv_inputs(x, w1, b1, w3, b3, w5, b5)
+    if x.device.type == "cuda" and not cuda_kernels_available():
+        why = ("fer_edge was built without CUDA" if not hasattr(_C, "msconv_cuda")
+               else "the CUDA kernel sees no device")
+        _warn_fallback_once(why)
+        y = fused_ms_conv_reference(x, w1, b1, w3, b3, w5, b5, relu)
+        return y.contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
+    # Weights and biases are small: make them plain contiguous here rather
+    # than rejecting views (e.g. a slice of a larger kernel).
+    w1, b1, w3, b3, w5, b5 = (t.contiguous() for t in (w1, b1, w3, b3, w5, b5))
+    out = _empty_output(x, c1 + c3 + c5, nhwc)
+    n, c, h, w = x.shape
+    ptrs = [t.data_ptr() for t in (x, out, w1, b1, w3, b3, w5, b5)]
+    layout = _LAYOUT_NHWC if nhwc else _LAYOUT_NCHW
+    if x.device.type == "cpu":
+        _C.msconv_cpu(*ptrs, n, c, h, w, c1, c3, c5, layout, bool(relu), torch.get_num_threads())
+    else:
+        stream = torch.cuda.current_stream(x.device).cuda_stream
+        _C.msconv_cuda(*ptrs, n, c, h, w, c1, c3, c5, layout, bool(relu), _CUDA_DTYPES[x.dtype], stream)
+    return out
+
+
+@_fused_ms_conv_op.register_fake
+def _(x, w1, b1, w3, b3, w5, b5, relu):
+    c1, c3, c5, nhwc = check_ms_conv_inputs(x, w1, b1, w3, b3, w5, b5)
+    return _empty_output(x, c1 + c3 + c5, nhwc)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:7])
+    ctx.relu = inputs[7]
+
+
+def _backward(ctx, grad):
+    # Gradients through the reference definition (recomputed): the fused
+    # kernel is for inference, but a merged model stays fine-tunable (e.g.
+    # quantization-aware training) when it runs the op.
+    inputs = ctx.saved_tensors
+    with torch.enable_grad():
+        _, vjp = torch.func.vjp(lambda *a: fused_ms_conv_reference(*a, relu=ctx.relu), *inputs)
+        grads = vjp(grad)
+    return (*grads, None)
+
+
+_fused_ms_conv_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def fused_ms_conv(x, w1, b1, w3, b3, w5, b5, relu: bool = True) -> torch.Tensor:
+    """Fused 1x1/3x3/5x5 convolution + bias (+ ReLU) + concat, in one kernel.
+
+    x: (N, C, H, W), contiguous NCHW or channels_last; float32 on the CPU,
+    float32 or float16 (float32 accumulation) on CUDA.  w1/w3/w5: (c_k, C, k, k);
+    b1/b3/b5: (c_k,).  Returns (N, c1 + c3 + c5, H, W) in the layout of x.
+    """
+    check_ms_conv_inputs(x, w1, b1, w3, b3, w5, b5)
+    return torch.ops.fer_edge.fused_ms_conv(x, w1, b1, w3, b3, w5, b5, bool(relu))
