@@ -7,8 +7,10 @@ printed as one line on stderr with a non-zero exit code, never a traceback.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
+from pathlib import Path
 
 from fer_edge import UserError, __version__
 
@@ -27,9 +29,57 @@ def _add_info(sub) -> None:
     p.set_defaults(func=cmd_info)
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    import torch
+
+    from fer_edge.checkpoint import load_checkpoint, max_relative_logit_error, save_checkpoint
+    from fer_edge.reparam import merge
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise UserError(f"{out} exists; pass --force to overwrite it")
+    model, meta = load_checkpoint(args.weights)
+    if meta["form"] == "merged":
+        raise UserError(f"{args.weights} is already merged (nothing to do)")
+    merged = merge(model, use_kernel=True)
+    # A seeded sample in the model's normalized input space; float64 proves the
+    # algebra (should be ~1e-15), float32 through the deployed path is what ships.
+    size = meta["preprocess"]["input_size"]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.samples, meta["config"]["in_chans"], *size, generator=g)
+    with torch.no_grad():
+        ref = model(x)
+        err32 = max_relative_logit_error(merged(x), ref)
+        m64 = copy.deepcopy(model).double()
+        err64 = max_relative_logit_error(merge(m64, use_kernel=False)(x.double()), m64(x.double()))
+    print(f"max |logit difference| / max |logit| on {args.samples} samples: "
+          f"{err32:.2e} (float32, deployed path), {err64:.2e} (float64)")
+    if not (err32 <= args.tolerance and err64 <= 1e-9):
+        raise UserError(f"merged model differs from the trained one by {err32:.2e} (tolerance "
+                        f"{args.tolerance:.0e}); nothing written")
+    save_checkpoint(out, merged, classes=meta["classes"], preprocess=meta["preprocess"],
+                    extra=meta.get("extra"), force=args.force)
+    n_train = sum(p.numel() for p in model.parameters())
+    n_merged = sum(p.numel() for p in merged.parameters())
+    print(f"wrote {out} ({meta['arch']}, {n_train:,} -> {n_merged:,} parameters)")
+    return 0
+
+
+def _add_merge(sub) -> None:
+    p = sub.add_parser("merge", help="merge a trained checkpoint into its deploy form (BN folded, square kernels)")
+    p.add_argument("--weights", required=True, help="train-form checkpoint (.safetensors)")
+    p.add_argument("--out", required=True, help="merged checkpoint to write")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    p.add_argument("--tolerance", type=float, default=1e-4,
+                   help="max |logit difference| / max |logit| allowed in float32 (default 1e-4)")
+    p.add_argument("--samples", type=int, default=8, help="inputs in the check (default 8)")
+    p.set_defaults(func=cmd_merge)
+
+
 # name -> function adding the sub-parser; one place lists every command.
 COMMANDS = {
     "info": _add_info,
+    "merge": _add_merge,
 }
 
 

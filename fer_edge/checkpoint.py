@@ -1,0 +1,174 @@
+"""Checkpoints: one safetensors file whose header carries JSON metadata.
+
+Nothing is ever unpickled.  The metadata (architecture, its config, class
+names, pre-processing, train or merged form) is enough to rebuild the model
+from the file alone::
+
+    save_checkpoint("macnn.safetensors", model, classes=CLASSES, preprocess=...)
+    model, meta = load_checkpoint("macnn.safetensors")
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fer_edge import UserError, __version__
+
+FORMAT = "fer-edge-checkpoint"
+FORMAT_VERSION = 1
+META_KEY = "fer_edge"
+
+# The seven FER2013 expressions, in FER2013's label order (0..6).
+FER2013_CLASSES = ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]
+
+
+def default_preprocess(arch: str, config: dict) -> dict:
+    """How a face becomes the model input: gray, resized, x/255, then (x - mean) / std."""
+    size = int(config.get("input_size", 48))
+    return {"input_size": [size, size], "gray": True, "scale": 1 / 255.0, "mean": 0.5, "std": 0.5,
+            "layout": "NCHW", "resize": "area-or-linear"}
+
+
+def write_atomic(path: Path, write_fn, force: bool = False) -> None:
+    """Write through a temp file in the same folder, then rename: readers never
+    see a half-written file and nothing is overwritten without force."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise UserError(f"{path} exists; pass --force to overwrite it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def build_meta(model: nn.Module, *, classes=None, preprocess=None, form=None, extra=None) -> dict:
+    from fer_edge.reparam import is_merged
+
+    arch = getattr(model, "arch", None)
+    config = dict(getattr(model, "config", {}))
+    if arch is None:
+        raise ValueError("model has no .arch: build it with fer_edge.models.create()")
+    if classes is None:
+        classes = FER2013_CLASSES[: config.get("num_classes", 7)]
+    if len(classes) != config.get("num_classes", len(classes)):
+        raise ValueError(f"{len(classes)} class names for a model with {config['num_classes']} outputs")
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "fer_edge_version": __version__,
+        "arch": arch,
+        "config": config,
+        "form": form or ("merged" if is_merged(model) else "train"),
+        "classes": list(classes),
+        "preprocess": preprocess or default_preprocess(arch, config),
+    }
+    if extra:
+        meta["extra"] = extra
+    return meta
+
+
+def save_checkpoint(path, model: nn.Module, *, classes=None, preprocess=None, extra=None, force=False,
+                    meta: dict | None = None) -> dict:
+    """Write model weights + metadata atomically; returns the metadata."""
+    from safetensors.torch import save_file
+
+    if meta is None:
+        meta = build_meta(model, classes=classes, preprocess=preprocess, extra=extra)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    write_atomic(Path(path), lambda tmp: save_file(state, tmp, metadata={META_KEY: json.dumps(meta)}), force)
+    return meta
+
+
+def read_meta(path) -> dict:
+    """The metadata of a checkpoint, reading only its header."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such checkpoint file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+    except Exception as exc:  # noqa: BLE001  (safetensors raises several types)
+        raise UserError(f"{path}: not a readable safetensors checkpoint (corrupt or truncated?): {exc}") from None
+    if META_KEY not in header:
+        raise UserError(f"{path}: safetensors file without fer-edge metadata (not a fer-edge checkpoint)")
+    try:
+        meta = json.loads(header[META_KEY])
+    except json.JSONDecodeError:
+        raise UserError(f"{path}: fer-edge metadata is not valid JSON") from None
+    if meta.get("format") != FORMAT:
+        raise UserError(f"{path}: unknown checkpoint format {meta.get('format')!r}")
+    return meta
+
+
+def build_model(meta: dict, use_kernel: bool = True) -> nn.Module:
+    """An untrained model with the structure the metadata describes (train or merged form)."""
+    from fer_edge import models
+    from fer_edge.reparam import merge
+
+    config = dict(meta["config"])
+    num_classes, in_chans = config.pop("num_classes"), config.pop("in_chans")
+    config.pop("freeze_stem", None)  # a loaded model's stem is already trained
+    model = models.create(meta["arch"], num_classes=num_classes, in_chans=in_chans, **config)
+    if meta["form"] == "merged":
+        model = merge(model, use_kernel=use_kernel)
+        model.arch = meta["arch"]
+    return model
+
+
+def load_checkpoint(path, *, expect_arch: str | None = None, use_kernel: bool = True, device="cpu"):
+    """(model in eval mode, metadata).  Every problem is a UserError with one plain line."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    meta = read_meta(path)
+    if expect_arch is not None and meta["arch"] != expect_arch:
+        raise UserError(f"{path}: checkpoint of a {meta['arch']} model, expected {expect_arch}")
+    try:
+        model = build_model(meta, use_kernel=use_kernel)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise UserError(f"{path}: cannot rebuild {meta.get('arch')!r} from its metadata: {exc}") from None
+    try:
+        state = load_file(str(path))
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"{path}: weights unreadable (corrupt or truncated?): {exc}") from None
+    for name, t in state.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise UserError(f"{path}: tensor {name} contains NaN or Inf: refusing to use these weights")
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} of another shape (e.g. {k}: {tuple(state[k].shape)} vs "
+                         f"{tuple(expected[k].shape)})")
+        raise UserError(f"{path}: weights do not match a {meta['form']}-form {meta['arch']} with config "
+                        f"{meta['config']}: " + ", ".join(parts))
+    model.load_state_dict(state, strict=True)
+    model.arch = meta["arch"]
+    return model.to(device).eval(), meta
+
+
+def max_relative_logit_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|: the merge tolerance is stated in these units."""
+    denom = b.abs().max().item()
+    return (a - b).abs().max().item() / denom if denom > 0 and math.isfinite(denom) else float("inf")

@@ -1,0 +1,171 @@
+"""Building blocks: train-time forms and the deploy forms they merge into."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fer_edge import reparam
+
+
+class ConvAct(nn.Module):
+    """Deploy form of ConvBNAct: one convolution with bias, then ReLU (or nothing)."""
+
+    def __init__(self, conv: nn.Conv2d, act: bool = True):
+        super().__init__()
+        self.conv = conv
+        self.act = nn.ReLU(inplace=True) if act else nn.Identity()
+
+    def forward(self, x):
+        return self.act(self.conv(x))
+
+
+class ConvBNAct(nn.Module):
+    """Conv (no bias) + BatchNorm + ReLU; merges into ConvAct."""
+
+    def __init__(self, cin, cout, kernel_size=3, stride=1, padding=None, dilation=1, act=True, bn_eps=1e-5):
+        super().__init__()
+        if padding is None:
+            padding = dilation * (kernel_size // 2)
+        self.conv = nn.Conv2d(cin, cout, kernel_size, stride, padding, dilation, bias=False)
+        self.bn = nn.BatchNorm2d(cout, eps=bn_eps)
+        self.act = nn.ReLU(inplace=True) if act else nn.Identity()
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x)))
+
+    def merged(self, use_kernel: bool = True) -> ConvAct:
+        return ConvAct(reparam.fold_conv_bn(self.conv, self.bn), act=isinstance(self.act, nn.ReLU))
+
+
+class ACBlock(nn.Module):
+    """ACNet's asymmetric convolution block (MACNN Fig. 5, Eq. 11-12).
+
+    Parallel d x d, d x 1 and 1 x d convolutions, each followed by BatchNorm,
+    summed.  The thin kernels get padding (d//2, 0) and (0, d//2) so that all
+    three outputs are aligned with the square one (same size, same centre);
+    after training they add into the centre column and row of the square kernel.
+    """
+
+    def __init__(self, cin, cout, d):
+        super().__init__()
+        if d % 2 != 1 or d < 3:
+            raise ValueError(f"ACBlock needs an odd kernel size >= 3, got {d}")
+        self.d = d
+        p = d // 2
+        self.square = nn.Conv2d(cin, cout, (d, d), padding=(p, p), bias=False)
+        self.square_bn = nn.BatchNorm2d(cout)
+        self.ver = nn.Conv2d(cin, cout, (d, 1), padding=(p, 0), bias=False)
+        self.ver_bn = nn.BatchNorm2d(cout)
+        self.hor = nn.Conv2d(cin, cout, (1, d), padding=(0, p), bias=False)
+        self.hor_bn = nn.BatchNorm2d(cout)
+
+    def forward(self, x):
+        return self.square_bn(self.square(x)) + self.ver_bn(self.ver(x)) + self.hor_bn(self.hor(x))
+
+    def merged_kernel(self):
+        """(kernel d x d, bias) equal to this block in eval mode."""
+        return reparam.acblock_kernel(
+            self.square.weight, self.square_bn, self.ver.weight, self.ver_bn, self.hor.weight, self.hor_bn
+        )
+
+
+def split_channels(cout: int, split=(0.25, 0.375, 0.375)) -> tuple[int, int, int]:
+    """Output channels of the 1x1, 3x3 and 5x5 branches (default 1/4 : 3/8 : 3/8)."""
+    if len(split) != 3 or min(split) <= 0:
+        raise ValueError(f"split must be three positive fractions, got {split}")
+    total = sum(split)
+    c1 = max(1, round(cout * split[0] / total))
+    c3 = max(1, round(cout * split[1] / total))
+    c5 = cout - c1 - c3
+    if c5 < 1:
+        raise ValueError(f"{cout} channels cannot be split {split}")
+    return c1, c3, c5
+
+
+class MAConv(nn.Module):
+    """Multi-scale asymmetric convolution (MACNN Fig. 4, Eq. 1-10), train form.
+
+    branch 1: 1x1 conv + BN + ReLU; branch 2: ACBlock(3) + ReLU;
+    branch 3: ACBlock(5) + ReLU; outputs concatenated (c1 | c3 | c5).
+    Merges into FusedMultiScaleConv: three square kernels with bias.
+    """
+
+    def __init__(self, cin, cout, split=(0.25, 0.375, 0.375)):
+        super().__init__()
+        self.c1, self.c3, self.c5 = split_channels(cout, split)
+        self.branch1 = nn.Conv2d(cin, self.c1, 1, bias=False)
+        self.branch1_bn = nn.BatchNorm2d(self.c1)
+        self.branch3 = ACBlock(cin, self.c3, 3)
+        self.branch5 = ACBlock(cin, self.c5, 5)
+
+    def forward(self, x):
+        return torch.cat(
+            [F.relu(self.branch1_bn(self.branch1(x))), F.relu(self.branch3(x)), F.relu(self.branch5(x))], dim=1
+        )
+
+    def merged_kernels(self):
+        """(w1, b1, w3, b3, w5, b5): the three square kernels of the deploy form."""
+        w1, b1 = reparam.fuse_bn(self.branch1.weight, self.branch1_bn)
+        w3, b3 = self.branch3.merged_kernel()
+        w5, b5 = self.branch5.merged_kernel()
+        return w1, b1, w3, b3, w5, b5
+
+    def merged(self, use_kernel: bool = True) -> "FusedMultiScaleConv":
+        return FusedMultiScaleConv(*(t.detach().clone() for t in self.merged_kernels()), use_kernel=use_kernel)
+
+
+class FusedMultiScaleConv(nn.Module):
+    """Deploy form of MAConv: relu(conv1x1+b1) | relu(conv3x3+b3) | relu(conv5x5+b5).
+
+    use_kernel=True runs fer_edge's fused kernel (one pass, C++ or CUDA);
+    False runs three plain convolutions + cat, which every exporter and
+    runtime understands.
+    """
+
+    def __init__(self, w1, b1, w3, b3, w5, b5, use_kernel: bool = True):
+        super().__init__()
+        for name, t in zip(("w1", "b1", "w3", "b3", "w5", "b5"), (w1, b1, w3, b3, w5, b5)):
+            self.register_parameter(name, nn.Parameter(t))
+        self.use_kernel = use_kernel
+
+    @classmethod
+    def empty(cls, cin, c1, c3, c5, use_kernel=True):
+        """Shapes only (weights to be loaded from a checkpoint)."""
+        z = torch.zeros
+        return cls(z(c1, cin, 1, 1), z(c1), z(c3, cin, 3, 3), z(c3), z(c5, cin, 5, 5), z(c5), use_kernel)
+
+    @property
+    def channels(self):
+        return self.w1.shape[0], self.w3.shape[0], self.w5.shape[0]
+
+    def _kernel_supports(self, x) -> bool:
+        # The compiled kernels cover float32 (CPU, CUDA) and float16 (CUDA);
+        # anything else (bf16, other devices) takes the plain path.
+        return (x.device.type == "cpu" and x.dtype == torch.float32) or (
+            x.device.type == "cuda" and x.dtype in (torch.float32, torch.float16)
+        )
+
+    def forward(self, x):
+        ws = (self.w1, self.b1, self.w3, self.b3, self.w5, self.b5)
+        if ws[0].dtype != x.dtype:  # autocast / half inputs: compute in the input's dtype
+            ws = tuple(t.to(x.dtype) for t in ws)
+        w1, b1, w3, b3, w5, b5 = ws
+        if self.use_kernel and self._kernel_supports(x):
+            from fer_edge.kernels import fused_ms_conv
+
+            if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+                x = x.contiguous()
+            return fused_ms_conv(x, *ws)
+        return torch.cat(
+            [
+                F.relu(F.conv2d(x, w1, b1)),
+                F.relu(F.conv2d(x, w3, b3, padding=1)),
+                F.relu(F.conv2d(x, w5, b5, padding=2)),
+            ],
+            dim=1,
+        )
+
+    def extra_repr(self):
+        c1, c3, c5 = self.channels
+        return f"{self.w1.shape[1]}, c1={c1}, c3={c3}, c5={c5}, use_kernel={self.use_kernel}"

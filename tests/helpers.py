@@ -1,0 +1,61 @@
+"""Helpers shared by the tests (imported by path: tests run in importlib mode)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("FER_EDGE_DATA", REPO.parent / "shared" / "data"))
+FER_PUBLICTEST = DATA / "fer2013" / "publictest"
+
+
+@torch.no_grad()
+def randomize_bn(model: nn.Module, input_shape, seed=0, batches=3):
+    """Give every BatchNorm non-trivial statistics and affine parameters.
+
+    First a few batches in train mode (real running statistics), then random
+    running mean/var and affine terms, so a merge bug cannot hide behind
+    mean 0 / var 1 / gamma 1 / beta 0.
+    """
+    g = torch.Generator().manual_seed(seed)
+    dtype = next(model.parameters()).dtype
+    model.train()
+    for _ in range(batches):
+        model(torch.randn(*input_shape, generator=g).to(dtype))
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            c = m.num_features
+            m.running_mean.add_((torch.randn(c, generator=g) * 0.2).to(dtype))
+            m.running_var.mul_((torch.rand(c, generator=g) + 0.5).to(dtype))
+            m.weight.copy_(torch.randn(c, generator=g) * 0.3 + 1.0)
+            m.bias.copy_(torch.randn(c, generator=g) * 0.2)
+    return model.eval()
+
+
+def load_fer_images(n=500, size=48, folder=FER_PUBLICTEST):
+    """n real FER2013 faces, spread over the class folders, as a normalized
+    float tensor (n, 1, size, size), and their labels (folder index)."""
+    import cv2
+
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    files = []
+    per = [sorted((folder / c).iterdir()) for c in classes]
+    i = 0
+    while len(files) < n:
+        for label, lst in enumerate(per):
+            if i < len(lst) and len(files) < n:
+                files.append((lst[i], label))
+        i += 1
+    imgs = []
+    for path, _ in files:
+        img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+        assert img is not None, f"cannot read {path}"
+        if img.shape != (size, size):
+            img = cv2.resize(img, (size, size), interpolation=cv2.INTER_LINEAR)
+        imgs.append(img)
+    x = torch.from_numpy(np.stack(imgs)).float().div_(255).sub_(0.5).div_(0.5).unsqueeze(1)
+    return x, torch.tensor([lab for _, lab in files])
