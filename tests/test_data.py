@@ -147,3 +147,32 @@ def test_empty_and_missing_folders(tmp_path):
 def test_resize_to_model_input():
     ds = read_image_folder(CKPLUS, size=112)
     assert ds.images.shape == (981, 112, 112)
+
+
+def test_ckplus_folds_are_subject_independent():
+    from fer_edge.data.folds import make_folds
+
+    ds = load_dataset(CKPLUS)
+    folds, kind = make_folds(ds, 10, seed=0)
+    assert kind == "subject-grouped" and len(folds) == 10
+    allidx = np.concatenate(folds)
+    assert sorted(allidx.tolist()) == list(range(len(ds))), "folds partition the data"
+    owner = {}
+    for f, idx in enumerate(folds):
+        for i in idx:
+            assert owner.setdefault(ds.subjects[i], f) == f, f"subject {ds.subjects[i]} in two folds"
+    sizes = [len(f) for f in folds]
+    assert max(sizes) - min(sizes) <= max(len([s for s in ds.subjects if s == g]) for g in set(ds.subjects))
+    assert make_folds(ds, 10, seed=0)[0][3].tolist() == folds[3].tolist(), "deterministic for a seed"
+
+
+def test_stratified_folds_balance_classes():
+    from fer_edge.data.folds import stratified_folds
+
+    ds = read_image_folder(FER / "publictest")
+    folds = stratified_folds(ds.labels, 5, seed=1)
+    assert sorted(np.concatenate(folds).tolist()) == list(range(len(ds)))
+    per_class = np.array([np.bincount(ds.labels[f], minlength=7) for f in folds])
+    assert (per_class.max(0) - per_class.min(0) <= 1).all()
+    with pytest.raises(UserError, match="--folds 1"):
+        stratified_folds(ds.labels, 1)
