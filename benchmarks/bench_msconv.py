@@ -2,7 +2,8 @@
 """Time fer_edge's fused multi-scale convolution against PyTorch's best ways.
 
 For the MACNN layer shapes L1-L5, batch 1 and 256, it times
-  fused : fer_edge.kernels.fused_ms_conv (one pass, our kernel)
+  fused : our one-pass kernel: fer_edge.kernels.fused_ms_conv on CUDA; on the
+          CPU with weights packed once (CpuPackedMsConv), as a merged model runs
   eager : three convolutions + ReLU + cat                       (baseline a)
   pad5  : one convolution with 1x1/3x3 kernels zero-padded to 5x5 (baseline b)
   graph : `eager` captured in a CUDA graph (CUDA only)            (baseline c)
@@ -130,6 +131,11 @@ def run(args) -> list[dict]:
                 }
                 if device == "cuda":
                     methods["graph"] = graphed(methods["eager"], xs)
+                else:
+                    # What a merged model runs on the CPU: weights packed once, not per call.
+                    from fer_edge.kernels import CpuPackedMsConv
+
+                    methods["fused"] = CpuPackedMsConv(*fw)
                 with torch.inference_mode():
                     ref = methods["eager"](xs[0]).float()
                     err = ((methods["fused"](xs[0]).float() - ref).norm() / ref.norm()).item()

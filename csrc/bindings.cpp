@@ -63,6 +63,36 @@ PYBIND11_MODULE(_C, m) {
       py::arg("num_threads") = 0,
       "float32 fused multi-scale conv on host pointers (layout 0 = NCHW, 1 = NHWC).");
 
+  py::class_<fer_edge::CpuPackedWeights>(m, "CpuPackedWeights",
+                                         "float32 weights of one fused layer, packed once for the CPU kernel")
+      .def(py::init([](std::uintptr_t w1, std::uintptr_t b1, std::uintptr_t w3, std::uintptr_t b3, std::uintptr_t w5,
+                       std::uintptr_t b5, std::int64_t c, std::int64_t c1, std::int64_t c3, std::int64_t c5,
+                       int num_threads) {
+             MsConvArgs a;
+             a.w1 = w1; a.b1 = b1; a.w3 = w3; a.b3 = b3; a.w5 = w5; a.b5 = b5;
+             a.c = c; a.c1 = c1; a.c3 = c3; a.c5 = c5;
+             py::gil_scoped_release nogil;
+             return new fer_edge::CpuPackedWeights(a, num_threads);
+           }),
+           py::arg("w1"), py::arg("b1"), py::arg("w3"), py::arg("b3"), py::arg("w5"), py::arg("b5"), py::arg("c"),
+           py::arg("c1"), py::arg("c3"), py::arg("c5"), py::arg("num_threads") = 0)
+      .def(
+          "run",
+          [](const fer_edge::CpuPackedWeights& self, std::uintptr_t x, std::uintptr_t out, std::int64_t n,
+             std::int64_t c, std::int64_t h, std::int64_t w, std::int64_t c1, std::int64_t c3, std::int64_t c5,
+             int layout, bool relu, int num_threads) {
+            if (layout != 0 && layout != 1)
+              throw std::invalid_argument("fused_ms_conv: layout must be 0 (NCHW) or 1 (NHWC)");
+            MsConvArgs a;
+            a.x = x; a.out = out; a.n = n; a.c = c; a.h = h; a.w = w; a.c1 = c1; a.c3 = c3; a.c5 = c5;
+            a.layout = static_cast<Layout>(layout);
+            a.relu = relu;
+            py::gil_scoped_release nogil;
+            self.run(a, num_threads);
+          },
+          py::arg("x"), py::arg("out"), py::arg("n"), py::arg("c"), py::arg("h"), py::arg("w"), py::arg("c1"),
+          py::arg("c3"), py::arg("c5"), py::arg("layout"), py::arg("relu"), py::arg("num_threads") = 0);
+
 #ifdef FER_EDGE_WITH_CUDA
   m.def(
       "msconv_cuda",

@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <stdexcept>
 #include <string>
 
@@ -45,8 +46,26 @@ inline void validate(const MsConvArgs& a) {
     fail("tensor too large (more than 2^31-1 elements)");
 }
 
-// CPU, float32 only.  num_threads <= 0 means the OpenMP default.
+// CPU, float32 only.  num_threads <= 0 means the OpenMP default.  Packs the
+// weights on every call.
 void msconv_cpu_f32(const MsConvArgs& a, int num_threads);
+
+// Weights packed once (for a module whose weights do not change between
+// calls): at batch 1 packing costs as much as the convolution itself.  Holds
+// a copy; the original weights may be freed.
+class CpuPackedWeights {
+ public:
+  CpuPackedWeights(const MsConvArgs& weights, int num_threads);  // uses w*/b* and c, c1, c3, c5
+  ~CpuPackedWeights();
+  CpuPackedWeights(const CpuPackedWeights&) = delete;
+  CpuPackedWeights& operator=(const CpuPackedWeights&) = delete;
+  void run(const MsConvArgs& a, int num_threads) const;  // uses x, out, shapes, layout, relu
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+  std::int64_t c_, c1_, c3_, c5_;
+};
 
 #ifdef FER_EDGE_WITH_CUDA
 // CUDA, float32 or float16 (float32 accumulation) on the given stream.

@@ -119,24 +119,22 @@ void make_plan(const MsConvArgs& a, int nt, Plan& p) {
   }
 }
 
-}  // namespace
-
-void msconv_cpu_f32(const MsConvArgs& a, int num_threads) {
-  validate(a);
+int thread_count(int num_threads) {
 #ifdef FER_EDGE_OPENMP
-  const int nt = num_threads > 0 ? num_threads : omp_get_max_threads();
+  return num_threads > 0 ? num_threads : omp_get_max_threads();
 #else
-  const int nt = 1;
   (void)num_threads;
+  return 1;
 #endif
+}
+
+// The convolution proper, with weights already packed into `p`.
+void run_plan(const MsConvArgs& a, const Plan& p, int nt) {
   const std::int64_t N = a.n, C = a.c, H = a.h, W = a.w;
-  // Per-calling-thread scratch, named through plain references: OpenMP worker
-  // threads must see the caller's buffers, not their own thread_local copies.
-  static thread_local Plan tls_plan;
+  // Per-calling-thread scratch, named through a plain reference: OpenMP
+  // worker threads must see the caller's buffer, not their own thread_local copy.
   static thread_local std::vector<float> tls_xp;
-  Plan& p = tls_plan;
   std::vector<float>& xp = tls_xp;
-  make_plan(a, nt, p);
 
   // Zero-padded NHWC copy: 2 pixels of halo on every side, and the width
   // rounded up to PB so register blocks never need a bounds check.
@@ -204,6 +202,41 @@ void msconv_cpu_f32(const MsConvArgs& a, int num_threads) {
           }
         }
       }
+}
+
+}  // namespace
+
+void msconv_cpu_f32(const MsConvArgs& a, int num_threads) {
+  validate(a);
+  const int nt = thread_count(num_threads);
+  static thread_local Plan tls_plan;  // reused: no page faults on fresh buffers
+  make_plan(a, nt, tls_plan);
+  run_plan(a, tls_plan, nt);
+}
+
+struct CpuPackedWeights::Impl {
+  Plan plan;
+};
+
+CpuPackedWeights::CpuPackedWeights(const MsConvArgs& w, int num_threads)
+    : impl_(new Impl), c_(w.c), c1_(w.c1), c3_(w.c3), c5_(w.c5) {
+  if (!w.w1 || !w.b1 || !w.w3 || !w.b3 || !w.w5 || !w.b5)
+    throw std::invalid_argument("fused_ms_conv: null weight pointer");
+  if (w.c < 1 || w.c1 < 1 || w.c3 < 1 || w.c5 < 1)
+    throw std::invalid_argument("fused_ms_conv: channel counts must be >= 1");
+  make_plan(w, thread_count(num_threads), impl_->plan);
+}
+
+CpuPackedWeights::~CpuPackedWeights() = default;
+
+void CpuPackedWeights::run(const MsConvArgs& a, int num_threads) const {
+  if (a.c != c_ || a.c1 != c1_ || a.c3 != c3_ || a.c5 != c5_)
+    throw std::invalid_argument("fused_ms_conv: input does not match the packed weights' channels");
+  MsConvArgs checked = a;
+  // validate() wants weight pointers; the packed copy stands in for them.
+  checked.w1 = checked.b1 = checked.w3 = checked.b3 = checked.w5 = checked.b5 = 1;
+  validate(checked);
+  run_plan(a, impl_->plan, thread_count(num_threads));
 }
 
 }  // namespace fer_edge

@@ -33,6 +33,7 @@ __all__ = [
     "check_ms_conv_inputs",
     "build_info",
     "cuda_kernels_available",
+    "CpuPackedMsConv",
 ]
 
 _LAYOUT_NCHW, _LAYOUT_NHWC = 0, 1
@@ -191,6 +192,46 @@ def _backward(ctx, grad):
 
 
 _fused_ms_conv_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class CpuPackedMsConv:
+    """float32 CPU weights of one fused layer, packed once by the C++ kernel.
+
+    At batch 1 re-packing the weights costs as much as the convolution, so a
+    module whose weights do not change between calls keeps one of these.
+    ``is_current`` says whether it still matches the given tensors: it holds
+    references to them (so their memory cannot be reused by other tensors)
+    and their in-place version counters (bumped by optimizer steps,
+    load_state_dict, ``copy_``).
+    """
+
+    def __init__(self, w1, b1, w3, b3, w5, b5):
+        self.c1, self.c3, self.c5 = (int(w.shape[0]) for w in (w1, w3, w5))
+        self.c = int(w1.shape[1])
+        self._tensors = (w1, b1, w3, b3, w5, b5)
+        self._versions = tuple(t._version for t in self._tensors)
+        ws = [t.detach().contiguous() for t in self._tensors]
+        self._packed = _C.CpuPackedWeights(*(t.data_ptr() for t in ws), self.c, self.c1, self.c3, self.c5,
+                                           torch.get_num_threads())
+
+    def is_current(self, *tensors) -> bool:
+        return all(a is b for a, b in zip(tensors, self._tensors)) and \
+            all(t._version == v for t, v in zip(tensors, self._versions))
+
+    def __call__(self, x: torch.Tensor, relu: bool = True) -> torch.Tensor:
+        n, c, h, w = x.shape
+        if c != self.c or x.dtype != torch.float32 or x.device.type != "cpu":
+            raise ValueError(f"fused_ms_conv: packed CPU weights need float32 CPU input with {self.c} channels, "
+                             f"got {x.dtype} on {x.device} with {c}")
+        if n == 0 or h == 0 or w == 0:
+            raise ValueError(f"fused_ms_conv: x is empty, shape {tuple(x.shape)}")
+        if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+            raise ValueError("fused_ms_conv: x must be contiguous (NCHW) or channels_last (NHWC)")
+        nhwc = _is_nhwc(x)
+        out = _empty_output(x, self.c1 + self.c3 + self.c5, nhwc)
+        self._packed.run(x.data_ptr(), out.data_ptr(), n, c, h, w, self.c1, self.c3, self.c5,
+                         _LAYOUT_NHWC if nhwc else _LAYOUT_NCHW, bool(relu), torch.get_num_threads())
+        return out
 
 
 def fused_ms_conv(x, w1, b1, w3, b3, w5, b5, relu: bool = True) -> torch.Tensor:

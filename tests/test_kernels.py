@@ -326,3 +326,41 @@ def test_cuda_fuzz_shapes(n, cin, h, w, c1, c3, c5, nhwc, seed):
     args = make_inputs(n, cin, h, w, c1, c3, c5, nhwc=nhwc, device="cuda", seed=seed)
     ref = fused_ms_conv_reference(*[t.cpu().double() for t in args])
     torch.testing.assert_close(fused_ms_conv(*args).cpu().double(), ref, **FP32_TOL)
+
+
+# ------------------------------------------------------- packed CPU weights
+def test_packed_cpu_weights_match_reference_and_track_changes():
+    import copy
+
+    from fer_edge.kernels import CpuPackedMsConv
+    from fer_edge.models.layers import FusedMultiScaleConv
+
+    args = make_inputs(2, 64, 12, 10, 16, 24, 24, seed=11)
+    x, ws = args[0], args[1:]
+    packed = CpuPackedMsConv(*ws)
+    torch.testing.assert_close(packed(x), fused_ms_conv_reference(*args), **FP32_TOL)
+    xl = x.contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(packed(xl, relu=False), fused_ms_conv_reference(xl, *ws, relu=False), **FP32_TOL)
+    with pytest.raises(ValueError, match="64 channels"):
+        packed(torch.randn(1, 3, 5, 5))
+
+    layer = FusedMultiScaleConv(*[t.clone() for t in ws])
+    with torch.no_grad():
+        y1 = layer(x)
+        first = layer._cpu_pack
+        assert first is not None, "eager CPU inference packs the weights once"
+        assert layer(x) is not None and layer._cpu_pack is first, "and reuses them"
+        layer.w5.mul_(2.0)  # in-place change: the pack must be rebuilt
+        y2 = layer(x)
+    assert layer._cpu_pack is not first
+    ref2 = fused_ms_conv_reference(x, layer.w1, layer.b1, layer.w3, layer.b3, layer.w5, layer.b5)
+    torch.testing.assert_close(y2, ref2, **FP32_TOL)
+    assert not torch.allclose(y1, y2)
+    clone = copy.deepcopy(layer)  # merge() deep-copies models: the cache must not break that
+    assert clone._cpu_pack is None
+    with torch.no_grad():
+        torch.testing.assert_close(clone(x), y2, atol=0, rtol=0)
+    # with gradients wanted, the autograd-aware custom op runs instead
+    y3 = layer(x)
+    assert y3.requires_grad
+    torch.testing.assert_close(y3.detach(), y2, **FP32_TOL)

@@ -128,6 +128,14 @@ class FusedMultiScaleConv(nn.Module):
         for name, t in zip(("w1", "b1", "w3", "b3", "w5", "b5"), (w1, b1, w3, b3, w5, b5)):
             self.register_parameter(name, nn.Parameter(t))
         self.use_kernel = use_kernel
+        self._cpu_pack = None  # CpuPackedMsConv, built on first CPU inference
+
+    def __getstate__(self):
+        # The packed copy is a cache of compiled-extension memory: never copied
+        # or pickled (deepcopy in merge(), torch.save), rebuilt on demand.
+        state = self.__dict__.copy()
+        state["_cpu_pack"] = None
+        return state
 
     @classmethod
     def empty(cls, cin, c1, c3, c5, use_kernel=True):
@@ -146,11 +154,31 @@ class FusedMultiScaleConv(nn.Module):
             x.device.type == "cuda" and x.dtype in (torch.float32, torch.float16)
         )
 
+    @staticmethod
+    def _use_cpu_pack(x, ws) -> bool:
+        # Plain eager CPU inference only: under torch.compile/export (fake or
+        # proxy tensors) or when gradients are needed, the custom op runs.
+        return (
+            type(x) is torch.Tensor
+            and x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and not torch.compiler.is_compiling()
+            and not (torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in ws)))
+        )
+
     def forward(self, x):
         ws = (self.w1, self.b1, self.w3, self.b3, self.w5, self.b5)
         if ws[0].dtype != x.dtype:  # autocast / half inputs: compute in the input's dtype
             ws = tuple(t.to(x.dtype) for t in ws)
         w1, b1, w3, b3, w5, b5 = ws
+        if self.use_kernel and self._use_cpu_pack(x, ws):
+            from fer_edge.kernels import CpuPackedMsConv
+
+            if self._cpu_pack is None or not self._cpu_pack.is_current(*ws):
+                self._cpu_pack = CpuPackedMsConv(*ws)
+            if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+                x = x.contiguous()
+            return self._cpu_pack(x)
         if self.use_kernel and self._kernel_supports(x):
             from fer_edge.kernels import fused_ms_conv
 
