@@ -2,17 +2,18 @@
 # One call on the GPU machine (device tool): build for the local GPU, run the
 # CUDA tests, compute-sanitizer on the kernel tests, and the layer benchmark.
 #   run(command="bash benchmarks/gpu_check.sh", timeout_s=600)
-# Logs and JSON land in $OUT (or ./gpu-out).
+# Logs and JSON land in $OUT (or ./gpu-out). `python3 -P`: never import the
+# source folder (it has no compiled _C), always the installed package.
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -m pip install -q --no-build-isolation --no-deps . -C cmake.define.CMAKE_CUDA_ARCHITECTURES="native" \
   2>&1 | tail -5 | tee "$OUT/build.log"
 fer-edge info --json | tee "$OUT/info.json"
-PYTHONUNBUFFERED=1 python3 -m pytest -q -p no:cacheprovider --import-mode=importlib tests/test_kernels.py \
+PYTHONUNBUFFERED=1 python3 -P -m pytest -q -p no:cacheprovider --import-mode=importlib tests/test_kernels.py \
   tests/test_models.py -k "cuda or merge or kernel" 2>&1 | tee "$OUT/pytest_cuda.log" | tail -15
-compute-sanitizer --tool memcheck python3 -m pytest -q -x --import-mode=importlib tests/test_kernels.py \
+compute-sanitizer --tool memcheck python3 -P -m pytest -q -x --import-mode=importlib tests/test_kernels.py \
   -k "cuda and not fuzz" 2>&1 | tail -8 | tee "$OUT/memcheck.log"
-compute-sanitizer --tool racecheck python3 -m pytest -q -x --import-mode=importlib tests/test_kernels.py \
+compute-sanitizer --tool racecheck python3 -P -m pytest -q -x --import-mode=importlib tests/test_kernels.py \
   -k "cuda_fp16 and n1" 2>&1 | tail -8 | tee "$OUT/racecheck.log"
 python3 benchmarks/bench_msconv.py --device cuda --json "$OUT/msconv_cuda.json" 2>/dev/null | tee "$OUT/bench.txt"
