@@ -6,13 +6,11 @@ repository root is not put on sys.path.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("FER_EDGE_DATA", REPO.parent / "shared" / "data"))
 
 
 def pytest_configure(config):
@@ -26,13 +24,3 @@ def pytest_configure(config):
             returncode=4,
         )
 
-
-def cuda_available() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
-
-
-requires_cuda = pytest.mark.skipif(not cuda_available(), reason="no CUDA GPU visible on this machine")

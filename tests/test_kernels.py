@@ -13,18 +13,7 @@ from hypothesis import strategies as st
 from fer_edge import _C
 from fer_edge.kernels import check_ms_conv_inputs, fused_ms_conv, fused_ms_conv_reference
 
-try:
-    from conftest import cuda_available
-except ImportError:  # importlib mode: load the sibling conftest by path
-    import importlib.util
-    from pathlib import Path
-
-    _spec = importlib.util.spec_from_file_location("_fer_conftest", Path(__file__).with_name("conftest.py"))
-    _mod = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(_mod)
-    cuda_available = _mod.cuda_available
-
-requires_cuda = pytest.mark.skipif(not cuda_available(), reason="no CUDA GPU visible on this machine")
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible on this machine")
 requires_cuda_kernel = pytest.mark.skipif(
     not hasattr(_C, "msconv_cuda"), reason="fer_edge._C was built without CUDA"
 )

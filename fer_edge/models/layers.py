@@ -70,7 +70,11 @@ class ACBlock(nn.Module):
         )
 
 
-def split_channels(cout: int, split=(0.25, 0.375, 0.375)) -> tuple[int, int, int]:
+# MACNN's channel split of an MAConv between its 1x1, 3x3 and 5x5 branches.
+DEFAULT_SPLIT = (0.25, 0.375, 0.375)
+
+
+def split_channels(cout: int, split=DEFAULT_SPLIT) -> tuple[int, int, int]:
     """Output channels of the 1x1, 3x3 and 5x5 branches (default 1/4 : 3/8 : 3/8)."""
     if len(split) != 3 or min(split) <= 0:
         raise ValueError(f"split must be three positive fractions, got {split}")
@@ -91,7 +95,7 @@ class MAConv(nn.Module):
     Merges into FusedMultiScaleConv: three square kernels with bias.
     """
 
-    def __init__(self, cin, cout, split=(0.25, 0.375, 0.375)):
+    def __init__(self, cin, cout, split=DEFAULT_SPLIT):
         super().__init__()
         self.c1, self.c3, self.c5 = split_channels(cout, split)
         self.branch1 = nn.Conv2d(cin, self.c1, 1, bias=False)
@@ -137,12 +141,6 @@ class FusedMultiScaleConv(nn.Module):
         state["_cpu_pack"] = None
         return state
 
-    @classmethod
-    def empty(cls, cin, c1, c3, c5, use_kernel=True):
-        """Shapes only (weights to be loaded from a checkpoint)."""
-        z = torch.zeros
-        return cls(z(c1, cin, 1, 1), z(c1), z(c3, cin, 3, 3), z(c3), z(c5, cin, 5, 5), z(c5), use_kernel)
-
     @property
     def channels(self):
         return self.w1.shape[0], self.w3.shape[0], self.w5.shape[0]
@@ -171,19 +169,18 @@ class FusedMultiScaleConv(nn.Module):
         if ws[0].dtype != x.dtype:  # autocast / half inputs: compute in the input's dtype
             ws = tuple(t.to(x.dtype) for t in ws)
         w1, b1, w3, b3, w5, b5 = ws
-        if self.use_kernel and self._use_cpu_pack(x, ws):
-            from fer_edge.kernels import CpuPackedMsConv
-
-            if self._cpu_pack is None or not self._cpu_pack.is_current(*ws):
-                self._cpu_pack = CpuPackedMsConv(*ws)
+        if self.use_kernel and self._kernel_supports(x):
+            # The kernels read NCHW or NHWC; any other strides become NCHW.
             if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
                 x = x.contiguous()
-            return self._cpu_pack(x)
-        if self.use_kernel and self._kernel_supports(x):
+            if self._use_cpu_pack(x, ws):
+                from fer_edge.kernels import CpuPackedMsConv
+
+                if self._cpu_pack is None or not self._cpu_pack.is_current(*ws):
+                    self._cpu_pack = CpuPackedMsConv(*ws)
+                return self._cpu_pack(x)
             from fer_edge.kernels import fused_ms_conv
 
-            if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
-                x = x.contiguous()
             return fused_ms_conv(x, *ws)
         return torch.cat(
             [

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from fer_edge.models.layers import ConvBNAct, MAConv
+from fer_edge.models.layers import DEFAULT_SPLIT, ConvBNAct, MAConv
 from fer_edge.models.registry import register_model
 
 VGG16_STAGES = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
@@ -23,7 +23,7 @@ def scaled(c: int, width: float) -> int:
 
 class MACNN(nn.Module):
     def __init__(self, num_classes=7, in_chans=1, width=1.0, maconv_stages=(1, 2, 3, 4, 5),
-                 split=(0.25, 0.375, 0.375), dropout=0.5):
+                 split=DEFAULT_SPLIT, dropout=0.5):
         super().__init__()
         maconv_stages = tuple(int(s) for s in maconv_stages)
         bad = [s for s in maconv_stages if s not in range(1, 6)]
