@@ -46,6 +46,10 @@ def write_atomic(path: Path, write_fn, force: bool = False) -> None:
     os.close(fd)
     try:
         write_fn(tmp)
+        # mkstemp creates 0600; give the file the mode a plain open() would have.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

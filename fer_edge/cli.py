@@ -77,8 +77,22 @@ def _add_merge(sub) -> None:
 
 
 # name -> function adding the sub-parser; one place lists every command.
+def _add_train(sub) -> None:
+    from fer_edge.training.command import add_train_parser
+
+    add_train_parser(sub)
+
+
+def _add_eval(sub) -> None:
+    from fer_edge.training.command import add_eval_parser
+
+    add_eval_parser(sub)
+
+
 COMMANDS = {
     "info": _add_info,
+    "train": _add_train,
+    "eval": _add_eval,
     "merge": _add_merge,
 }
 

@@ -1,0 +1,154 @@
+"""Evaluate a checkpoint on labelled faces: metrics, optional ten-crop TTA,
+latency, and the JSON/PNG outputs of ``fer-edge eval``."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fer_edge import UserError
+
+
+def normalize(images_u8: torch.Tensor, preprocess: dict) -> torch.Tensor:
+    """(N, H, W) uint8 -> (N, 1, H, W) float: x * scale, then (x - mean) / std (the checkpoint's preprocess)."""
+    x = images_u8.unsqueeze(1).float() * preprocess["scale"]
+    return (x - preprocess["mean"]) / preprocess["std"]
+
+
+def ten_crop_views(x: torch.Tensor, pad: int = 4) -> torch.Tensor:
+    """(10, N, C, H, W): the image shifted by +-pad pixels to the four corners
+    and centred, each with its mirror image.  The input is zero-padded (the
+    mean after normalization) so each view keeps the model's input size, which
+    matches the pad-and-crop training augmentation of the ``best`` recipe."""
+    n, c, h, w = x.shape
+    xp = F.pad(x, (pad, pad, pad, pad))
+    offsets = [(0, 0), (0, 2 * pad), (2 * pad, 0), (2 * pad, 2 * pad), (pad, pad)]
+    crops = [xp[:, :, i:i + h, j:j + w] for i, j in offsets]
+    return torch.stack(crops + [v.flip(3) for v in crops])
+
+
+@torch.no_grad()
+def predict_probs(model, images_u8: np.ndarray, preprocess: dict, device="cpu", batch_size: int = 256,
+                  tta: bool = False, channels_last: bool = False, progress: bool = False) -> np.ndarray:
+    """Softmax probabilities (N, K); with tta the mean over the ten views."""
+    model.eval()
+    out = []
+    starts = range(0, len(images_u8), batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc="eval" + (" (ten-crop)" if tta else ""), unit="batch", leave=False)
+    for s in starts:
+        x = normalize(torch.from_numpy(images_u8[s:s + batch_size]).to(device), preprocess)
+        views = ten_crop_views(x) if tta else x.unsqueeze(0)
+        p = 0
+        for v in views:
+            if channels_last:
+                v = v.contiguous(memory_format=torch.channels_last)
+            p = p + torch.softmax(model(v).float(), dim=1)
+        out.append((p / len(views)).cpu())
+    return torch.cat(out).numpy()
+
+
+@torch.no_grad()
+def measure_latency(model, preprocess: dict, in_chans: int = 1, device="cpu", runs: int = 50,
+                    warmup: int = 10) -> dict:
+    """Median and mean ms per image at batch 1 (the on-device case)."""
+    h, w = preprocess["input_size"]
+    x = torch.zeros(1, in_chans, h, w, device=device)
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+    for _ in range(warmup):
+        model(x)
+    times = []
+    for _ in range(runs):
+        sync()
+        t0 = time.perf_counter()
+        model(x)
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return {"batch": 1, "median_ms": float(np.median(times)), "mean_ms": float(np.mean(times)),
+            "threads": torch.get_num_threads(), "device": str(device)}
+
+
+def remap_labels(dataset, classes: list[str]):
+    """The dataset's labels as indices into the model's classes; a class the model
+    does not know is an error (accuracy on it would be silently 0)."""
+    unknown = [c for c in dataset.classes if c not in classes]
+    if unknown:
+        raise UserError(f"data has class(es) {', '.join(unknown)} that the model was not trained on "
+                        f"(model classes: {', '.join(classes)})")
+    lut = np.array([classes.index(c) for c in dataset.classes], dtype=np.int64)
+    return lut[dataset.labels]
+
+
+def evaluate(model, meta: dict, dataset, device="cpu", batch_size: int = 256, tta: bool = False,
+             latency: bool = True, progress: bool = False) -> dict:
+    """The full report: plain metrics, and with tta the ten-crop ones separately."""
+    from fer_edge.metrics import summarize
+
+    classes = meta["classes"]
+    labels = remap_labels(dataset, classes)
+    cl = str(device).startswith("cuda")
+    probs = predict_probs(model, dataset.images, meta["preprocess"], device, batch_size,
+                          channels_last=cl, progress=progress)
+    report = {"classes": classes, "arch": meta["arch"], "form": meta["form"], **summarize(labels, probs, classes)}
+    if tta:
+        probs_tta = predict_probs(model, dataset.images, meta["preprocess"], device, batch_size, tta=True,
+                                  channels_last=cl, progress=progress)
+        t = summarize(labels, probs_tta, classes)
+        report["tta"] = {"kind": "ten-crop (4 px shifts x mirror)", "accuracy": t["accuracy"],
+                         "mean_class_accuracy": t["mean_class_accuracy"], "macro_f1": t["macro_f1"],
+                         "macro_auc": t["macro_auc"]}
+    if latency:
+        report["latency"] = measure_latency(model, meta["preprocess"], meta["config"].get("in_chans", 1), device)
+    return report
+
+
+def write_report(report: dict, json_path=None, plots_dir=None, metrics_jsonl=None, force: bool = True) -> list[Path]:
+    """JSON (without the raw ROC points) and PNGs; returns the files written."""
+    from fer_edge import plots
+    from fer_edge.checkpoint import write_atomic
+
+    written = []
+    if json_path:
+        clean = {k: v for k, v in report.items() if not k.startswith("_")}
+        json_path = Path(json_path)
+        write_atomic(json_path, lambda tmp: Path(tmp).write_text(json.dumps(clean, indent=2) + "\n"), force=force)
+        written.append(json_path)
+    if plots_dir:
+        d = Path(plots_dir)
+        d.mkdir(parents=True, exist_ok=True)
+        written.append(plots.plot_confusion(np.array(report["confusion_matrix"]), report["classes"],
+                                            d / "confusion.png",
+                                            f"{report['arch']}: accuracy {100 * report['accuracy']:.2f}%"))
+        if report["_roc"]:
+            aucs = {k: v["auc"] for k, v in report["per_class"].items()}
+            written.append(plots.plot_roc(report["_roc"], aucs, d / "roc.png",
+                                          f"{report['arch']}: one-vs-rest ROC, macro AUC {report['macro_auc']:.3f}"))
+        if metrics_jsonl and Path(metrics_jsonl).is_file():
+            written.append(plots.plot_training_curves(metrics_jsonl, d / "training_curves.png"))
+    return written
+
+
+def format_report(report: dict) -> str:
+    lines = [f"{report['images']} images, {report['arch']} ({report['form']} form)",
+             f"accuracy            {100 * report['accuracy']:6.2f}%",
+             f"mean-class accuracy {100 * report['mean_class_accuracy']:6.2f}%",
+             f"macro F1 {report['macro_f1']:.4f}" + (f", macro AUC {report['macro_auc']:.4f}"
+                                                      if report["macro_auc"] is not None else "")]
+    if "tta" in report:
+        lines.append(f"with ten-crop TTA:  accuracy {100 * report['tta']['accuracy']:.2f}%, "
+                     f"mean-class {100 * report['tta']['mean_class_accuracy']:.2f}%")
+    lines.append(f"{'class':<10} {'support':>7} {'precision':>9} {'recall':>7} {'F1':>6} {'AUC':>6}")
+    for name, e in report["per_class"].items():
+        auc = f"{e['auc']:.3f}" if e["auc"] is not None else "  -  "
+        lines.append(f"{name:<10} {e['support']:>7} {e['precision']:>9.3f} {e['recall']:>7.3f} {e['f1']:>6.3f} {auc:>6}")
+    if "latency" in report:
+        lat = report["latency"]
+        lines.append(f"latency, batch 1 on {lat['device']} ({lat['threads']} threads): "
+                     f"{lat['median_ms']:.3f} ms median, {lat['mean_ms']:.3f} ms mean")
+    return "\n".join(lines)

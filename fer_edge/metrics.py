@@ -1,0 +1,94 @@
+"""Classification metrics as small pure numpy functions (no sklearn needed on a device).
+
+Conventions: confusion matrix rows = true class, columns = predicted class;
+mean-class accuracy = mean recall over the classes present in the data.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def confusion_matrix(y_true, y_pred, num_classes: int) -> np.ndarray:
+    y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
+    return np.bincount(y_true * num_classes + y_pred, minlength=num_classes * num_classes).reshape(
+        num_classes, num_classes)
+
+
+def normalize_rows(cm: np.ndarray) -> np.ndarray:
+    """Each row divided by its sum (recall per true class); empty rows stay 0."""
+    support = cm.sum(axis=1, keepdims=True)
+    return np.divide(cm, support, out=np.zeros(cm.shape, dtype=np.float64), where=support > 0)
+
+
+def precision_recall_f1(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    tp = np.diag(cm).astype(np.float64)
+    pred, true = cm.sum(axis=0), cm.sum(axis=1)
+    precision = np.divide(tp, pred, out=np.zeros_like(tp), where=pred > 0)
+    recall = np.divide(tp, true, out=np.zeros_like(tp), where=true > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
+    return precision, recall, f1
+
+
+def accuracy(cm: np.ndarray) -> float:
+    total = cm.sum()
+    return float(np.trace(cm) / total) if total else 0.0
+
+
+def mean_class_accuracy(cm: np.ndarray) -> float:
+    true = cm.sum(axis=1)
+    present = true > 0
+    return float(np.mean(np.diag(cm)[present] / true[present])) if present.any() else 0.0
+
+
+def roc_curve(scores, positive) -> tuple[np.ndarray, np.ndarray]:
+    """(fpr, tpr) of a one-vs-rest score, one point per distinct threshold, from (0,0) to (1,1)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    positive = np.asarray(positive, dtype=bool)
+    order = np.argsort(-scores, kind="mergesort")
+    s, p = scores[order], positive[order]
+    # Keep the last index of each run of equal scores: ties move together.
+    last = np.r_[np.flatnonzero(np.diff(s)), s.size - 1]
+    tp = np.cumsum(p)[last].astype(np.float64)
+    fp = np.cumsum(~p)[last].astype(np.float64)
+    n_pos, n_neg = p.sum(), (~p).sum()
+    tpr = np.r_[0.0, tp / n_pos] if n_pos else np.r_[0.0, np.zeros_like(tp)]
+    fpr = np.r_[0.0, fp / n_neg] if n_neg else np.r_[0.0, np.zeros_like(fp)]
+    return fpr, tpr
+
+
+def auc(fpr, tpr) -> float:
+    """Area under a curve by the trapezoid rule."""
+    return float(np.trapezoid(tpr, fpr)) if hasattr(np, "trapezoid") else float(np.trapz(tpr, fpr))
+
+
+def summarize(y_true, probs, classes: list[str]) -> dict:
+    """Everything ``fer-edge eval`` reports, from labels and class probabilities (N, K)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    y_true = np.asarray(y_true, dtype=np.int64)
+    k = len(classes)
+    y_pred = probs.argmax(axis=1)
+    cm = confusion_matrix(y_true, y_pred, k)
+    precision, recall, f1 = precision_recall_f1(cm)
+    per_class, rocs = {}, {}
+    for i, name in enumerate(classes):
+        positive = y_true == i
+        entry = {"support": int(positive.sum()), "precision": float(precision[i]),
+                 "recall": float(recall[i]), "f1": float(f1[i]), "auc": None}
+        if 0 < positive.sum() < len(y_true):  # AUC is undefined with one class only
+            fpr, tpr = roc_curve(probs[:, i], positive)
+            entry["auc"] = auc(fpr, tpr)
+            rocs[name] = (fpr, tpr)
+        per_class[name] = entry
+    aucs = [e["auc"] for e in per_class.values() if e["auc"] is not None]
+    return {
+        "images": int(len(y_true)),
+        "accuracy": accuracy(cm),
+        "mean_class_accuracy": mean_class_accuracy(cm),
+        "macro_f1": float(np.mean([f1[i] for i in range(k) if cm[i].sum() > 0])) if len(y_true) else 0.0,
+        "macro_auc": float(np.mean(aucs)) if aucs else None,
+        "per_class": per_class,
+        "confusion_matrix": cm.tolist(),
+        "confusion_matrix_normalized": normalize_rows(cm).round(6).tolist(),
+        "_roc": rocs,  # curves for the plots; dropped from JSON
+    }

@@ -1,0 +1,90 @@
+"""PNG plots people look at: confusion heat map, one-vs-rest ROC curves,
+training curves.  matplotlib with the Agg backend (no display needed)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path) -> Path:
+    from fer_edge.checkpoint import write_atomic
+
+    path = Path(path)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png"), force=True)
+    _plt().close(fig)
+    return path
+
+
+def plot_confusion(cm, classes, path, title="Confusion matrix") -> Path:
+    """Counts in each cell, colour = row-normalized (recall), so rare classes stay visible."""
+    from fer_edge.metrics import normalize_rows
+
+    plt = _plt()
+    cm = np.asarray(cm)
+    norm = normalize_rows(cm)
+    k = len(classes)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.8 * k, 0.8 + 0.7 * k))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, f"{cm[i, j]}\n{norm[i, j]:.0%}", ha="center", va="center", fontsize=7,
+                    color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xticks(range(k), classes, rotation=45, ha="right")
+    ax.set_yticks(range(k), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of true class")
+    return _save(fig, path)
+
+
+def plot_roc(rocs: dict, aucs: dict, path, title="One-vs-rest ROC") -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for name, (fpr, tpr) in rocs.items():
+        ax.plot(fpr, tpr, label=f"{name} (AUC {aucs[name]:.3f})")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(title)
+    ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, path)
+
+
+def read_metrics(path) -> list[dict]:
+    lines = Path(path).read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def plot_training_curves(metrics_jsonl, path) -> Path:
+    """Loss and accuracy per epoch (train and validation) from metrics.jsonl."""
+    rows = read_metrics(metrics_jsonl)
+    plt = _plt()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    ep = [r["epoch"] for r in rows]
+    a1.plot(ep, [r["train_loss"] for r in rows], label="train")
+    if rows and "val_loss" in rows[0]:
+        a1.plot(ep, [r["val_loss"] for r in rows], label="validation")
+    a1.set_xlabel("epoch")
+    a1.set_ylabel("loss")
+    a1.legend()
+    a2.plot(ep, [100 * r["train_acc"] for r in rows], label="train")
+    if rows and "val_acc" in rows[0]:
+        a2.plot(ep, [100 * r["val_acc"] for r in rows], label="validation")
+        a2.plot(ep, [100 * r["val_mean_class_acc"] for r in rows], label="validation, mean-class", ls="--")
+    a2.set_xlabel("epoch")
+    a2.set_ylabel("accuracy (%)")
+    a2.legend()
+    fig.suptitle(Path(metrics_jsonl).parent.name)
+    return _save(fig, path)

@@ -1,0 +1,264 @@
+"""``fer-edge train`` and ``fer-edge eval``: read data, check it, run, report."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from fer_edge import UserError
+
+
+def _log(ctx):
+    return (lambda msg: print(msg, flush=True)) if ctx.main else (lambda msg: None)
+
+
+def _report_skipped(name: str, dataset, log) -> None:
+    if dataset.skipped:
+        src, why = dataset.skipped[0]
+        log(f"warning: {name}: skipped {len(dataset.skipped)} unreadable item(s) "
+            f"(first: {src}: {why}); --strict makes this an error")
+
+
+def model_input_size(model: str, model_config: dict) -> int:
+    from fer_edge import models
+
+    try:
+        return int(models.create(model, **model_config).config.get("input_size", 48))
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+def limit_set(dataset, n: int | None, seed: int):
+    """A seeded random subset of n faces (all when n is None or larger)."""
+    if n is None or n >= len(dataset):
+        return dataset
+    if n < 1:
+        raise UserError("--limit must be >= 1")
+    idx = np.sort(np.random.default_rng(seed).permutation(len(dataset))[:n])
+    return dataset.subset(idx)
+
+
+def align_val_classes(train, val, log):
+    """Validation labels as indices into the training classes.  A class the
+    model never saw is an error; a training class missing from validation is
+    only a note (its recall cannot be measured)."""
+    from fer_edge.evaluate import remap_labels
+
+    extra = [c for c in val.classes if c not in train.classes]
+    if extra:
+        raise UserError(f"validation classes differ from training classes: {', '.join(extra)} not in "
+                        f"training ({', '.join(train.classes)})")
+    missing = [c for c in train.classes if c not in val.classes]
+    if missing:
+        log(f"note: validation data has no {', '.join(missing)} images")
+    val.labels = remap_labels(val, train.classes)
+    val.classes = list(train.classes)
+    return val
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from fer_edge.data import load_dataset
+    from fer_edge.training.recipes import get_recipe
+    from fer_edge.training.trainer import TrainSettings, prepare_run_dir, setup_distributed
+
+    if args.folds is None and not args.val:
+        raise UserError("--val is required (the data that picks the best epoch), or use --folds K")
+    if args.folds is not None and args.val:
+        raise UserError("--folds tests on held-out folds of --data; drop --val")
+    ctx = setup_distributed(args.device)
+    log = _log(ctx)
+    try:
+        recipe = get_recipe(args.recipe, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
+        model_config = {}
+        if args.width is not None:
+            model_config["width"] = args.width
+        if args.input_size is not None:
+            model_config["input_size"] = args.input_size
+        size = model_input_size(args.model, model_config)
+        run_dir = Path(args.out)
+        prepare_run_dir(run_dir, args.resume, args.force, ctx.main)
+        if ctx.enabled:
+            import torch.distributed as dist
+
+            dist.barrier()  # rank 0 has prepared the folder
+        classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
+        train = load_dataset(args.data, size=size, classes=classes, strict=args.strict, usage="Training",
+                             progress=ctx.main)
+        _report_skipped(args.data, train, log)
+        train = limit_set(train, args.limit, args.seed)
+        val = None
+        if args.val:
+            val = load_dataset(args.val, size=size, classes=classes, strict=args.strict, usage=args.val_usage,
+                               progress=ctx.main)
+            _report_skipped(args.val, val, log)
+            val = align_val_classes(train, limit_set(val, args.val_limit, args.seed), log)
+        log(f"train: {len(train)} faces from {args.data} {train.class_counts()}")
+        if val is not None:
+            log(f"val:   {len(val)} faces from {args.val}")
+        settings = TrainSettings(
+            model=args.model, model_config=model_config, recipe=recipe, classes=list(train.classes),
+            seed=args.seed, device=args.device, amp=args.amp, class_weights=args.class_weights,
+            compile=args.compile, stem_weights=args.stem_weights,
+            data={"train": str(args.data), "val": str(args.val) if args.val else None, "limit": args.limit,
+                  "val_limit": args.val_limit, "train_images": len(train)})
+        if args.folds is not None:
+            return _run_folds(settings, train, args.folds, run_dir, args, ctx, log)
+        return _run_single(settings, train, val, run_dir, args, ctx, log)
+    finally:
+        if ctx.enabled:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _run_single(settings, train, val, run_dir: Path, args, ctx, log) -> int:
+    from fer_edge.training.trainer import train_run
+
+    summary = train_run(settings, train, val, run_dir, resume=args.resume, ctx=ctx,
+                        progress=not args.no_progress, log=log)
+    if ctx.main:
+        report = _final_report(run_dir, val, settings.device)
+        log(f"best epoch {summary['best_epoch']}: val accuracy {100 * summary['best_val_acc']:.2f}%, "
+            f"mean-class {100 * report['mean_class_accuracy']:.2f}% -> {run_dir / 'best.safetensors'}")
+        log(f"mean training throughput {summary.get('img_per_s_mean', 0):.0f} img/s; "
+            f"plots in {run_dir / 'plots'}")
+    return 0
+
+
+def _final_report(run_dir: Path, val, device: str) -> dict:
+    """Evaluate best.safetensors on the validation set; write val_eval.json and the PNGs."""
+    from fer_edge.checkpoint import load_checkpoint
+    from fer_edge.evaluate import evaluate, write_report
+
+    model, meta = load_checkpoint(run_dir / "best.safetensors", device=device if device != "cuda" else "cuda")
+    report = evaluate(model, meta, val, device=device, latency=False)
+    write_report(report, run_dir / "val_eval.json", run_dir / "plots", run_dir / "metrics.jsonl")
+    return report
+
+
+def _run_folds(settings, data, k: int, run_dir: Path, args, ctx, log) -> int:
+    """K-fold cross-validation; each fold's score is its last epoch on its test
+    fold (no fold picks its own best epoch, which would inflate the mean)."""
+    from fer_edge.data.folds import make_folds
+    from fer_edge.training.trainer import SUMMARY_FILE, train_run, write_json_atomic
+
+    folds, kind = make_folds(data, k, seed=settings.seed)
+    log(f"{k}-fold cross-validation, {kind} folds: {[len(f) for f in folds]} faces per test fold")
+    results = []
+    for i, test_idx in enumerate(folds, start=1):
+        fold_dir = run_dir / f"fold{i:02d}"
+        test_mask = np.zeros(len(data), dtype=bool)
+        test_mask[test_idx] = True
+        summary_file = fold_dir / SUMMARY_FILE
+        if args.resume and summary_file.is_file():
+            summary = json.loads(summary_file.read_text())
+            log(f"fold {i}/{k}: done earlier, val acc {100 * summary['val_acc']:.2f}%")
+        else:
+            fold_dir.mkdir(parents=True, exist_ok=True)
+            log(f"fold {i}/{k}: train {int((~test_mask).sum())}, test {len(test_idx)}")
+            summary = train_run(settings, data.subset(np.flatnonzero(~test_mask)), data.subset(test_idx),
+                                fold_dir, resume=args.resume and (fold_dir / "resume.pt").is_file(), ctx=ctx,
+                                progress=not args.no_progress, select_best=False, log=log)
+        results.append({"fold": i, "test_images": len(test_idx), "accuracy": summary.get("val_acc"),
+                        "mean_class_accuracy": summary.get("val_mean_class_acc")})
+    if ctx.main:
+        acc = np.array([r["accuracy"] for r in results])
+        mca = np.array([r["mean_class_accuracy"] for r in results])
+        report = {"folds": k, "kind": kind, "score": "last epoch on the held-out fold", "per_fold": results,
+                  "accuracy_mean": float(acc.mean()), "accuracy_std": float(acc.std(ddof=1)),
+                  "mean_class_accuracy_mean": float(mca.mean()), "mean_class_accuracy_std": float(mca.std(ddof=1))}
+        write_json_atomic(run_dir / "folds.json", report)
+        for r in results:
+            log(f"fold {r['fold']:2d}: accuracy {100 * r['accuracy']:.2f}%, "
+                f"mean-class {100 * r['mean_class_accuracy']:.2f}% ({r['test_images']} faces)")
+        log(f"{k}-fold {kind}: accuracy {100 * acc.mean():.2f} ± {100 * acc.std(ddof=1):.2f}%, "
+            f"mean-class {100 * mca.mean():.2f} ± {100 * mca.std(ddof=1):.2f}%  -> {run_dir / 'folds.json'}")
+    return 0
+
+
+def add_train_parser(sub) -> None:
+    from fer_edge.training.recipes import RECIPES
+
+    p = sub.add_parser("train", help="train a model on expression data (FER2013 CSV/folders, CK+, RAF-DB)",
+                       description="Train MACNN, VGG16 or HSNet. Writes best/last checkpoints, metrics.jsonl, "
+                                   "config.json, resume.pt and plots into --out. Launch with torchrun for "
+                                   "several processes (DistributedDataParallel).")
+    p.add_argument("--model", default="macnn", help="macnn, vgg16 or hsnet (default macnn)")
+    p.add_argument("--data", required=True, help="training data: a FER2013 .csv, class folders, CK+ or RAF-DB")
+    p.add_argument("--val", help="validation data (chooses the best epoch; never trained on)")
+    p.add_argument("--val-usage", default="PublicTest", help="Usage rows of a FER2013 CSV given as --val")
+    p.add_argument("--recipe", default="best", choices=sorted(RECIPES), help="training recipe (default best)")
+    p.add_argument("--epochs", type=int, help="override the recipe's epochs")
+    p.add_argument("--batch-size", type=int, help="per-process batch size (default: the recipe's)")
+    p.add_argument("--lr", type=float, help="override the recipe's learning rate")
+    p.add_argument("--width", type=float, help="channel width multiplier (compact models: 0.25, 0.5)")
+    p.add_argument("--input-size", type=int, help="model input size (HSNet; default 112)")
+    p.add_argument("--stem-weights", help="HSNet: face-recognition state dict for the stem (transferred, frozen)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
+                   help="mixed precision on CUDA (auto = bf16; CPU always trains in fp32)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
+    p.add_argument("--force", action="store_true", help="start over in an existing --out")
+    p.add_argument("--folds", type=int, help="K-fold cross-validation on --data (subject-grouped for CK+)")
+    p.add_argument("--class-weights", action="store_true", help="weight the loss by inverse class frequency")
+    p.add_argument("--classes", help="comma-separated class names, for folders that are not expression names")
+    p.add_argument("--strict", action="store_true", help="an unreadable image is an error, not a skip")
+    p.add_argument("--limit", type=int, help="train on a seeded random subset of N faces (smoke runs)")
+    p.add_argument("--val-limit", type=int, help="validate on a seeded random subset of N faces")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from fer_edge.checkpoint import load_checkpoint, read_meta
+    from fer_edge.data import load_dataset
+    from fer_edge.evaluate import evaluate, format_report, write_report
+
+    if args.json and Path(args.json).exists() and not args.force:
+        raise UserError(f"{args.json} exists; pass --force to overwrite it")
+    if args.plots and Path(args.plots).is_dir() and any(Path(args.plots).glob("*.png")) and not args.force:
+        raise UserError(f"{args.plots} already holds plots; pass --force to overwrite them")
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA GPU is visible to PyTorch (use --device cpu)")
+    meta = read_meta(args.weights)
+    size = meta["preprocess"]["input_size"][0]
+    classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
+    data = load_dataset(args.data, size=size, classes=classes, strict=args.strict, usage=args.usage,
+                        progress=True)
+    _report_skipped(args.data, data, print)
+    model, meta = load_checkpoint(args.weights, device=args.device)
+    report = evaluate(model, meta, data, device=args.device, batch_size=args.batch_size, tta=args.tta,
+                      progress=True)
+    report["weights"] = str(args.weights)
+    report["data"] = str(args.data)
+    print(format_report(report))
+    metrics = Path(args.weights).parent / "metrics.jsonl"
+    for path in write_report(report, args.json, args.plots, metrics if metrics.is_file() else None, force=True):
+        print(f"wrote {path}")
+    return 0
+
+
+def add_eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="accuracy, per-class metrics, confusion matrix, ROC/AUC, latency, plots")
+    p.add_argument("--weights", required=True, help="checkpoint (.safetensors, train or merged form)")
+    p.add_argument("--data", required=True, help="labelled faces: class folders, FER2013 .csv, CK+, RAF-DB")
+    p.add_argument("--usage", default="PublicTest", help="Usage rows when --data is a FER2013 CSV")
+    p.add_argument("--json", help="write the full report as JSON")
+    p.add_argument("--plots", help="folder for confusion.png, roc.png (and training_curves.png from the "
+                                   "run's metrics.jsonl)")
+    p.add_argument("--tta", action="store_true", help="also report ten-crop test-time augmentation")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--classes", help="comma-separated class names for non-expression folder names")
+    p.add_argument("--strict", action="store_true", help="an unreadable image is an error, not a skip")
+    p.add_argument("--force", action="store_true", help="overwrite --json / plots")
+    p.set_defaults(func=cmd_eval)

@@ -1,0 +1,501 @@
+"""The training loop: one function, ``train_run``, used by ``fer-edge train``
+for a plain run, every fold of ``--folds K`` and every rank under torchrun.
+
+Design choices (each one is what makes a promise of the command hold):
+
+* The whole training set sits on the device as one uint8 tensor; a batch is an
+  index gather + normalization + batched augmentation there.  No DataLoader
+  workers, no JPEG decoding while the GPU waits.
+* Data order and augmentation come from generators seeded by (seed, epoch,
+  rank), dropout from the global RNG whose state is checkpointed.  A run
+  resumed from the checkpoint of epoch e therefore draws exactly what the
+  uninterrupted run drew: the final weights are equal, not just close.
+* A checkpoint (model, optimizer, scheduler, scaler, RNG states of every rank,
+  epoch, best score) is written atomically after every epoch; ``metrics.jsonl``
+  is cut back to that epoch on resume, so a kill at any moment loses at most
+  the epoch in flight.
+* Under torchrun every rank sees the same global batch order and takes its own
+  slice (DistributedSampler semantics without the sampler); BatchNorm buffers
+  are broadcast from rank 0 at the end of each epoch so every rank ends with
+  identical weights and buffers.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fer_edge import UserError, __version__
+from fer_edge.training.augment import augment, mixup
+from fer_edge.training.recipes import lr_factor
+
+RESUME_FILE = "resume.pt"
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+# Files a run creates; --force removes exactly these (never the user's other files).
+RUN_FILES = (RESUME_FILE, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, "best.safetensors", "last.safetensors",
+             "val_eval.json", "folds.json")
+# Test hook: SIGKILL this process right after the checkpoint of this epoch is on
+# disk (how the resume test simulates a crash without racing a timer).
+KILL_AFTER_EPOCH_ENV = "FER_EDGE_TEST_KILL_AFTER_EPOCH"
+# Test hook: every rank writes its final weights here (DDP equality test).
+DUMP_RANKS_ENV = "FER_EDGE_TEST_DUMP_RANKS"
+
+
+@dataclass
+class TrainSettings:
+    model: str
+    model_config: dict
+    recipe: dict
+    classes: list[str]
+    seed: int = 0
+    device: str = "cpu"
+    amp: str = "auto"            # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off
+    channels_last: bool | None = None   # None = on CUDA only
+    class_weights: bool = False
+    compile: bool = False
+    eval_batch_size: int = 512
+    stem_weights: str | None = None     # HSNet: face-recognition stem to transfer and freeze
+    aux_weight: float = 0.3             # HSNet: weight of the auxiliary FGAL head losses
+    data: dict = field(default_factory=dict)  # where the data came from (recorded, compared on resume)
+
+    def fingerprint(self) -> dict:
+        """What must not change between a run and its resumption."""
+        d = asdict(self)
+        d.pop("eval_batch_size")
+        return d
+
+
+# ----------------------------------------------------------------- distributed
+@dataclass
+class DistContext:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def setup_distributed(device: str) -> DistContext:
+    """Join the torchrun process group when launched by torchrun (gloo on CPU, nccl on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistContext()
+    import torch.distributed as dist
+
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return DistContext(rank, world, local)
+
+
+def resolve_device(name: str, ctx: DistContext) -> torch.device:
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA GPU is visible to PyTorch (use --device cpu)")
+        return torch.device("cuda", ctx.local_rank if ctx.enabled else torch.cuda.current_device())
+    if name != "cpu":
+        raise UserError(f"unknown device {name!r}; use cpu or cuda")
+    return torch.device("cpu")
+
+
+# ----------------------------------------------------------------- pieces
+def class_weight_vector(labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights with mean 1 over the classes present (absent classes weigh 0)."""
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    w = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / (counts > 0).sum(), 0.0)
+    return torch.tensor(w, dtype=torch.float32)
+
+
+def build_optimizer(model: nn.Module, recipe: dict) -> torch.optim.Optimizer:
+    # No weight decay on BN affine terms and biases (1-D tensors): decaying them only hurts.
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": recipe["weight_decay"]},
+              {"params": no_decay, "weight_decay": 0.0}]
+    name = recipe["optimizer"]
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=recipe["lr"], momentum=recipe["momentum"], nesterov=True)
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=recipe["lr"])
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=recipe["lr"])
+    raise UserError(f"unknown optimizer {name!r}")
+
+
+def epoch_batches(n: int, batch: int, epoch: int, seed: int, ctx: DistContext) -> torch.Tensor:
+    """(steps, batch) indices of this rank for an epoch.  Every rank draws the
+    same permutation and takes its slice of each global batch; the last
+    incomplete global batch is dropped (tiny last batches upset BatchNorm)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g)
+    global_batch = batch * ctx.world
+    steps = n // global_batch
+    if steps == 0:
+        raise UserError(f"{n} training images are fewer than one batch of {global_batch}: "
+                        "lower --batch-size")
+    return perm[: steps * global_batch].view(steps, ctx.world, batch)[:, ctx.rank]
+
+
+def amp_dtype(amp: str, device: torch.device):
+    if device.type != "cuda" or amp == "off":
+        return None  # fp32 on CPU: bf16 autocast on CPU is slower than fp32 on most CPUs
+    if amp in ("auto", "bf16"):
+        return torch.bfloat16
+    if amp == "fp16":
+        return torch.float16
+    raise UserError(f"unknown --amp {amp!r}; choose auto, bf16, fp16 or off")
+
+
+def write_json_atomic(path: Path, data) -> None:
+    from fer_edge.checkpoint import write_atomic
+
+    write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"), force=True)
+
+
+def save_torch_atomic(path: Path, obj) -> None:
+    from fer_edge.checkpoint import write_atomic
+
+    write_atomic(path, lambda tmp: torch.save(obj, tmp), force=True)
+
+
+def rng_state(device: torch.device) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+@torch.no_grad()
+def validate(model, images: torch.Tensor, labels: torch.Tensor, preprocess: dict, batch: int,
+             channels_last: bool, dtype, num_classes: int) -> dict:
+    """Loss, accuracy and mean-class accuracy on a device-resident labelled set."""
+    from fer_edge.evaluate import normalize
+    from fer_edge.metrics import confusion_matrix, mean_class_accuracy
+
+    model.eval()
+    loss_sum, preds = 0.0, []
+    for s in range(0, len(labels), batch):
+        x = normalize(images[s:s + batch], preprocess)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(images.device.type, dtype=dtype, enabled=dtype is not None):
+            logits = model(x).float()
+        loss_sum += F.cross_entropy(logits, labels[s:s + batch], reduction="sum").item()
+        preds.append(logits.argmax(1).cpu())
+    y = labels.cpu().numpy()
+    cm = confusion_matrix(y, torch.cat(preds).numpy(), num_classes)
+    return {"val_loss": loss_sum / len(y), "val_acc": float(np.trace(cm) / cm.sum()),
+            "val_mean_class_acc": mean_class_accuracy(cm)}
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, force: bool, main: bool) -> None:
+    """Refuse to clobber a run unless told: --resume continues it, --force starts over."""
+    exists = run_dir.exists() and any(run_dir.iterdir())
+    if resume:
+        if not (run_dir / RESUME_FILE).is_file() and not (run_dir / "fold01").is_dir():
+            raise UserError(f"{run_dir}: nothing to resume (no {RESUME_FILE}); start without --resume")
+        return
+    if exists and not force:
+        raise UserError(f"{run_dir} exists and is not empty; pass --resume to continue that run "
+                        "or --force to start over")
+    if exists and force and main:
+        for name in RUN_FILES:
+            (run_dir / name).unlink(missing_ok=True)
+        import shutil
+
+        for sub in ("plots", *(p.name for p in run_dir.glob("fold[0-9][0-9]"))):
+            if (run_dir / sub).is_dir():
+                shutil.rmtree(run_dir / sub)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+# ----------------------------------------------------------------- the run
+def train_run(settings: TrainSettings, train_set, val_set, run_dir, *, resume: bool = False,
+              ctx: DistContext | None = None, progress: bool = True, select_best: bool = True,
+              log=print) -> dict:
+    """Train one model; returns the summary (also written to summary.json).
+
+    ``val_set`` is used for monitoring and, with ``select_best``, to choose
+    ``best.safetensors``; k-fold runs pass select_best=False and report the
+    last epoch, so no test fold ever picks its own model.
+    """
+    from fer_edge import models
+    from fer_edge.checkpoint import build_meta, default_preprocess, save_checkpoint
+
+    ctx = ctx or DistContext()
+    run_dir = Path(run_dir)
+    recipe = settings.recipe
+    device = resolve_device(settings.device, ctx)
+    dtype = amp_dtype(settings.amp, device)
+    channels_last = device.type == "cuda" if settings.channels_last is None else settings.channels_last
+    num_classes = len(settings.classes)
+
+    # ---- model, optimizer, schedule (identical on every rank: same seed)
+    torch.manual_seed(settings.seed)
+    model = models.create(settings.model, num_classes=num_classes, in_chans=1, **settings.model_config)
+    if settings.stem_weights:
+        if not hasattr(model, "load_stem"):
+            raise UserError(f"--stem-weights: {settings.model} has no transferable stem (only hsnet)")
+        try:
+            model.load_stem(settings.stem_weights, freeze=True)
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise UserError(f"--stem-weights {settings.stem_weights}: {exc}") from None
+        model.config["freeze_stem"] = True
+    arch = model.arch
+    preprocess = default_preprocess(arch, model.config)
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, recipe)
+    n_train = len(train_set)
+    steps_per_epoch = n_train // (recipe["batch_size"] * ctx.world)
+    total_steps = steps_per_epoch * recipe["epochs"]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
+        lr_factor, total_steps=total_steps, warmup_steps=recipe["warmup_epochs"] * steps_per_epoch,
+        schedule=recipe["schedule"]))
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    weights = class_weight_vector(train_set.labels, num_classes).to(device) if settings.class_weights else None
+
+    # ---- data on the device, once
+    train_images = torch.from_numpy(train_set.images).to(device)
+    train_labels = torch.from_numpy(train_set.labels).to(device)
+    val_images = torch.from_numpy(val_set.images).to(device) if val_set is not None else None
+    val_labels = torch.from_numpy(val_set.labels).to(device) if val_set is not None else None
+
+    # ---- resume or start
+    start_epoch, best_acc, best_epoch = 0, -1.0, 0
+    fingerprint = settings.fingerprint()
+    if resume and (run_dir / RESUME_FILE).is_file():
+        state = torch.load(run_dir / RESUME_FILE, map_location="cpu", weights_only=True)
+        if state["fingerprint"] != json.loads(json.dumps(fingerprint)):
+            old, new = state["fingerprint"], json.loads(json.dumps(fingerprint))
+            diff = next(k for k in new if old.get(k) != new.get(k))
+            raise UserError(f"{run_dir}: cannot resume: '{diff}' differs from the original run "
+                            f"({old.get(diff)!r} vs {new.get(diff)!r})")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, best_acc, best_epoch = state["epoch"], state["best_acc"], state["best_epoch"]
+        rngs = state["rng"]
+        if len(rngs) == ctx.world:
+            set_rng_state(rngs[ctx.rank], device)
+        else:
+            log(f"note: the run had {len(rngs)} processes, now {ctx.world}: dropout RNG reseeded")
+            torch.manual_seed(settings.seed + 7919 * start_epoch + ctx.rank)
+        if ctx.main:
+            _truncate_metrics(run_dir / METRICS_FILE, start_epoch)
+            log(f"resumed {run_dir} after epoch {start_epoch}/{recipe['epochs']}")
+    else:
+        torch.manual_seed(settings.seed + ctx.rank)  # dropout differs per rank, as in any DDP run
+        if ctx.main:
+            write_json_atomic(run_dir / CONFIG_FILE, {"fer_edge_version": __version__, "torch": torch.__version__,
+                                                     "world_size": ctx.world, **fingerprint})
+
+    train_model = WithAuxHeads(model)
+    if ctx.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    step_model = torch.compile(train_model) if settings.compile else train_model
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    aug_cfg = recipe["augment"]
+
+    for epoch in range(start_epoch, recipe["epochs"]):
+        model.train()
+        batches = epoch_batches(n_train, recipe["batch_size"], epoch, settings.seed, ctx).to(device)
+        g_aug = torch.Generator(device=device).manual_seed(
+            (settings.seed * 1_000_003 + epoch) * 1009 + ctx.rank)
+        it = range(len(batches))
+        bar = None
+        if progress and ctx.main:
+            from tqdm import tqdm
+
+            bar = tqdm(it, desc=f"epoch {epoch + 1}/{recipe['epochs']}", unit="step", leave=False,
+                       dynamic_ncols=True)
+            it = bar
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        seen = 0
+        sync()
+        t0 = time.perf_counter()
+        for step in it:
+            idx = batches[step]
+            y = train_labels[idx]
+            x = augment(_normalize(train_images[idx], preprocess), g_aug, aug_cfg)
+            target = F.one_hot(y, num_classes).float()
+            x, target = mixup(x, target, g_aug, recipe["mixup"])
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                logits, ys = step_model(x)
+            logits = logits.float()
+            loss = F.cross_entropy(logits, target, weight=weights, label_smoothing=recipe["label_smoothing"])
+            if ys:  # HSNet feature-guided auxiliary learning: each head also learns the labels
+                aux = sum(F.cross_entropy(yj.float(), target, weight=weights,
+                                          label_smoothing=recipe["label_smoothing"]) for yj in ys) / len(ys)
+                loss = loss + settings.aux_weight * aux
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.detach().argmax(1) == y).sum()
+            seen += len(y)
+            if bar is not None and (step % 20 == 0 or step == len(batches) - 1):
+                elapsed = time.perf_counter() - t0
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
+                                img_s=f"{seen * ctx.world / max(elapsed, 1e-9):.0f}")
+        sync()
+        train_time = time.perf_counter() - t0
+        if bar is not None:
+            bar.close()
+        if not math.isfinite(loss_sum.item()):
+            raise UserError(f"training diverged at epoch {epoch + 1} (loss is NaN/Inf): lower --lr")
+        if ctx.enabled:
+            _sync_buffers(model)
+            totals = torch.stack([loss_sum.float(), correct.float(), torch.tensor(float(seen), device=device)])
+            import torch.distributed as dist
+
+            dist.all_reduce(totals)
+            loss_sum, correct, seen = totals[0], totals[1], int(totals[2].item())
+
+        row = {"epoch": epoch + 1, "train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen,
+               "lr": optimizer.param_groups[0]["lr"], "img_per_s": seen / train_time,
+               "epoch_seconds": round(train_time, 3)}
+        if ctx.main:
+            if val_set is not None:
+                row.update(validate(model, val_images, val_labels, preprocess, settings.eval_batch_size,
+                                    channels_last, dtype, num_classes))
+            meta = build_meta(model, classes=settings.classes, preprocess=preprocess,
+                              extra={"epoch": epoch + 1, "recipe": recipe["name"],
+                                     **{k: row[k] for k in ("val_acc", "val_mean_class_acc") if k in row}})
+            save_checkpoint(run_dir / "last.safetensors", model, meta=meta, force=True)
+            improved = select_best and "val_acc" in row and row["val_acc"] > best_acc
+            if improved:
+                best_acc, best_epoch = row["val_acc"], epoch + 1
+                save_checkpoint(run_dir / "best.safetensors", model, meta=meta, force=True)
+            with open(run_dir / METRICS_FILE, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        rngs = _gather_rng(device, ctx)
+        if ctx.main:
+            save_torch_atomic(run_dir / RESUME_FILE, {
+                "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,
+                "best_acc": best_acc, "best_epoch": best_epoch, "fingerprint": fingerprint})
+            msg = (f"epoch {epoch + 1}/{recipe['epochs']}: loss {row['train_loss']:.4f}, "
+                   f"train acc {100 * row['train_acc']:.2f}%")
+            if "val_acc" in row:
+                msg += (f", val acc {100 * row['val_acc']:.2f}% (mean-class {100 * row['val_mean_class_acc']:.2f}%)"
+                        + (" *" if improved else ""))
+            log(msg + f", {row['img_per_s']:.0f} img/s")
+        if os.environ.get(KILL_AFTER_EPOCH_ENV) == str(epoch + 1) and ctx.main:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    if os.environ.get(DUMP_RANKS_ENV):
+        _dump_rank(model, Path(os.environ[DUMP_RANKS_ENV]), ctx)
+    summary = {"run_dir": str(run_dir), "arch": arch, "epochs": recipe["epochs"], "recipe": recipe["name"],
+               "train_images": n_train, "world_size": ctx.world, "device": str(device),
+               "amp": str(dtype).replace("torch.", "") if dtype else "fp32", "channels_last": channels_last,
+               "best_epoch": best_epoch, "best_val_acc": best_acc if best_epoch else None}
+    if ctx.main:
+        rows = _read_rows(run_dir / METRICS_FILE)
+        if rows:
+            last = rows[-1]
+            summary.update({k: last[k] for k in ("val_acc", "val_mean_class_acc") if k in last})
+            summary["img_per_s_mean"] = float(np.mean([r["img_per_s"] for r in rows]))
+        write_json_atomic(run_dir / SUMMARY_FILE, summary)
+    return summary
+
+
+def _normalize(images_u8, preprocess):
+    from fer_edge.evaluate import normalize
+
+    return normalize(images_u8, preprocess)
+
+
+class WithAuxHeads(nn.Module):
+    """forward(x) -> (logits, auxiliary head logits).  DDP and torch.compile
+    only see ``forward``, so HSNet's ``forward_all`` is routed through here."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        if hasattr(self.model, "forward_all"):
+            logits, ys, _ = self.model.forward_all(x)
+            return logits, ys
+        return self.model(x), []
+
+
+def _sync_buffers(model: nn.Module) -> None:
+    import torch.distributed as dist
+
+    for b in model.buffers():
+        dist.broadcast(b, 0)
+
+
+def _gather_rng(device, ctx: DistContext) -> list:
+    state = rng_state(device)
+    if not ctx.enabled:
+        return [state]
+    import torch.distributed as dist
+
+    out = [None] * ctx.world
+    dist.all_gather_object(out, state)
+    return out
+
+
+def _dump_rank(model: nn.Module, folder: Path, ctx: DistContext) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+              str(folder / f"rank{ctx.rank}.safetensors"))
+
+
+def _read_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _truncate_metrics(path: Path, epoch: int) -> None:
+    """Drop lines of epochs after the checkpoint (written before a crash, redone now)."""
+    rows = [r for r in _read_rows(path) if r["epoch"] <= epoch]
+    write_json_lines(path, rows)
+
+
+def write_json_lines(path: Path, rows: list[dict]) -> None:
+    from fer_edge.checkpoint import write_atomic
+
+    write_atomic(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rows)), force=True)
