@@ -86,13 +86,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             dist.barrier()  # rank 0 has prepared the folder
         classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
         train = load_dataset(args.data, size=size, classes=classes, strict=args.strict, usage="Training",
-                             progress=ctx.main)
+                             progress=ctx.main and not args.no_progress)
         _report_skipped(args.data, train, log)
         train = limit_set(train, args.limit, args.seed)
         val = None
         if args.val:
             val = load_dataset(args.val, size=size, classes=classes, strict=args.strict, usage=args.val_usage,
-                               progress=ctx.main)
+                               progress=ctx.main and not args.no_progress)
             _report_skipped(args.val, val, log)
             val = align_val_classes(train, limit_set(val, args.val_limit, args.seed), log)
         log(f"train: {len(train)} faces from {args.data} {train.class_counts()}")

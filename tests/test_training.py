@@ -1,0 +1,321 @@
+"""Training and evaluation: metrics against independent references, the
+augmentation, and real (tiny) CPU runs of `fer-edge train` / `fer-edge eval`
+on FER2013 and CK+ images: resume after a SIGKILL, torchrun with two
+processes, k-fold, and the bad inputs."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fer_edge import metrics
+from fer_edge.evaluate import ten_crop_views
+from fer_edge.training import augment as A
+from fer_edge.training.recipes import get_recipe, lr_factor
+from fer_edge.training.trainer import class_weight_vector
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from helpers import DATA  # noqa: E402
+
+SCRIPT = Path(sys.executable).with_name("fer-edge")
+FER = DATA / "fer2013"
+CKPLUS = DATA / "ckplus48"
+needs_data = pytest.mark.skipif(not FER.is_dir(), reason=f"real data not found at {DATA}")
+
+# A tiny run: width 0.125 MACNN, a few hundred real faces, fp32 on CPU.
+TINY = ["--model", "macnn", "--width", "0.125", "--batch-size", "16", "--no-progress"]
+
+
+def run(*args, env=None, cwd=None, timeout=600):
+    e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.run([str(SCRIPT), *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          env=e, cwd=cwd)
+
+
+def copy_subset(src: Path, dst: Path, per_class: int, offset: int = 0, classes=None) -> Path:
+    for d in sorted(p for p in src.iterdir() if p.is_dir()):
+        if classes and d.name not in classes:
+            continue
+        (dst / d.name).mkdir(parents=True)
+        for f in sorted(d.iterdir())[offset:offset + per_class]:
+            shutil.copy(f, dst / d.name / f.name)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    if not FER.is_dir():
+        pytest.skip(f"real data not found at {DATA}")
+    root = tmp_path_factory.mktemp("tiny")
+    train = copy_subset(FER / "train", root / "train", 24)
+    val = copy_subset(FER / "publictest", root / "val", 8)
+    return train, val
+
+
+def load_state(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def assert_same_weights(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=lambda m: f"{k}: {m}")
+
+
+# ------------------------------------------------------------------ metrics
+def test_confusion_precision_recall_f1_by_hand():
+    y = [0, 0, 0, 1, 1, 2]
+    p = [0, 0, 1, 1, 2, 2]
+    cm = metrics.confusion_matrix(y, p, 3)
+    np.testing.assert_array_equal(cm, [[2, 1, 0], [0, 1, 1], [0, 0, 1]])
+    prec, rec, f1 = metrics.precision_recall_f1(cm)
+    np.testing.assert_allclose(prec, [1.0, 0.5, 0.5])
+    np.testing.assert_allclose(rec, [2 / 3, 0.5, 1.0])
+    np.testing.assert_allclose(f1, [0.8, 0.5, 2 / 3])
+    assert metrics.accuracy(cm) == pytest.approx(4 / 6)
+    assert metrics.mean_class_accuracy(cm) == pytest.approx((2 / 3 + 0.5 + 1) / 3)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_auc_equals_mann_whitney_statistic(seed):
+    """AUC = P(score of a positive > score of a negative), ties counted 1/2."""
+    rng = np.random.default_rng(seed)
+    s = rng.integers(0, 20, 300).astype(float)  # many ties on purpose
+    pos = rng.random(300) < 0.3 + 0.02 * s
+    fpr, tpr = metrics.roc_curve(s, pos)
+    diff = s[pos][:, None] - s[~pos][None, :]
+    reference = ((diff > 0).sum() + 0.5 * (diff == 0).sum()) / diff.size
+    assert metrics.auc(fpr, tpr) == pytest.approx(reference, abs=1e-12)
+    assert fpr[0] == tpr[0] == 0 and fpr[-1] == tpr[-1] == 1
+
+
+def test_summary_perfect_and_per_class():
+    probs = np.eye(3)[[0, 1, 2, 2]]
+    rep = metrics.summarize([0, 1, 2, 2], probs, ["a", "b", "c"])
+    assert rep["accuracy"] == 1 and rep["mean_class_accuracy"] == 1 and rep["macro_auc"] == 1
+    assert rep["per_class"]["c"]["support"] == 2
+
+
+# ------------------------------------------------------------------ augmentation
+def batch(n=6, seed=0):
+    return torch.randn(n, 1, 12, 10, generator=torch.Generator().manual_seed(seed))
+
+
+def test_flips_are_exact_and_drawn_from_the_generator():
+    x = batch()
+    state = torch.get_rng_state()
+    torch.testing.assert_close(A.random_flips(x, torch.Generator().manual_seed(0), 1.0, 0.0), x.flip(3))
+    torch.testing.assert_close(A.random_flips(x, torch.Generator().manual_seed(0), 0.0, 1.0), x.flip(2))
+    torch.testing.assert_close(A.random_flips(x, torch.Generator().manual_seed(0), 0.0, 0.0), x)
+    assert torch.equal(torch.get_rng_state(), state), "augmentation must not touch the global RNG"
+
+
+def test_shift_is_pad_and_crop():
+    """With shift only, the affine resampling equals a zero-padded integer crop."""
+    x = batch()
+    g = torch.Generator().manual_seed(3)
+    theta = A.affine_matrices(len(x), torch.Generator().manual_seed(3), x.device, x.shape[-2:], shift=3)
+    out = A.random_affine(x, g, shift=3)
+    xp = F.pad(x, (3, 3, 3, 3))
+    h, w = x.shape[-2:]
+    for i in range(len(x)):
+        tx = round(theta[i, 0, 2].item() * w / 2)
+        ty = round(theta[i, 1, 2].item() * h / 2)
+        ref = xp[i, :, 3 + ty:3 + ty + h, 3 + tx:3 + tx + w]
+        torch.testing.assert_close(out[i], ref, rtol=0, atol=1e-5)
+
+
+def test_erasing_zeroes_one_rectangle():
+    x = torch.ones(64, 1, 48, 48)
+    out = A.random_erasing(x, torch.Generator().manual_seed(0), p=1.0)
+    for img in out[:, 0]:
+        zero = (img == 0).nonzero()
+        assert len(zero) > 0
+        (r0, c0), (r1, c1) = zero.min(0).values, zero.max(0).values
+        assert len(zero) == (r1 - r0 + 1) * (c1 - c0 + 1), "erased pixels form one rectangle"
+        assert 0.02 * 48 * 48 * 0.5 <= len(zero) <= 0.25 * 48 * 48 * 1.5
+    assert torch.equal(A.random_erasing(x, torch.Generator(), p=0.0), x)
+
+
+def test_recipe_augmentation_is_reproducible():
+    aug = get_recipe("best")["augment"]
+    x = batch(32)
+    a = A.augment(x, torch.Generator().manual_seed(5), aug)
+    b = A.augment(x, torch.Generator().manual_seed(5), aug)
+    c = A.augment(x, torch.Generator().manual_seed(6), aug)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_ten_crop_views():
+    x = batch(2)
+    v = ten_crop_views(x, pad=2)
+    assert v.shape == (10, *x.shape)
+    torch.testing.assert_close(v[4], x)            # the centre view is the image
+    torch.testing.assert_close(v[9], x.flip(3))    # and its mirror
+    torch.testing.assert_close(v[0][..., 2:, 2:], x[..., :-2, :-2])  # top-left corner: shifted by +2
+
+
+def test_lr_schedule_and_class_weights():
+    assert lr_factor(0, 100, 10, "cosine") == pytest.approx(0.1)
+    assert lr_factor(10, 100, 10, "cosine") == pytest.approx(1.0)
+    assert lr_factor(100, 100, 10, "cosine") == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(55, 100, 10, "cosine") == pytest.approx(0.5)
+    assert lr_factor(42, 100, 0, "constant") == 1.0
+    w = class_weight_vector(np.array([0, 0, 0, 1]), 3)
+    torch.testing.assert_close(w, torch.tensor([2 / 3, 2.0, 0.0]))  # mean 1 over present classes
+    paper = get_recipe("paper")
+    assert (paper["optimizer"], paper["lr"], paper["batch_size"], paper["epochs"]) == ("adam", 1e-4, 32, 100)
+    assert paper["augment"] == {"hflip": 0.3, "vflip": 0.3}
+
+
+# ------------------------------------------------------------------ real runs
+@needs_data
+def test_train_then_eval_on_real_faces(tiny, tmp_path):
+    train, val = tiny
+    out = tmp_path / "run"
+    proc = run("train", *TINY, "--data", train, "--val", val, "--epochs", "2", "--out", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("best.safetensors", "last.safetensors", "resume.pt", "config.json", "metrics.jsonl",
+                 "summary.json", "val_eval.json", "plots/confusion.png", "plots/roc.png",
+                 "plots/training_curves.png"):
+        assert (out / name).is_file(), name
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert {"train_loss", "train_acc", "val_acc", "val_mean_class_acc", "img_per_s", "lr"} <= rows[0].keys()
+    best = max(rows, key=lambda r: r["val_acc"])
+    # best.safetensors really is the epoch with the best validation accuracy, and eval agrees with training
+    proc = run("eval", "--weights", out / "best.safetensors", "--data", val, "--json", tmp_path / "e.json",
+               "--plots", tmp_path / "plots", "--tta")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rep = json.loads((tmp_path / "e.json").read_text())
+    assert rep["accuracy"] == pytest.approx(best["val_acc"], abs=1e-9)
+    assert rep["mean_class_accuracy"] == pytest.approx(best["val_mean_class_acc"], abs=1e-9)
+    assert rep["images"] == 56 and set(rep["per_class"]) == set(rep["classes"])
+    assert np.array(rep["confusion_matrix"]).sum() == 56
+    assert 0 <= rep["tta"]["accuracy"] <= 1 and rep["latency"]["median_ms"] > 0
+    for png in ("confusion.png", "roc.png", "training_curves.png"):
+        assert (tmp_path / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "mean-class accuracy" in proc.stdout
+    # nothing is overwritten without --force
+    proc = run("eval", "--weights", out / "best.safetensors", "--data", val, "--json", tmp_path / "e.json")
+    assert proc.returncode == 2 and "--force" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@needs_data
+def test_resume_after_sigkill_equals_uninterrupted_run(tiny, tmp_path):
+    train, val = tiny
+    common = [*TINY, "--data", train, "--val", val, "--epochs", "3"]
+    full = run("train", *common, "--out", tmp_path / "full")
+    assert full.returncode == 0, full.stderr[-3000:]
+    killed = run("train", *common, "--out", tmp_path / "cut", env={"FER_EDGE_TEST_KILL_AFTER_EPOCH": "1"})
+    assert killed.returncode == -9, (killed.returncode, killed.stderr[-2000:])
+    assert len((tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()) == 1
+    again = run("train", *common, "--out", tmp_path / "cut")
+    assert again.returncode == 2 and "--resume" in again.stderr  # an existing run is never clobbered
+    resumed = run("train", *common, "--out", tmp_path / "cut", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed" in resumed.stdout
+    assert_same_weights(load_state(tmp_path / "full" / "last.safetensors"),
+                        load_state(tmp_path / "cut" / "last.safetensors"))
+    a = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train_loss"] for r in a] == [r["train_loss"] for r in b]
+    # the resume file holds only tensors and plain data: it loads without unpickling code
+    state = torch.load(tmp_path / "cut" / "resume.pt", weights_only=True)
+    assert state["epoch"] == 3 and {"optimizer", "scheduler", "scaler", "rng"} <= state.keys()
+    # resuming with other settings is refused
+    other = run("train", *TINY, "--data", train, "--val", val, "--epochs", "5", "--out", tmp_path / "cut",
+                "--resume")
+    assert other.returncode == 2 and "differs" in other.stderr
+
+
+@needs_data
+def test_torchrun_two_cpu_processes_end_with_identical_weights(tiny, tmp_path):
+    train, val = tiny
+    dump = tmp_path / "ranks"
+    env = dict(os.environ, OMP_NUM_THREADS="1", FER_EDGE_TEST_DUMP_RANKS=str(dump))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "fer_edge", "train", *TINY, "--batch-size", "8", "--data", str(train), "--val", str(val),
+           "--epochs", "2", "--out", str(tmp_path / "ddp")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0, r1 = load_state(dump / "rank0.safetensors"), load_state(dump / "rank1.safetensors")
+    assert_same_weights(r0, r1)
+    assert_same_weights(r0, load_state(tmp_path / "ddp" / "last.safetensors"))
+    cfg = json.loads((tmp_path / "ddp" / "config.json").read_text())
+    assert cfg["world_size"] == 2
+    # 168 faces, 2 processes x 8 = 16 per step: 10 steps of 16 = 160 faces per epoch
+    rows = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2
+
+
+@needs_data
+def test_kfold_on_ckplus_is_subject_grouped(tmp_path):
+    proc = run("train", *TINY, "--data", CKPLUS, "--folds", "3", "--epochs", "1", "--out", tmp_path / "kf")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rep = json.loads((tmp_path / "kf" / "folds.json").read_text())
+    assert rep["kind"] == "subject-grouped" and len(rep["per_fold"]) == 3
+    assert sum(f["test_images"] for f in rep["per_fold"]) == 981
+    accs = [f["accuracy"] for f in rep["per_fold"]]
+    assert rep["accuracy_mean"] == pytest.approx(np.mean(accs))
+    assert rep["accuracy_std"] == pytest.approx(np.std(accs, ddof=1))
+    assert "±" in proc.stdout
+    for i in (1, 2, 3):
+        assert (tmp_path / "kf" / f"fold{i:02d}" / "last.safetensors").is_file()
+
+
+# ------------------------------------------------------------------ bad input
+@needs_data
+def test_bad_training_inputs_are_one_line_errors(tiny, tmp_path):
+    train, val = tiny
+
+    def fails(*args, expect):
+        proc = run("train", *TINY, "--epochs", "1", *args)
+        assert proc.returncode != 0, proc.stdout
+        assert "Traceback" not in proc.stderr, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and expect in lines[0], proc.stderr
+
+    # validation classes that the training data does not have
+    val_extra = copy_subset(CKPLUS, tmp_path / "val_extra", 3, classes=["anger", "contempt"])
+    fails("--data", train, "--val", val_extra, "--out", tmp_path / "a", expect="contempt not in training")
+    # empty data folder, unknown class folder, resume of nothing
+    (tmp_path / "empty").mkdir()
+    fails("--data", tmp_path / "empty", "--val", val, "--out", tmp_path / "b", expect="no class folders")
+    odd = copy_subset(FER / "publictest", tmp_path / "odd", 2, classes=["happy"])
+    (odd / "happy").rename(odd / "giggly")
+    fails("--data", odd, "--val", val, "--out", tmp_path / "c", expect="unknown class folder 'giggly'")
+    fails("--data", train, "--val", val, "--out", tmp_path / "d", "--resume", expect="nothing to resume")
+    fails("--data", train, "--out", tmp_path / "e", expect="--val is required")
+    fails("--data", train, "--val", val, "--out", tmp_path / "f", "--recipe", "magic", expect="invalid choice")
+    # a corrupt image: skipped with a count, or an error under --strict
+    bad = copy_subset(FER / "train", tmp_path / "bad", 3)
+    (bad / "sad" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    fails("--data", bad, "--val", val, "--out", tmp_path / "g", "--strict", expect="broken.jpg")
+    proc = run("train", *TINY, "--batch-size", "4", "--epochs", "1", "--data", bad, "--val", val,
+               "--out", tmp_path / "h")
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped 1 unreadable" in proc.stdout
+    # a CSV row with the wrong pixel count under --strict
+    csv = tmp_path / "fer.csv"
+    csv.write_text("emotion,pixels,Usage\n3," + " ".join(["1"] * 2300) + ",Training\n")
+    fails("--data", csv, "--val", val, "--out", tmp_path / "i", "--strict", expect="2300 pixels")
+
+
+@needs_data
+def test_eval_rejects_classes_the_model_never_saw(tiny, tmp_path):
+    train, val = tiny
+    assert run("train", *TINY, "--data", train, "--val", val, "--epochs", "1", "--out", tmp_path / "r").returncode == 0
+    proc = run("eval", "--weights", tmp_path / "r" / "best.safetensors", "--data", CKPLUS)
+    assert proc.returncode == 2 and "contempt" in proc.stderr and "Traceback" not in proc.stderr
