@@ -89,11 +89,32 @@ def _add_eval(sub) -> None:
     add_eval_parser(sub)
 
 
+def _add_convert(sub) -> None:
+    from fer_edge.converters.convert import add_convert_parser
+
+    add_convert_parser(sub)
+
+
+def _add_parity(sub) -> None:
+    from fer_edge.converters.convert import add_parity_parser
+
+    add_parity_parser(sub)
+
+
+def _add_benchmark(sub) -> None:
+    from fer_edge.converters.benchmark import add_benchmark_parser
+
+    add_benchmark_parser(sub)
+
+
 COMMANDS = {
     "info": _add_info,
     "train": _add_train,
     "eval": _add_eval,
     "merge": _add_merge,
+    "convert": _add_convert,
+    "parity": _add_parity,
+    "benchmark": _add_benchmark,
 }
 
 
