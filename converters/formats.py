@@ -27,14 +27,15 @@ FORMATS: tuple[Format, ...] = (
     Format("onnx", "fp32", "model.onnx", "onnx", "onnxruntime", False,
            "ONNX opset 17, float32"),
     Format("onnx", "int8", "model_int8.onnx", "onnx-qdq-ort", "onnxruntime", True,
-           "ONNX Q/DQ for ONNX Runtime CPU: uint8 activations (asymmetric, per tensor), int8 weights per channel"),
+           "ONNX Q/DQ for ONNX Runtime CPU: uint8 activations (asymmetric, per tensor), int8 weights per channel; "
+           "first layer and classifier in float"),
     Format("jetson", "fp32", "model.onnx", "onnx", "onnxruntime", False,
            "ONNX float32 for TensorRT (trtexec / build_engine), checked in ONNX Runtime here"),
     Format("jetson", "fp16", "model_fp16.onnx", "onnx-fp16", "onnxruntime", False,
            "ONNX with float16 weights and compute, float32 input/output, for a TensorRT FP16 engine"),
     Format("jetson", "int8", "model_int8_qdq.onnx", "onnx-qdq-trt", "onnxruntime", True,
            "explicit-quantization ONNX for TensorRT: symmetric int8 Q/DQ (per-channel weights, "
-           "per-tensor activations), no calibrator needed on the device"),
+           "per-tensor activations), no calibrator needed on the device; first layer and classifier in fp16/fp32"),
     Format("android", "fp32", "model.tflite", "tflite", "tflite", False,
            "TFLite float32 (litert-torch), XNNPACK"),
     Format("android", "fp16", "model_fp16.tflite", "tflite-fp16", "tflite", False,

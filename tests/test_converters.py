@@ -1,0 +1,333 @@
+"""Converters and bundles on a briefly trained MACNN and real FER2013 faces:
+every target x precision in the export table is built, checked in its real
+runtime (ONNX Runtime, ai-edge-litert) with `fer-edge parity`, and the bad
+inputs are refused without leaving anything behind."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fer_edge.converters.formats import FORMATS, THRESHOLDS
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from helpers import DATA  # noqa: E402
+from test_training import copy_subset  # noqa: E402
+
+SCRIPT = Path(sys.executable).with_name("fer-edge")
+FER = DATA / "fer2013"
+pytestmark = pytest.mark.skipif(not FER.is_dir(), reason=f"real data not found at {DATA}")
+IDS = [f"{f.target}-{f.precision}" for f in FORMATS]
+
+
+def run(*args, timeout=900):
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    return subprocess.run([str(SCRIPT), *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def one_line_error(proc, expect):
+    assert proc.returncode != 0, proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [x for x in proc.stderr.strip().splitlines() if x.strip()]
+    assert len(lines) == 1 and expect in lines[0], proc.stderr
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A MACNN (width 0.25) trained for a few epochs on 4,000 real FER2013 faces:
+    random weights predict one class, which would make agreement meaningless."""
+    root = tmp_path_factory.mktemp("conv")
+    calib = copy_subset(FER / "publictest", root / "calib", 40)
+    proc = run("train", "--model", "macnn", "--width", "0.25", "--data", FER / "train", "--limit", "4000",
+               "--val", calib, "--epochs", "4", "--batch-size", "32", "--recipe", "paper", "--lr", "1e-3",
+               "--out", root / "run", "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    weights = root / "run" / "best.safetensors"
+    rep = json.loads((root / "run" / "val_eval.json").read_text())
+    # calib is class-balanced: chance is 1/7; a useful model spreads its predictions over classes
+    assert rep["accuracy"] > 0.25, f"the briefly trained model should beat chance (14%), got {rep['accuracy']:.3f}"
+    assert (np.array(rep["confusion_matrix"]).sum(axis=0) > 0).sum() >= 3, "predicts almost one class"
+    return weights, calib, root
+
+
+@pytest.fixture(scope="module")
+def bundles(trained):
+    weights, calib, root = trained
+    out = {}
+    for f in FORMATS:
+        b = root / f"bundle-{f.target}-{f.precision}"
+        proc = run("convert", "--weights", weights, "--target", f.target, "--precision", f.precision,
+                   "--calib", calib, "--out", b)
+        out[(f.target, f.precision)] = (b, proc)
+    return out
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=IDS)
+def test_every_format_converts_and_passes_parity(fmt, trained, bundles, tmp_path):
+    weights, calib, _ = trained
+    bundle, proc = bundles[(fmt.target, fmt.precision)]
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    names = {p.name for p in bundle.iterdir()}
+    assert names == {fmt.file, "labels.json", "preprocess.json", "manifest.json", "parity.json", "README.md"}
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["artifacts"][0]["status"] == "passed"
+    assert set(manifest["files"]) == names - {"manifest.json"}
+    from fer_edge.targets.bundle import sha256_file
+
+    assert manifest["source_checkpoint"]["sha256"] == sha256_file(weights)
+    # fer-edge parity: PyTorch and the artifact in its own runtime, on the labelled faces
+    proc = run("parity", "--bundle", bundle, "--data", calib, "--json", tmp_path / "p.json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rep = json.loads((tmp_path / "p.json").read_text())
+    (r,) = rep["artifacts"]
+    t = THRESHOLDS[fmt.precision]
+    assert r["passed"] and r["images"] == 280
+    assert r["agreement"] >= t["agreement"]
+    if t["max_logit"] is not None:
+        assert r["max_abs_logit_diff"] <= t["max_logit"]
+    if fmt.precision == "int8":
+        assert abs(r["delta_accuracy_points"]) <= t["accuracy_drop"]
+        assert 0 < r["max_abs_logit_diff"] < 0.5 * r["max_abs_logit"]  # really quantized, and sane
+    if fmt.precision == "fp16":
+        assert 1e-5 < r["max_abs_logit_diff"] < 0.05  # really half precision, and close
+
+
+def test_fp32_artifacts_equal_pytorch_logits(trained, bundles):
+    """Direct check (not through our parity code): ORT and LiteRT float32 vs the train-form model."""
+    import onnxruntime as ort
+    from ai_edge_litert.interpreter import Interpreter
+
+    from fer_edge.checkpoint import load_checkpoint
+    from fer_edge.data import read_image_folder
+
+    weights, calib, _ = trained
+    model, _ = load_checkpoint(weights)
+    ds = read_image_folder(calib)
+    x = torch.from_numpy(ds.images[:20]).float().div(255).sub(0.5).div(0.5).unsqueeze(1)
+    with torch.no_grad():
+        ref = model(x)
+    sess = ort.InferenceSession(str(bundles[("onnx", "fp32")][0] / "model.onnx"))
+    onnx_out = torch.from_numpy(np.concatenate([sess.run(None, {"input": x[i:i + 1].numpy()})[0] for i in range(20)]))
+    torch.testing.assert_close(onnx_out, ref, atol=1e-4, rtol=1e-4)
+    it = Interpreter(model_path=str(bundles[("android", "fp32")][0] / "model.tflite"))
+    it.allocate_tensors()
+    i, o = it.get_input_details()[0], it.get_output_details()[0]
+    outs = []
+    for k in range(20):
+        it.set_tensor(i["index"], x[k:k + 1].numpy())
+        it.invoke()
+        outs.append(it.get_tensor(o["index"]).copy())
+    torch.testing.assert_close(torch.from_numpy(np.concatenate(outs)), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_same_checkpoint_gives_byte_identical_artifacts(trained, bundles, tmp_path):
+    weights, calib, _ = trained
+    for target, precision in (("onnx", "fp32"), ("jetson", "int8"), ("android", "int8")):
+        again = tmp_path / f"{target}-{precision}"
+        proc = run("convert", "--weights", weights, "--target", target, "--precision", precision,
+                   "--calib", calib, "--out", again)
+        assert proc.returncode == 0, proc.stderr
+        first = bundles[(target, precision)][0]
+        for name in ("labels.json", "preprocess.json"):
+            assert (again / name).read_bytes() == (first / name).read_bytes()
+        art = json.loads((first / "manifest.json").read_text())["artifacts"][0]["file"]
+        assert (again / art).read_bytes() == (first / art).read_bytes(), f"{target} {precision} differs"
+
+
+def test_jetson_int8_is_tensorrt_explicit_quantization(bundles):
+    """What TensorRT needs to build without a calibrator: int8 Q/DQ with zero
+    points 0 (symmetric), per-output-channel weight scales, float bias, every
+    Conv/Gemm fed by DequantizeLinear on data and weights."""
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(bundles[("jetson", "int8")][0] / "model_int8_qdq.onnx"))
+    onnx.checker.check_model(m, full_check=True)
+    assert max(op.version for op in m.opset_import if op.domain in ("", "ai.onnx")) >= 17
+    inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    producer = {o: n for n in m.graph.node for o in n.output}
+    qdq = [n for n in m.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert qdq
+    for n in qdq:
+        zp = inits[n.input[2]]
+        assert zp.dtype == np.int8 and not zp.any(), n.name
+    compute = [n for n in m.graph.node if n.op_type in ("Conv", "Gemm")]
+    assert len(compute) == 24  # 5 merged MAConvs x 3 square convs + 8 plain convs + the classifier
+    quantized = [n for n in compute if producer.get(n.input[1]) is not None
+                 and producer[n.input[1]].op_type == "DequantizeLinear"]
+    floating = [n for n in compute if n not in quantized]
+    # kept in float on purpose (converters.exporters.boundary_layers): the 3 convs reading the image, the classifier
+    assert sorted(n.op_type for n in floating) == ["Conv", "Conv", "Conv", "Gemm"]
+    assert all(n.input[0] == "input" for n in floating if n.op_type == "Conv")
+    for n in quantized:
+        data, weight = producer[n.input[0]], producer[n.input[1]]
+        assert data.op_type == "DequantizeLinear"
+        w_int = inits[weight.input[0]]
+        assert w_int.dtype == np.int8
+        scale = inits[weight.input[1]]
+        assert scale.shape == (w_int.shape[0],)  # per output channel
+        if len(n.input) > 2:
+            assert n.input[2] in inits and inits[n.input[2]].dtype == np.float32  # bias stays float
+
+
+def test_nhwc_uint8_camera_input(trained, tmp_path):
+    """--nhwc: raw gray pixels (N, H, W, 1) uint8 in, normalization inside the model."""
+    from fer_edge.checkpoint import load_checkpoint
+    from fer_edge.data import read_image_folder
+    from fer_edge.targets import load_bundle, open_backend
+
+    weights, calib, _ = trained
+    model, _ = load_checkpoint(weights)
+    faces = read_image_folder(calib).images[:10]
+    with torch.no_grad():
+        ref = model(torch.from_numpy(faces).float().div(255).sub(0.5).div(0.5).unsqueeze(1))
+    for target, file in (("onnx", "model.onnx"), ("android", "model.tflite")):
+        out = tmp_path / target
+        proc = run("convert", "--weights", weights, "--target", target, "--nhwc", "--calib", calib, "--out", out)
+        assert proc.returncode == 0, proc.stderr
+        b = load_bundle(out)
+        assert b.preprocess["layout"] == "NHWC" and b.preprocess["input_dtype"] == "uint8"
+        assert b.manifest["artifacts"][0]["input"]["shape"] == [1, 48, 48, 1]
+        backend = open_backend(out / file, b.artifacts[0].runtime)
+        got = backend.run(faces[..., None].astype(np.uint8))
+        torch.testing.assert_close(torch.from_numpy(got), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_dynamic_batch_onnx(trained, tmp_path):
+    import onnxruntime as ort
+
+    weights, calib, _ = trained
+    out = tmp_path / "dyn"
+    assert run("convert", "--weights", weights, "--target", "onnx", "--dynamic-batch", "--out", out).returncode == 0
+    sess = ort.InferenceSession(str(out / "model.onnx"))
+    assert isinstance(sess.get_inputs()[0].shape[0], str)
+    x = np.random.default_rng(0).standard_normal((5, 1, 48, 48)).astype(np.float32)
+    assert sess.run(None, {"input": x})[0].shape == (5, 7)
+
+
+def test_targets_run_a_bundle_without_torch(bundles):
+    """The on-device side: import fer_edge.targets, verify and load a bundle,
+    run a face; torch must never be imported."""
+    bundle = bundles[("android", "int8")][0]
+    code = f"""
+import sys, numpy as np
+import fer_edge.targets as t
+b = t.load_bundle({str(bundle)!r})
+a = b.artifact()
+backend = t.open_backend(a.path, a.runtime, threads=1)
+face = np.full((1, 48, 48), 128, np.uint8)
+p = t.softmax(backend.run(t.preprocess_faces(face, b.preprocess)))
+assert p.shape == (1, len(b.labels)) and abs(p.sum() - 1) < 1e-5
+assert 'torch' not in sys.modules, 'torch was imported'
+print('ok')
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd="/")
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr
+
+
+def test_altered_bundle_is_refused(bundles, tmp_path):
+    from fer_edge.targets import BundleError, load_bundle
+
+    src = bundles[("onnx", "fp32")][0]
+    bad = tmp_path / "bad"
+    shutil.copytree(src, bad)
+    data = bytearray((bad / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (bad / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="sha256"):
+        load_bundle(bad)
+    (bad / "model.onnx").write_bytes(bytes(data[:-10]))
+    with pytest.raises(BundleError, match="truncated"):
+        load_bundle(bad)
+    one_line_error(run("parity", "--bundle", bad, "--data", src), "model.onnx")
+
+
+def test_failing_parity_marks_the_bundle_failed(trained, tmp_path, monkeypatch):
+    """A threshold the artifact cannot meet: convert reports failure, the bundle
+    says so, and devices refuse it."""
+    from fer_edge.converters import convert as C
+    from fer_edge.converters import formats
+    from fer_edge.targets import BundleError, load_bundle
+
+    weights, calib, _ = trained
+    monkeypatch.setitem(formats.THRESHOLDS, "fp16", {"max_logit": 1e-9, "agreement": 1.0, "accuracy_drop": None})
+    out = tmp_path / "b"
+    report = C.convert(weights, "jetson", "fp16", out, calib=calib, log=lambda *a: None)
+    assert not report["passed"] and "max |Δlogit|" in report["failures"][0]
+    assert json.loads((out / "manifest.json").read_text())["artifacts"][0]["status"] == "failed"
+    with pytest.raises(BundleError, match="failed its parity"):
+        load_bundle(out)
+    assert load_bundle(out, allow_failed=True).artifacts[0].status == "failed"
+
+
+def test_bad_convert_inputs(trained, tmp_path):
+    weights, calib, _ = trained
+    base = ["convert", "--weights", weights]
+    out = tmp_path / "out"
+
+    def refused(*args, expect):
+        one_line_error(run(*base, *args), expect)
+        assert not out.exists(), "nothing may be written"
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")], "no temp folder left behind"
+
+    refused("--target", "jetson", "--precision", "int8", "--out", out, expect="needs --calib")
+    (tmp_path / "empty").mkdir()
+    refused("--target", "android", "--precision", "int8", "--calib", tmp_path / "empty", "--out", out,
+            expect="no class folders")
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for f in sorted((FER / "publictest" / "happy").iterdir())[:5]:
+        shutil.copy(f, flat / f.name)
+    refused("--target", "jetson", "--precision", "int8", "--calib", flat, "--out", out, expect="no class folders")
+    refused("--target", "onnx", "--precision", "fp16", "--out", out, expect="not supported")
+    refused("--target", "coreml", "--out", out, expect="not supported")
+    refused("--target", "android", "--dynamic-batch", "--out", out, expect="ONNX targets only")
+    refused("--target", "jetson", "--precision", "int8", "--calib", tmp_path / "nowhere", "--out", out,
+            expect="no such file")
+    trunc = tmp_path / "trunc.safetensors"
+    trunc.write_bytes(Path(weights).read_bytes()[:5000])
+    one_line_error(run("convert", "--weights", trunc, "--target", "onnx", "--out", out), "corrupt or truncated")
+    assert not out.exists()
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    one_line_error(run(*base, "--target", "onnx", "--out", out), "--force")
+    assert (out / "keep.txt").read_text() == "mine"
+    assert run(*base, "--target", "onnx", "--out", out, "--force").returncode == 0
+    assert not (out / "keep.txt").exists() and (out / "model.onnx").is_file()
+
+
+def test_convert_list_shows_the_table():
+    proc = run("convert", "--list")
+    assert proc.returncode == 0
+    for f in FORMATS:
+        assert f.file in proc.stdout
+
+
+def test_benchmark_table(trained, tmp_path):
+    weights, calib, _ = trained
+    proc = run("benchmark", "--weights", weights, "--data", calib, "--formats", "onnx/fp32,android/int8",
+               "--runs", "5", "--json", tmp_path / "b.json")
+    assert proc.returncode == 0, proc.stderr
+    rep = json.loads((tmp_path / "b.json").read_text())
+    rows = {(r["target"], r["precision"], r["name"]): r for r in rep["rows"]}
+    assert {k[:2] for k in rows} == {("pytorch", "fp32"), ("onnx", "fp32"), ("android", "int8")}
+    for r in rep["rows"]:
+        assert r["status"] in ("reference", "✅") and r["ms_1_thread"] > 0 and r["img_per_s"] > 0
+    assert "✅" in proc.stdout and "ms 1thr" in proc.stdout
+
+
+def test_tensorrt_engine_builds_from_the_jetson_bundle(bundles, tmp_path):
+    pytest.importorskip("tensorrt", reason="TensorRT is not installed here (it ships with JetPack on a Jetson)")
+    from fer_edge.targets.jetson import build_engine
+
+    for precision, name in (("fp16", "model_fp16.onnx"), ("int8", "model_int8_qdq.onnx")):
+        engine = build_engine(bundles[("jetson", precision)][0] / name, precision, tmp_path / f"{precision}.engine")
+        assert engine.stat().st_size > 0
