@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import io
 import warnings
 from dataclasses import dataclass
@@ -93,12 +94,30 @@ def deploy_module(model: nn.Module, spec: InputSpec) -> nn.Module:
 
 @contextlib.contextmanager
 def _quiet():
-    """Exporters print pages of progress and deprecation noise; keep the CLI readable."""
-    with warnings.catch_warnings():
+    """Exporters print pages of progress, deprecation and native (absl/MLIR) log
+    lines, some straight to file descriptors 1 and 2; keep the CLI readable.
+    FER_EDGE_DEBUG=1 lets everything through."""
+    if os.environ.get("FER_EDGE_DEBUG") == "1":
+        yield
+        return
+    import sys
+    import tempfile
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with tempfile.TemporaryFile() as sink, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            yield
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                yield
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
 
 
 # ------------------------------------------------------------------ ONNX
@@ -323,20 +342,20 @@ def _litert():
 
 
 def export_tflite(model, path, spec: InputSpec) -> None:
-    litert_torch = _litert()
     module = deploy_module(model, spec)
     with _quiet():
+        litert_torch = _litert()
         edge = litert_torch.convert(module, (spec.sample(),))
         edge.export(str(path))
 
 
 def export_tflite_fp16(model, path, spec: InputSpec) -> None:
     """Float16 weights (ai-edge-quantizer's fp16 recipe through litert-torch)."""
-    litert_torch = _litert()
-    from litert_torch.generative.quantize import quant_recipes
-
     module = deploy_module(model, spec)
     with _quiet():
+        litert_torch = _litert()
+        from litert_torch.generative.quantize import quant_recipes
+
         edge = litert_torch.convert(module, (spec.sample(),), quant_config=quant_recipes.full_fp16_recipe())
         edge.export(str(path))
 
@@ -344,10 +363,11 @@ def export_tflite_fp16(model, path, spec: InputSpec) -> None:
 def export_tflite_int8(model, path, spec: InputSpec) -> None:
     """Full-integer int8: litert-torch's PT2E quantizer (per-channel symmetric
     weights, per-tensor activations) calibrated on the --calib faces."""
-    litert_torch = _litert()
-    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
-    from litert_torch.quantize.quant_config import QuantConfig
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    with _quiet():
+        litert_torch = _litert()
+        from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+        from litert_torch.quantize.quant_config import QuantConfig
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     if spec.calib is None or len(spec.calib) == 0:
         raise ValueError("int8 needs calibration images")

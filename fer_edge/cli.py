@@ -107,6 +107,12 @@ def _add_benchmark(sub) -> None:
     add_benchmark_parser(sub)
 
 
+def _add_predict(sub) -> None:
+    from fer_edge.predict import add_predict_parser
+
+    add_predict_parser(sub)
+
+
 COMMANDS = {
     "info": _add_info,
     "train": _add_train,
@@ -115,6 +121,7 @@ COMMANDS = {
     "convert": _add_convert,
     "parity": _add_parity,
     "benchmark": _add_benchmark,
+    "predict": _add_predict,
 }
 
 

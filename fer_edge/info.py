@@ -11,22 +11,25 @@ RUNTIMES = ("onnxruntime", "ai_edge_litert", "tflite_runtime", "tensorrt", "onnx
 
 
 def _module_version(name: str) -> str | None:
-    """The version of an importable module, or None when it does not import."""
+    """The version of an importable module, or None when it is not installed.
+
+    Read from the package metadata without importing it: importing litert_torch
+    or tensorrt takes seconds and prints native log lines."""
     if importlib.util.find_spec(name) is None:
         return None
+    from importlib import metadata
+
+    dist = {"ai_edge_litert": "ai-edge-litert", "tflite_runtime": "tflite-runtime",
+            "litert_torch": "litert-torch"}.get(name, name)
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        pass
     try:
         mod = importlib.import_module(name)
     except Exception:  # a broken install counts as absent  # noqa: BLE001
         return None
-    version = getattr(mod, "__version__", None)
-    if version is None:
-        try:
-            from importlib import metadata
-
-            version = metadata.version(name.replace("_", "-"))
-        except Exception:  # noqa: BLE001
-            version = "unknown"
-    return str(version)
+    return str(getattr(mod, "__version__", "unknown"))
 
 
 def collect() -> dict:

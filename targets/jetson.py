@@ -121,3 +121,29 @@ class TensorRTBackend(Backend):
                                cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream)
         cudart.cudaStreamSynchronize(self.stream)
         return self.host_out.copy()
+
+
+def _gpu_name() -> str:
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        try:
+            from cuda import cudart
+        except ImportError:
+            return "gpu"
+    err, props = cudart.cudaGetDeviceProperties(0)
+    name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
+    return "".join(c if c.isalnum() else "-" for c in name.strip("\x00")).strip("-") or "gpu"
+
+
+def cached_engine(onnx_path, precision: str, log=print) -> Path:
+    """The engine for this ONNX, built on first use and cached next to it.  The
+    cache key is the TensorRT version and the GPU: an engine only runs where it
+    was built."""
+    trt = _tensorrt()
+    onnx_path = Path(onnx_path)
+    engine = onnx_path.with_name(f"{onnx_path.stem}.trt{trt.__version__}.{_gpu_name()}.engine")
+    if not engine.is_file():
+        log(f"building the TensorRT {precision} engine {engine.name} (first run only; takes a minute)")
+        build_engine(onnx_path, precision, engine)
+    return engine

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -59,3 +60,13 @@ def load_fer_images(n=500, size=48, folder=FER_PUBLICTEST):
         imgs.append(img)
     x = torch.from_numpy(np.stack(imgs)).float().div_(255).sub_(0.5).div_(0.5).unsqueeze(1)
     return x, torch.tensor([lab for _, lab in files])
+
+
+def copy_subset(src: Path, dst: Path, per_class: int, offset: int = 0, classes=None) -> Path:
+    for d in sorted(p for p in src.iterdir() if p.is_dir()):
+        if classes and d.name not in classes:
+            continue
+        (dst / d.name).mkdir(parents=True)
+        for f in sorted(d.iterdir())[offset:offset + per_class]:
+            shutil.copy(f, dst / d.name / f.name)
+    return dst

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ from fer_edge.training.trainer import class_weight_vector
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from helpers import DATA  # noqa: E402
+from helpers import DATA, copy_subset  # noqa: E402
 
 SCRIPT = Path(sys.executable).with_name("fer-edge")
 FER = DATA / "fer2013"
@@ -39,16 +38,6 @@ def run(*args, env=None, cwd=None, timeout=600):
     e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     return subprocess.run([str(SCRIPT), *map(str, args)], capture_output=True, text=True, timeout=timeout,
                           env=e, cwd=cwd)
-
-
-def copy_subset(src: Path, dst: Path, per_class: int, offset: int = 0, classes=None) -> Path:
-    for d in sorted(p for p in src.iterdir() if p.is_dir()):
-        if classes and d.name not in classes:
-            continue
-        (dst / d.name).mkdir(parents=True)
-        for f in sorted(d.iterdir())[offset:offset + per_class]:
-            shutil.copy(f, dst / d.name / f.name)
-    return dst
 
 
 @pytest.fixture(scope="module")

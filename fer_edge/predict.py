@@ -1,0 +1,168 @@
+"""``fer-edge predict``: faces and expressions from an image, a folder, a video
+or a camera, through a bundle's runtime (no torch) or a checkpoint (PyTorch).
+
+Privacy: nothing is written unless asked (--save for annotated frames,
+--jsonl for events); the frames of children filmed never leave the device
+otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from fer_edge import UserError
+
+BACKENDS = ("auto", "tensorrt", "onnxruntime", "tflite")
+
+
+class TorchBackend:
+    """A checkpoint run by PyTorch (merged, fused kernel on CPU): for trying a
+    model before converting it."""
+
+    name = "pytorch"
+
+    def __init__(self, weights):
+        from fer_edge.checkpoint import load_checkpoint
+        from fer_edge.reparam import merge
+
+        model, self.meta = load_checkpoint(weights)
+        self.model = model if self.meta["form"] == "merged" else merge(model, use_kernel=True)
+
+    def run(self, x):
+        import torch
+
+        with torch.no_grad():
+            return self.model(torch.from_numpy(x)).numpy()
+
+
+def open_runtime(bundle=None, weights=None, backend: str = "auto", log=print):
+    """(backend, labels, preprocess, description)."""
+    if bool(bundle) == bool(weights):
+        raise UserError("give exactly one of --bundle (a converted model) or --weights (a checkpoint)")
+    if weights:
+        if backend not in ("auto",):
+            raise UserError("--backend applies to --bundle; --weights runs in PyTorch")
+        b = TorchBackend(weights)
+        pre = dict(b.meta["preprocess"], layout="NCHW", input_dtype="float32")
+        return b, b.meta["classes"], pre, f"PyTorch ({Path(weights).name})"
+    from fer_edge.targets import BackendUnavailable, BundleError, load_bundle, open_backend
+
+    try:
+        bun = load_bundle(bundle)
+    except BundleError as exc:
+        raise UserError(str(exc)) from None
+    art = bun.artifact()
+    runtime = art.runtime
+    if backend == "auto" and runtime == "onnxruntime" and art.target == "jetson":
+        import importlib.util
+
+        if importlib.util.find_spec("tensorrt") is not None:
+            backend = "tensorrt"
+    if backend != "auto" and backend != runtime:
+        onnx_ok = backend == "tensorrt" and art.file.endswith(".onnx")
+        if not onnx_ok:
+            raise UserError(f"--backend {backend} cannot run {art.file} (a {runtime} artifact)")
+    chosen = runtime if backend == "auto" else backend
+    try:
+        if chosen == "tensorrt":
+            from fer_edge.targets.jetson import cached_engine
+
+            engine = cached_engine(art.path, art.precision, log=log)
+            be = open_backend(engine, "tensorrt")
+        else:
+            be = open_backend(art.path, chosen)
+    except BackendUnavailable as exc:
+        raise UserError(str(exc)) from None
+    return be, bun.labels, bun.preprocess, f"{chosen} ({art.file}, {art.precision})"
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from fer_edge.targets.pipeline import Pipeline, annotate, make_detector
+    from fer_edge.targets.sources import Sink, Source, SourceError, display_available
+
+    if args.jsonl and Path(args.jsonl).exists() and not args.force:
+        raise UserError(f"{args.jsonl} exists; pass --force to overwrite it")
+    try:
+        source = Source(args.source, max_frames=args.max_frames)
+        detector = make_detector(args.detector)
+    except (SourceError, FileNotFoundError, RuntimeError) as exc:
+        raise UserError(str(exc)) from None
+    backend, labels, pre, desc = open_runtime(args.bundle, args.weights, args.backend)
+    pipe = Pipeline(backend, labels, pre, detector=detector, margin=args.margin)
+    try:
+        sink = Sink(args.save, source, force=args.force) if args.save else None
+    except SourceError as exc:
+        raise UserError(str(exc)) from None
+    show = args.show and display_available()
+    if args.show and not show:
+        print("note: no display here, --show ignored", file=sys.stderr)
+    events = None
+    if args.jsonl:
+        fd, events_tmp = tempfile.mkstemp(prefix=f".{Path(args.jsonl).name}.", dir=Path(args.jsonl).parent or ".")
+        events = os.fdopen(fd, "w")
+    ok = False
+    try:
+        for index, t, frame, name in source:
+            faces = pipe(frame)
+            if not args.quiet:
+                found = ", ".join(f"#{f.track_id} {f.label} {100 * f.confidence:.0f}%" for f in faces) or "no face"
+                print(f"{name} [{index}]: {found}")
+            if events is not None:
+                for f in faces:
+                    events.write(json.dumps({"time": round(t, 4), "frame": index, "source": name,
+                                             "track_id": f.track_id, "box": f.box, "label": f.label,
+                                             "confidence": round(f.confidence, 5), "raw_label": f.raw_label,
+                                             "probs": {k: round(v, 5) for k, v in f.probs.items()}}) + "\n")
+            if sink is not None or show:
+                drawn = annotate(frame, faces)
+                if sink is not None:
+                    sink.write(drawn, name)
+                if show:
+                    import cv2
+
+                    cv2.imshow("fer-edge", drawn)
+                    if cv2.waitKey(1) & 0xFF == ord("q"):
+                        break
+        ok = True
+    finally:
+        if sink is not None:
+            sink.close(ok)
+        if events is not None:
+            events.close()
+            if ok:
+                os.replace(events_tmp, args.jsonl)
+            else:
+                Path(events_tmp).unlink(missing_ok=True)
+    if source.skipped:
+        print(f"warning: skipped {len(source.skipped)} unreadable image(s) (first: {source.skipped[0]})",
+              file=sys.stderr)
+    s = pipe.stats()
+    ms = s["ms_per_frame"]
+    print(f"{s['frames']} frames, {s['faces']} faces, {desc}, detector {detector.name}: {s['fps']:.1f} frames/s; "
+          f"ms per frame: detect {ms['detect']:.2f}, preprocess {ms['preprocess']:.2f}, "
+          f"infer {ms['infer']:.2f}, postprocess {ms['postprocess']:.2f}")
+    return 0
+
+
+def add_predict_parser(sub) -> None:
+    p = sub.add_parser("predict", help="faces and expressions from an image, folder, video or camera",
+                       description="Nothing is written unless you ask (--save, --jsonl): the people filmed, "
+                                   "often children, stay on the device.")
+    p.add_argument("source", help="image file, folder of images, video file, or camera index (0, 1, ...)")
+    p.add_argument("--bundle", help="a bundle from fer-edge convert (runs without PyTorch)")
+    p.add_argument("--weights", help="a checkpoint, run in PyTorch")
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="auto = TensorRT for a Jetson bundle when tensorrt imports, else the bundle's runtime")
+    p.add_argument("--detector", default="haar", help="haar (OpenCV's cascade) or the path of a YuNet .onnx")
+    p.add_argument("--margin", type=float, default=0.15, help="crop margin around the detected face (fraction)")
+    p.add_argument("--save", help="write annotated output: an image, a folder (for a folder) or .mp4/.avi")
+    p.add_argument("--jsonl", help="write one JSON event per face per frame")
+    p.add_argument("--show", action="store_true", help="show a window (only where a display exists)")
+    p.add_argument("--max-frames", type=int, help="stop after N frames")
+    p.add_argument("--quiet", action="store_true", help="no per-frame lines")
+    p.add_argument("--force", action="store_true", help="overwrite --save / --jsonl")
+    p.set_defaults(func=cmd_predict)
