@@ -91,12 +91,39 @@ def _readme(fmt, meta, artifact: str, pre: dict) -> str:
         if fmt.precision == "int8":
             lines += ["The int8 model is explicitly quantized (Q/DQ nodes with the calibrated scales): TensorRT "
                       "needs no calibrator and no calibration images on the device.", ""]
+    if fmt.target in ("jetson", "onnx"):
+        lines += ["Run the camera pipeline on the device (JetPack provides TensorRT and OpenCV; no PyTorch):", "",
+                  "```bash", "pip install fer-edge   # the runtime needs only numpy + OpenCV + TensorRT/ONNX Runtime",
+                  "fer-edge predict 0 --bundle .            # camera 0; builds and caches the engine on first use",
+                  "fer-edge predict clip.mp4 --bundle . --jsonl events.jsonl", "```", ""]
     if fmt.target == "android":
-        lines += ["## On Android", "", f"Put `{artifact}` in the app's assets and run it with the LiteRT "
-                  "`Interpreter` (XNNPACK is the default CPU delegate).",
-                  "int8 models take int8 input and give int8 logits: quantize/dequantize with the scale and "
-                  "zero point in the model's input/output details." if fmt.precision == "int8" and not
-                  pre["layout"] == "NHWC" else "", ""]
+        nhwc = pre["layout"] == "NHWC"
+        if nhwc:
+            feed = (f"a `ByteBuffer` of {h * w} bytes: the face crop's gray pixels, row by row "
+                    "(uint8; the normalization is inside the model)")
+        elif fmt.precision == "int8":
+            feed = (f"a `ByteBuffer` of {h * w} int8 values: for each gray pixel p, "
+                    f"`q = round(((p / 255 - {pre['mean']}) / {pre['std']}) / scale) + zeroPoint` with "
+                    "`scale, zeroPoint` from `interpreter.getInputTensor(0).quantizationParams()`")
+        else:
+            feed = (f"a `FloatBuffer` of {h * w} floats (shape 1x1x{h}x{w}, NCHW): "
+                    f"`(p / 255f - {pre['mean']}f) / {pre['std']}f` for each gray pixel p")
+        lines += ["## On Android (LiteRT / TFLite Interpreter)", "",
+                  f"1. Put `{artifact}` and `labels.json` in the app's `assets/`.",
+                  "2. Detect the face (ML Kit or OpenCV), crop a square around it with a 15% margin, convert to "
+                  f"gray and resize to {w}x{h} (area interpolation when shrinking).",
+                  f"3. Input: {feed}.",
+                  "4. `interpreter.run(input, output)`; output: 1x{0} logits".format(len(meta["classes"]))
+                  + (" as int8: `(q - zeroPoint) * scale` with `getOutputTensor(0).quantizationParams()`"
+                     if fmt.precision == "int8" else " (float32)")
+                  + "; softmax, then the class names in `labels.json` order.", "",
+                  "```kotlin",
+                  f'val model = FileUtil.loadMappedFile(context, "{artifact}")',
+                  "val interpreter = Interpreter(model, Interpreter.Options().setNumThreads(2))  // XNNPACK by default",
+                  f"val output = Array(1) {{ {'ByteArray' if fmt.precision == 'int8' else 'FloatArray'}"
+                  f"({len(meta['classes'])}) }}",
+                  "interpreter.run(input, output)",
+                  "```", ""]
     lines += ["## Check it against PyTorch on a desktop (needs the source checkpoint)", "", "```bash",
               "fer-edge parity --bundle . --data FACES_DIR   # accuracy and agreement with the PyTorch model",
               "```", ""]
