@@ -77,51 +77,17 @@ def _add_merge(sub) -> None:
 
 
 # name -> function adding the sub-parser; one place lists every command.
-def _add_train(sub) -> None:
-    from fer_edge.training.command import add_train_parser
-
-    add_train_parser(sub)
-
-
-def _add_eval(sub) -> None:
-    from fer_edge.training.command import add_eval_parser
-
-    add_eval_parser(sub)
-
-
-def _add_convert(sub) -> None:
-    from fer_edge.converters.convert import add_convert_parser
-
-    add_convert_parser(sub)
-
-
-def _add_parity(sub) -> None:
-    from fer_edge.converters.convert import add_parity_parser
-
-    add_parity_parser(sub)
-
-
-def _add_benchmark(sub) -> None:
-    from fer_edge.converters.benchmark import add_benchmark_parser
-
-    add_benchmark_parser(sub)
-
-
-def _add_predict(sub) -> None:
-    from fer_edge.predict import add_predict_parser
-
-    add_predict_parser(sub)
-
-
+# name -> "module:function adding the sub-parser"; one place lists every
+# command, and a command's module (torch, onnx, ...) is imported only to build it.
 COMMANDS = {
-    "info": _add_info,
-    "train": _add_train,
-    "eval": _add_eval,
-    "merge": _add_merge,
-    "convert": _add_convert,
-    "parity": _add_parity,
-    "benchmark": _add_benchmark,
-    "predict": _add_predict,
+    "info": "fer_edge.cli:_add_info",
+    "train": "fer_edge.training.command:add_train_parser",
+    "eval": "fer_edge.training.command:add_eval_parser",
+    "merge": "fer_edge.cli:_add_merge",
+    "convert": "fer_edge.converters.convert:add_convert_parser",
+    "parity": "fer_edge.converters.convert:add_parity_parser",
+    "benchmark": "fer_edge.converters.benchmark:add_benchmark_parser",
+    "predict": "fer_edge.predict:add_predict_parser",
 }
 
 
@@ -139,8 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"fer-edge {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in COMMANDS.values():
-        add(sub)
+    import importlib
+
+    for target in COMMANDS.values():
+        module, func = target.split(":")
+        getattr(importlib.import_module(module), func)(sub)
     return parser
 
 

@@ -231,3 +231,19 @@ def test_tensorrt_runner_builds_and_caches_an_engine(bundles):
     onnx = bundles[("jetson", "fp16")][0] / "model_fp16.onnx"
     engine = cached_engine(onnx, "fp16")
     assert engine.is_file() and cached_engine(onnx, "fp16") == engine
+
+
+@needs_data
+def test_predict_command_runs_where_torch_is_not_installed(bundles, tmp_path):
+    """A device has no torch: with `import torch` made to fail, the whole
+    `fer-edge predict --bundle` command (parser of every command included) works."""
+    import cv2
+
+    img = tmp_path / "a.png"
+    cv2.imwrite(str(img), astronaut_bgr())
+    code = ("import sys; sys.modules['torch'] = None\n"  # any `import torch` now raises ImportError
+            "from fer_edge.cli import main\n"
+            f"sys.exit(main(['predict', {str(img)!r}, '--bundle', {str(bundles[('android', 'int8')][0])!r}]))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "a.png [0]: #1" in proc.stdout and "frames/s" in proc.stdout

@@ -1,5 +1,4 @@
-"""Training: recipes, GPU-side augmentation, the resumable (and torchrun-ready) loop."""
-from fer_edge.training.recipes import RECIPES, get_recipe
-from fer_edge.training.trainer import TrainSettings, train_run
-
-__all__ = ["RECIPES", "get_recipe", "TrainSettings", "train_run"]
+"""Training: recipes (``recipes``), GPU-side augmentation (``augment``), the
+resumable, torchrun-ready loop (``trainer``) and the ``train`` / ``eval``
+commands (``command``).  Nothing is imported here: the CLI builds its parsers
+without importing torch (a device has no torch)."""
