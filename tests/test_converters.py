@@ -300,3 +300,26 @@ def test_tensorrt_engine_builds_from_the_jetson_bundle(bundles, tmp_path):
     for precision, name in (("fp16", "model_fp16.onnx"), ("int8", "model_int8_qdq.onnx")):
         engine = build_engine(bundles[("jetson", precision)][0] / name, precision, tmp_path / f"{precision}.engine")
         assert engine.stat().st_size > 0
+
+
+@pytest.mark.parametrize("arch,config", [("hsnet", {"width": 0.25}), ("vgg16", {"width": 0.25})])
+def test_other_architectures_export_exactly(arch, config, tmp_path):
+    """VGG16 and HSNet (at its default 112 px input, where the top-down path
+    upsamples 6 -> 11) through ONNX and TFLite fp32: logits within 1e-4."""
+    from fer_edge import models
+    from fer_edge.checkpoint import save_checkpoint
+    from fer_edge.converters.convert import convert
+    from helpers import copy_subset, randomize_bn
+
+    calib = copy_subset(FER / "publictest", tmp_path / "calib", 5)
+    torch.manual_seed(0)
+    model = models.create(arch, **config)
+    size = model.config.get("input_size", 48)
+    randomize_bn(model, (4, 1, size, size))
+    weights = tmp_path / f"{arch}.safetensors"
+    save_checkpoint(weights, model)
+    for target in ("onnx", "android"):
+        report = convert(weights, target, "fp32", tmp_path / f"{arch}-{target}", calib=calib, calib_size=32,
+                         log=lambda *a: None)
+        assert report["passed"], report["failures"]
+        assert report["max_abs_logit_diff"] <= 1e-4

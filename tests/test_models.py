@@ -306,3 +306,14 @@ def test_cli_merge_bad_checkpoints(trained_ckpt, tmp_path):
     assert_one_line_error(fer_edge_cli("merge", "--weights", str(tmp_path / "plain.safetensors"), "--out", out),
                           "not a fer-edge checkpoint")
     assert not Path(out).exists()
+
+
+@pytest.mark.parametrize("h,w,oh,ow", [(6, 6, 11, 11), (3, 3, 6, 6), (5, 7, 13, 9), (11, 11, 6, 6)])
+def test_hsnet_nearest_resize_is_pytorch_nearest(h, w, oh, ow):
+    import torch.nn.functional as F
+
+    from fer_edge.models.hsnet import nearest_resize
+
+    x = torch.randn(2, 3, h, w)
+    torch.testing.assert_close(nearest_resize(x, (oh, ow)), F.interpolate(x, size=(oh, ow), mode="nearest"),
+                               rtol=0, atol=0)

@@ -38,6 +38,19 @@ from fer_edge.models.registry import register_model
 STEM_LAYERS = ("conv2d_1a", "conv2d_2a", "conv2d_2b", "conv2d_3b", "conv2d_4a", "conv2d_4b")
 
 
+def nearest_resize(x: torch.Tensor, size) -> torch.Tensor:
+    """``F.interpolate(x, size, mode="nearest")`` (source index floor(i * in / out))
+    written as two index gathers.  Same numbers, but exact in every exporter:
+    litert-torch lowers a non-integer nearest resize (e.g. 6 -> 11, which
+    HSNet's top-down path needs at 112 px) to the wrong rows (max error 4.5 on
+    unit-variance maps, measured)."""
+    h, w = x.shape[-2:]
+    oh, ow = int(size[0]), int(size[1])
+    rows = torch.div(torch.arange(oh, device=x.device) * h, oh, rounding_mode="floor")
+    cols = torch.div(torch.arange(ow, device=x.device) * w, ow, rounding_mode="floor")
+    return x.index_select(-2, rows).index_select(-1, cols)
+
+
 class InceptionResnetV1Stem(nn.Module):
     def __init__(self, in_chans=1):
         super().__init__()
@@ -161,8 +174,8 @@ class HSNet(nn.Module):
         f2 = self.rdib1(self.sdib1(f1))
         f3 = self.rdib2(self.sdib2(f2))
         a = self.lateral3(f3)
-        b = self.lateral2(f2) + F.interpolate(a, size=f2.shape[-2:], mode="nearest")
-        c = self.lateral1(f1) + F.interpolate(b, size=f1.shape[-2:], mode="nearest")
+        b = self.lateral2(f2) + nearest_resize(a, f2.shape[-2:])
+        c = self.lateral1(f1) + nearest_resize(b, f1.shape[-2:])
         ys, lams = [], []
         for fmap, gate, head in zip((a, b, c), self.gates, self.heads):
             v = self.dropout(F.adaptive_avg_pool2d(fmap, 1).flatten(1))
