@@ -41,7 +41,7 @@ def make_video(path: Path, frames: int, data: Path) -> None:
         dx = int(20 * np.sin(i / 15))
         frame[20:260, 30 + dx:270 + dx] = astro
         for k, face in enumerate(faces):
-            x, y = 300 + k * 110 - dx, 300 if k != 1 else 60
+            x, y = 290 + k * 100 - dx, 300 if k != 1 else 60
             frame[y:y + 120, x:x + 120] = face
         w.write(frame)
     w.release()
