@@ -133,7 +133,7 @@ def _final_report(run_dir: Path, val, device: str) -> dict:
     from fer_edge.checkpoint import load_checkpoint
     from fer_edge.evaluate import evaluate, write_report
 
-    model, meta = load_checkpoint(run_dir / "best.safetensors", device=device if device != "cuda" else "cuda")
+    model, meta = load_checkpoint(run_dir / "best.safetensors", device=device)
     report = evaluate(model, meta, val, device=device, latency=False)
     write_report(report, run_dir / "val_eval.json", run_dir / "plots", run_dir / "metrics.jsonl")
     return report
