@@ -10,10 +10,30 @@ outputs dequantized here with the scales stored in the model.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from pathlib import Path
 
 import numpy as np
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """LiteRT prints "INFO: Created TensorFlow Lite XNNPACK delegate" from C++
+    straight to file descriptor 2; the device's stderr is for real problems."""
+    import sys
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 class BackendUnavailable(RuntimeError):
@@ -102,8 +122,9 @@ class TFLiteBackend(Backend):
 
     def __init__(self, path, threads: int | None = None):
         Interpreter = _tflite_interpreter_class()
-        self.interp = Interpreter(model_path=str(path), num_threads=threads or None)
-        self.interp.allocate_tensors()
+        with _native_stderr_silenced():
+            self.interp = Interpreter(model_path=str(path), num_threads=threads or None)
+            self.interp.allocate_tensors()
         self.inp = self.interp.get_input_details()[0]
         self.out = self.interp.get_output_details()[0]
 
