@@ -88,9 +88,8 @@ def main(argv=None) -> int:
         video = Path(tmp) / "faces.avi"
         make_video(video, args.frames, DEFAULT_DATA)
         tb = TorchBackend(args.weights)
-        pre = dict(tb.meta["preprocess"], layout="NCHW", input_dtype="float32")
         rows.append({"backend": "pytorch (merged, fused kernel)", "artifact": Path(args.weights).name,
-                     **run_pipeline(tb, tb.meta["classes"], pre, video)})
+                     **run_pipeline(tb, tb.meta["classes"], tb.preprocess, video)})
         for target, precision in (("onnx", "fp32"), ("onnx", "int8"), ("jetson", "int8"), ("android", "fp32"),
                                   ("android", "int8")):
             out = Path(tmp) / f"{target}-{precision}"

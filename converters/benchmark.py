@@ -10,7 +10,6 @@ are the baseline measured in the same run.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -114,7 +113,7 @@ def format_table(rep: dict) -> str:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    from fer_edge.checkpoint import write_atomic
+    from fer_edge.checkpoint import write_json_atomic
 
     if args.json and Path(args.json).exists() and not args.force:
         raise UserError(f"{args.json} exists; pass --force to overwrite it")
@@ -125,8 +124,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     print(f"{rep['images']} faces from {args.data}; ✅ passed parity, ❎ exported but failed parity, "
           "❌ export failed; latency = median of batch-1 calls")
     if args.json:
-        write_atomic(Path(args.json), lambda t: Path(t).write_text(json.dumps(rep, indent=2, ensure_ascii=False)
-                                                                   + "\n"), force=True)
+        write_json_atomic(args.json, rep, force=True)
     return 0
 
 

@@ -56,14 +56,6 @@ def load_faces(path, size: int, classes: list[str], limit: int | None, seed: int
     return ds.images, labels
 
 
-def bundle_preprocess(meta: dict, nhwc: bool) -> dict:
-    pre = dict(meta["preprocess"])
-    pre["layout"] = "NHWC" if nhwc else "NCHW"
-    pre["input_dtype"] = "uint8" if nhwc else "float32"
-    pre["normalization_inside_model"] = nhwc
-    return pre
-
-
 def _write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
@@ -150,7 +142,7 @@ def convert(weights, target: str, precision: str, out, *, calib=None, calib_size
     from fer_edge.checkpoint import load_checkpoint
     from fer_edge.converters.exporters import EXPORTERS, InputSpec
     from fer_edge.converters.parity import artifact_logits, compare_logits, format_row, reference_logits
-    from fer_edge.targets.bundle import sha256_file
+    from fer_edge.targets.bundle import artifact_preprocess, sha256_file
 
     fmt = lookup(target, precision)
     out = Path(out)
@@ -167,7 +159,7 @@ def convert(weights, target: str, precision: str, out, *, calib=None, calib_size
     if calib:
         faces, labels = load_faces(calib, size[0], meta["classes"], calib_size, what="--calib")
         log(f"calibration/parity set: {len(faces)} faces from {calib}")
-    pre = bundle_preprocess(meta, nhwc)
+    pre = artifact_preprocess(meta["preprocess"], nhwc)
     spec = InputSpec(size=size, in_chans=meta["config"].get("in_chans", 1), nhwc=nhwc,
                      dynamic_batch=dynamic_batch, preprocess=meta["preprocess"], calib=faces,
                      calib_method=calib_method, int8_all_layers=int8_all_layers)
@@ -313,7 +305,7 @@ def parity_bundle(bundle_path, data, weights=None, limit=None, threads=None) -> 
 
 
 def cmd_parity(args: argparse.Namespace) -> int:
-    from fer_edge.checkpoint import write_atomic
+    from fer_edge.checkpoint import write_json_atomic
     from fer_edge.converters.parity import format_row
 
     if args.json and Path(args.json).exists() and not args.force:
@@ -324,7 +316,7 @@ def cmd_parity(args: argparse.Namespace) -> int:
     for r in rep["artifacts"]:
         print(format_row(r["artifact"], r))
     if args.json:
-        write_atomic(Path(args.json), lambda t: Path(t).write_text(json.dumps(rep, indent=2) + "\n"), force=True)
+        write_json_atomic(args.json, rep, force=True)
     return 0 if all(r["passed"] for r in rep["artifacts"]) else 1
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 import io
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,10 +36,6 @@ class InputSpec:
     calib_method: str = "minmax"
     int8_all_layers: bool = False        # ONNX int8: also quantize the image-reading convs and the classifier
 
-    @property
-    def input_dtype(self) -> str:
-        return "uint8" if self.nhwc else "float32"
-
     def shape(self, batch: int = 1) -> tuple:
         h, w = self.size
         return (batch, h, w, self.in_chans) if self.nhwc else (batch, self.in_chans, h, w)
@@ -52,10 +48,9 @@ class InputSpec:
 
     def calib_inputs(self) -> np.ndarray:
         """Calibration images in the artifact's input format, (N, ...) with N batches of 1."""
-        from fer_edge.targets.bundle import preprocess_faces
+        from fer_edge.targets.bundle import artifact_preprocess, preprocess_faces
 
-        pre = dict(self.preprocess, layout="NHWC" if self.nhwc else "NCHW", input_dtype=self.input_dtype)
-        return preprocess_faces(self.calib, pre)
+        return preprocess_faces(self.calib, artifact_preprocess(self.preprocess, self.nhwc))
 
 
 class CameraInput(nn.Module):
@@ -100,24 +95,12 @@ def _quiet():
     if os.environ.get("FER_EDGE_DEBUG") == "1":
         yield
         return
-    import sys
-    import tempfile
+    from fer_edge.targets.backends import native_output_silenced
 
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    with tempfile.TemporaryFile() as sink, warnings.catch_warnings():
+    with native_output_silenced((1, 2)), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        os.dup2(sink.fileno(), 1)
-        os.dup2(sink.fileno(), 2)
-        try:
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                yield
-        finally:
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            os.close(saved[0])
-            os.close(saved[1])
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
 
 
 # ------------------------------------------------------------------ ONNX

@@ -56,6 +56,12 @@ def write_atomic(path: Path, write_fn, force: bool = False) -> None:
         raise
 
 
+def write_json_atomic(path, data, force: bool = False) -> None:
+    """JSON (indented, UTF-8) through write_atomic."""
+    write_atomic(Path(path), lambda tmp: Path(tmp).write_text(
+        json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"), force=force)
+
+
 def build_meta(model: nn.Module, *, classes=None, preprocess=None, form=None, extra=None) -> dict:
     from fer_edge.reparam import is_merged
 

@@ -2,7 +2,6 @@
 latency, and the JSON/PNG outputs of ``fer-edge eval``."""
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -111,13 +110,13 @@ def evaluate(model, meta: dict, dataset, device="cpu", batch_size: int = 256, tt
 def write_report(report: dict, json_path=None, plots_dir=None, metrics_jsonl=None, force: bool = True) -> list[Path]:
     """JSON (without the raw ROC points) and PNGs; returns the files written."""
     from fer_edge import plots
-    from fer_edge.checkpoint import write_atomic
+    from fer_edge.checkpoint import write_json_atomic
 
     written = []
     if json_path:
         clean = {k: v for k, v in report.items() if not k.startswith("_")}
         json_path = Path(json_path)
-        write_atomic(json_path, lambda tmp: Path(tmp).write_text(json.dumps(clean, indent=2) + "\n"), force=force)
+        write_json_atomic(json_path, clean, force=force)
         written.append(json_path)
     if plots_dir:
         d = Path(plots_dir)

@@ -29,8 +29,11 @@ class TorchBackend:
         from fer_edge.checkpoint import load_checkpoint
         from fer_edge.reparam import merge
 
+        from fer_edge.targets.bundle import artifact_preprocess
+
         model, self.meta = load_checkpoint(weights)
         self.model = model if self.meta["form"] == "merged" else merge(model, use_kernel=True)
+        self.preprocess = artifact_preprocess(self.meta["preprocess"])  # NCHW float, like an fp32 bundle
 
     def run(self, x):
         import torch
@@ -47,8 +50,7 @@ def open_runtime(bundle=None, weights=None, backend: str = "auto", log=print):
         if backend not in ("auto",):
             raise UserError("--backend applies to --bundle; --weights runs in PyTorch")
         b = TorchBackend(weights)
-        pre = dict(b.meta["preprocess"], layout="NCHW", input_dtype="float32")
-        return b, b.meta["classes"], pre, f"PyTorch ({Path(weights).name})"
+        return b, b.meta["classes"], b.preprocess, f"PyTorch ({Path(weights).name})"
     from fer_edge.targets import BackendUnavailable, BundleError, load_bundle, open_backend
 
     try:

@@ -19,20 +19,25 @@ import numpy as np
 
 
 @contextlib.contextmanager
-def _native_stderr_silenced():
-    """LiteRT prints "INFO: Created TensorFlow Lite XNNPACK delegate" from C++
-    straight to file descriptor 2; the device's stderr is for real problems."""
+def native_output_silenced(fds=(2,)):
+    """Send what C/C++ code writes straight to these file descriptors (1 = stdout,
+    2 = stderr) to /dev/null meanwhile.  Native libraries log there unasked:
+    LiteRT's "INFO: Created TensorFlow Lite XNNPACK delegate", absl/MLIR lines
+    from the converters; the user's terminal is for real problems."""
     import sys
 
+    sys.stdout.flush()
     sys.stderr.flush()
-    saved = os.dup(2)
+    saved = [os.dup(fd) for fd in fds]
     devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
+    for fd in fds:
+        os.dup2(devnull, fd)
     try:
         yield
     finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+        for fd, s in zip(fds, saved):
+            os.dup2(s, fd)
+            os.close(s)
         os.close(devnull)
 
 
@@ -122,7 +127,7 @@ class TFLiteBackend(Backend):
 
     def __init__(self, path, threads: int | None = None):
         Interpreter = _tflite_interpreter_class()
-        with _native_stderr_silenced():
+        with native_output_silenced():
             self.interp = Interpreter(model_path=str(path), num_threads=threads or None)
             self.interp.allocate_tensors()
         self.inp = self.interp.get_input_details()[0]

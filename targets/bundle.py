@@ -103,6 +103,14 @@ def load_bundle(path, verify: bool = True, allow_failed: bool = False) -> Bundle
     return Bundle(path, manifest, labels, preprocess, artifacts)
 
 
+def artifact_preprocess(preprocess: dict, nhwc: bool = False) -> dict:
+    """A checkpoint's preprocess plus the input format of an artifact made from
+    it: NCHW float32 normalized (default), or NHWC raw uint8 pixels with the
+    normalization inside the model (``--nhwc``)."""
+    return dict(preprocess, layout="NHWC" if nhwc else "NCHW", input_dtype="uint8" if nhwc else "float32",
+                normalization_inside_model=nhwc)
+
+
 def preprocess_faces(faces_u8: np.ndarray, preprocess: dict) -> np.ndarray:
     """(N, H, W) uint8 gray faces already at the input size -> the model's input
     array: float32 normalized NCHW/NHWC, or raw uint8 when the model takes uint8

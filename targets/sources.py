@@ -30,7 +30,7 @@ class Source:
     def __init__(self, spec: str, max_frames: int | None = None):
         import cv2
 
-        self.spec, self.max_frames, self.skipped = str(spec), max_frames, []
+        self.spec, self.max_frames, self.skipped, self._decoded = str(spec), max_frames, [], {}
         self.fps = None
         if self.spec.isdigit():
             self.kind = "camera"
@@ -50,7 +50,8 @@ class Source:
         elif path.suffix.lower() in IMAGE_SUFFIXES:
             self.kind = "image"
             self.files = [path]
-            if _read_image(path) is None:
+            self._decoded = {path: _read_image(path)}  # checked now, reused by __iter__ (read once)
+            if self._decoded[path] is None:
                 raise SourceError(f"{path}: cannot read this image (corrupt, truncated or not an image)")
         else:
             self.kind = "video"
@@ -68,7 +69,7 @@ class Source:
             for p in self.files:
                 if self.max_frames is not None and n >= self.max_frames:
                     return
-                img = _read_image(p)
+                img = self._decoded.pop(p) if p in self._decoded else _read_image(p)
                 if img is None:
                     self.skipped.append(str(p))
                     continue

@@ -30,22 +30,15 @@ def pytest_configure(config):
 # A briefly trained model and its bundles, built once per test session and used
 # by the converter and on-device runtime tests.
 import json  # noqa: E402
-import os  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers import DATA, copy_subset  # noqa: E402
+from helpers import run_cli as run  # noqa: E402
 
-SCRIPT = Path(sys.executable).with_name("fer-edge")
 FER = DATA / "fer2013"
-
-
-def run(*args, timeout=900):
-    env = dict(os.environ, OMP_NUM_THREADS="2")
-    return subprocess.run([str(SCRIPT), *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @pytest.fixture(scope="session")

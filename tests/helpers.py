@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -70,3 +72,22 @@ def copy_subset(src: Path, dst: Path, per_class: int, offset: int = 0, classes=N
         for f in sorted(d.iterdir())[offset:offset + per_class]:
             shutil.copy(f, dst / d.name / f.name)
     return dst
+
+
+# The console script pip installed beside this interpreter (venv/bin/fer-edge).
+SCRIPT = Path(sys.executable).with_name("fer-edge")
+
+
+def run_cli(*args, cwd=None, timeout=900):
+    """`fer-edge ARGS` in a subprocess (2 OpenMP threads), output captured."""
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    return subprocess.run([str(SCRIPT), *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          env=env, cwd=cwd)
+
+
+def one_line_error(proc, expect):
+    """A refused command: non-zero exit, no traceback, exactly one stderr line naming the problem."""
+    assert proc.returncode != 0, proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [x for x in proc.stderr.strip().splitlines() if x.strip()]
+    assert len(lines) == 1 and expect in lines[0], proc.stderr

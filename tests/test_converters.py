@@ -5,7 +5,6 @@ inputs are refused without leaving anything behind."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -19,24 +18,12 @@ from fer_edge.converters.formats import FORMATS, THRESHOLDS
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from helpers import DATA  # noqa: E402
+from helpers import DATA, one_line_error  # noqa: E402
+from helpers import run_cli as run  # noqa: E402
 
-SCRIPT = Path(sys.executable).with_name("fer-edge")
 FER = DATA / "fer2013"
 pytestmark = pytest.mark.skipif(not FER.is_dir(), reason=f"real data not found at {DATA}")
 IDS = [f"{f.target}-{f.precision}" for f in FORMATS]
-
-
-def run(*args, timeout=900):
-    env = dict(os.environ, OMP_NUM_THREADS="2")
-    return subprocess.run([str(SCRIPT), *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
-
-
-def one_line_error(proc, expect):
-    assert proc.returncode != 0, proc.stdout
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = [x for x in proc.stderr.strip().splitlines() if x.strip()]
-    assert len(lines) == 1 and expect in lines[0], proc.stderr
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=IDS)

@@ -4,7 +4,6 @@ command; refusals of bad bundles and sources."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -17,25 +16,13 @@ from fer_edge.targets.pipeline import Tracker, crop_square, iou, square_box
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from helpers import DATA  # noqa: E402
+from helpers import DATA, one_line_error  # noqa: E402
+from helpers import run_cli as run  # noqa: E402
 
-SCRIPT = Path(sys.executable).with_name("fer-edge")
 FER = DATA / "fer2013"
 needs_data = pytest.mark.skipif(not FER.is_dir(), reason=f"real data not found at {DATA}")
 # The artifacts a device runs, all checkable here: (target, precision) of the session's bundles.
 DEVICE_FORMATS = [("onnx", "fp32"), ("jetson", "int8"), ("android", "fp32"), ("android", "int8")]
-
-
-def run(*args, cwd=None, timeout=300):
-    return subprocess.run([str(SCRIPT), *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                          cwd=cwd, env=dict(os.environ, OMP_NUM_THREADS="2"))
-
-
-def one_line_error(proc, expect):
-    assert proc.returncode != 0, proc.stdout
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = [x for x in proc.stderr.strip().splitlines() if x.strip() and not x.startswith("INFO:")]
-    assert len(lines) == 1 and expect in lines[0], proc.stderr
 
 
 def astronaut_bgr():
@@ -131,9 +118,8 @@ def test_real_photos_through_every_backend_agree(trained, bundles):
 
     weights = trained[0]
     torch_backend = TorchBackend(weights)
-    pre = dict(torch_backend.meta["preprocess"], layout="NCHW", input_dtype="float32")
     for frame, n_faces in ((astronaut_bgr(), 1), (composed_frame(), 3)):
-        ref = Pipeline(torch_backend, torch_backend.meta["classes"], pre)(frame)
+        ref = Pipeline(torch_backend, torch_backend.meta["classes"], torch_backend.preprocess)(frame)
         assert len(ref) == n_faces
         for target, precision in DEVICE_FORMATS:
             faces = pipeline_for(bundles[(target, precision)][0])(frame)

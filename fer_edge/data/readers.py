@@ -52,12 +52,10 @@ class FaceSet:
 
 
 def _fit(img: np.ndarray, size: int) -> np.ndarray:
-    import cv2
+    # The device pipeline's resize, so training and deployment see the same pixels.
+    from fer_edge.targets.bundle import resize_face
 
-    if img.shape == (size, size):
-        return img
-    interp = cv2.INTER_AREA if max(img.shape) > size else cv2.INTER_LINEAR
-    return cv2.resize(img, (size, size), interpolation=interp)
+    return resize_face(img, (size, size))
 
 
 def decode_image(path: str, size: int) -> np.ndarray | None:

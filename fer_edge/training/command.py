@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -143,7 +142,8 @@ def _run_folds(settings, data, k: int, run_dir: Path, args, ctx, log) -> int:
     """K-fold cross-validation; each fold's score is its last epoch on its test
     fold (no fold picks its own best epoch, which would inflate the mean)."""
     from fer_edge.data.folds import make_folds
-    from fer_edge.training.trainer import SUMMARY_FILE, train_run, write_json_atomic
+    from fer_edge.checkpoint import write_json_atomic
+    from fer_edge.training.trainer import SUMMARY_FILE, train_run
 
     folds, kind = make_folds(data, k, seed=settings.seed)
     log(f"{k}-fold cross-validation, {kind} folds: {[len(f) for f in folds]} faces per test fold")
@@ -170,7 +170,7 @@ def _run_folds(settings, data, k: int, run_dir: Path, args, ctx, log) -> int:
         report = {"folds": k, "kind": kind, "score": "last epoch on the held-out fold", "per_fold": results,
                   "accuracy_mean": float(acc.mean()), "accuracy_std": float(acc.std(ddof=1)),
                   "mean_class_accuracy_mean": float(mca.mean()), "mean_class_accuracy_std": float(mca.std(ddof=1))}
-        write_json_atomic(run_dir / "folds.json", report)
+        write_json_atomic(run_dir / "folds.json", report, force=True)
         for r in results:
             log(f"fold {r['fold']:2d}: accuracy {100 * r['accuracy']:.2f}%, "
                 f"mean-class {100 * r['mean_class_accuracy']:.2f}% ({r['test_images']} faces)")

@@ -26,7 +26,6 @@ import json
 import math
 import os
 import signal
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fer_edge import UserError, __version__
+from fer_edge.checkpoint import write_json_atomic
+from fer_edge.evaluate import normalize
 from fer_edge.training.augment import augment, mixup
 from fer_edge.training.recipes import lr_factor
 
@@ -167,12 +168,6 @@ def amp_dtype(amp: str, device: torch.device):
     raise UserError(f"unknown --amp {amp!r}; choose auto, bf16, fp16 or off")
 
 
-def write_json_atomic(path: Path, data) -> None:
-    from fer_edge.checkpoint import write_atomic
-
-    write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"), force=True)
-
-
 def save_torch_atomic(path: Path, obj) -> None:
     from fer_edge.checkpoint import write_atomic
 
@@ -196,7 +191,6 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 def validate(model, images: torch.Tensor, labels: torch.Tensor, preprocess: dict, batch: int,
              channels_last: bool, dtype, num_classes: int) -> dict:
     """Loss, accuracy and mean-class accuracy on a device-resident labelled set."""
-    from fer_edge.evaluate import normalize
     from fer_edge.metrics import confusion_matrix, mean_class_accuracy
 
     model.eval()
@@ -291,11 +285,12 @@ def train_run(settings: TrainSettings, train_set, val_set, run_dir, *, resume: b
 
     # ---- resume or start
     start_epoch, best_acc, best_epoch = 0, -1.0, 0
-    fingerprint = settings.fingerprint()
+    # As stored in resume.pt: tuples become lists, so compare the JSON form.
+    fingerprint = json.loads(json.dumps(settings.fingerprint()))
     if resume and (run_dir / RESUME_FILE).is_file():
         state = torch.load(run_dir / RESUME_FILE, map_location="cpu", weights_only=True)
-        if state["fingerprint"] != json.loads(json.dumps(fingerprint)):
-            old, new = state["fingerprint"], json.loads(json.dumps(fingerprint))
+        if state["fingerprint"] != fingerprint:
+            old, new = state["fingerprint"], fingerprint
             diff = next(k for k in new if old.get(k) != new.get(k))
             raise UserError(f"{run_dir}: cannot resume: '{diff}' differs from the original run "
                             f"({old.get(diff)!r} vs {new.get(diff)!r})")
@@ -316,8 +311,9 @@ def train_run(settings: TrainSettings, train_set, val_set, run_dir, *, resume: b
     else:
         torch.manual_seed(settings.seed + ctx.rank)  # dropout differs per rank, as in any DDP run
         if ctx.main:
-            write_json_atomic(run_dir / CONFIG_FILE, {"fer_edge_version": __version__, "torch": torch.__version__,
-                                                     "world_size": ctx.world, **fingerprint})
+            config = {"fer_edge_version": __version__, "torch": torch.__version__, "world_size": ctx.world,
+                      **fingerprint}
+            write_json_atomic(run_dir / CONFIG_FILE, config, force=True)
 
     train_model = WithAuxHeads(model)
     if ctx.enabled:
@@ -349,7 +345,7 @@ def train_run(settings: TrainSettings, train_set, val_set, run_dir, *, resume: b
         for step in it:
             idx = batches[step]
             y = train_labels[idx]
-            x = augment(_normalize(train_images[idx], preprocess), g_aug, aug_cfg)
+            x = augment(normalize(train_images[idx], preprocess), g_aug, aug_cfg)
             target = F.one_hot(y, num_classes).float()
             x, target = mixup(x, target, g_aug, recipe["mixup"])
             if channels_last:
@@ -432,14 +428,8 @@ def train_run(settings: TrainSettings, train_set, val_set, run_dir, *, resume: b
             last = rows[-1]
             summary.update({k: last[k] for k in ("val_acc", "val_mean_class_acc") if k in last})
             summary["img_per_s_mean"] = float(np.mean([r["img_per_s"] for r in rows]))
-        write_json_atomic(run_dir / SUMMARY_FILE, summary)
+        write_json_atomic(run_dir / SUMMARY_FILE, summary, force=True)
     return summary
-
-
-def _normalize(images_u8, preprocess):
-    from fer_edge.evaluate import normalize
-
-    return normalize(images_u8, preprocess)
 
 
 class WithAuxHeads(nn.Module):
