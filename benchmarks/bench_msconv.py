@@ -7,6 +7,8 @@ For the MACNN layer shapes L1-L5, batch 1 and 256, it times
   eager : three convolutions + ReLU + cat                       (baseline a)
   pad5  : one convolution with 1x1/3x3 kernels zero-padded to 5x5 (baseline b)
   graph : `eager` captured in a CUDA graph (CUDA only)            (baseline c)
+  direct: (CPU only) `fused` forced to its direct algorithm; `fused` itself
+          picks direct or Winograd F(4x4, 5x5) per shape (column `algo`)
 and prints median microseconds, the speed-up of `fused` over each baseline and
 over the best of them, and what `fused` achieves in GB/s and TFLOP/s.  The
 table is printed last; --json writes the same rows.
@@ -34,6 +36,7 @@ LAYERS = {
     "L4": (256, 6, 128, 192, 192),
     "L5": (512, 3, 128, 192, 192),
 }
+BASELINES = ("eager", "pad5", "graph")
 ROTATE = 4  # input sets cycled through so repeated runs do not just re-read the cache
 
 
@@ -107,6 +110,13 @@ def layer_cost(cin, hw, c1, c3, c5, n, itemsize):
     return flops, nbytes
 
 
+def scaled(layer, width):
+    """A layer of MACNN at channel width `width` (the stem keeps its 1 input channel)."""
+    cin, hw, c1, c3, c5 = layer
+    return (cin if cin == 1 else max(1, round(cin * width)), hw,
+            *(max(1, round(c * width)) for c in (c1, c3, c5)))
+
+
 def run(args) -> list[dict]:
     device = args.device
     dtypes = ["fp32"] + (["fp16"] if device == "cuda" else [])
@@ -120,7 +130,7 @@ def run(args) -> list[dict]:
         torch.backends.cudnn.allow_tf32 = False
     rows = []
     for name in args.layers:
-        cin, hw, c1, c3, c5 = LAYERS[name]
+        cin, hw, c1, c3, c5 = scaled(LAYERS[name], args.width)
         for n in args.batches:
             for dt in dtypes:
                 xs, fw, ws, (wp, bp) = make_layer(cin, hw, c1, c3, c5, n, torch_dtype[dt], device, args.layout)
@@ -136,14 +146,17 @@ def run(args) -> list[dict]:
                     from fer_edge.kernels import CpuPackedMsConv
 
                     methods["fused"] = CpuPackedMsConv(*fw)
+                    methods["direct"] = CpuPackedMsConv(*fw, algo="direct")
                 with torch.inference_mode():
                     ref = methods["eager"](xs[0]).float()
                     err = ((methods["fused"](xs[0]).float() - ref).norm() / ref.norm()).item()
                     us = {m: time_fn(f, xs, device, args.repeat) for m, f in methods.items()}
                 flops, nbytes = layer_cost(cin, hw, c1, c3, c5, n, torch.finfo(torch_dtype[dt]).bits // 8)
-                best = min(v for k, v in us.items() if k != "fused")
+                best = min(v for k, v in us.items() if k in BASELINES)
+                algo = methods["fused"].algorithm_for(n, hw, hw) if device == "cpu" else "cuda"
                 row = {
                     "layer": name, "batch": n, "dtype": dt, "layout": args.layout, "device": device,
+                    "width": args.width, "channels": [cin, c1, c3, c5], "algo": algo,
                     **{f"{m}_us": round(v, 2) for m, v in us.items()},
                     **{f"speedup_vs_{m}": round(v / us["fused"], 3) for m, v in us.items() if m != "fused"},
                     "speedup_vs_best": round(best / us["fused"], 3),
@@ -157,12 +170,12 @@ def run(args) -> list[dict]:
 
 
 def print_table(rows):
-    methods = [m for m in ("fused", "eager", "pad5", "graph") if f"{m}_us" in rows[0]]
-    head = ["layer", "n", "dtype"] + [f"{m} us" for m in methods] + \
+    methods = [m for m in ("fused", "direct", "eager", "pad5", "graph") if f"{m}_us" in rows[0]]
+    head = ["layer", "n", "dtype", "algo"] + [f"{m} us" for m in methods] + \
         [f"x{m}" for m in methods[1:]] + ["x best", "GB/s", "TFLOP/s", "rel err"]
     lines = [head]
     for r in rows:
-        lines.append([r["layer"], str(r["batch"]), r["dtype"]]
+        lines.append([r["layer"], str(r["batch"]), r["dtype"], r["algo"]]
                      + [f"{r[f'{m}_us']:.1f}" for m in methods]
                      + [f"{r[f'speedup_vs_{m}']:.2f}" for m in methods[1:]]
                      + [f"{r['speedup_vs_best']:.2f}", f"{r['fused_GBps']:.1f}", f"{r['fused_TFLOPs']:.3f}",
@@ -184,6 +197,7 @@ def main(argv=None):
     p.add_argument("--batches", nargs="+", type=int, default=[1, 256])
     p.add_argument("--dtypes", nargs="+", choices=["fp32", "fp16"])
     p.add_argument("--layout", choices=["nhwc", "nchw"], default="nhwc")
+    p.add_argument("--width", type=float, default=1.0, help="channel width multiplier (0.25: the compact model)")
     p.add_argument("--repeat", type=int, default=None, help="timed runs per method (default 200 cuda, 10 cpu)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
     args = p.parse_args(argv)
@@ -203,7 +217,7 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=2)
-    print(f"\n{meta['date']}  {meta['device']}  torch {meta['torch']}  layout {args.layout}")
+    print(f"\n{meta['date']}  {meta['device']}  torch {meta['torch']}  layout {args.layout}  width {args.width}")
     print_table(rows)
 
 

@@ -67,15 +67,24 @@ PYBIND11_MODULE(_C, m) {
                                          "float32 weights of one fused layer, packed once for the CPU kernel")
       .def(py::init([](std::uintptr_t w1, std::uintptr_t b1, std::uintptr_t w3, std::uintptr_t b3, std::uintptr_t w5,
                        std::uintptr_t b5, std::int64_t c, std::int64_t c1, std::int64_t c3, std::int64_t c5,
-                       int num_threads) {
+                       int num_threads, int algo) {
+             if (algo < 0 || algo > 2)
+               throw std::invalid_argument("fused_ms_conv: algo must be 0 (auto), 1 (direct) or 2 (winograd)");
              MsConvArgs a;
              a.w1 = w1; a.b1 = b1; a.w3 = w3; a.b3 = b3; a.w5 = w5; a.b5 = b5;
              a.c = c; a.c1 = c1; a.c3 = c3; a.c5 = c5;
              py::gil_scoped_release nogil;
-             return new fer_edge::CpuPackedWeights(a, num_threads);
+             return new fer_edge::CpuPackedWeights(a, num_threads, static_cast<fer_edge::CpuAlgo>(algo));
            }),
            py::arg("w1"), py::arg("b1"), py::arg("w3"), py::arg("b3"), py::arg("w5"), py::arg("b5"), py::arg("c"),
-           py::arg("c1"), py::arg("c3"), py::arg("c5"), py::arg("num_threads") = 0)
+           py::arg("c1"), py::arg("c3"), py::arg("c5"), py::arg("num_threads") = 0, py::arg("algo") = 0)
+      .def(
+          "algorithm_for",
+          [](const fer_edge::CpuPackedWeights& self, std::int64_t n, std::int64_t h, std::int64_t w) {
+            return self.algorithm_for(n, h, w) == fer_edge::CpuAlgo::Winograd ? "winograd" : "direct";
+          },
+          py::arg("n"), py::arg("h"), py::arg("w"),
+          "the algorithm run() uses for an n x c x h x w input: 'direct' or 'winograd'")
       .def(
           "run",
           [](const fer_edge::CpuPackedWeights& self, std::uintptr_t x, std::uintptr_t out, std::int64_t n,

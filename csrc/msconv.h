@@ -50,21 +50,32 @@ inline void validate(const MsConvArgs& a) {
 // weights on every call.
 void msconv_cpu_f32(const MsConvArgs& a, int num_threads);
 
+// How the packed CPU kernel computes a layer.  Direct: exact tap-by-tap
+// multiply-adds (float32 rounding ~1e-7 relative).  Winograd: F(4x4, 5x5),
+// about 3x fewer multiplies, ~1e-5 relative rounding.  Auto: Winograd where
+// it is predicted faster (enough input channels, enough 4x4 tiles to reuse
+// its larger transformed weights, fewer multiply-adds), else direct.
+enum class CpuAlgo : int { Auto = 0, Direct = 1, Winograd = 2 };
+
 // Weights packed once (for a module whose weights do not change between
 // calls): at batch 1 packing costs as much as the convolution itself.  Holds
 // a copy; the original weights may be freed.
 class CpuPackedWeights {
  public:
-  CpuPackedWeights(const MsConvArgs& weights, int num_threads);  // uses w*/b* and c, c1, c3, c5
+  // Uses w*/b* and c, c1, c3, c5 of `weights`.
+  CpuPackedWeights(const MsConvArgs& weights, int num_threads, CpuAlgo algo = CpuAlgo::Auto);
   ~CpuPackedWeights();
   CpuPackedWeights(const CpuPackedWeights&) = delete;
   CpuPackedWeights& operator=(const CpuPackedWeights&) = delete;
   void run(const MsConvArgs& a, int num_threads) const;  // uses x, out, shapes, layout, relu
+  // Direct or Winograd: what run() uses for an n x c x h x w input.
+  CpuAlgo algorithm_for(std::int64_t n, std::int64_t h, std::int64_t w) const;
 
  private:
   struct Impl;
   std::unique_ptr<Impl> impl_;
   std::int64_t c_, c1_, c3_, c5_;
+  CpuAlgo algo_;
 };
 
 #ifdef FER_EDGE_WITH_CUDA

@@ -205,14 +205,23 @@ class CpuPackedMsConv:
     load_state_dict, ``copy_``).
     """
 
-    def __init__(self, w1, b1, w3, b3, w5, b5):
+    ALGORITHMS = {"auto": 0, "direct": 1, "winograd": 2}
+
+    def __init__(self, w1, b1, w3, b3, w5, b5, algo: str = "auto"):
+        if algo not in self.ALGORITHMS:
+            raise ValueError(f"fused_ms_conv: unknown CPU algorithm {algo!r}; choose from {', '.join(self.ALGORITHMS)}")
+        self.algo = algo
         self.c1, self.c3, self.c5 = (int(w.shape[0]) for w in (w1, w3, w5))
         self.c = int(w1.shape[1])
         self._tensors = (w1, b1, w3, b3, w5, b5)
         self._versions = tuple(t._version for t in self._tensors)
         ws = [t.detach().contiguous() for t in self._tensors]
         self._packed = _C.CpuPackedWeights(*(t.data_ptr() for t in ws), self.c, self.c1, self.c3, self.c5,
-                                           torch.get_num_threads())
+                                           torch.get_num_threads(), self.ALGORITHMS[algo])
+
+    def algorithm_for(self, n: int, h: int, w: int) -> str:
+        """'direct' or 'winograd': what a call on an n x c x h x w input runs ('auto' decides by shape)."""
+        return self._packed.algorithm_for(n, h, w)
 
     def is_current(self, *tensors) -> bool:
         return all(a is b for a, b in zip(tensors, self._tensors)) and \

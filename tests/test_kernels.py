@@ -353,3 +353,86 @@ def test_packed_cpu_weights_match_reference_and_track_changes():
     y3 = layer(x)
     assert y3.requires_grad
     torch.testing.assert_close(y3.detach(), y2, **FP32_TOL)
+
+
+# ------------------------------------------------------- Winograd F(4x4, 5x5)
+# Winograd rounds differently from direct summation: with inputs and outputs
+# O(1) (He-scaled weights), its float32 error measured ~2e-5 at cin 128-512
+# (direct: ~1e-6).  The reference is computed in float64 so that only the
+# kernel's own error is measured.
+WINOGRAD_TOL = dict(atol=1e-4, rtol=1e-4)
+WINOGRAD_CASES = [
+    # n, cin, h, w, c1, c3, c5: whole tiles, ragged edges (h, w not multiples
+    # of 4), channel tails (cin and ctot not multiples of 16), tiny inputs,
+    # and 4 x 24 x 24 = 144 tiles, more than one tile group.
+    (1, 64, 24, 24, 32, 48, 48),
+    (1, 128, 12, 12, 64, 96, 96),
+    (2, 16, 7, 5, 5, 3, 9),
+    (1, 37, 3, 1, 1, 2, 3),
+    (3, 1, 9, 10, 4, 4, 4),
+    (4, 64, 24, 24, 16, 24, 24),
+]
+
+
+@pytest.mark.parametrize("case", WINOGRAD_CASES, ids=lambda c: "n{}-cin{}-{}x{}-{}.{}.{}".format(*c))
+@pytest.mark.parametrize("nhwc", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "lin"])
+def test_winograd_matches_float64_reference(case, nhwc, relu):
+    from fer_edge.kernels import CpuPackedMsConv
+
+    args = make_inputs(*case, nhwc=nhwc, seed=sum(case))
+    y = CpuPackedMsConv(*args[1:], algo="winograd")(args[0], relu=relu)
+    ref = fused_ms_conv_reference(*[t.double() for t in args], relu=relu)
+    torch.testing.assert_close(y.double(), ref, **WINOGRAD_TOL)
+    assert_same_layout(y, fused_ms_conv_reference(*args))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 3), cin=st.integers(1, 40), h=st.integers(1, 14), w=st.integers(1, 14),
+    c1=st.integers(1, 20), c3=st.integers(1, 24), c5=st.integers(1, 24), nhwc=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_winograd_fuzz_shapes(n, cin, h, w, c1, c3, c5, nhwc, seed):
+    from fer_edge.kernels import CpuPackedMsConv
+
+    args = make_inputs(n, cin, h, w, c1, c3, c5, nhwc=nhwc, seed=seed)
+    y = CpuPackedMsConv(*args[1:], algo="winograd")(args[0])
+    torch.testing.assert_close(y.double(), fused_ms_conv_reference(*[t.double() for t in args]), **WINOGRAD_TOL)
+
+
+def test_winograd_is_deterministic_across_thread_counts():
+    from fer_edge.kernels import CpuPackedMsConv
+
+    args = make_inputs(2, 64, 12, 12, 16, 24, 24, seed=5)
+    packed = CpuPackedMsConv(*args[1:], algo="winograd")
+    a = packed(args[0])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        packed1 = CpuPackedMsConv(*args[1:], algo="winograd")
+        b = packed1(args[0])
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_auto_picks_winograd_only_where_it_pays():
+    from fer_edge.kernels import CpuPackedMsConv
+
+    def layer(cin, c1, c3, c5, algo="auto"):
+        return CpuPackedMsConv(*make_inputs(1, cin, 1, 1, c1, c3, c5)[1:], algo=algo)
+
+    l1, l2, l5 = layer(1, 16, 24, 24), layer(64, 32, 48, 48), layer(512, 128, 192, 192)
+    assert l1.algorithm_for(1, 48, 48) == "direct"      # one input channel: nothing to share a transform
+    assert l2.algorithm_for(1, 24, 24) == "winograd"    # MACNN L2 at batch 1
+    assert l5.algorithm_for(1, 3, 3) == "direct"        # one tile would stream 67 MB of weights
+    assert l5.algorithm_for(64, 3, 3) == "winograd"     # enough tiles to reuse them
+    assert layer(64, 32, 48, 48, "direct").algorithm_for(1, 24, 24) == "direct"
+    assert layer(2, 1, 1, 1, "winograd").algorithm_for(1, 1, 1) == "winograd"
+    # Auto runs exactly the chosen algorithm.
+    args = make_inputs(1, 64, 24, 24, 32, 48, 48, seed=3)
+    auto = CpuPackedMsConv(*args[1:])(args[0])
+    torch.testing.assert_close(auto, CpuPackedMsConv(*args[1:], algo="winograd")(args[0]), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="unknown CPU algorithm"):
+        CpuPackedMsConv(*args[1:], algo="fft")

@@ -3,11 +3,10 @@
     from fer_edge import models
     net = models.create("macnn", num_classes=7, in_chans=1, width=0.25)
 """
-from fer_edge.models import hsnet as _hsnet  # noqa: F401  (registers "hsnet")
-from fer_edge.models import macnn as _macnn  # noqa: F401  (registers "macnn", "vgg16")
+from fer_edge.models import hsnet, macnn  # importing registers "hsnet", "macnn" and "vgg16"
 from fer_edge.models.layers import ACBlock, ConvAct, ConvBNAct, FusedMultiScaleConv, MAConv
 from fer_edge.models.macnn import MACNN
 from fer_edge.models.registry import create, list_models, register_model
 
-__all__ = ["create", "list_models", "register_model", "MACNN", "MAConv", "ACBlock", "ConvBNAct", "ConvAct",
+__all__ = ["hsnet", "macnn", "create", "list_models", "register_model", "MACNN", "MAConv", "ACBlock", "ConvBNAct", "ConvAct",
            "FusedMultiScaleConv"]
