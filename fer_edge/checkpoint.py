@@ -178,6 +178,56 @@ def load_checkpoint(path, *, expect_arch: str | None = None, use_kernel: bool = 
     return model.to(device).eval(), meta
 
 
+def class_output_tensors(model: nn.Module, num_classes: int) -> set[str]:
+    """State-dict names of the tensors with one row per class: the weight and
+    bias of every Linear layer that outputs class logits (MACNN's head, each
+    of HSNet's FGAL heads)."""
+    names = set()
+    for mod_name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and mod.out_features == num_classes:
+            prefix = f"{mod_name}." if mod_name else ""
+            names.add(prefix + "weight")
+            if mod.bias is not None:
+                names.add(prefix + "bias")
+    return names
+
+
+def transfer_state(src: dict, src_classes: list[str], dst: dict, dst_classes: list[str],
+                   class_tensors: set[str]) -> tuple[dict, dict]:
+    """Weights of a trained model mapped onto a new model of the same
+    architecture whose classes may differ (fine-tuning, e.g. FER2013 -> CK+,
+    which trade 'neutral' for 'contempt' at the same count of 7).
+
+    Tensors in ``class_tensors`` (one row per class) are copied row by row
+    for the classes both share, matched by name; rows of new classes keep the
+    new model's initialisation.  Every other tensor is copied whole and must
+    have the same shape.  A mismatch is a ValueError.  Returns (new state,
+    report of shared / new / dropped classes).
+    """
+    missing = sorted(set(dst) - set(src))
+    if missing:
+        raise ValueError(f"{len(missing)} tensors of the new model are not in it (e.g. {missing[0]}): "
+                         "another architecture or configuration")
+    shared = [c for c in dst_classes if c in src_classes]
+    out = {}
+    for name, d in dst.items():
+        s = src[name]
+        if name in class_tensors:
+            if s.shape[0] != len(src_classes) or s.shape[1:] != d.shape[1:]:
+                raise ValueError(f"tensor {name}: shape {tuple(s.shape)} is not a head for "
+                                 f"{len(src_classes)} classes of this model")
+            t = d.detach().clone()
+            for c in shared:
+                t[dst_classes.index(c)] = s[src_classes.index(c)]
+            out[name] = t
+        elif s.shape == d.shape:
+            out[name] = s.detach().clone()
+        else:
+            raise ValueError(f"tensor {name}: shape {tuple(s.shape)} cannot initialise {tuple(d.shape)}")
+    return out, {"shared_classes": shared, "new_classes": [c for c in dst_classes if c not in src_classes],
+                 "dropped_classes": [c for c in src_classes if c not in dst_classes]}
+
+
 def max_relative_logit_error(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b|: the merge tolerance is stated in these units."""
     denom = b.abs().max().item()

@@ -308,3 +308,71 @@ def test_eval_rejects_classes_the_model_never_saw(tiny, tmp_path):
     assert run("train", *TINY, "--data", train, "--val", val, "--epochs", "1", "--out", tmp_path / "r").returncode == 0
     proc = run("eval", "--weights", tmp_path / "r" / "best.safetensors", "--data", CKPLUS)
     assert proc.returncode == 2 and "contempt" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------------ fine-tuning (--init)
+def test_transfer_state_maps_head_rows_by_class_name():
+    from fer_edge import models
+    from fer_edge.checkpoint import FER2013_CLASSES, class_output_tensors, transfer_state
+
+    torch.manual_seed(0)
+    src = models.create("macnn", num_classes=7, width=0.125)
+    ck_classes = ["angry", "contempt", "disgust", "fear", "happy", "sad", "surprise"]  # CK+: no neutral
+    dst = models.create("macnn", num_classes=7, width=0.125)
+    heads = class_output_tensors(dst, 7)
+    assert heads == {"fc.weight", "fc.bias"}, heads
+    state, report = transfer_state(src.state_dict(), list(FER2013_CLASSES), dst.state_dict(), ck_classes, heads)
+    assert report == {"shared_classes": ["angry", "disgust", "fear", "happy", "sad", "surprise"],
+                      "new_classes": ["contempt"], "dropped_classes": ["neutral"]}
+    s, d = src.state_dict(), dst.state_dict()
+    for name in heads:
+        for i, c in enumerate(ck_classes):
+            expect = s[name][FER2013_CLASSES.index(c)] if c in FER2013_CLASSES else d[name][i]
+            torch.testing.assert_close(state[name][i], expect, rtol=0, atol=0)
+    for name in set(state) - heads:
+        torch.testing.assert_close(state[name], s[name], rtol=0, atol=0)
+    # another width is not a fine-tuning start
+    with pytest.raises(ValueError, match="cannot initialise"):
+        transfer_state(models.create("macnn", width=0.25).state_dict(), list(FER2013_CLASSES), d, ck_classes, heads)
+
+
+@needs_data
+def test_finetune_from_fer_checkpoint_on_ckplus(tiny, tmp_path):
+    from fer_edge.checkpoint import FER2013_CLASSES
+
+    train, val = tiny
+    assert run("train", *TINY, "--data", train, "--val", val, "--epochs", "1", "--out", tmp_path / "fer").returncode == 0
+    init = tmp_path / "fer" / "best.safetensors"
+    ck_train = copy_subset(CKPLUS, tmp_path / "ck_train", 6)
+    ck_val = copy_subset(CKPLUS, tmp_path / "ck_val", 3, offset=6)
+    # lr 1e-30: every update is below float32 resolution, so the weights stay
+    # exactly the initialisation and the transfer itself is what is checked
+    proc = run("train", "--init", init, "--data", ck_train, "--val", ck_val, "--epochs", "1", "--lr", "1e-30",
+               "--batch-size", "8", "--no-progress", "--out", tmp_path / "ft")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "6 of 7 classes' head rows transferred; new: contempt; dropped: neutral" in proc.stdout
+    src, out = load_state(init), load_state(tmp_path / "ft" / "last.safetensors")
+    classes = json.loads((tmp_path / "ft" / "config.json").read_text())["classes"]
+    assert "contempt" in classes and "neutral" not in classes
+    conv = next(k for k in src if k.endswith("weight") and src[k].ndim == 4)
+    torch.testing.assert_close(out[conv], src[conv], rtol=0, atol=0)
+    head = next(k for k in src if k.endswith("weight") and src[k].ndim == 2 and src[k].shape[0] == 7)
+    for i, c in enumerate(classes):
+        if c in FER2013_CLASSES:
+            torch.testing.assert_close(out[head][i], src[head][FER2013_CLASSES.index(c)], rtol=0, atol=0)
+    cfg = json.loads((tmp_path / "ft" / "config.json").read_text())
+    assert cfg["init"]["sha256"] and cfg["model_config"]["width"] == 0.125
+
+    def fails(*args, expect):
+        p = run("train", "--init", *args, "--data", ck_train, "--val", ck_val, "--epochs", "1", "--no-progress",
+                "--out", tmp_path / "bad")
+        assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+        lines = p.stderr.strip().splitlines()
+        assert len(lines) == 1 and expect in lines[0], p.stderr
+
+    fails(init, "--width", "0.25", expect="has width 0.125, not 0.25")
+    fails(init, "--model", "hsnet", expect="is a macnn checkpoint, not --model hsnet")
+    fails(tmp_path / "nope.safetensors", expect="no such checkpoint file")
+    merged = tmp_path / "merged.safetensors"
+    assert run("merge", "--weights", init, "--out", merged).returncode == 0
+    fails(merged, expect="merged-form checkpoint cannot be trained")

@@ -58,6 +58,31 @@ def align_val_classes(train, val, log):
     return val
 
 
+def resolve_model(args) -> tuple[str, dict, dict | None]:
+    """(architecture, its config, init) from --model/--width/--input-size, or
+    from the --init checkpoint, whose architecture and configuration a
+    fine-tuned model keeps (a conflicting flag is an error, not a silent pick)."""
+    config = {}
+    if args.width is not None:
+        config["width"] = args.width
+    if args.input_size is not None:
+        config["input_size"] = args.input_size
+    if not args.init:
+        return args.model or "macnn", config, None
+    from fer_edge.checkpoint import read_meta
+    from fer_edge.targets.bundle import sha256_file
+
+    meta = read_meta(args.init)
+    if args.model and args.model != meta["arch"]:
+        raise UserError(f"--init {args.init} is a {meta['arch']} checkpoint, not --model {args.model}")
+    init_config = {k: v for k, v in meta["config"].items() if k not in ("num_classes", "in_chans", "freeze_stem")}
+    for key, value in config.items():
+        if init_config.get(key) != value:
+            raise UserError(f"--init {args.init} has {key} {init_config.get(key)}, not {value}: "
+                            "a fine-tuned model keeps the architecture it starts from")
+    return meta["arch"], init_config, {"path": str(args.init), "sha256": sha256_file(args.init)}
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from fer_edge.data import load_dataset
     from fer_edge.training.recipes import get_recipe
@@ -71,12 +96,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     log = _log(ctx)
     try:
         recipe = get_recipe(args.recipe, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
-        model_config = {}
-        if args.width is not None:
-            model_config["width"] = args.width
-        if args.input_size is not None:
-            model_config["input_size"] = args.input_size
-        size = model_input_size(args.model, model_config)
+        model_name, model_config, init = resolve_model(args)
+        size = model_input_size(model_name, model_config)
         run_dir = Path(args.out)
         prepare_run_dir(run_dir, args.resume, args.force, ctx.main)
         if ctx.enabled:
@@ -98,9 +119,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         if val is not None:
             log(f"val:   {len(val)} faces from {args.val}")
         settings = TrainSettings(
-            model=args.model, model_config=model_config, recipe=recipe, classes=list(train.classes),
+            model=model_name, model_config=model_config, recipe=recipe, classes=list(train.classes),
             seed=args.seed, device=args.device, amp=args.amp, class_weights=args.class_weights,
-            compile=args.compile, stem_weights=args.stem_weights,
+            compile=args.compile, stem_weights=args.stem_weights, init=init,
             data={"train": str(args.data), "val": str(args.val) if args.val else None, "limit": args.limit,
                   "val_limit": args.val_limit, "train_images": len(train)})
         if args.folds is not None:
@@ -186,7 +207,7 @@ def add_train_parser(sub) -> None:
                        description="Train MACNN, VGG16 or HSNet. Writes best/last checkpoints, metrics.jsonl, "
                                    "config.json, resume.pt and plots into --out. Launch with torchrun for "
                                    "several processes (DistributedDataParallel).")
-    p.add_argument("--model", default="macnn", help="macnn, vgg16 or hsnet (default macnn)")
+    p.add_argument("--model", help="macnn, vgg16 or hsnet (default macnn, or the --init checkpoint's)")
     p.add_argument("--data", required=True, help="training data: a FER2013 .csv, class folders, CK+ or RAF-DB")
     p.add_argument("--val", help="validation data (chooses the best epoch; never trained on)")
     p.add_argument("--val-usage", default="PublicTest", help="Usage rows of a FER2013 CSV given as --val")
@@ -196,6 +217,8 @@ def add_train_parser(sub) -> None:
     p.add_argument("--lr", type=float, help="override the recipe's learning rate")
     p.add_argument("--width", type=float, help="channel width multiplier (compact models: 0.25, 0.5)")
     p.add_argument("--input-size", type=int, help="model input size (HSNet; default 112)")
+    p.add_argument("--init", help="fine-tune: start from this train-form checkpoint (e.g. a FER2013 run's "
+                   "best.safetensors); head rows are matched by class name, new classes start fresh")
     p.add_argument("--stem-weights", help="HSNet: face-recognition state dict for the stem (transferred, frozen)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],

@@ -69,6 +69,7 @@ class TrainSettings:
     compile: bool = False
     eval_batch_size: int = 512
     stem_weights: str | None = None     # HSNet: face-recognition stem to transfer and freeze
+    init: dict | None = None            # fine-tuning: {"path", "sha256"} of the checkpoint to start from
     aux_weight: float = 0.3             # HSNet: weight of the auxiliary FGAL head losses
     data: dict = field(default_factory=dict)  # where the data came from (recorded, compared on resume)
 
@@ -231,6 +232,24 @@ def prepare_run_dir(run_dir: Path, resume: bool, force: bool, main: bool) -> Non
 
 
 # ----------------------------------------------------------------- the run
+def init_from_checkpoint(model: nn.Module, path, classes: list[str]) -> dict:
+    """Load a trained train-form checkpoint into ``model`` (fine-tuning),
+    mapping classifier rows by class name.  Returns transfer_state's report."""
+    from fer_edge.checkpoint import class_output_tensors, load_checkpoint, transfer_state
+
+    src, meta = load_checkpoint(path, expect_arch=model.arch)
+    if meta["form"] != "train":
+        raise UserError(f"--init {path}: a {meta['form']}-form checkpoint cannot be trained; "
+                        "give the train-form best.safetensors of a run")
+    try:
+        state, report = transfer_state(src.state_dict(), list(meta["classes"]), model.state_dict(), classes,
+                                       class_output_tensors(model, len(classes)))
+    except ValueError as exc:
+        raise UserError(f"--init {path}: {exc}") from None
+    model.load_state_dict(state)
+    return report
+
+
 def train_run(settings: TrainSettings, train_set, val_set, run_dir, *, resume: bool = False,
               ctx: DistContext | None = None, progress: bool = True, select_best: bool = True,
               log=print) -> dict:
@@ -262,6 +281,13 @@ def train_run(settings: TrainSettings, train_set, val_set, run_dir, *, resume: b
         except (ValueError, RuntimeError, OSError) as exc:
             raise UserError(f"--stem-weights {settings.stem_weights}: {exc}") from None
         model.config["freeze_stem"] = True
+    if settings.init:
+        report = init_from_checkpoint(model, settings.init["path"], settings.classes)
+        if ctx.main and not resume:
+            log(f"initialised from {settings.init['path']}: {len(report['shared_classes'])} of "
+                f"{num_classes} classes' head rows transferred"
+                + (f"; new: {', '.join(report['new_classes'])}" if report["new_classes"] else "")
+                + (f"; dropped: {', '.join(report['dropped_classes'])}" if report["dropped_classes"] else ""))
     arch = model.arch
     preprocess = default_preprocess(arch, model.config)
     model.to(device)
