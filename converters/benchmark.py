@@ -118,7 +118,9 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     if args.json and Path(args.json).exists() and not args.force:
         raise UserError(f"{args.json} exists; pass --force to overwrite it")
     formats = set(args.formats.split(",")) if args.formats else None
-    rep = run_benchmark(args.weights, args.data, calib=args.calib, limit=args.limit, calib_size=args.calib_size,
+    from fer_edge.checkpoint import weights_or_default
+
+    rep = run_benchmark(weights_or_default(args.weights), args.data, calib=args.calib, limit=args.limit, calib_size=args.calib_size,
                         runs=args.runs, formats=formats, log=lambda m: None)
     print(format_table(rep))
     print(f"{rep['images']} faces from {args.data}; ✅ passed parity, ❎ exported but failed parity, "
@@ -130,7 +132,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
 def add_benchmark_parser(sub) -> None:
     p = sub.add_parser("benchmark", help="convert to every target x precision, check parity, time each")
-    p.add_argument("--weights", required=True)
+    p.add_argument("--weights", help="checkpoint (default: the embedded default model)")
     p.add_argument("--data", required=True, help="labelled faces for accuracy and parity")
     p.add_argument("--calib", help="calibration faces for int8 (default: --data)")
     p.add_argument("--calib-size", type=int, default=256)

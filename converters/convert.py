@@ -237,10 +237,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.list:
         print(format_table())
         return 0
-    missing = [n for n in ("weights", "target", "out") if getattr(args, n) is None]
+    missing = [n for n in ("target", "out") if getattr(args, n) is None]
     if missing:
         raise UserError(f"missing --{missing[0]} (see fer-edge convert --help)")
-    report = convert(args.weights, args.target, args.precision, args.out, calib=args.calib,
+    from fer_edge.checkpoint import weights_or_default
+
+    report = convert(weights_or_default(args.weights), args.target, args.precision, args.out, calib=args.calib,
                      calib_size=args.calib_size, nhwc=args.nhwc, dynamic_batch=args.dynamic_batch,
                      force=args.force, calib_method=args.calib_method, int8_all_layers=args.int8_all_layers)
     if not report["passed"]:
@@ -255,7 +257,8 @@ def add_convert_parser(sub) -> None:
     p = sub.add_parser("convert", help="merge, export and quantize a checkpoint into a device bundle",
                        description="Targets x precisions (fer-edge convert --list): " +
                                    ", ".join(f"{f.target}/{f.precision}" for f in FORMATS))
-    p.add_argument("--weights", help="checkpoint (.safetensors, train or merged form)")
+    p.add_argument("--weights", help="checkpoint (.safetensors, train or merged form; "
+                   "default: the embedded default model)")
     p.add_argument("--target", help=f"one of {', '.join(TARGETS)}")
     p.add_argument("--precision", default="fp32", help=f"one of {', '.join(PRECISIONS)} (default fp32)")
     p.add_argument("--calib", help="labelled faces (class folders) for int8 calibration and the parity check")

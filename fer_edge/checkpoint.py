@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -98,6 +99,21 @@ def save_checkpoint(path, model: nn.Module, *, classes=None, preprocess=None, ex
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     write_atomic(Path(path), lambda tmp: save_file(state, tmp, metadata={META_KEY: json.dumps(meta)}), force)
     return meta
+
+
+def weights_or_default(weights, log=None) -> Path:
+    """``weights`` as a Path, or the embedded default model (fer_edge.weights)
+    with a note on stderr, so that a command's own output stays clean."""
+    from fer_edge.weights import default_card, default_weights
+
+    if weights:
+        return Path(weights)
+    path, card = default_weights(), default_card()
+    acc = card.get("publictest", {}).get("accuracy")
+    (log or (lambda m: print(m, file=sys.stderr)))(
+        f"note: no --weights: using the embedded default model {card['name']}"
+        + (f" ({100 * acc:.1f}% on FER2013 PublicTest)" if acc else ""))
+    return path
 
 
 def read_meta(path) -> dict:

@@ -44,7 +44,17 @@ def collect() -> dict:
         "kernels": {"cpu": False, "cuda": False, "cuda_archs": [], "openmp": False},
         "runtimes": {},
         "cuda_device": None,
+        "default_model": None,
     }
+    try:
+        from fer_edge.weights import default_card, default_weights
+
+        card = default_card()
+        info["default_model"] = {"name": card["name"], "path": str(default_weights()),
+                                 "publictest_accuracy": card.get("publictest", {}).get("accuracy"),
+                                 "status": card.get("status")}
+    except Exception as exc:  # noqa: BLE001  (info reports, never fails)
+        info["default_model"] = {"error": str(exc)}
     try:
         from fer_edge import _C
 
@@ -78,8 +88,15 @@ def format_text(info: dict) -> str:
         f"cuda={'yes' if k['cuda'] else 'no'}"
         + (f" for sm_{', sm_'.join(k['cuda_archs'])}" if k["cuda_archs"] else ""),
         f"cuda device: {info['cuda_device'] or 'none'}",
-        "runtimes:",
     ]
+    dm = info.get("default_model") or {}
+    if "name" in dm:
+        acc = dm.get("publictest_accuracy")
+        lines.append(f"default model: {dm['name']}" + (f" ({100 * acc:.1f}% FER2013 PublicTest)" if acc else "")
+                     + f", {dm['path']}")
+    else:
+        lines.append(f"default model: none ({dm.get('error', 'not installed')})")
+    lines.append("runtimes:")
     for name, ver in info["runtimes"].items():
         lines.append(f"  {name:16s} {ver or '-'}")
     return "\n".join(lines)

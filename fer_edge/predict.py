@@ -44,8 +44,12 @@ class TorchBackend:
 
 def open_runtime(bundle=None, weights=None, backend: str = "auto", log=print):
     """(backend, labels, preprocess, description)."""
-    if bool(bundle) == bool(weights):
-        raise UserError("give exactly one of --bundle (a converted model) or --weights (a checkpoint)")
+    if bundle and weights:
+        raise UserError("give one of --bundle (a converted model) or --weights (a checkpoint), not both")
+    if not bundle:
+        from fer_edge.checkpoint import weights_or_default
+
+        weights = weights_or_default(weights)
     if weights:
         if backend not in ("auto",):
             raise UserError("--backend applies to --bundle; --weights runs in PyTorch")
@@ -156,7 +160,8 @@ def add_predict_parser(sub) -> None:
                                    "often children, stay on the device.")
     p.add_argument("source", help="image file, folder of images, video file, or camera index (0, 1, ...)")
     p.add_argument("--bundle", help="a bundle from fer-edge convert (runs without PyTorch)")
-    p.add_argument("--weights", help="a checkpoint, run in PyTorch")
+    p.add_argument("--weights", help="a checkpoint, run in PyTorch (default without --bundle: the embedded "
+                   "default model)")
     p.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="auto = TensorRT for a Jetson bundle when tensorrt imports, else the bundle's runtime")
     p.add_argument("--detector", default="haar", help="haar (OpenCV's cascade) or the path of a YuNet .onnx")

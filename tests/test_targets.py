@@ -206,7 +206,7 @@ def test_predict_refuses_bad_bundles_and_sources(bundles, tmp_path):
     (tmp_path / "empty").mkdir()
     one_line_error(run("predict", tmp_path / "empty", "--bundle", src), "no images")
     one_line_error(run("predict", tmp_path / "nope.png", "--bundle", src), "no such file")
-    one_line_error(run("predict", img), "exactly one of --bundle")
+    one_line_error(run("predict", img, "--bundle", src, "--weights", img), "not both")
     one_line_error(run("predict", img, "--bundle", src, "--backend", "tflite"), "cannot run model.onnx")
     # YuNet runs from the user's .onnx (none can be fetched here; the missing file is one line)
     one_line_error(run("predict", img, "--bundle", src, "--detector", tmp_path / "yunet.onnx"), "YuNet model")

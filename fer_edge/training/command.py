@@ -239,7 +239,7 @@ def add_train_parser(sub) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from fer_edge.checkpoint import load_checkpoint, read_meta
+    from fer_edge.checkpoint import load_checkpoint, read_meta, weights_or_default
     from fer_edge.data import load_dataset
     from fer_edge.evaluate import evaluate, format_report, write_report
 
@@ -252,6 +252,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         if not torch.cuda.is_available():
             raise UserError("--device cuda: no CUDA GPU is visible to PyTorch (use --device cpu)")
+    args.weights = weights_or_default(args.weights)
     meta = read_meta(args.weights)
     size = meta["preprocess"]["input_size"][0]
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
@@ -272,7 +273,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def add_eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="accuracy, per-class metrics, confusion matrix, ROC/AUC, latency, plots")
-    p.add_argument("--weights", required=True, help="checkpoint (.safetensors, train or merged form)")
+    p.add_argument("--weights", help="checkpoint (.safetensors, train or merged form; "
+                   "default: the embedded default model)")
     p.add_argument("--data", required=True, help="labelled faces: class folders, FER2013 .csv, CK+, RAF-DB")
     p.add_argument("--usage", default="PublicTest", help="Usage rows when --data is a FER2013 CSV")
     p.add_argument("--json", help="write the full report as JSON")
