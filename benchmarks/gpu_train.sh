@@ -3,7 +3,10 @@
 # call is capped at 10 minutes).  Carry the data in the ignored .data/ folder:
 #   mkdir -p .data && cp ../shared/data/fer2013.zip .data/ && cp -r ../shared/data/ckplus48 .data/
 #   run(command="bash benchmarks/gpu_train.sh smoke", carry=[".data"], timeout_s=600)
-# Stages: smoke | macnn-paper | vgg16-paper | macnn-best | vgg16-best | hsnet | ckplus
+# Stages: smoke | macnn-paper | vgg16-paper | macnn-best | vgg16-best | compact | hsnet | ckplus | ckplus-ft INIT
+#   compact:    MACNN width 0.25 with the best recipe (the embedded default model's successor)
+#   ckplus-ft:  10-fold CK+ fine-tuned from INIT, a FER2013 checkpoint carried in .data/
+#               (e.g. cp gpu-out/macnn-best/best.safetensors .data/fer-init.safetensors)
 # Each writes its run folder, summary and log into $OUT (or ./gpu-out).
 set -uo pipefail
 STAGE=${1:-smoke}
@@ -30,8 +33,14 @@ case "$STAGE" in
                fer-edge eval --weights runs/macnn-best/best.safetensors --data "$VAL" --device cuda --tta \
                  --json "$OUT/macnn-best-eval.json" | head -8 ;;
   vgg16-best)  run vgg16-best $T --model vgg16 --recipe best --out runs/vgg16-best ;;
+  compact)     run compact $T --model macnn --width 0.25 --recipe best --out runs/compact
+               fer-edge eval --weights runs/compact/best.safetensors --data "$VAL" --device cuda --tta \
+                 --json "$OUT/compact-eval.json" | head -8 ;;
   hsnet)       run hsnet $T --model hsnet --recipe best --epochs 40 --out runs/hsnet ;;
   ckplus)      run ckplus fer-edge train --device cuda --data "$D/ckplus48" --folds 10 --model macnn --recipe best \
                  --epochs 40 --batch-size 64 --no-progress --force --out runs/ckplus ;;
+  ckplus-ft)   INIT=${2:?"ckplus-ft INIT: the FER2013 checkpoint to start from, e.g. .data/fer-init.safetensors"}
+               run ckplus-ft fer-edge train --device cuda --init "$INIT" --data "$D/ckplus48" --folds 10 \
+                 --recipe best --epochs 30 --batch-size 32 --lr 0.01 --no-progress --force --out runs/ckplus-ft ;;
   *) echo "unknown stage $STAGE"; exit 2 ;;
 esac
