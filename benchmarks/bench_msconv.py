@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -153,7 +154,10 @@ def run(args) -> list[dict]:
                     us = {m: time_fn(f, xs, device, args.repeat) for m, f in methods.items()}
                 flops, nbytes = layer_cost(cin, hw, c1, c3, c5, n, torch.finfo(torch_dtype[dt]).bits // 8)
                 best = min(v for k, v in us.items() if k in BASELINES)
-                algo = methods["fused"].algorithm_for(n, hw, hw) if device == "cpu" else "cuda"
+                if device == "cpu":
+                    algo = methods["fused"].algorithm_for(n, hw, hw)
+                else:  # FER_EDGE_CUDA_KERNEL=wmma: tensor cores for fp16 (see csrc/msconv_cuda.cu)
+                    algo = "wmma" if dt == "fp16" and os.environ.get("FER_EDGE_CUDA_KERNEL") == "wmma" else "simt"
                 row = {
                     "layer": name, "batch": n, "dtype": dt, "layout": args.layout, "device": device,
                     "width": args.width, "channels": [cin, c1, c3, c5], "algo": algo,

@@ -17,3 +17,6 @@ compute-sanitizer --tool memcheck python3 -P -m pytest -q -x --import-mode=impor
 compute-sanitizer --tool racecheck python3 -P -m pytest -q -x --import-mode=importlib tests/test_kernels.py \
   -k "cuda_fp16 and n1" 2>&1 | tail -8 | tee "$OUT/racecheck.log"
 python3 benchmarks/bench_msconv.py --device cuda --json "$OUT/msconv_cuda.json" 2>/dev/null | tee "$OUT/bench.txt"
+# the tensor-core (WMMA) fp16 kernel, opt-in until verified here
+FER_EDGE_CUDA_KERNEL=wmma python3 benchmarks/bench_msconv.py --device cuda --dtypes fp16 \
+  --json "$OUT/msconv_cuda_wmma.json" 2>/dev/null | tee "$OUT/bench_wmma.txt"

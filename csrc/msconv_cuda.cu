@@ -10,14 +10,19 @@
 // Bias and ReLU are applied in registers and results are written straight into
 // their slice of the concatenated output: no intermediate tensors, no cat.
 //
-// This is the portable SIMT version (any sm_75+ GPU, Jetson Orin included);
-// tensor-core variants belong to the speed work and must keep these results.
+// This is the portable SIMT version (any sm_75+ GPU, Jetson Orin included).
+// For float16 there is also a tensor-core version (msconv_wmma_kernel below,
+// an implicit GEMM through the WMMA API), selected with the environment
+// variable FER_EDGE_CUDA_KERNEL=wmma until it has been verified on hardware.
 #include "msconv.h"
 
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <mma.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 
 namespace fer_edge {
@@ -167,6 +172,178 @@ int device_of(std::uintptr_t p, const char* name) {
   return attr.device;
 }
 
+// ---------------------------------------------------------------- tensor cores
+// Implicit GEMM on 16x16x16 WMMA tiles, float16 in, float32 accumulation.
+// A block owns WR output rows x 16 output columns (one 16-pixel M tile per
+// warp) and WN combined output channels (WN / 16 N tiles per warp).  For each
+// slice of 16 input channels it stages the input tile with its halo (channels
+// fastest, so one pixel's 16 channels are one row of an A tile) and the
+// slice's weights for the taps this channel block needs; then for every tap
+// (ky, kx) the A tile is the 16 pixels shifted by the tap, read in place from
+// shared memory with a row stride of one pixel: the 5x5/3x3/1x1 windows never
+// get unfolded into an im2col buffer.  Epilogue: accumulators go through
+// shared memory (reusing the weight buffer), then bias + ReLU + float16 and
+// coalesced stores into the concatenated output.
+namespace wm {
+constexpr int WR = 4;             // output rows per block = warps per block
+constexpr int WC = 16;            // output columns per block (one M tile)
+constexpr int WN = 32;            // output channels per block (two N tiles)
+constexpr int NT = WN / 16;
+constexpr int KC = 16;            // input channels per stage (one K step)
+constexpr int KCP = 32;           // smem channel stride (halves): 64 B per pixel keeps every A pointer 32-B aligned
+constexpr int WNP = WN + 8;       // smem weight row stride (halves), a multiple of 8 as WMMA needs
+constexpr int OUTP = WN + 4;      // epilogue row stride (floats), a multiple of 4
+constexpr int IH = WR + 4, IW = WC + 4;
+constexpr int THREADS = 32 * WR;
+constexpr int SW_BYTES = 25 * KC * WNP * 2;
+constexpr int SOUT_BYTES = WR * 16 * OUTP * 4;
+static_assert(SOUT_BYTES <= SW_BYTES, "the epilogue reuses the weight buffer");
+}  // namespace wm
+
+template <bool NHWC>
+__global__ void __launch_bounds__(wm::THREADS)
+msconv_wmma_kernel(const __half* __restrict__ x, __half* __restrict__ out,
+                   const __half* __restrict__ w1, const __half* __restrict__ b1,
+                   const __half* __restrict__ w3, const __half* __restrict__ b3,
+                   const __half* __restrict__ w5, const __half* __restrict__ b5, Dims d) {
+  using namespace nvcuda;
+  __shared__ __align__(128) __half s_in[wm::IH][wm::IW][wm::KCP];
+  __shared__ __align__(128) unsigned char s_buf[wm::SW_BYTES];
+  auto s_w = reinterpret_cast<__half (*)[wm::KC][wm::WNP]>(s_buf);  // [25][KC][WNP]
+  auto s_out = reinterpret_cast<float (*)[16][wm::OUTP]>(s_buf);  // [WR][16][OUTP]
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int ty0 = (blockIdx.x / d.tiles_w) * wm::WR, tx0 = (blockIdx.x % d.tiles_w) * wm::WC;
+  const int co_block = blockIdx.y * wm::WN;
+  const int n = d.n0 + blockIdx.z;
+  const int C = d.C, H = d.H, W = d.W;
+  const int r = co_block < d.c5 ? 2 : (co_block < d.c5 + d.c3 ? 1 : 0);
+  const int side = 2 * r + 1, ntaps = side * side;
+
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[wm::NT];
+#pragma unroll
+  for (int t = 0; t < wm::NT; ++t) wmma::fill_fragment(acc[t], 0.f);
+
+  for (int ci0 = 0; ci0 < C; ci0 += wm::KC) {
+    __syncthreads();  // previous stage fully consumed
+    for (int idx = tid; idx < wm::IH * wm::IW * wm::KC; idx += wm::THREADS) {
+      int cc, yy, xx;
+      if (NHWC) {
+        cc = idx % wm::KC;
+        const int p = idx / wm::KC;
+        yy = p / wm::IW;
+        xx = p % wm::IW;
+      } else {
+        cc = idx / (wm::IH * wm::IW);
+        const int p = idx % (wm::IH * wm::IW);
+        yy = p / wm::IW;
+        xx = p % wm::IW;
+      }
+      const int ih = ty0 + yy - 2, iw = tx0 + xx - 2, ci = ci0 + cc;
+      __half v = __float2half(0.f);
+      if (ih >= 0 && ih < H && iw >= 0 && iw < W && ci < C)
+        v = x[NHWC ? ((static_cast<long long>(n) * H + ih) * W + iw) * C + ci
+                   : ((static_cast<long long>(n) * C + ci) * H + ih) * W + iw];
+      s_in[yy][xx][cc] = v;
+    }
+    // Weights of the taps within radius r only (tap t of the block's window
+    // is 5x5 tap (2 - r + t / side, 2 - r + t % side)).
+    for (int idx = tid; idx < ntaps * wm::KC * wm::WN; idx += wm::THREADS) {
+      const int j = idx % wm::WN;
+      const int rest = idx / wm::WN;
+      const int cc = rest % wm::KC, t = rest / wm::KC;
+      const int ky = 2 - r + t / side, kx = 2 - r + t % side;
+      const int co = co_block + j, ci = ci0 + cc;
+      __half v = __float2half(0.f);
+      if (ci < C && co < d.ctot) {
+        if (co < d.c5) {
+          v = w5[(static_cast<long long>(co) * C + ci) * 25 + ky * 5 + kx];
+        } else if (co < d.c5 + d.c3) {
+          if (ky >= 1 && ky <= 3 && kx >= 1 && kx <= 3)
+            v = w3[(static_cast<long long>(co - d.c5) * C + ci) * 9 + (ky - 1) * 3 + (kx - 1)];
+        } else if (ky == 2 && kx == 2) {
+          v = w1[static_cast<long long>(co - d.c5 - d.c3) * C + ci];
+        }
+      }
+      s_w[t][cc][j] = v;
+    }
+    __syncthreads();
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a;
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::row_major> b;
+    for (int t = 0; t < ntaps; ++t) {
+      const int ky = 2 - r + t / side, kx = 2 - r + t % side;
+      // Row i of A = output pixel (ty0 + warp, tx0 + i) shifted by the tap: input pixel i + kx of row warp + ky.
+      wmma::load_matrix_sync(a, &s_in[warp + ky][kx][0], wm::KCP);
+#pragma unroll
+      for (int nt = 0; nt < wm::NT; ++nt) {
+        wmma::load_matrix_sync(b, &s_w[t][0][nt * 16], wm::WNP);
+        wmma::mma_sync(acc[nt], a, b, acc[nt]);
+      }
+    }
+  }
+
+  __syncthreads();  // every warp is done with s_w: its memory becomes s_out
+#pragma unroll
+  for (int nt = 0; nt < wm::NT; ++nt)
+    wmma::store_matrix_sync(&s_out[warp][0][nt * 16], acc[nt], wm::OUTP, wmma::mem_row_major);
+  __syncwarp();
+  const int oh = ty0 + warp;
+  if (oh >= H) return;
+  for (int e = lane; e < 16 * wm::WN; e += 32) {
+    const int i = e / wm::WN, j = e % wm::WN;  // consecutive lanes: consecutive channels of one pixel
+    const int ow = tx0 + i, co = co_block + j;
+    if (ow >= W || co >= d.ctot) continue;
+    float bias;
+    int oc;
+    if (co < d.c5) {
+      bias = __half2float(b5[co]);
+      oc = d.c1 + d.c3 + co;
+    } else if (co < d.c5 + d.c3) {
+      bias = __half2float(b3[co - d.c5]);
+      oc = d.c1 + (co - d.c5);
+    } else {
+      bias = __half2float(b1[co - d.c5 - d.c3]);
+      oc = co - d.c5 - d.c3;
+    }
+    float v = s_out[warp][i][j] + bias;
+    if (d.relu) v = v > 0.f ? v : (v == v ? 0.f : v);  // keep NaN like torch.relu
+    out[NHWC ? ((static_cast<long long>(n) * H + oh) * W + ow) * d.ctot + oc
+             : ((static_cast<long long>(n) * d.ctot + oc) * H + oh) * W + ow] = __float2half_rn(v);
+  }
+}
+
+// FER_EDGE_CUDA_KERNEL=wmma selects the tensor-core kernel for float16.
+bool wmma_requested() {
+  const char* v = std::getenv("FER_EDGE_CUDA_KERNEL");
+  return v != nullptr && std::strcmp(v, "wmma") == 0;
+}
+
+template <bool NHWC>
+void launch_wmma(const MsConvArgs& a, cudaStream_t s) {
+  Dims d{};
+  d.C = static_cast<int>(a.c);
+  d.H = static_cast<int>(a.h);
+  d.W = static_cast<int>(a.w);
+  d.c1 = static_cast<int>(a.c1);
+  d.c3 = static_cast<int>(a.c3);
+  d.c5 = static_cast<int>(a.c5);
+  d.ctot = d.c1 + d.c3 + d.c5;
+  d.tiles_w = (d.W + wm::WC - 1) / wm::WC;
+  d.relu = a.relu;
+  const int tiles = d.tiles_w * ((d.H + wm::WR - 1) / wm::WR);
+  const int cblocks = (d.ctot + wm::WN - 1) / wm::WN;
+  for (long long n0 = 0; n0 < a.n; n0 += 65535) {
+    d.n0 = static_cast<int>(n0);
+    const unsigned nz = static_cast<unsigned>(std::min<long long>(65535, a.n - n0));
+    msconv_wmma_kernel<NHWC><<<dim3(tiles, cblocks, nz), wm::THREADS, 0, s>>>(
+        reinterpret_cast<const __half*>(a.x), reinterpret_cast<__half*>(a.out),
+        reinterpret_cast<const __half*>(a.w1), reinterpret_cast<const __half*>(a.b1),
+        reinterpret_cast<const __half*>(a.w3), reinterpret_cast<const __half*>(a.b3),
+        reinterpret_cast<const __half*>(a.w5), reinterpret_cast<const __half*>(a.b5), d);
+    check(cudaGetLastError(), "kernel launch");
+  }
+}
+
 template <typename T, bool NHWC>
 void launch(const MsConvArgs& a, cudaStream_t s) {
   Dims d{};
@@ -212,6 +389,8 @@ void msconv_cuda(const MsConvArgs& a, DType dtype, std::uintptr_t stream) {
     const bool nhwc = a.layout == Layout::NHWC;
     if (dtype == DType::Float32) {
       nhwc ? launch<float, true>(a, s) : launch<float, false>(a, s);
+    } else if (dtype == DType::Float16 && wmma_requested()) {
+      nhwc ? launch_wmma<true>(a, s) : launch_wmma<false>(a, s);
     } else if (dtype == DType::Float16) {
       nhwc ? launch<__half, true>(a, s) : launch<__half, false>(a, s);
     } else {

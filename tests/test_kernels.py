@@ -278,6 +278,23 @@ def test_cuda_fp16_close_to_fp32_reference(case):
 
 @requires_cuda
 @requires_cuda_kernel
+@pytest.mark.parametrize("case", CUDA_CASES + [(2, 64, 24, 24, 32, 48, 48, True, True),
+                                               (1, 256, 6, 6, 128, 192, 192, True, True)],
+                         ids=[_id(c) for c in CUDA_CASES] + ["L2", "L4"])
+def test_cuda_wmma_fp16_close_to_fp32_reference(case, monkeypatch):
+    """The tensor-core kernel (FER_EDGE_CUDA_KERNEL=wmma), same bound as the SIMT one."""
+    monkeypatch.setenv("FER_EDGE_CUDA_KERNEL", "wmma")
+    n, cin, h, w, c1, c3, c5, nhwc, relu = case
+    args = make_inputs(n, cin, h, w, c1, c3, c5, nhwc=nhwc, device="cuda", dtype=torch.float16, seed=7)
+    y = fused_ms_conv(*args, relu=relu)
+    assert y.dtype == torch.float16
+    ref = fused_ms_conv_reference(*[t.cpu().double() for t in args], relu=relu)
+    assert rel_norm(y.cpu(), ref) <= FP16_REL_NORM
+    assert_same_layout(y, fused_ms_conv_reference(*args, relu=relu))
+
+
+@requires_cuda
+@requires_cuda_kernel
 def test_cuda_runs_on_the_current_stream_and_in_a_graph():
     args = make_inputs(3, 64, 24, 24, 32, 48, 48, nhwc=True, device="cuda", dtype=torch.float16)
     ref = fused_ms_conv(*args)
