@@ -49,6 +49,52 @@ struct Dims {
   bool relu;
 };
 
+Dims make_dims(const MsConvArgs& a, int tile_w) {
+  Dims d{};
+  d.C = static_cast<int>(a.c);
+  d.H = static_cast<int>(a.h);
+  d.W = static_cast<int>(a.w);
+  d.c1 = static_cast<int>(a.c1);
+  d.c3 = static_cast<int>(a.c3);
+  d.c5 = static_cast<int>(a.c5);
+  d.ctot = d.c1 + d.c3 + d.c5;
+  d.tiles_w = (d.W + tile_w - 1) / tile_w;
+  d.relu = a.relu;
+  return d;
+}
+
+// Weight of combined channel co (order [c5 | c3 | c1]) for input channel ci
+// at 5x5 tap (ky, kx): the 3x3 and 1x1 kernels sit at the window's centre,
+// zero elsewhere.
+template <typename T>
+__device__ __forceinline__ float weight_at(int co, int ci, int ky, int kx, const Dims& d, const T* w1,
+                                           const T* w3, const T* w5) {
+  if (co < d.c5) return to_f(w5[(static_cast<long long>(co) * d.C + ci) * 25 + ky * 5 + kx]);
+  if (co < d.c5 + d.c3) {
+    if (ky < 1 || ky > 3 || kx < 1 || kx > 3) return 0.f;
+    return to_f(w3[(static_cast<long long>(co - d.c5) * d.C + ci) * 9 + (ky - 1) * 3 + (kx - 1)]);
+  }
+  return ky == 2 && kx == 2 ? to_f(w1[static_cast<long long>(co - d.c5 - d.c3) * d.C + ci]) : 0.f;
+}
+
+// Bias of combined channel co and its channel in the concatenated output [c1 | c3 | c5].
+template <typename T>
+__device__ __forceinline__ float bias_and_channel(int co, const Dims& d, const T* b1, const T* b3, const T* b5,
+                                                  int& oc) {
+  if (co < d.c5) {
+    oc = d.c1 + d.c3 + co;
+    return to_f(b5[co]);
+  }
+  if (co < d.c5 + d.c3) {
+    oc = d.c1 + (co - d.c5);
+    return to_f(b3[co - d.c5]);
+  }
+  oc = co - d.c5 - d.c3;
+  return to_f(b1[co - d.c5 - d.c3]);
+}
+
+__device__ __forceinline__ float relu_keep_nan(float v) { return v > 0.f ? v : (v == v ? 0.f : v); }
+
 template <typename T, bool NHWC>
 __global__ void __launch_bounds__(THREADS)
 msconv_kernel(const T* __restrict__ x, T* __restrict__ out,
@@ -102,17 +148,7 @@ msconv_kernel(const T* __restrict__ x, T* __restrict__ out,
       const int j = rest % BCO, cc = rest / BCO;
       const int co = co_block + j, ci = ci0 + cc;
       const int ky = tap / 5, kx = tap % 5;
-      float v = 0.f;
-      if (ci < C && co < d.ctot) {
-        if (co < d.c5) {
-          v = to_f(w5[(static_cast<long long>(co) * C + ci) * 25 + tap]);
-        } else if (co < d.c5 + d.c3) {
-          if (ky >= 1 && ky <= 3 && kx >= 1 && kx <= 3)
-            v = to_f(w3[(static_cast<long long>(co - d.c5) * C + ci) * 9 + (ky - 1) * 3 + (kx - 1)]);
-        } else if (ky == 2 && kx == 2) {
-          v = to_f(w1[static_cast<long long>(co - d.c5 - d.c3) * C + ci]);
-        }
-      }
+      const float v = ci < C && co < d.ctot ? weight_at(co, ci, ky, kx, d, w1, w3, w5) : 0.f;
       s_w[cc][tap][j] = v;
     }
     __syncthreads();
@@ -133,20 +169,10 @@ msconv_kernel(const T* __restrict__ x, T* __restrict__ out,
   for (int j = 0; j < COB; ++j) {
     const int co = co_block + cg * COB + j;
     if (co >= d.ctot) break;
-    float b;
     int oc;
-    if (co < d.c5) {
-      b = to_f(b5[co]);
-      oc = d.c1 + d.c3 + co;
-    } else if (co < d.c5 + d.c3) {
-      b = to_f(b3[co - d.c5]);
-      oc = d.c1 + (co - d.c5);
-    } else {
-      b = to_f(b1[co - d.c5 - d.c3]);
-      oc = co - d.c5 - d.c3;
-    }
+    const float b = bias_and_channel(co, d, b1, b3, b5, oc);
     float v = acc[j] + b;
-    if (d.relu) v = v > 0.f ? v : (v == v ? 0.f : v);  // keep NaN like torch.relu
+    if (d.relu) v = relu_keep_nan(v);  // keep NaN like torch.relu
     const long long off = NHWC ? ((static_cast<long long>(n) * H + oh) * W + ow) * d.ctot + oc
                                : ((static_cast<long long>(n) * d.ctot + oc) * H + oh) * W + ow;
     out[off] = from_f<T>(v);
@@ -254,17 +280,7 @@ msconv_wmma_kernel(const __half* __restrict__ x, __half* __restrict__ out,
       const int cc = rest % wm::KC, t = rest / wm::KC;
       const int ky = 2 - r + t / side, kx = 2 - r + t % side;
       const int co = co_block + j, ci = ci0 + cc;
-      __half v = __float2half(0.f);
-      if (ci < C && co < d.ctot) {
-        if (co < d.c5) {
-          v = w5[(static_cast<long long>(co) * C + ci) * 25 + ky * 5 + kx];
-        } else if (co < d.c5 + d.c3) {
-          if (ky >= 1 && ky <= 3 && kx >= 1 && kx <= 3)
-            v = w3[(static_cast<long long>(co - d.c5) * C + ci) * 9 + (ky - 1) * 3 + (kx - 1)];
-        } else if (ky == 2 && kx == 2) {
-          v = w1[static_cast<long long>(co - d.c5 - d.c3) * C + ci];
-        }
-      }
+      const __half v = __float2half(ci < C && co < d.ctot ? weight_at(co, ci, ky, kx, d, w1, w3, w5) : 0.f);
       s_w[t][cc][j] = v;
     }
     __syncthreads();
@@ -293,20 +309,10 @@ msconv_wmma_kernel(const __half* __restrict__ x, __half* __restrict__ out,
     const int i = e / wm::WN, j = e % wm::WN;  // consecutive lanes: consecutive channels of one pixel
     const int ow = tx0 + i, co = co_block + j;
     if (ow >= W || co >= d.ctot) continue;
-    float bias;
     int oc;
-    if (co < d.c5) {
-      bias = __half2float(b5[co]);
-      oc = d.c1 + d.c3 + co;
-    } else if (co < d.c5 + d.c3) {
-      bias = __half2float(b3[co - d.c5]);
-      oc = d.c1 + (co - d.c5);
-    } else {
-      bias = __half2float(b1[co - d.c5 - d.c3]);
-      oc = co - d.c5 - d.c3;
-    }
+    const float bias = bias_and_channel(co, d, b1, b3, b5, oc);
     float v = s_out[warp][i][j] + bias;
-    if (d.relu) v = v > 0.f ? v : (v == v ? 0.f : v);  // keep NaN like torch.relu
+    if (d.relu) v = relu_keep_nan(v);
     out[NHWC ? ((static_cast<long long>(n) * H + oh) * W + ow) * d.ctot + oc
              : ((static_cast<long long>(n) * d.ctot + oc) * H + oh) * W + ow] = __float2half_rn(v);
   }
@@ -320,16 +326,7 @@ bool wmma_requested() {
 
 template <bool NHWC>
 void launch_wmma(const MsConvArgs& a, cudaStream_t s) {
-  Dims d{};
-  d.C = static_cast<int>(a.c);
-  d.H = static_cast<int>(a.h);
-  d.W = static_cast<int>(a.w);
-  d.c1 = static_cast<int>(a.c1);
-  d.c3 = static_cast<int>(a.c3);
-  d.c5 = static_cast<int>(a.c5);
-  d.ctot = d.c1 + d.c3 + d.c5;
-  d.tiles_w = (d.W + wm::WC - 1) / wm::WC;
-  d.relu = a.relu;
+  Dims d = make_dims(a, wm::WC);
   const int tiles = d.tiles_w * ((d.H + wm::WR - 1) / wm::WR);
   const int cblocks = (d.ctot + wm::WN - 1) / wm::WN;
   for (long long n0 = 0; n0 < a.n; n0 += 65535) {
@@ -346,16 +343,7 @@ void launch_wmma(const MsConvArgs& a, cudaStream_t s) {
 
 template <typename T, bool NHWC>
 void launch(const MsConvArgs& a, cudaStream_t s) {
-  Dims d{};
-  d.C = static_cast<int>(a.c);
-  d.H = static_cast<int>(a.h);
-  d.W = static_cast<int>(a.w);
-  d.c1 = static_cast<int>(a.c1);
-  d.c3 = static_cast<int>(a.c3);
-  d.c5 = static_cast<int>(a.c5);
-  d.ctot = d.c1 + d.c3 + d.c5;
-  d.tiles_w = (d.W + TW - 1) / TW;
-  d.relu = a.relu;
+  Dims d = make_dims(a, TW);
   const int tiles = d.tiles_w * ((d.H + TH - 1) / TH);
   const int cblocks = (d.ctot + BCO - 1) / BCO;
   // gridDim.z is limited to 65535: launch large batches in slices.

@@ -264,26 +264,16 @@ def test_cuda_fp32_matches_reference(case):
     assert_same_layout(y, ref)
 
 
-@requires_cuda
-@requires_cuda_kernel
-@pytest.mark.parametrize("case", CUDA_CASES, ids=[_id(c) for c in CUDA_CASES])
-def test_cuda_fp16_close_to_fp32_reference(case):
-    n, cin, h, w, c1, c3, c5, nhwc, relu = case
-    args = make_inputs(n, cin, h, w, c1, c3, c5, nhwc=nhwc, device="cuda", dtype=torch.float16, seed=7)
-    y = fused_ms_conv(*args, relu=relu)
-    assert y.dtype == torch.float16
-    ref = fused_ms_conv_reference(*[t.cpu().double() for t in args], relu=relu)
-    assert rel_norm(y.cpu(), ref) <= FP16_REL_NORM
+FP16_CASES = CUDA_CASES + [(2, 64, 24, 24, 32, 48, 48, True, True), (1, 256, 6, 6, 128, 192, 192, True, True)]
 
 
 @requires_cuda
 @requires_cuda_kernel
-@pytest.mark.parametrize("case", CUDA_CASES + [(2, 64, 24, 24, 32, 48, 48, True, True),
-                                               (1, 256, 6, 6, 128, 192, 192, True, True)],
-                         ids=[_id(c) for c in CUDA_CASES] + ["L2", "L4"])
-def test_cuda_wmma_fp16_close_to_fp32_reference(case, monkeypatch):
-    """The tensor-core kernel (FER_EDGE_CUDA_KERNEL=wmma), same bound as the SIMT one."""
-    monkeypatch.setenv("FER_EDGE_CUDA_KERNEL", "wmma")
+@pytest.mark.parametrize("kernel", ["simt", "wmma"])
+@pytest.mark.parametrize("case", FP16_CASES, ids=[_id(c) for c in FP16_CASES])
+def test_cuda_fp16_close_to_fp32_reference(case, kernel, monkeypatch):
+    """Both fp16 kernels: the SIMT one and the tensor-core one (FER_EDGE_CUDA_KERNEL=wmma)."""
+    monkeypatch.setenv("FER_EDGE_CUDA_KERNEL", kernel)
     n, cin, h, w, c1, c3, c5, nhwc, relu = case
     args = make_inputs(n, cin, h, w, c1, c3, c5, nhwc=nhwc, device="cuda", dtype=torch.float16, seed=7)
     y = fused_ms_conv(*args, relu=relu)
