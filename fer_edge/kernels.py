@@ -199,6 +199,10 @@ class CpuPackedMsConv:
 
     At batch 1 re-packing the weights costs as much as the convolution, so a
     module whose weights do not change between calls keeps one of these.
+    ``algo``: "direct" (tap by tap, float32 rounding ~1e-7), "winograd"
+    (F(4x4, 5x5) with one input transform shared by the three branches, ~3x
+    fewer multiplies, rounding ~1e-5 of the output's magnitude) or "auto"
+    (default: Winograd where it is predicted faster, see ``algorithm_for``).
     ``is_current`` says whether it still matches the given tensors: it holds
     references to them (so their memory cannot be reused by other tensors)
     and their in-place version counters (bumped by optimizer steps,
