@@ -56,6 +56,7 @@ namespace {
 
 constexpr int CB = 16;  // output channels per chunk: two 8-wide vectors
 constexpr int PB = 4;   // output pixels per register block (weights reused PB times)
+constexpr int PBF = 8;  // the same for small maps, pixels taken across rows
 
 // Which 5x5 taps an output channel uses: 2 = whole 5x5, 1 = inner 3x3, 0 = centre.
 inline int channel_radius(std::int64_t co, std::int64_t c1, std::int64_t c3) {
@@ -140,22 +141,23 @@ void make_plan(const MsConvArgs& a, int nt, Plan& p) {
 
 // Writes one register block (PB pixels x CB output channels, starting at
 // channel co0) into the concatenated output, with ReLU.
+inline void store_pixel(const float* acc, std::int64_t co0, bool relu, bool nhwc, float* out, std::int64_t n,
+                        std::int64_t oh, std::int64_t ow, std::int64_t H, std::int64_t W, std::int64_t ctot) {
+  const std::int64_t cn = std::min<std::int64_t>(CB, ctot - co0);
+  float v[CB];
+#pragma omp simd
+  for (int j = 0; j < CB; ++j) v[j] = relu && acc[j] < 0.f ? 0.f : acc[j];
+  if (nhwc) {
+    std::memcpy(out + ((n * H + oh) * W + ow) * ctot + co0, v, sizeof(float) * cn);
+  } else {
+    for (int j = 0; j < cn; ++j) out[((n * ctot + co0 + j) * H + oh) * W + ow] = v[j];
+  }
+}
+
 inline void store_block(const float (&acc)[PB][CB], std::int64_t co0, bool relu, bool nhwc, float* out,
                         std::int64_t n, std::int64_t oh, std::int64_t ow0, std::int64_t H, std::int64_t W,
                         std::int64_t ctot) {
-  const std::int64_t cn = std::min<std::int64_t>(CB, ctot - co0);
-  for (int q = 0; q < PB; ++q) {
-    const std::int64_t ow = ow0 + q;
-    if (ow >= W) break;
-    float v[CB];
-#pragma omp simd
-    for (int j = 0; j < CB; ++j) v[j] = relu && acc[q][j] < 0.f ? 0.f : acc[q][j];
-    if (nhwc) {
-      std::memcpy(out + ((n * H + oh) * W + ow) * ctot + co0, v, sizeof(float) * cn);
-    } else {
-      for (int j = 0; j < cn; ++j) out[((n * ctot + co0 + j) * H + oh) * W + ow] = v[j];
-    }
-  }
+  for (int q = 0; q < PB && ow0 + q < W; ++q) store_pixel(acc[q], co0, relu, nhwc, out, n, oh, ow0 + q, H, W, ctot);
 }
 
 // One output row of one chunk for a single input channel (the grayscale
@@ -223,6 +225,52 @@ void run_plan(const MsConvArgs& a, const Plan& p, int nt) {
             default: row_single_channel<0>(xrow, Wp, wk, bk, co0, relu, nhwc, out, n, oh, H, W, ctot); break;
           }
         }
+    return;
+  }
+
+  if (W < 2 * PB) {
+    // Small maps (MACNN's 6x6 and 3x3 stages): rows are shorter than two
+    // register blocks, and with one row per work item every chunk's weights
+    // (up to 400 KB at 256 input channels) were streamed once per row.  Here
+    // a work item is one chunk of one image, its pixels taken PBF at a time
+    // across rows, so the chunk's weights stay in L2 while they serve every
+    // pixel.  Chunks are dealt round-robin: their tap counts (1, 9, 25)
+    // differ, and contiguous halves would load one thread with the 5x5s.
+    const std::int64_t HW = H * W;
+#pragma omp parallel for collapse(2) schedule(static, 1) num_threads(nt)
+    for (std::int64_t n = 0; n < N; ++n)
+      for (std::int64_t k = 0; k < nchunks; ++k) {
+        const int r = p.radius[k];
+        const float* wk = p.weights.data() + p.offset[k];
+        const float* bk = p.bias.data() + k * CB;
+        const std::int64_t co0 = k * CB;
+        for (std::int64_t p0 = 0; p0 < HW; p0 += PBF) {
+          const float* xq[PBF];  // each pixel's 5x5 window, top-left corner
+          for (int q = 0; q < PBF; ++q) {
+            const std::int64_t pix = std::min(p0 + q, HW - 1);  // past the end: recompute the last pixel, unstored
+            xq[q] = xp.data() + ((n * Hp + pix / W) * Wp + pix % W) * C;
+          }
+          float acc[PBF][CB];
+          for (int q = 0; q < PBF; ++q)
+            for (int j = 0; j < CB; ++j) acc[q][j] = bk[j];
+          std::int64_t t = 0;
+          for (int ky = 2 - r; ky <= 2 + r; ++ky)
+            for (int kx = 2 - r; kx <= 2 + r; ++kx, ++t) {
+              const std::int64_t off = (ky * Wp + kx) * C;
+              const float* wt = wk + t * C * CB;
+              for (std::int64_t ci = 0; ci < C; ++ci) {
+                const float* wv = wt + ci * CB;
+                for (int q = 0; q < PBF; ++q) {
+                  const float xv = xq[q][off + ci];
+#pragma omp simd
+                  for (int j = 0; j < CB; ++j) acc[q][j] += xv * wv[j];
+                }
+              }
+            }
+          for (int q = 0; q < PBF && p0 + q < HW; ++q)
+            store_pixel(acc[q], co0, relu, nhwc, out, n, (p0 + q) / W, (p0 + q) % W, H, W, ctot);
+        }
+      }
     return;
   }
 
