@@ -58,11 +58,6 @@ constexpr int CB = 16;  // output channels per chunk: two 8-wide vectors
 constexpr int PB = 4;   // output pixels per register block (weights reused PB times)
 constexpr int PBF = 8;  // the same for small maps, pixels taken across rows
 
-// Which 5x5 taps an output channel uses: 2 = whole 5x5, 1 = inner 3x3, 0 = centre.
-inline int channel_radius(std::int64_t co, std::int64_t c1, std::int64_t c3) {
-  return co < c1 ? 0 : (co < c1 + c3 ? 1 : 2);
-}
-
 struct Plan {
   std::int64_t ctot = 0, nchunks = 0;
   std::vector<int> radius;           // per chunk: the largest radius of its channels
@@ -81,27 +76,21 @@ void make_plan(const MsConvArgs& a, int nt, Plan& p) {
   p.offset.resize(p.nchunks + 1);
   p.offset[0] = 0;
   for (std::int64_t k = 0; k < p.nchunks; ++k) {
-    // Radius grows with the channel index: the chunk's last channel has the largest.
-    p.radius[k] = channel_radius(std::min(k * CB + CB, p.ctot) - 1, a.c1, a.c3);
+    // Which 5x5 taps the chunk needs (2 = whole 5x5, 1 = inner 3x3, 0 = centre).
+    // The radius grows with the channel index: the chunk's last channel has the largest.
+    p.radius[k] = output_channel(a, std::min(k * CB + CB, p.ctot) - 1).k / 2;
     const std::int64_t side = 2 * p.radius[k] + 1;
     p.offset[k + 1] = p.offset[k] + side * side * a.c * CB;
   }
   p.weights.resize(p.offset[p.nchunks]);
   p.bias.assign(p.nchunks * CB, 0.f);
-  const float* b1 = reinterpret_cast<const float*>(a.b1);
-  const float* b3 = reinterpret_cast<const float*>(a.b3);
-  const float* b5 = reinterpret_cast<const float*>(a.b5);
-  for (std::int64_t co = 0; co < p.ctot; ++co)
-    p.bias[co] = co < a.c1 ? b1[co] : (co < a.c1 + a.c3 ? b3[co - a.c1] : b5[co - a.c1 - a.c3]);
+  for (std::int64_t co = 0; co < p.ctot; ++co) p.bias[co] = output_channel(a, co).bias;
   // Scatter each branch's OIHW weights into the chunk that owns the channel,
   // writing every slot (zeros for taps outside a branch's kernel and for the
   // padding channels) so the buffer needs no clearing.  Loop order (chunk, ci,
   // channel, tap): for one ci a chunk's destination is only taps x CB floats,
   // so the strided writes and the contiguous reads both stay in L1.
   const std::int64_t C = a.c;
-  const float* w1 = reinterpret_cast<const float*>(a.w1);
-  const float* w3 = reinterpret_cast<const float*>(a.w3);
-  const float* w5 = reinterpret_cast<const float*>(a.w5);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
   for (std::int64_t k = 0; k < p.nchunks; ++k) {  // one chunk per thread: no false sharing
     const int r = p.radius[k], side = 2 * r + 1;
@@ -110,15 +99,10 @@ void make_plan(const MsConvArgs& a, int nt, Plan& p) {
     int ks[CB];  // kernel size of each channel's branch (0: padding channel)
     for (int j = 0; j < CB; ++j) {
       const std::int64_t co = k * CB + j;
-      if (co < a.c1) {
-        src[j] = w1 + co * C;
-        ks[j] = 1;
-      } else if (co < a.c1 + a.c3) {
-        src[j] = w3 + (co - a.c1) * C * 9;
-        ks[j] = 3;
-      } else if (co < p.ctot) {
-        src[j] = w5 + (co - a.c1 - a.c3) * C * 25;
-        ks[j] = 5;
+      if (co < p.ctot) {
+        const OutputChannel oc = output_channel(a, co);
+        src[j] = oc.w;
+        ks[j] = oc.k;
       } else {
         src[j] = nullptr;
         ks[j] = 0;
@@ -139,8 +123,8 @@ void make_plan(const MsConvArgs& a, int nt, Plan& p) {
   }
 }
 
-// Writes one register block (PB pixels x CB output channels, starting at
-// channel co0) into the concatenated output, with ReLU.
+// Writes one pixel's CB output channels (starting at channel co0) into the
+// concatenated output, with ReLU.
 inline void store_pixel(const float* acc, std::int64_t co0, bool relu, bool nhwc, float* out, std::int64_t n,
                         std::int64_t oh, std::int64_t ow, std::int64_t H, std::int64_t W, std::int64_t ctot) {
   const std::int64_t cn = std::min<std::int64_t>(CB, ctot - co0);
@@ -154,10 +138,36 @@ inline void store_pixel(const float* acc, std::int64_t co0, bool relu, bool nhwc
   }
 }
 
+// The same for a register block of PB pixels of one row.
 inline void store_block(const float (&acc)[PB][CB], std::int64_t co0, bool relu, bool nhwc, float* out,
                         std::int64_t n, std::int64_t oh, std::int64_t ow0, std::int64_t H, std::int64_t W,
                         std::int64_t ctot) {
   for (int q = 0; q < PB && ow0 + q < W; ++q) store_pixel(acc[q], co0, relu, nhwc, out, n, oh, ow0 + q, H, W, ctot);
+}
+
+// acc[q] = bias + the chunk's taps (radius r) x input channels for P pixels
+// whose 5x5 windows start at xq[q] in the padded NHWC input (row stride Wp
+// pixels).  The weights of one (tap, input channel) are loaded once and
+// reused for all P pixels.
+template <int P>
+inline void accumulate_chunk(float (&acc)[P][CB], const float* const (&xq)[P], int r, std::int64_t Wp,
+                             std::int64_t C, const float* wk, const float* bk) {
+  for (int q = 0; q < P; ++q)
+    for (int j = 0; j < CB; ++j) acc[q][j] = bk[j];
+  std::int64_t t = 0;
+  for (int ky = 2 - r; ky <= 2 + r; ++ky)
+    for (int kx = 2 - r; kx <= 2 + r; ++kx, ++t) {
+      const std::int64_t off = (ky * Wp + kx) * C;
+      const float* wt = wk + t * C * CB;
+      for (std::int64_t ci = 0; ci < C; ++ci) {
+        const float* wv = wt + ci * CB;
+        for (int q = 0; q < P; ++q) {
+          const float xv = xq[q][off + ci];
+#pragma omp simd
+          for (int j = 0; j < CB; ++j) acc[q][j] += xv * wv[j];
+        }
+      }
+    }
 }
 
 // One output row of one chunk for a single input channel (the grayscale
@@ -251,22 +261,7 @@ void run_plan(const MsConvArgs& a, const Plan& p, int nt) {
             xq[q] = xp.data() + ((n * Hp + pix / W) * Wp + pix % W) * C;
           }
           float acc[PBF][CB];
-          for (int q = 0; q < PBF; ++q)
-            for (int j = 0; j < CB; ++j) acc[q][j] = bk[j];
-          std::int64_t t = 0;
-          for (int ky = 2 - r; ky <= 2 + r; ++ky)
-            for (int kx = 2 - r; kx <= 2 + r; ++kx, ++t) {
-              const std::int64_t off = (ky * Wp + kx) * C;
-              const float* wt = wk + t * C * CB;
-              for (std::int64_t ci = 0; ci < C; ++ci) {
-                const float* wv = wt + ci * CB;
-                for (int q = 0; q < PBF; ++q) {
-                  const float xv = xq[q][off + ci];
-#pragma omp simd
-                  for (int j = 0; j < CB; ++j) acc[q][j] += xv * wv[j];
-                }
-              }
-            }
+          accumulate_chunk(acc, xq, r, Wp, C, wk, bk);
           for (int q = 0; q < PBF && p0 + q < HW; ++q)
             store_pixel(acc[q], co0, relu, nhwc, out, n, (p0 + q) / W, (p0 + q) % W, H, W, ctot);
         }
@@ -283,23 +278,10 @@ void run_plan(const MsConvArgs& a, const Plan& p, int nt) {
         const float* bk = p.bias.data() + k * CB;
         const std::int64_t co0 = k * CB;
         for (std::int64_t ow0 = 0; ow0 < W; ow0 += PB) {
+          const float* xq[PB];
+          for (int q = 0; q < PB; ++q) xq[q] = xp.data() + ((n * Hp + oh) * Wp + ow0 + q) * C;
           float acc[PB][CB];
-          for (int q = 0; q < PB; ++q)
-            for (int j = 0; j < CB; ++j) acc[q][j] = bk[j];
-          std::int64_t t = 0;
-          for (int ky = 2 - r; ky <= 2 + r; ++ky)
-            for (int kx = 2 - r; kx <= 2 + r; ++kx, ++t) {
-              const float* xs = xp.data() + ((n * Hp + oh + ky) * Wp + ow0 + kx) * C;
-              const float* wt = wk + t * C * CB;
-              for (std::int64_t ci = 0; ci < C; ++ci) {
-                const float* wv = wt + ci * CB;
-                for (int q = 0; q < PB; ++q) {
-                  const float xv = xs[q * C + ci];
-#pragma omp simd
-                  for (int j = 0; j < CB; ++j) acc[q][j] += xv * wv[j];
-                }
-              }
-            }
+          accumulate_chunk(acc, xq, r, Wp, C, wk, bk);
           store_block(acc, co0, relu, nhwc, out, n, oh, ow0, H, W, ctot);
         }
       }

@@ -11,6 +11,22 @@ namespace fer_edge {
 
 inline std::int64_t round_up(std::int64_t v, std::int64_t m) { return (v + m - 1) / m * m; }
 
+// Output channel co of the concatenated order [c1 | c3 | c5]: its branch's
+// kernel size, its OIHW weights (c x k x k) and its bias.  Both packers
+// (direct and Winograd) scatter weights through this one definition.
+struct OutputChannel {
+  int k;
+  const float* w;
+  float bias;
+};
+
+inline OutputChannel output_channel(const MsConvArgs& a, std::int64_t co) {
+  const auto f = [](std::uintptr_t ptr) { return reinterpret_cast<const float*>(ptr); };
+  if (co < a.c1) return {1, f(a.w1) + co * a.c, f(a.b1)[co]};
+  if (co < a.c1 + a.c3) return {3, f(a.w3) + (co - a.c1) * a.c * 9, f(a.b3)[co - a.c1]};
+  return {5, f(a.w5) + (co - a.c1 - a.c3) * a.c * 25, f(a.b5)[co - a.c1 - a.c3]};
+}
+
 // OpenMP thread count for num_threads (<= 0: the OpenMP default; 1 without OpenMP).
 int thread_count(int num_threads);
 
@@ -25,7 +41,7 @@ void pad_input_nhwc(const MsConvArgs& a, std::int64_t Hp, std::int64_t Wp, std::
 // output pixel, i.e. 4 per pixel.  Float32 rounding: about 1e-5 relative to
 // the output's magnitude (the direct path: about 1e-7).
 struct WinogradPlan {
-  std::int64_t c = 0, c1 = 0, c3 = 0, c5 = 0, ctot = 0, cpad = 0;  // cpad: ctot rounded up to 16
+  std::int64_t ctot = 0, cpad = 0;  // cpad: ctot rounded up to 16
   std::vector<float> u;     // transformed weights [64][cpad / 16][c][16], concatenated channel order
   std::vector<float> bias;  // [cpad]
 };

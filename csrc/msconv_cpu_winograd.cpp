@@ -140,35 +140,19 @@ void gemm_rows(int rb, const float* v, std::int64_t C, const float* u, float* m,
 
 void winograd_pack(const MsConvArgs& a, int nt, WinogradPlan& p) {
   const std::int64_t C = a.c;
-  p.c = C; p.c1 = a.c1; p.c3 = a.c3; p.c5 = a.c5;
   p.ctot = a.c1 + a.c3 + a.c5;
   p.cpad = round_up(p.ctot, VB);
   const std::int64_t nk = p.cpad / VB;
   p.u.assign(static_cast<size_t>(64 * nk * C * VB), 0.f);
   p.bias.assign(p.cpad, 0.f);
-  const float* w1 = reinterpret_cast<const float*>(a.w1);
-  const float* w3 = reinterpret_cast<const float*>(a.w3);
-  const float* w5 = reinterpret_cast<const float*>(a.w5);
-  const float* b1 = reinterpret_cast<const float*>(a.b1);
-  const float* b3 = reinterpret_cast<const float*>(a.b3);
-  const float* b5 = reinterpret_cast<const float*>(a.b5);
-  for (std::int64_t co = 0; co < p.ctot; ++co)
-    p.bias[co] = co < a.c1 ? b1[co] : (co < a.c1 + a.c3 ? b3[co - a.c1] : b5[co - a.c1 - a.c3]);
+  for (std::int64_t co = 0; co < p.ctot; ++co) p.bias[co] = output_channel(a, co).bias;
 #pragma omp parallel for schedule(static) num_threads(nt)
   for (std::int64_t co = 0; co < p.ctot; ++co) {
-    int k;
-    const float* g;
-    if (co < a.c1) {
-      k = 1; g = w1 + co * C;
-    } else if (co < a.c1 + a.c3) {
-      k = 3; g = w3 + (co - a.c1) * C * 9;
-    } else {
-      k = 5; g = w5 + (co - a.c1 - a.c3) * C * 25;
-    }
+    const OutputChannel oc = output_channel(a, co);
     const std::int64_t kb = co / VB, j = co % VB;
     double u[8][8];
     for (std::int64_t ci = 0; ci < C; ++ci) {
-      transform_kernel(g + ci * k * k, k, u);
+      transform_kernel(oc.w + ci * oc.k * oc.k, oc.k, u);
       for (int pos = 0; pos < 64; ++pos)
         p.u[((pos * nk + kb) * C + ci) * VB + j] = static_cast<float>(u[pos / 8][pos % 8]);
     }
