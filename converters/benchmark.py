@@ -113,15 +113,13 @@ def format_table(rep: dict) -> str:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    from fer_edge.checkpoint import write_json_atomic
+    from fer_edge.checkpoint import weights_or_default, write_json_atomic
 
     if args.json and Path(args.json).exists() and not args.force:
         raise UserError(f"{args.json} exists; pass --force to overwrite it")
     formats = set(args.formats.split(",")) if args.formats else None
-    from fer_edge.checkpoint import weights_or_default
-
-    rep = run_benchmark(weights_or_default(args.weights), args.data, calib=args.calib, limit=args.limit, calib_size=args.calib_size,
-                        runs=args.runs, formats=formats, log=lambda m: None)
+    rep = run_benchmark(weights_or_default(args.weights), args.data, calib=args.calib, limit=args.limit,
+                        calib_size=args.calib_size, runs=args.runs, formats=formats, log=lambda m: None)
     print(format_table(rep))
     print(f"{rep['images']} faces from {args.data}; ✅ passed parity, ❎ exported but failed parity, "
           "❌ export failed; latency = median of batch-1 calls")

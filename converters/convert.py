@@ -240,7 +240,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     missing = [n for n in ("target", "out") if getattr(args, n) is None]
     if missing:
         raise UserError(f"missing --{missing[0]} (see fer-edge convert --help)")
-    from fer_edge.checkpoint import weights_or_default
+    from fer_edge.checkpoint import weights_or_default  # imports torch: not needed for --list
 
     report = convert(weights_or_default(args.weights), args.target, args.precision, args.out, calib=args.calib,
                      calib_size=args.calib_size, nhwc=args.nhwc, dynamic_batch=args.dynamic_batch,

@@ -95,6 +95,32 @@ __device__ __forceinline__ float bias_and_channel(int co, const Dims& d, const T
 
 __device__ __forceinline__ float relu_keep_nan(float v) { return v > 0.f ? v : (v == v ? 0.f : v); }
 
+// Element idx of an input tile staged for shared memory: KC channels from
+// ci0, IH x IW pixels from (ty0 - 2, tx0 - 2), i.e. with the 2-pixel halo.
+// Indices run in global-memory order (channels fastest for NHWC, columns for
+// NCHW) so consecutive threads read consecutive addresses.  Sets the
+// element's (cc, yy, xx) and returns its value, zero outside the image and
+// past the last channel.
+template <int KC, int IH, int IW, bool NHWC, typename T>
+__device__ __forceinline__ float staged_input(const T* x, const Dims& d, int n, int ci0, int ty0, int tx0,
+                                              int idx, int& cc, int& yy, int& xx) {
+  if (NHWC) {
+    cc = idx % KC;
+    const int p = idx / KC;
+    yy = p / IW;
+    xx = p % IW;
+  } else {
+    cc = idx / (IH * IW);
+    const int p = idx % (IH * IW);
+    yy = p / IW;
+    xx = p % IW;
+  }
+  const int ih = ty0 + yy - 2, iw = tx0 + xx - 2, ci = ci0 + cc;
+  if (ih < 0 || ih >= d.H || iw < 0 || iw >= d.W || ci >= d.C) return 0.f;
+  return to_f(x[NHWC ? ((static_cast<long long>(n) * d.H + ih) * d.W + iw) * d.C + ci
+                     : ((static_cast<long long>(n) * d.C + ci) * d.H + ih) * d.W + iw]);
+}
+
 template <typename T, bool NHWC>
 __global__ void __launch_bounds__(THREADS)
 msconv_kernel(const T* __restrict__ x, T* __restrict__ out,
@@ -122,24 +148,7 @@ msconv_kernel(const T* __restrict__ x, T* __restrict__ out,
     __syncthreads();  // previous stage fully consumed
     for (int idx = tid; idx < CK * IH * IW; idx += THREADS) {
       int cc, yy, xx;
-      if (NHWC) {  // channels fastest: contiguous in global memory
-        cc = idx % CK;
-        const int p = idx / CK;
-        yy = p / IW;
-        xx = p % IW;
-      } else {     // columns fastest
-        cc = idx / (IH * IW);
-        const int p = idx % (IH * IW);
-        yy = p / IW;
-        xx = p % IW;
-      }
-      const int ih = ty0 + yy - 2, iw = tx0 + xx - 2, ci = ci0 + cc;
-      float v = 0.f;
-      if (ih >= 0 && ih < H && iw >= 0 && iw < W && ci < C) {
-        const long long off = NHWC ? ((static_cast<long long>(n) * H + ih) * W + iw) * C + ci
-                                   : ((static_cast<long long>(n) * C + ci) * H + ih) * W + iw;
-        v = to_f(x[off]);
-      }
+      const float v = staged_input<CK, IH, IW, NHWC>(x, d, n, ci0, ty0, tx0, idx, cc, yy, xx);
       s_in[cc][yy][xx] = v;
     }
     for (int idx = tid; idx < CK * 25 * BCO; idx += THREADS) {
@@ -254,23 +263,8 @@ msconv_wmma_kernel(const __half* __restrict__ x, __half* __restrict__ out,
     __syncthreads();  // previous stage fully consumed
     for (int idx = tid; idx < wm::IH * wm::IW * wm::KC; idx += wm::THREADS) {
       int cc, yy, xx;
-      if (NHWC) {
-        cc = idx % wm::KC;
-        const int p = idx / wm::KC;
-        yy = p / wm::IW;
-        xx = p % wm::IW;
-      } else {
-        cc = idx / (wm::IH * wm::IW);
-        const int p = idx % (wm::IH * wm::IW);
-        yy = p / wm::IW;
-        xx = p % wm::IW;
-      }
-      const int ih = ty0 + yy - 2, iw = tx0 + xx - 2, ci = ci0 + cc;
-      __half v = __float2half(0.f);
-      if (ih >= 0 && ih < H && iw >= 0 && iw < W && ci < C)
-        v = x[NHWC ? ((static_cast<long long>(n) * H + ih) * W + iw) * C + ci
-                   : ((static_cast<long long>(n) * C + ci) * H + ih) * W + iw];
-      s_in[yy][xx][cc] = v;
+      const float v = staged_input<wm::KC, wm::IH, wm::IW, NHWC>(x, d, n, ci0, ty0, tx0, idx, cc, yy, xx);
+      s_in[yy][xx][cc] = __float2half(v);  // exact: v came from a half
     }
     // Weights of the taps within radius r only (tap t of the block's window
     // is 5x5 tap (2 - r + t / side, 2 - r + t % side)).

@@ -108,7 +108,8 @@ def weights_or_default(weights, log=None) -> Path:
 
     if weights:
         return Path(weights)
-    path, card = default_weights(), default_card()
+    card = default_card()
+    path = default_weights(card)
     acc = card.get("publictest", {}).get("accuracy")
     (log or (lambda m: print(m, file=sys.stderr)))(
         f"note: no --weights: using the embedded default model {card['name']}"

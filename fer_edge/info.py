@@ -50,7 +50,7 @@ def collect() -> dict:
         from fer_edge.weights import default_card, default_weights
 
         card = default_card()
-        info["default_model"] = {"name": card["name"], "path": str(default_weights()),
+        info["default_model"] = {"name": card["name"], "path": str(default_weights(card)),
                                  "publictest_accuracy": card.get("publictest", {}).get("accuracy"),
                                  "status": card.get("status")}
     except Exception as exc:  # noqa: BLE001  (info reports, never fails)

@@ -49,10 +49,9 @@ def open_runtime(bundle=None, weights=None, backend: str = "auto", log=print):
     if not bundle:
         from fer_edge.checkpoint import weights_or_default
 
-        weights = weights_or_default(weights)
-    if weights:
         if backend not in ("auto",):
             raise UserError("--backend applies to --bundle; --weights runs in PyTorch")
+        weights = weights_or_default(weights)
         b = TorchBackend(weights)
         return b, b.meta["classes"], b.preprocess, f"PyTorch ({Path(weights).name})"
     from fer_edge.targets import BackendUnavailable, BundleError, load_bundle, open_backend

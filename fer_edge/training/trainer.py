@@ -281,9 +281,11 @@ def train_run(settings: TrainSettings, train_set, val_set, run_dir, *, resume: b
         except (ValueError, RuntimeError, OSError) as exc:
             raise UserError(f"--stem-weights {settings.stem_weights}: {exc}") from None
         model.config["freeze_stem"] = True
-    if settings.init:
+    # A resumed run restores its own weights: the --init checkpoint is only read for a fresh one.
+    resuming = resume and (run_dir / RESUME_FILE).is_file()
+    if settings.init and not resuming:
         report = init_from_checkpoint(model, settings.init["path"], settings.classes)
-        if ctx.main and not resume:
+        if ctx.main:
             log(f"initialised from {settings.init['path']}: {len(report['shared_classes'])} of "
                 f"{num_classes} classes' head rows transferred"
                 + (f"; new: {', '.join(report['new_classes'])}" if report["new_classes"] else "")
@@ -313,7 +315,7 @@ def train_run(settings: TrainSettings, train_set, val_set, run_dir, *, resume: b
     start_epoch, best_acc, best_epoch = 0, -1.0, 0
     # As stored in resume.pt: tuples become lists, so compare the JSON form.
     fingerprint = json.loads(json.dumps(settings.fingerprint()))
-    if resume and (run_dir / RESUME_FILE).is_file():
+    if resuming:
         state = torch.load(run_dir / RESUME_FILE, map_location="cpu", weights_only=True)
         if state["fingerprint"] != fingerprint:
             old, new = state["fingerprint"], fingerprint

@@ -23,9 +23,9 @@ def default_card() -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def default_weights() -> Path:
-    """Path of the default model's safetensors file."""
-    path = WEIGHTS_DIR / default_card()["file"]
+def default_weights(card: dict | None = None) -> Path:
+    """Path of the default model's safetensors file (``card``: default_card(), if already read)."""
+    path = WEIGHTS_DIR / (card or default_card())["file"]
     if not path.is_file():
         raise UserError(f"the embedded default model is missing from this installation ({path}); pass --weights")
     return path
