@@ -3,8 +3,10 @@
 # call is capped at 10 minutes).  Carry the data in the ignored .data/ folder:
 #   mkdir -p .data && cp ../shared/data/fer2013.zip .data/ && cp -r ../shared/data/ckplus48 .data/
 #   run(command="bash benchmarks/gpu_train.sh smoke", carry=[".data"], timeout_s=600)
-# Stages: smoke | macnn-paper | vgg16-paper | macnn-best | vgg16-best | compact | hsnet | ckplus | ckplus-ft INIT
+# Stages: smoke | macnn-paper | vgg16-paper | macnn-best | vgg16-best | compact | compact-kd TEACHER [EPOCHS]
+#         | hsnet | ckplus | ckplus-ft INIT
 #   compact:    MACNN width 0.25 with the best recipe (the embedded default model's successor)
+#   compact-kd: the same, distilled from TEACHER (e.g. macnn-best's best.safetensors carried in .data/)
 #   ckplus-ft:  10-fold CK+ fine-tuned from INIT, a FER2013 checkpoint carried in .data/
 #               (e.g. cp gpu-out/macnn-best/best.safetensors .data/fer-init.safetensors)
 # Each writes its run folder, summary and log into $OUT (or ./gpu-out).
@@ -36,6 +38,11 @@ case "$STAGE" in
   compact)     run compact $T --model macnn --width 0.25 --recipe best --out runs/compact
                fer-edge eval --weights runs/compact/best.safetensors --data "$VAL" --device cuda --tta \
                  --json "$OUT/compact-eval.json" | head -8 ;;
+  compact-kd)  TEACHER=${2:?"compact-kd TEACHER: e.g. .data/teacher.safetensors"}; EPOCHS=${3:-60}
+               run compact-kd $T --model macnn --width 0.25 --recipe best --epochs "$EPOCHS" --teacher "$TEACHER" \
+                 --out runs/compact-kd
+               fer-edge eval --weights runs/compact-kd/best.safetensors --data "$VAL" --device cuda --tta \
+                 --json "$OUT/compact-kd-eval.json" | head -8 ;;
   hsnet)       run hsnet $T --model hsnet --recipe best --epochs 40 --out runs/hsnet ;;
   ckplus)      run ckplus fer-edge train --device cuda --data "$D/ckplus48" --folds 10 --model macnn --recipe best \
                  --epochs 40 --batch-size 64 --no-progress --force --out runs/ckplus ;;

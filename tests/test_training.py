@@ -376,3 +376,111 @@ def test_finetune_from_fer_checkpoint_on_ckplus(tiny, tmp_path):
     merged = tmp_path / "merged.safetensors"
     assert run("merge", "--weights", init, "--out", merged).returncode == 0
     fails(merged, expect="merged-form checkpoint cannot be trained")
+
+
+# ------------------------------------------------------------------ distillation
+def test_distillation_loss_against_its_definition():
+    from fer_edge.training.distill import distillation_loss
+
+    g = torch.Generator().manual_seed(0)
+    s = (torch.randn(5, 7, generator=g) * 3).requires_grad_(True)
+    t = torch.randn(5, 7, generator=g) * 3
+    for temp in (1.0, 4.0):
+        p_t, p_s = F.softmax(t / temp, 1), F.softmax(s / temp, 1)
+        expect = temp ** 2 * (p_t * (p_t.log() - p_s.log())).sum(1).mean()
+        got = distillation_loss(s, t, temp)
+        torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-6)
+        # d/ds of T^2 KL(p_t || p_s) is T (p_s - p_t) / N: the T^2 factor keeps it O(1) in T
+        (grad,) = torch.autograd.grad(got, s)
+        torch.testing.assert_close(grad, temp * (p_s - p_t).detach() / len(s), rtol=1e-4, atol=1e-6)
+    assert distillation_loss(t, t.clone(), 4.0).abs().item() < 1e-6
+
+
+def test_teacher_columns_map_classes_by_name():
+    from fer_edge.training.distill import teacher_columns
+
+    assert teacher_columns(["a", "b", "c"], ["c", "a"]) == [2, 0]
+    with pytest.raises(ValueError, match="no contempt class"):
+        teacher_columns(["angry", "happy"], ["happy", "contempt"])
+
+
+@needs_data
+def test_distillation_run_learns_from_the_teacher_not_the_labels(tiny, tmp_path):
+    """With --kd-weight 1 the labels carry no gradient: permuting them leaves
+    the student's weights bit for bit the same, while another teacher decides
+    them.  A teacher whose classes are stored in another order maps back by name."""
+    from fer_edge import models
+    from fer_edge.checkpoint import FER2013_CLASSES, default_preprocess, save_checkpoint
+    from fer_edge.data import load_dataset
+    from fer_edge.evaluate import normalize
+    from fer_edge.training.distill import Teacher
+    from fer_edge.training.recipes import get_recipe
+    from fer_edge.training.trainer import TrainSettings, train_run
+
+    train, _ = tiny
+    data = load_dataset(train, size=48)
+    classes = list(data.classes)
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        m = models.create("macnn", num_classes=7, width=0.125)
+        pre = default_preprocess("macnn", m.config)
+        save_checkpoint(tmp_path / f"t{seed}.safetensors", m, classes=classes, preprocess=pre)
+        if seed == 1:
+            m_ref = m.eval()
+    # teacher 1 again, its head rows and class names stored in reverse order
+    torch.manual_seed(1)
+    m = models.create("macnn", num_classes=7, width=0.125)
+    with torch.no_grad():
+        m.fc.weight.copy_(m.fc.weight.flip(0))
+        m.fc.bias.copy_(m.fc.bias.flip(0))
+    save_checkpoint(tmp_path / "t1r.safetensors", m, classes=classes[::-1], preprocess=pre)
+
+    def student(teacher: str, labels, name: str):
+        d = data.subset(np.arange(len(data)))
+        d.labels = labels
+        s = TrainSettings(model="macnn", model_config={"width": 0.125}, classes=classes, seed=0,
+                          recipe=get_recipe("best", epochs=1, batch_size=16),
+                          teacher={"path": str(tmp_path / teacher), "sha256": "-"}, kd_weight=1.0)
+        train_run(s, d, None, tmp_path / name, progress=False, log=lambda m: None)
+        return load_state(tmp_path / name / "last.safetensors")
+
+    a = student("t1.safetensors", data.labels, "a")
+    permuted = np.random.default_rng(0).permutation(data.labels)
+    assert (permuted != data.labels).any()
+    assert_same_weights(a, student("t1.safetensors", permuted, "b"))
+    # the reversed teacher gives the same logits per class name (to GEMM rounding)
+    x = normalize(torch.from_numpy(data.images[:32]), pre)
+    t1 = Teacher(tmp_path / "t1.safetensors", classes, pre, torch.device("cpu"))
+    t1r = Teacher(tmp_path / "t1r.safetensors", classes, pre, torch.device("cpu"))
+    torch.testing.assert_close(t1r(x), t1(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(t1(x), m_ref(x), rtol=1e-5, atol=1e-5)
+    c = student("t2.safetensors", data.labels, "d")
+    assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())
+    assert set(classes) == set(FER2013_CLASSES)
+
+
+@needs_data
+def test_distillation_bad_inputs_are_one_line_errors(tiny, tmp_path):
+    train, val = tiny
+    teacher = tmp_path / "t" / "best.safetensors"
+    assert run("train", *TINY, "--data", train, "--val", val, "--epochs", "1", "--limit", "32",
+               "--out", tmp_path / "t").returncode == 0
+    ck = copy_subset(CKPLUS, tmp_path / "ck", 3, classes=["contempt", "happy"])
+
+    def fails(*args, expect):
+        p = run("train", *TINY, "--epochs", "1", "--out", tmp_path / "bad", *args)
+        assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+        lines = p.stderr.strip().splitlines()
+        assert len(lines) == 1 and expect in lines[0], p.stderr
+
+    fer = ["--data", train, "--val", val]
+    fails(*fer, "--kd-weight", "0.5", expect="need --teacher")
+    fails(*fer, "--teacher", teacher, "--kd-weight", "2", expect="must be between 0 and 1")
+    fails(*fer, "--teacher", tmp_path / "none.safetensors", expect="no such checkpoint file")
+    fails("--data", ck, "--val", ck, "--teacher", teacher, expect="no contempt class")
+    ok = run("train", *TINY, "--data", train, "--val", val, "--epochs", "1", "--limit", "32",
+             "--teacher", teacher, "--out", tmp_path / "ok")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "distilling from" in ok.stdout
+    cfg = json.loads((tmp_path / "ok" / "config.json").read_text())
+    assert cfg["teacher"]["sha256"] and cfg["kd_weight"] == 0.5 and cfg["kd_temperature"] == 4.0

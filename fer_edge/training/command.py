@@ -83,6 +83,27 @@ def resolve_model(args) -> tuple[str, dict, dict | None]:
     return meta["arch"], init_config, {"path": str(args.init), "sha256": sha256_file(args.init)}
 
 
+def resolve_teacher(args) -> dict:
+    """The distillation settings: the teacher's path and sha256 (a resumed run
+    must use the same file), weight and temperature, checked before any data loads."""
+    if not args.teacher:
+        if args.kd_weight is not None or args.kd_temperature is not None:
+            raise UserError("--kd-weight/--kd-temperature need --teacher CKPT")
+        return {}
+    from fer_edge.checkpoint import read_meta
+    from fer_edge.targets.bundle import sha256_file
+
+    read_meta(args.teacher)  # a missing or foreign file fails here, in one line
+    weight = 0.5 if args.kd_weight is None else args.kd_weight
+    temperature = 4.0 if args.kd_temperature is None else args.kd_temperature
+    if not 0.0 <= weight <= 1.0:
+        raise UserError(f"--kd-weight {weight}: must be between 0 and 1")
+    if not temperature > 0.0:
+        raise UserError(f"--kd-temperature {temperature}: must be > 0")
+    return {"teacher": {"path": str(args.teacher), "sha256": sha256_file(args.teacher)},
+            "kd_weight": weight, "kd_temperature": temperature}
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from fer_edge.data import load_dataset
     from fer_edge.training.recipes import get_recipe
@@ -97,6 +118,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         recipe = get_recipe(args.recipe, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
         model_name, model_config, init = resolve_model(args)
+        distill = resolve_teacher(args)
         size = model_input_size(model_name, model_config)
         run_dir = Path(args.out)
         prepare_run_dir(run_dir, args.resume, args.force, ctx.main)
@@ -121,7 +143,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         settings = TrainSettings(
             model=model_name, model_config=model_config, recipe=recipe, classes=list(train.classes),
             seed=args.seed, device=args.device, amp=args.amp, class_weights=args.class_weights,
-            compile=args.compile, stem_weights=args.stem_weights, init=init,
+            compile=args.compile, stem_weights=args.stem_weights, init=init, **distill,
             data={"train": str(args.data), "val": str(args.val) if args.val else None, "limit": args.limit,
                   "val_limit": args.val_limit, "train_images": len(train)})
         if args.folds is not None:
@@ -219,6 +241,10 @@ def add_train_parser(sub) -> None:
     p.add_argument("--input-size", type=int, help="model input size (HSNet; default 112)")
     p.add_argument("--init", help="fine-tune: start from this train-form checkpoint (e.g. a FER2013 run's "
                    "best.safetensors); head rows are matched by class name, new classes start fresh")
+    p.add_argument("--teacher", help="distil from this trained checkpoint (any architecture and form, same "
+                   "classes or more): the loss mixes its softened predictions with the labels")
+    p.add_argument("--kd-weight", type=float, help="share of the distillation term, 0..1 (default 0.5)")
+    p.add_argument("--kd-temperature", type=float, help="distillation softmax temperature (default 4)")
     p.add_argument("--stem-weights", help="HSNet: face-recognition state dict for the stem (transferred, frozen)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],

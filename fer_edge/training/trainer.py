@@ -39,6 +39,7 @@ from fer_edge import UserError, __version__
 from fer_edge.checkpoint import write_json_atomic
 from fer_edge.evaluate import normalize
 from fer_edge.training.augment import augment, mixup
+from fer_edge.training.distill import distillation_loss
 from fer_edge.training.recipes import lr_factor
 
 RESUME_FILE = "resume.pt"
@@ -71,12 +72,18 @@ class TrainSettings:
     stem_weights: str | None = None     # HSNet: face-recognition stem to transfer and freeze
     init: dict | None = None            # fine-tuning: {"path", "sha256"} of the checkpoint to start from
     aux_weight: float = 0.3             # HSNet: weight of the auxiliary FGAL head losses
+    teacher: dict | None = None         # distillation: {"path", "sha256"} of the teacher checkpoint
+    kd_weight: float = 0.5              # share of the distillation term in the loss (with a teacher)
+    kd_temperature: float = 4.0         # softmax temperature of the distillation term
     data: dict = field(default_factory=dict)  # where the data came from (recorded, compared on resume)
 
     def fingerprint(self) -> dict:
         """What must not change between a run and its resumption."""
         d = asdict(self)
         d.pop("eval_batch_size")
+        if d["teacher"] is None:  # runs without a teacher keep the fingerprint they always had
+            for key in ("teacher", "kd_weight", "kd_temperature"):
+                d.pop(key)
         return d
 
 
@@ -349,6 +356,16 @@ def train_run(settings: TrainSettings, train_set, val_set, run_dir, *, resume: b
 
         train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
     step_model = torch.compile(train_model) if settings.compile else train_model
+    teacher = None
+    if settings.teacher:
+        from fer_edge.training.distill import Teacher
+
+        teacher = Teacher(settings.teacher["path"], settings.classes, preprocess, device, dtype=dtype,
+                          channels_last=channels_last, compile=settings.compile)
+        if ctx.main and start_epoch == 0:
+            log(f"distilling from {settings.teacher['path']} ({teacher.meta['arch']}, "
+                f"{teacher.meta['config'].get('width', 1.0)} width): weight {settings.kd_weight}, "
+                f"temperature {settings.kd_temperature}")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     aug_cfg = recipe["augment"]
 
@@ -382,6 +399,9 @@ def train_run(settings: TrainSettings, train_set, val_set, run_dir, *, resume: b
                 logits, ys = step_model(x)
             logits = logits.float()
             loss = F.cross_entropy(logits, target, weight=weights, label_smoothing=recipe["label_smoothing"])
+            if teacher is not None:
+                loss = ((1.0 - settings.kd_weight) * loss
+                        + settings.kd_weight * distillation_loss(logits, teacher(x), settings.kd_temperature))
             if ys:  # HSNet feature-guided auxiliary learning: each head also learns the labels
                 aux = sum(F.cross_entropy(yj.float(), target, weight=weights,
                                           label_smoothing=recipe["label_smoothing"]) for yj in ys) / len(ys)
