@@ -267,11 +267,14 @@ msconv_wmma_kernel(const __half* __restrict__ x, __half* __restrict__ out,
       s_in[yy][xx][cc] = __float2half(v);  // exact: v came from a half
     }
     // Weights of the taps within radius r only (tap t of the block's window
-    // is 5x5 tap (2 - r + t / side, 2 - r + t % side)).
+    // is 5x5 tap (2 - r + t / side, 2 - r + t % side)).  Taps fastest, then
+    // input channels: consecutive threads read consecutive halves of the
+    // OIHW kernel of one output channel (ci-major runs of 25, 9 or 1 taps),
+    // so the loads coalesce; the transposed shared-memory stores are cheap.
     for (int idx = tid; idx < ntaps * wm::KC * wm::WN; idx += wm::THREADS) {
-      const int j = idx % wm::WN;
-      const int rest = idx / wm::WN;
-      const int cc = rest % wm::KC, t = rest / wm::KC;
+      const int t = idx % ntaps;
+      const int rest = idx / ntaps;
+      const int cc = rest % wm::KC, j = rest / wm::KC;
       const int ky = 2 - r + t / side, kx = 2 - r + t % side;
       const int co = co_block + j, ci = ci0 + cc;
       const __half v = __float2half(ci < C && co < d.ctot ? weight_at(co, ci, ky, kx, d, w1, w3, w5) : 0.f);
