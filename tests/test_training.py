@@ -475,12 +475,21 @@ def test_distillation_bad_inputs_are_one_line_errors(tiny, tmp_path):
 
     fer = ["--data", train, "--val", val]
     fails(*fer, "--kd-weight", "0.5", expect="need --teacher")
-    fails(*fer, "--teacher", teacher, "--kd-weight", "2", expect="must be between 0 and 1")
+    fails(*fer, "--teacher", teacher, "--kd-weight", "2", expect="must be in (0, 1]")
+    fails(*fer, "--teacher", teacher, "--kd-weight", "0", expect="must be in (0, 1]")
+    fails(*fer, "--teacher", teacher, "--kd-temperature", "0", expect="must be > 0")
     fails(*fer, "--teacher", tmp_path / "none.safetensors", expect="no such checkpoint file")
     fails("--data", ck, "--val", ck, "--teacher", teacher, expect="no contempt class")
-    ok = run("train", *TINY, "--data", train, "--val", val, "--epochs", "1", "--limit", "32",
-             "--teacher", teacher, "--out", tmp_path / "ok")
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())  # nothing half-written
+    common = [*TINY, "--data", train, "--val", val, "--epochs", "1", "--limit", "32", "--out", tmp_path / "ok"]
+    ok = run("train", *common, "--teacher", teacher)
     assert ok.returncode == 0, ok.stderr[-2000:]
-    assert "distilling from" in ok.stdout
+    assert "distilling from" in ok.stdout and "train form" in ok.stdout
     cfg = json.loads((tmp_path / "ok" / "config.json").read_text())
     assert cfg["teacher"]["sha256"] and cfg["kd_weight"] == 0.5 and cfg["kd_temperature"] == 4.0
+    from fer_edge.checkpoint import read_meta
+
+    assert read_meta(tmp_path / "ok" / "best.safetensors")["extra"]["distilled_from"]["sha256"] == cfg["teacher"]["sha256"]
+    # resuming a distilled run without its teacher (or with another) is refused in one line
+    p = run("train", *common, "--resume")
+    assert p.returncode == 2 and "Traceback" not in p.stderr and "'teacher' differs" in p.stderr, p.stderr

@@ -85,7 +85,8 @@ def resolve_model(args) -> tuple[str, dict, dict | None]:
 
 def resolve_teacher(args) -> dict:
     """The distillation settings: the teacher's path and sha256 (a resumed run
-    must use the same file), weight and temperature, checked before any data loads."""
+    must use the same file), weight and temperature.  The file and the numbers
+    are checked before any data loads, its classes once the data is known."""
     if not args.teacher:
         if args.kd_weight is not None or args.kd_temperature is not None:
             raise UserError("--kd-weight/--kd-temperature need --teacher CKPT")
@@ -96,8 +97,8 @@ def resolve_teacher(args) -> dict:
     read_meta(args.teacher)  # a missing or foreign file fails here, in one line
     weight = 0.5 if args.kd_weight is None else args.kd_weight
     temperature = 4.0 if args.kd_temperature is None else args.kd_temperature
-    if not 0.0 <= weight <= 1.0:
-        raise UserError(f"--kd-weight {weight}: must be between 0 and 1")
+    if not 0.0 < weight <= 1.0:
+        raise UserError(f"--kd-weight {weight}: must be in (0, 1] (0 would run the teacher for nothing)")
     if not temperature > 0.0:
         raise UserError(f"--kd-temperature {temperature}: must be > 0")
     return {"teacher": {"path": str(args.teacher), "sha256": sha256_file(args.teacher)},
@@ -146,6 +147,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             compile=args.compile, stem_weights=args.stem_weights, init=init, **distill,
             data={"train": str(args.data), "val": str(args.val) if args.val else None, "limit": args.limit,
                   "val_limit": args.val_limit, "train_images": len(train)})
+        if distill:  # before the run folder gets its first file
+            from fer_edge.checkpoint import default_preprocess, read_meta
+            from fer_edge.training.distill import check_teacher
+
+            check_teacher(read_meta(args.teacher), args.teacher, settings.classes,
+                          default_preprocess(model_name, model_config))
         if args.folds is not None:
             return _run_folds(settings, train, args.folds, run_dir, args, ctx, log)
         return _run_single(settings, train, val, run_dir, args, ctx, log)

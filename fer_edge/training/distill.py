@@ -40,6 +40,21 @@ def teacher_columns(teacher_classes: list[str], student_classes: list[str]) -> l
     return [teacher_classes.index(c) for c in student_classes]
 
 
+def check_teacher(meta: dict, path, classes: list[str], preprocess: dict) -> list[int]:
+    """The teacher's logit columns for ``classes``; a UserError when it
+    cannot teach this student (a missing class, other pixel scaling)."""
+    try:
+        columns = teacher_columns(list(meta["classes"]), classes)
+    except ValueError as exc:
+        raise UserError(f"--teacher {path}: {exc}") from None
+    tp = meta["preprocess"]
+    for key in ("scale", "mean", "std", "gray"):
+        if tp.get(key) != preprocess.get(key):
+            raise UserError(f"--teacher {path}: its pre-processing differs from the student's "
+                            f"({key} {tp.get(key)!r} vs {preprocess.get(key)!r})")
+    return columns
+
+
 class Teacher:
     """A frozen checkpoint that returns logits for the student's classes on
     the student's (normalized, augmented) input batch."""
@@ -49,16 +64,11 @@ class Teacher:
         from fer_edge.checkpoint import load_checkpoint
         from fer_edge.reparam import merge
 
-        model, meta = load_checkpoint(path)
-        try:
-            self.columns = teacher_columns(list(meta["classes"]), classes)
-        except ValueError as exc:
-            raise UserError(f"--teacher {path}: {exc}") from None
+        # Plain convolutions, never the fused kernel: the teacher must compute
+        # exactly what it was validated with, whatever kernel build is installed.
+        model, meta = load_checkpoint(path, use_kernel=False)
+        self.columns = check_teacher(meta, path, classes, preprocess)
         tp = meta["preprocess"]
-        for key in ("scale", "mean", "std", "gray"):
-            if tp.get(key) != preprocess.get(key):
-                raise UserError(f"--teacher {path}: its pre-processing differs from the student's "
-                                f"({key} {tp.get(key)!r} vs {preprocess.get(key)!r})")
         if meta["form"] == "train":
             model = merge(model, use_kernel=False)  # exact; BN folded away
         for p in model.parameters():
@@ -75,8 +85,10 @@ class Teacher:
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.size != self.student_size:
-            # A teacher trained at another input size (HSNet at 112) sees the same faces resized.
-            x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
+            # A teacher trained at another input size (HSNet at 112) sees the same
+            # faces resized (antialiased when shrinking, as the data readers' area resize).
+            x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False,
+                              antialias=self.size[0] < self.student_size[0])
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
             logits = self.model(x)
         return logits.float()[:, self.columns]

@@ -332,7 +332,7 @@ def train_run(settings: TrainSettings, train_set, val_set, run_dir, *, resume: b
         state = torch.load(run_dir / RESUME_FILE, map_location="cpu", weights_only=True)
         if state["fingerprint"] != fingerprint:
             old, new = state["fingerprint"], fingerprint
-            diff = next(k for k in new if old.get(k) != new.get(k))
+            diff = next(k for k in {**old, **new} if old.get(k) != new.get(k))
             raise UserError(f"{run_dir}: cannot resume: '{diff}' differs from the original run "
                             f"({old.get(diff)!r} vs {new.get(diff)!r})")
         model.load_state_dict(state["model"])
@@ -362,16 +362,19 @@ def train_run(settings: TrainSettings, train_set, val_set, run_dir, *, resume: b
 
         train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
     step_model = torch.compile(train_model) if settings.compile else train_model
-    teacher = None
+    teacher, distilled = None, {}
     if settings.teacher:
+        distilled = {"distilled_from": {"sha256": settings.teacher["sha256"], "kd_weight": settings.kd_weight,
+                                        "kd_temperature": settings.kd_temperature}}
         from fer_edge.training.distill import Teacher
 
         teacher = Teacher(settings.teacher["path"], settings.classes, preprocess, device, dtype=dtype,
                           channels_last=channels_last, compile=settings.compile)
         if ctx.main and start_epoch == 0:
-            log(f"distilling from {settings.teacher['path']} ({teacher.meta['arch']}, "
-                f"{teacher.meta['config'].get('width', 1.0)} width): weight {settings.kd_weight}, "
-                f"temperature {settings.kd_temperature}")
+            tc = teacher.meta["config"]
+            log(f"distilling from {settings.teacher['path']} ({teacher.meta['arch']}"
+                + (f" width {tc['width']}" if "width" in tc else "") + f", {teacher.meta['form']} form): "
+                f"weight {settings.kd_weight}, temperature {settings.kd_temperature}")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     aug_cfg = recipe["augment"]
 
@@ -405,13 +408,13 @@ def train_run(settings: TrainSettings, train_set, val_set, run_dir, *, resume: b
                 logits, ys = step_model(x)
             logits = logits.float()
             loss = F.cross_entropy(logits, target, weight=weights, label_smoothing=recipe["label_smoothing"])
-            if teacher is not None:
-                loss = ((1.0 - settings.kd_weight) * loss
-                        + settings.kd_weight * distillation_loss(logits, teacher(x), settings.kd_temperature))
             if ys:  # HSNet feature-guided auxiliary learning: each head also learns the labels
                 aux = sum(F.cross_entropy(yj.float(), target, weight=weights,
                                           label_smoothing=recipe["label_smoothing"]) for yj in ys) / len(ys)
                 loss = loss + settings.aux_weight * aux
+            if teacher is not None:  # every label term gets (1 - w), the teacher's term w
+                loss = ((1.0 - settings.kd_weight) * loss
+                        + settings.kd_weight * distillation_loss(logits, teacher(x), settings.kd_temperature))
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -446,7 +449,7 @@ def train_run(settings: TrainSettings, train_set, val_set, run_dir, *, resume: b
                 row.update(validate(model, val_images, val_labels, preprocess, settings.eval_batch_size,
                                     channels_last, dtype, num_classes))
             meta = build_meta(model, classes=settings.classes, preprocess=preprocess,
-                              extra={"epoch": epoch + 1, "recipe": recipe["name"],
+                              extra={"epoch": epoch + 1, "recipe": recipe["name"], **distilled,
                                      **{k: row[k] for k in ("val_acc", "val_mean_class_acc") if k in row}})
             save_checkpoint(run_dir / "last.safetensors", model, meta=meta, force=True)
             improved = select_best and "val_acc" in row and row["val_acc"] > best_acc
