@@ -2,8 +2,9 @@
 """Time fer_edge's fused multi-scale convolution against PyTorch's best ways.
 
 For the MACNN layer shapes L1-L5, batch 1 and 256, it times
-  fused : our one-pass kernel: fer_edge.kernels.fused_ms_conv on CUDA; on the
-          CPU with weights packed once (CpuPackedMsConv), as a merged model runs
+  fused : our one-pass kernel with its weights packed once, as a merged model
+          runs it: fused_ms_conv(..., wp=pack_ms_weights(...)) on CUDA,
+          CpuPackedMsConv on the CPU
   eager : three convolutions + ReLU + cat                       (baseline a)
   pad5  : one convolution with 1x1/3x3 kernels zero-padded to 5x5 (baseline b)
   graph : `eager` captured in a CUDA graph (CUDA only)            (baseline c)
@@ -27,7 +28,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from fer_edge.kernels import fused_ms_conv
+from fer_edge.kernels import fused_ms_conv, pack_ms_weights
 
 # name: (cin, height=width, c1, c3, c5) -- the merged MAConv layers of MACNN at 48x48.
 LAYERS = {
@@ -142,6 +143,9 @@ def run(args) -> list[dict]:
                     "pad5": lambda x: F.relu(F.conv2d(x, wp, bp, padding=2)),
                 }
                 if device == "cuda":
+                    # What a merged model runs: weights packed once (FusedMultiScaleConv keeps them).
+                    wp = pack_ms_weights(fw[0], fw[2], fw[4])
+                    methods["fused"] = lambda x: fused_ms_conv(x, *fw, wp=wp)
                     methods["graph"] = graphed(methods["eager"], xs)
                 else:
                     # What a merged model runs on the CPU: weights packed once, not per call.

@@ -108,17 +108,19 @@ PYBIND11_MODULE(_C, m) {
       [](std::uintptr_t x, std::uintptr_t out, std::uintptr_t w1, std::uintptr_t b1, std::uintptr_t w3,
          std::uintptr_t b3, std::uintptr_t w5, std::uintptr_t b5, std::int64_t n, std::int64_t c,
          std::int64_t h, std::int64_t w, std::int64_t c1, std::int64_t c3, std::int64_t c5, int layout,
-         bool relu, int dtype, std::uintptr_t stream) {
+         bool relu, int dtype, std::uintptr_t stream, std::uintptr_t wp) {
         if (dtype != 0 && dtype != 1) throw std::invalid_argument("fused_ms_conv: dtype must be 0 (float32) or 1 (float16)");
         MsConvArgs a = make_args(x, out, w1, b1, w3, b3, w5, b5, n, c, h, w, c1, c3, c5, layout, relu);
+        a.wp = wp;
         py::gil_scoped_release nogil;
         fer_edge::msconv_cuda(a, static_cast<fer_edge::DType>(dtype), stream);
       },
       py::arg("x"), py::arg("out"), py::arg("w1"), py::arg("b1"), py::arg("w3"), py::arg("b3"),
       py::arg("w5"), py::arg("b5"), py::arg("n"), py::arg("c"), py::arg("h"), py::arg("w"),
       py::arg("c1"), py::arg("c3"), py::arg("c5"), py::arg("layout"), py::arg("relu"), py::arg("dtype"),
-      py::arg("stream"),
-      "fused multi-scale conv on CUDA device pointers (dtype 0 = float32, 1 = float16) on `stream`.");
+      py::arg("stream"), py::arg("wp"),
+      "fused multi-scale conv on CUDA device pointers (dtype 0 = float32, 1 = float16) on `stream`; "
+      "`wp`: the weights packed by fer_edge.kernels.pack_ms_weights (25, C, c1 + c3 + c5).");
   m.def("cuda_device_count", &fer_edge::cuda_device_count);
 #endif
 

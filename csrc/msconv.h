@@ -22,6 +22,12 @@ enum class DType : int { Float32 = 0, Float16 = 1 };
 struct MsConvArgs {
   std::uintptr_t x = 0, out = 0;
   std::uintptr_t w1 = 0, b1 = 0, w3 = 0, b3 = 0, w5 = 0, b5 = 0;
+  // CUDA only: the three kernels packed by fer_edge.kernels.pack_ms_weights,
+  // (25, C, ctot), tap-major, combined channels in the order [c5 | c3 | c1]
+  // with the 3x3 and 1x1 kernels at the centre of a zero 5x5 window.  A block
+  // then stages its weights with consecutive threads on consecutive output
+  // channels: coalesced loads and conflict-free shared-memory stores.
+  std::uintptr_t wp = 0;
   std::int64_t n = 0, c = 0, h = 0, w = 0;
   std::int64_t c1 = 0, c3 = 0, c5 = 0;
   Layout layout = Layout::NCHW;
@@ -80,6 +86,8 @@ class CpuPackedWeights {
 
 #ifdef FER_EDGE_WITH_CUDA
 // CUDA, float32 or float16 (float32 accumulation) on the given stream.
+// Reads the weights from `wp` (required; w1/w3/w5 are not read) and the
+// biases from b1/b3/b5.
 void msconv_cuda(const MsConvArgs& a, DType dtype, std::uintptr_t stream);
 int cuda_device_count();
 int cuda_runtime_version();  // CUDART_VERSION the module was built with

@@ -7,6 +7,8 @@
 // memory once, then every thread accumulates 8 channels of one pixel from
 // them.  Combined channels are ordered [c5 | c3 | c1] (see msconv_cpu.cpp):
 // a block whose channels are all 3x3 or 1x1 visits only the inner taps.
+// Weights come packed once by the Python side (MsConvArgs::wp: tap-major
+// (25, C, ctot) in that order), so staging them is a coalesced copy.
 // Bias and ReLU are applied in registers and results are written straight into
 // their slice of the concatenated output: no intermediate tensors, no cat.
 //
@@ -63,18 +65,11 @@ Dims make_dims(const MsConvArgs& a, int tile_w) {
   return d;
 }
 
-// Weight of combined channel co (order [c5 | c3 | c1]) for input channel ci
-// at 5x5 tap (ky, kx): the 3x3 and 1x1 kernels sit at the window's centre,
-// zero elsewhere.
+// Packed weight (MsConvArgs::wp) of combined channel co for input channel ci
+// at 5x5 tap index `tap` (ky * 5 + kx).
 template <typename T>
-__device__ __forceinline__ float weight_at(int co, int ci, int ky, int kx, const Dims& d, const T* w1,
-                                           const T* w3, const T* w5) {
-  if (co < d.c5) return to_f(w5[(static_cast<long long>(co) * d.C + ci) * 25 + ky * 5 + kx]);
-  if (co < d.c5 + d.c3) {
-    if (ky < 1 || ky > 3 || kx < 1 || kx > 3) return 0.f;
-    return to_f(w3[(static_cast<long long>(co - d.c5) * d.C + ci) * 9 + (ky - 1) * 3 + (kx - 1)]);
-  }
-  return ky == 2 && kx == 2 ? to_f(w1[static_cast<long long>(co - d.c5 - d.c3) * d.C + ci]) : 0.f;
+__device__ __forceinline__ T packed_weight(const T* wp, int tap, int ci, int co, const Dims& d) {
+  return wp[(static_cast<long long>(tap) * d.C + ci) * d.ctot + co];
 }
 
 // Bias of combined channel co and its channel in the concatenated output [c1 | c3 | c5].
@@ -123,10 +118,8 @@ __device__ __forceinline__ float staged_input(const T* x, const Dims& d, int n, 
 
 template <typename T, bool NHWC>
 __global__ void __launch_bounds__(THREADS)
-msconv_kernel(const T* __restrict__ x, T* __restrict__ out,
-              const T* __restrict__ w1, const T* __restrict__ b1,
-              const T* __restrict__ w3, const T* __restrict__ b3,
-              const T* __restrict__ w5, const T* __restrict__ b5, Dims d) {
+msconv_kernel(const T* __restrict__ x, T* __restrict__ out, const T* __restrict__ wp,
+              const T* __restrict__ b1, const T* __restrict__ b3, const T* __restrict__ b5, Dims d) {
   __shared__ float s_in[CK][IH][IW];
   __shared__ float s_w[CK][25][WSTRIDE];
 
@@ -152,13 +145,11 @@ msconv_kernel(const T* __restrict__ x, T* __restrict__ out,
       s_in[cc][yy][xx] = v;
     }
     for (int idx = tid; idx < CK * 25 * BCO; idx += THREADS) {
-      const int tap = idx % 25;  // taps fastest: contiguous in OIHW weights
-      const int rest = idx / 25;
-      const int j = rest % BCO, cc = rest / BCO;
+      const int j = idx % BCO;  // output channels fastest: contiguous in the packed weights
+      const int rest = idx / BCO;
+      const int tap = rest % 25, cc = rest / 25;
       const int co = co_block + j, ci = ci0 + cc;
-      const int ky = tap / 5, kx = tap % 5;
-      const float v = ci < C && co < d.ctot ? weight_at(co, ci, ky, kx, d, w1, w3, w5) : 0.f;
-      s_w[cc][tap][j] = v;
+      s_w[cc][tap][j] = ci < C && co < d.ctot ? to_f(packed_weight(wp, tap, ci, co, d)) : 0.f;
     }
     __syncthreads();
     const int cmax = min(CK, C - ci0);
@@ -237,10 +228,9 @@ static_assert(SOUT_BYTES <= SW_BYTES, "the epilogue reuses the weight buffer");
 
 template <bool NHWC>
 __global__ void __launch_bounds__(wm::THREADS)
-msconv_wmma_kernel(const __half* __restrict__ x, __half* __restrict__ out,
-                   const __half* __restrict__ w1, const __half* __restrict__ b1,
-                   const __half* __restrict__ w3, const __half* __restrict__ b3,
-                   const __half* __restrict__ w5, const __half* __restrict__ b5, Dims d) {
+msconv_wmma_kernel(const __half* __restrict__ x, __half* __restrict__ out, const __half* __restrict__ wp,
+                   const __half* __restrict__ b1, const __half* __restrict__ b3,
+                   const __half* __restrict__ b5, Dims d) {
   using namespace nvcuda;
   __shared__ __align__(128) __half s_in[wm::IH][wm::IW][wm::KCP];
   __shared__ __align__(128) unsigned char s_buf[wm::SW_BYTES];
@@ -267,18 +257,15 @@ msconv_wmma_kernel(const __half* __restrict__ x, __half* __restrict__ out,
       s_in[yy][xx][cc] = __float2half(v);  // exact: v came from a half
     }
     // Weights of the taps within radius r only (tap t of the block's window
-    // is 5x5 tap (2 - r + t / side, 2 - r + t % side)).  Taps fastest, then
-    // input channels: consecutive threads read consecutive halves of the
-    // OIHW kernel of one output channel (ci-major runs of 25, 9 or 1 taps),
-    // so the loads coalesce; the transposed shared-memory stores are cheap.
+    // is 5x5 tap (2 - r + t / side, 2 - r + t % side)); output channels
+    // fastest: coalesced loads from the packed weights, conflict-free stores.
     for (int idx = tid; idx < ntaps * wm::KC * wm::WN; idx += wm::THREADS) {
-      const int t = idx % ntaps;
-      const int rest = idx / ntaps;
-      const int cc = rest % wm::KC, j = rest / wm::KC;
-      const int ky = 2 - r + t / side, kx = 2 - r + t % side;
+      const int j = idx % wm::WN;
+      const int rest = idx / wm::WN;
+      const int cc = rest % wm::KC, t = rest / wm::KC;
+      const int tap = (2 - r + t / side) * 5 + (2 - r + t % side);
       const int co = co_block + j, ci = ci0 + cc;
-      const __half v = __float2half(ci < C && co < d.ctot ? weight_at(co, ci, ky, kx, d, w1, w3, w5) : 0.f);
-      s_w[t][cc][j] = v;
+      s_w[t][cc][j] = ci < C && co < d.ctot ? packed_weight(wp, tap, ci, co, d) : __float2half(0.f);
     }
     __syncthreads();
     wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a;
@@ -331,9 +318,8 @@ void launch_wmma(const MsConvArgs& a, cudaStream_t s) {
     const unsigned nz = static_cast<unsigned>(std::min<long long>(65535, a.n - n0));
     msconv_wmma_kernel<NHWC><<<dim3(tiles, cblocks, nz), wm::THREADS, 0, s>>>(
         reinterpret_cast<const __half*>(a.x), reinterpret_cast<__half*>(a.out),
-        reinterpret_cast<const __half*>(a.w1), reinterpret_cast<const __half*>(a.b1),
-        reinterpret_cast<const __half*>(a.w3), reinterpret_cast<const __half*>(a.b3),
-        reinterpret_cast<const __half*>(a.w5), reinterpret_cast<const __half*>(a.b5), d);
+        reinterpret_cast<const __half*>(a.wp), reinterpret_cast<const __half*>(a.b1),
+        reinterpret_cast<const __half*>(a.b3), reinterpret_cast<const __half*>(a.b5), d);
     check(cudaGetLastError(), "kernel launch");
   }
 }
@@ -348,10 +334,8 @@ void launch(const MsConvArgs& a, cudaStream_t s) {
     d.n0 = static_cast<int>(n0);
     const unsigned nz = static_cast<unsigned>(std::min<long long>(65535, a.n - n0));
     msconv_kernel<T, NHWC><<<dim3(tiles, cblocks, nz), THREADS, 0, s>>>(
-        reinterpret_cast<const T*>(a.x), reinterpret_cast<T*>(a.out),
-        reinterpret_cast<const T*>(a.w1), reinterpret_cast<const T*>(a.b1),
-        reinterpret_cast<const T*>(a.w3), reinterpret_cast<const T*>(a.b3),
-        reinterpret_cast<const T*>(a.w5), reinterpret_cast<const T*>(a.b5), d);
+        reinterpret_cast<const T*>(a.x), reinterpret_cast<T*>(a.out), reinterpret_cast<const T*>(a.wp),
+        reinterpret_cast<const T*>(a.b1), reinterpret_cast<const T*>(a.b3), reinterpret_cast<const T*>(a.b5), d);
     check(cudaGetLastError(), "kernel launch");
   }
 }
@@ -360,10 +344,11 @@ void launch(const MsConvArgs& a, cudaStream_t s) {
 
 void msconv_cuda(const MsConvArgs& a, DType dtype, std::uintptr_t stream) {
   validate(a);
+  if (!a.wp) throw std::invalid_argument("fused_ms_conv: the CUDA kernels need the packed weights (wp)");
   const int dev = device_of(a.x, "x");
-  const std::uintptr_t ptrs[] = {a.out, a.w1, a.b1, a.w3, a.b3, a.w5, a.b5};
-  const char* names[] = {"out", "w1", "b1", "w3", "b3", "w5", "b5"};
-  for (int i = 0; i < 7; ++i)
+  const std::uintptr_t ptrs[] = {a.out, a.wp, a.b1, a.b3, a.b5};
+  const char* names[] = {"out", "wp", "b1", "b3", "b5"};
+  for (int i = 0; i < 5; ++i)
     if (device_of(ptrs[i], names[i]) != dev)
       throw std::invalid_argument(std::string("fused_ms_conv: ") + names[i] + " is on another GPU than x");
   int prev = 0;

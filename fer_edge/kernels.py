@@ -34,6 +34,7 @@ __all__ = [
     "build_info",
     "cuda_kernels_available",
     "CpuPackedMsConv",
+    "pack_ms_weights",
 ]
 
 _LAYOUT_NCHW, _LAYOUT_NHWC = 0, 1
@@ -57,6 +58,29 @@ def fused_ms_conv_reference(x, w1, b1, w3, b3, w5, b5, relu: bool = True) -> tor
         [F.conv2d(x, w1, b1), F.conv2d(x, w3, b3, padding=1), F.conv2d(x, w5, b5, padding=2)], dim=1
     )
     return F.relu(y) if relu else y
+
+
+def pack_ms_weights(w1: torch.Tensor, w3: torch.Tensor, w5: torch.Tensor) -> torch.Tensor:
+    """The CUDA kernels' weight layout: (25, C, c5 + c3 + c1), tap-major
+    (tap = ky * 5 + kx), output channels in the kernels' combined order
+    [c5 | c3 | c1], the 3x3 and 1x1 kernels at the centre of a zero 5x5 window.
+    Output channels are the fastest index, so a block's threads stage its
+    weights with coalesced loads.  Same dtype and device as the weights."""
+    k = torch.cat([w5, F.pad(w3, (1, 1, 1, 1)), F.pad(w1, (2, 2, 2, 2))])  # (ctot, C, 5, 5)
+    return k.permute(2, 3, 1, 0).reshape(25, k.shape[1], k.shape[0]).contiguous()
+
+
+def check_packed_weights(wp, x: torch.Tensor, ctot: int) -> None:
+    """``wp`` must be what pack_ms_weights returns for this layer (shape, dtype, device, contiguity)."""
+    if not isinstance(wp, torch.Tensor):
+        raise ValueError(f"fused_ms_conv: wp must be a torch.Tensor, got {type(wp).__name__}")
+    expect = (25, x.shape[1], ctot)
+    if tuple(wp.shape) != expect:
+        raise ValueError(f"fused_ms_conv: wp must have shape {expect} (pack_ms_weights), got {tuple(wp.shape)}")
+    if wp.dtype != x.dtype or wp.device != x.device:
+        raise ValueError(f"fused_ms_conv: wp is {wp.dtype} on {wp.device}, x is {x.dtype} on {x.device}")
+    if not wp.is_contiguous():
+        raise ValueError("fused_ms_conv: wp must be contiguous")
 
 
 def _is_nhwc(x: torch.Tensor) -> bool:
@@ -146,6 +170,7 @@ def _fused_ms_conv_op(
     w5: torch.Tensor,
     b5: torch.Tensor,
     relu: bool,
+    wp: torch.Tensor | None = None,
 ) -> torch.Tensor:
     c1, c3, c5, nhwc = check_ms_conv_inputs(x, w1, b1, w3, b3, w5, b5)
     if x.device.type == "cuda" and not cuda_kernels_available():
@@ -164,13 +189,17 @@ def _fused_ms_conv_op(
     if x.device.type == "cpu":
         _C.msconv_cpu(*ptrs, n, c, h, w, c1, c3, c5, layout, bool(relu), torch.get_num_threads())
     else:
+        if wp is None:  # a caller without a cached pack (FusedMultiScaleConv keeps one) packs per call
+            wp = pack_ms_weights(w1, w3, w5)
+        check_packed_weights(wp, x, c1 + c3 + c5)
         stream = torch.cuda.current_stream(x.device).cuda_stream
-        _C.msconv_cuda(*ptrs, n, c, h, w, c1, c3, c5, layout, bool(relu), _CUDA_DTYPES[x.dtype], stream)
+        _C.msconv_cuda(*ptrs, n, c, h, w, c1, c3, c5, layout, bool(relu), _CUDA_DTYPES[x.dtype], stream,
+                       wp.data_ptr())
     return out
 
 
 @_fused_ms_conv_op.register_fake
-def _(x, w1, b1, w3, b3, w5, b5, relu):
+def _(x, w1, b1, w3, b3, w5, b5, relu, wp=None):
     c1, c3, c5, nhwc = check_ms_conv_inputs(x, w1, b1, w3, b3, w5, b5)
     return _empty_output(x, c1 + c3 + c5, nhwc)
 
@@ -188,7 +217,7 @@ def _backward(ctx, grad):
     with torch.enable_grad():
         _, vjp = torch.func.vjp(lambda *a: fused_ms_conv_reference(*a, relu=ctx.relu), *inputs)
         grads = vjp(grad)
-    return (*grads, None)
+    return (*grads, None, None)  # relu, wp (a packed copy of w1/w3/w5: their gradients cover it)
 
 
 _fused_ms_conv_op.register_autograd(_backward, setup_context=_setup_context)
@@ -247,12 +276,17 @@ class CpuPackedMsConv:
         return out
 
 
-def fused_ms_conv(x, w1, b1, w3, b3, w5, b5, relu: bool = True) -> torch.Tensor:
+def fused_ms_conv(x, w1, b1, w3, b3, w5, b5, relu: bool = True, wp=None) -> torch.Tensor:
     """Fused 1x1/3x3/5x5 convolution + bias (+ ReLU) + concat, in one kernel.
 
     x: (N, C, H, W), contiguous NCHW or channels_last; float32 on the CPU,
     float32 or float16 (float32 accumulation) on CUDA.  w1/w3/w5: (c_k, C, k, k);
     b1/b3/b5: (c_k,).  Returns (N, c1 + c3 + c5, H, W) in the layout of x.
+    wp: optional ``pack_ms_weights(w1, w3, w5)``, kept by callers whose
+    weights do not change so a CUDA call does not re-pack them (the CPU
+    kernel does not use it: see CpuPackedMsConv).
     """
-    check_ms_conv_inputs(x, w1, b1, w3, b3, w5, b5)
-    return torch.ops.fer_edge.fused_ms_conv(x, w1, b1, w3, b3, w5, b5, bool(relu))
+    c1, c3, c5, _ = check_ms_conv_inputs(x, w1, b1, w3, b3, w5, b5)
+    if wp is not None:
+        check_packed_weights(wp, x, c1 + c3 + c5)
+    return torch.ops.fer_edge.fused_ms_conv(x, w1, b1, w3, b3, w5, b5, bool(relu), wp)

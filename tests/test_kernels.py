@@ -308,7 +308,66 @@ def test_cuda_cpp_rejects_host_pointers():
     out = torch.empty(1, 3, 4, 4)
     ptrs = [t.data_ptr() for t in (x, out, w1, b1, w3, b3, w5, b5)]
     with pytest.raises(ValueError, match="not (a CUDA pointer|CUDA device memory)"):
-        _C.msconv_cuda(*ptrs, 1, 2, 4, 4, 1, 1, 1, 0, True, 0, 0)
+        _C.msconv_cuda(*ptrs, 1, 2, 4, 4, 1, 1, 1, 0, True, 0, 0, w1.data_ptr())
+
+
+@requires_cuda_kernel
+def test_cuda_cpp_requires_packed_weights():
+    """Checked before any pointer is dereferenced or any device is touched: runs without a GPU."""
+    x, w1, b1, w3, b3, w5, b5 = make_inputs(1, 2, 4, 4, 1, 1, 1)
+    out = torch.empty(1, 3, 4, 4)
+    ptrs = [t.data_ptr() for t in (x, out, w1, b1, w3, b3, w5, b5)]
+    with pytest.raises(ValueError, match="need the packed weights"):
+        _C.msconv_cuda(*ptrs, 1, 2, 4, 4, 1, 1, 1, 0, True, 0, 0, 0)
+
+
+@pytest.mark.parametrize("c", [1, 3, 64])
+def test_pack_ms_weights_is_the_combined_5x5_kernel(c):
+    """Unpacked, wp is one 5x5 convolution with channels [c5 | c3 | c1]: it
+    reproduces the reference layer's channels in that order (float64)."""
+    from fer_edge.kernels import pack_ms_weights
+
+    x, w1, b1, w3, b3, w5, b5 = (t.double() for t in make_inputs(2, c, 7, 6, 5, 3, 17, seed=c))
+    wp = pack_ms_weights(w1, w3, w5)
+    ctot = 5 + 3 + 17
+    assert wp.shape == (25, c, ctot) and wp.is_contiguous()
+    k = wp.reshape(5, 5, c, ctot).permute(3, 2, 0, 1)  # back to OIHW
+    y = torch.nn.functional.conv2d(x, k, torch.cat([b5, b3, b1]), padding=2).relu()
+    ref = fused_ms_conv_reference(x, w1, b1, w3, b3, w5, b5)
+    torch.testing.assert_close(y, torch.cat([ref[:, 8:], ref[:, 5:8], ref[:, :5]], dim=1), rtol=1e-12, atol=1e-12)
+
+
+def test_bad_packed_weights_raise_value_error():
+    from fer_edge.kernels import pack_ms_weights
+
+    args = make_inputs(1, 4, 5, 5, 2, 3, 4)
+    wp = pack_ms_weights(args[1], args[3], args[5])
+    with pytest.raises(ValueError, match=r"wp must have shape \(25, 4, 9\)"):
+        fused_ms_conv(*args, wp=wp[:, :, :8])
+    with pytest.raises(ValueError, match="wp is torch.float64"):
+        fused_ms_conv(*args, wp=wp.double())
+    with pytest.raises(ValueError, match="wp must be contiguous"):
+        fused_ms_conv(*args, wp=wp.transpose(0, 1).contiguous().transpose(0, 1))
+    torch.testing.assert_close(fused_ms_conv(*args, wp=wp), fused_ms_conv_reference(*args), **FP32_TOL)
+
+
+@requires_cuda
+@requires_cuda_kernel
+def test_cuda_module_keeps_packed_weights_until_they_change():
+    from fer_edge.models.layers import FusedMultiScaleConv
+
+    x, w1, b1, w3, b3, w5, b5 = make_inputs(2, 16, 12, 12, 8, 12, 12, nhwc=True, device="cuda")
+    m = FusedMultiScaleConv(w1, b1, w3, b3, w5, b5).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), fused_ms_conv_reference(x, w1, b1, w3, b3, w5, b5), **FP32_TOL)
+        packed = m._cuda_pack[2]
+        m(x)
+        assert m._cuda_pack[2] is packed  # reused, not re-packed
+        m.w5.mul_(-1.0)  # an in-place update (optimizer step, load_state_dict) must invalidate it
+        torch.testing.assert_close(m(x), fused_ms_conv_reference(x, m.w1, m.b1, m.w3, m.b3, m.w5, m.b5), **FP32_TOL)
+        m.half()
+        y = m(x.half())
+        assert y.dtype == torch.float16 and m._cuda_pack[2].dtype == torch.float16
 
 
 @requires_cuda

@@ -133,12 +133,14 @@ class FusedMultiScaleConv(nn.Module):
             self.register_parameter(name, nn.Parameter(t))
         self.use_kernel = use_kernel
         self._cpu_pack = None  # CpuPackedMsConv, built on first CPU inference
+        self._cuda_pack = None  # (key, pack_ms_weights tensor), built on first CUDA call
 
     def __getstate__(self):
         # The packed copy is a cache of compiled-extension memory: never copied
         # or pickled (deepcopy in merge(), torch.save), rebuilt on demand.
         state = self.__dict__.copy()
         state["_cpu_pack"] = None
+        state["_cuda_pack"] = None
         return state
 
     @property
@@ -164,6 +166,25 @@ class FusedMultiScaleConv(nn.Module):
             and not (torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in ws)))
         )
 
+    def _cuda_packed(self, x, ws):
+        """pack_ms_weights of the current weights in x's dtype, made once and
+        kept while the parameters are unchanged (same storage, same in-place
+        version), so that a CUDA call costs one kernel.  None (the op packs per
+        call) under torch.compile tracing, where the cache cannot be kept."""
+        if x.device.type != "cuda" or type(x) is not torch.Tensor or torch.compiler.is_compiling():
+            return None
+        from fer_edge.kernels import pack_ms_weights
+
+        params = (self.w1, self.w3, self.w5)
+        key = (x.device, x.dtype, tuple((p.data_ptr(), p._version) for p in params))
+        # The entry holds the weights' storage too, so no later tensor can reuse
+        # its address and pass for it (as CpuPackedMsConv does).
+        if self._cuda_pack is None or self._cuda_pack[0] != key:
+            with torch.no_grad():
+                held = tuple(p.detach() for p in params)
+                self._cuda_pack = (key, held, pack_ms_weights(ws[0].detach(), ws[2].detach(), ws[4].detach()))
+        return self._cuda_pack[2]
+
     def forward(self, x):
         ws = (self.w1, self.b1, self.w3, self.b3, self.w5, self.b5)
         if ws[0].dtype != x.dtype:  # autocast / half inputs: compute in the input's dtype
@@ -181,7 +202,7 @@ class FusedMultiScaleConv(nn.Module):
                 return self._cpu_pack(x)
             from fer_edge.kernels import fused_ms_conv
 
-            return fused_ms_conv(x, *ws)
+            return fused_ms_conv(x, *ws, wp=self._cuda_packed(x, ws))
         return torch.cat(
             [
                 F.relu(F.conv2d(x, w1, b1)),
