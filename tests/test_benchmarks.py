@@ -41,3 +41,34 @@ def test_bench_model_table_on_cpu(tmp_path):
         # train form, merged and merged + fused kernel compute the same logits
         assert r["rel_err_vs_fp32_merged"] < 1e-5, r
     assert "x compile" in table
+
+
+def test_ship_weights_round_trip(tmp_path):
+    """A checkpoint split into float16 parts (the GPU machine's file limits)
+    comes back as a float32 checkpoint with its metadata and the same model."""
+    import torch
+
+    from fer_edge import models
+    from fer_edge.checkpoint import load_checkpoint, read_meta, save_checkpoint
+
+    torch.manual_seed(0)
+    m = models.create("macnn", width=0.25).eval()
+    src = tmp_path / "m.safetensors"
+    save_checkpoint(src, m, extra={"epoch": 3})
+    subprocess.run([sys.executable, str(BENCH / "ship_weights.py"), "pack", str(src), str(tmp_path / "out" / "m"),
+                    "--chunk-mib", "1"], check=True, capture_output=True)
+    parts = sorted((tmp_path / "out").glob("m.part*"))
+    assert len(parts) >= 2 and all(p.stat().st_size <= 2**20 for p in parts)
+    dst = tmp_path / "back.safetensors"
+    subprocess.run([sys.executable, str(BENCH / "ship_weights.py"), "unpack", *map(str, parts), str(dst)],
+                   check=True, capture_output=True)
+    meta = read_meta(dst)
+    assert meta["extra"]["epoch"] == 3 and meta["extra"]["shipped_as_float16"]["source_sha256"]
+    back, _ = load_checkpoint(dst)
+    for (k, a), (_, b) in zip(m.state_dict().items(), back.state_dict().items()):
+        assert b.dtype == a.dtype, k
+        if a.is_floating_point():  # float16 rounding: 2^-11 relative
+            torch.testing.assert_close(b, a.half().float(), rtol=0, atol=0)
+    x = torch.randn(4, 1, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), m(x), rtol=2e-2, atol=2e-2)
