@@ -76,11 +76,14 @@ def variants(train, device: str, dtype, compile_mode: str, sample):
     return out
 
 
-def run(args) -> list[dict]:
+def run(args, on_rows=lambda rows: None) -> list[dict]:
     device = args.device
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     if device == "cuda":
         torch.backends.cudnn.benchmark = True
+        # A float32 reference must be float32, not TF32.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     train = build(args.width, args.weights)
     size = train.config.get("input_size", 48) if hasattr(train, "config") else 48
     compile_mode = args.compile_mode or ("max-autotune" if device == "cuda" else "default")
@@ -127,6 +130,7 @@ def run(args) -> list[dict]:
                 "rel_err_vs_fp32_merged": errors.get(name),
                 "note": notes.get(name, ""),
             })
+        on_rows(rows)  # written after every batch size: a run cut short keeps what it measured
     return rows
 
 
@@ -169,13 +173,16 @@ def main(argv=None):
     args.repeat = args.repeat or (200 if args.device == "cuda" else 30)
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = run(args)
     meta = {"date": time.strftime("%Y-%m-%d"),
             "device": torch.cuda.get_device_name(0) if args.device == "cuda" else f"cpu x{torch.get_num_threads()}",
             "torch": torch.__version__, "command": " ".join(sys.argv)}
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"meta": meta, "rows": rows}, fh, indent=2)
+
+    def write(rows):
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump({"meta": meta, "rows": rows}, fh, indent=2)
+
+    rows = run(args, write)
     print(f"\n{meta['date']}  {meta['device']}  torch {meta['torch']}  MACNN width {args.width}  {args.dtype}")
     print_table(rows)
 

@@ -136,16 +136,16 @@ def run(args) -> list[dict]:
         cin, hw, c1, c3, c5 = scaled(LAYERS[name], args.width)
         for n in args.batches:
             for dt in dtypes:
-                xs, fw, ws, (wp, bp) = make_layer(cin, hw, c1, c3, c5, n, torch_dtype[dt], device, args.layout)
+                xs, fw, ws, (w_pad, b_pad) = make_layer(cin, hw, c1, c3, c5, n, torch_dtype[dt], device, args.layout)
                 methods = {
                     "fused": lambda x: fused_ms_conv(x, *fw),
                     "eager": lambda x: eager(x, *ws),
-                    "pad5": lambda x: F.relu(F.conv2d(x, wp, bp, padding=2)),
+                    "pad5": lambda x: F.relu(F.conv2d(x, w_pad, b_pad, padding=2)),
                 }
                 if device == "cuda":
                     # What a merged model runs: weights packed once (FusedMultiScaleConv keeps them).
-                    wp = pack_ms_weights(fw[0], fw[2], fw[4])
-                    methods["fused"] = lambda x: fused_ms_conv(x, *fw, wp=wp)
+                    packed = pack_ms_weights(fw[0], fw[2], fw[4])
+                    methods["fused"] = lambda x: fused_ms_conv(x, *fw, wp=packed)
                     methods["graph"] = graphed(methods["eager"], xs)
                 else:
                     # What a merged model runs on the CPU: weights packed once, not per call.

@@ -4,7 +4,7 @@
 #   bench: the layer benchmark, SIMT and tensor-core (WMMA) kernels -> bench.log, msconv_cuda*.json
 #   model: the whole-model table (train form; merged eager / CUDA graph / max-autotune; kernel
 #          eager / graph) -> model.log, model_cuda*.json  (separately: max-autotune compiles take minutes)
-#   all:   check + bench (default)
+#   all:   check + bench (default; if the sanitizers run long, call check and bench separately)
 #   run(command="bash benchmarks/gpu_check.sh", timeout_s=600)
 #   run(command="bash benchmarks/gpu_check.sh model", timeout_s=600)
 # At most 8 files come back from $OUT (or ./gpu-out) per call: logs are merged per stage.
@@ -15,8 +15,8 @@ OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 {
   nvidia-smi --query-gpu=name,driver_version --format=csv
-  python3 -m pip install -q --no-build-isolation --no-deps . -C cmake.define.CMAKE_CUDA_ARCHITECTURES="native" \
-    2>&1 | tail -5
+  python3 -m pip install -q --no-build-isolation --no-deps . -C cmake.define.FER_EDGE_CUDA=ON \
+    -C cmake.define.CMAKE_CUDA_ARCHITECTURES="native" 2>&1 | tail -5
   fer-edge info --json
 } 2>&1 | tee "$OUT/check.log"
 PYTEST="python3 -P -m pytest -q -p no:cacheprovider --import-mode=importlib"

@@ -21,8 +21,11 @@ OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 LIMIT=${LIMIT:-450}
 EP=${EPOCHS:+--epochs $EPOCHS}
 # Training never runs the fused kernel (train form): a CPU-only build takes seconds, not minutes.
-if ! python3 -c "import fer_edge._C" 2>/dev/null; then
-  python3 -m pip install -q --no-build-isolation --no-deps . -C cmake.define.FER_EDGE_CUDA=OFF 2>&1 | tail -3
+# (-P: the repo root's source folder must not hide the installed package; its own
+# build folder, so this OFF never sticks to the CUDA build that gpu_check.sh makes.)
+if ! python3 -P -c "import fer_edge._C" 2>/dev/null; then
+  python3 -m pip install -q --no-build-isolation --no-deps . -C cmake.define.FER_EDGE_CUDA=OFF \
+    -C build-dir=build/cpu-only 2>&1 | tail -3
 fi
 D=.data
 if [ ! -d "$D/fer2013/train" ]; then (cd "$D" && python3 -c "import zipfile; zipfile.ZipFile('fer2013.zip').extractall('.')"); fi

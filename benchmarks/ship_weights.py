@@ -75,7 +75,14 @@ def pack(src: Path, prefix: Path, chunk_mib: float) -> list[Path]:
 
 
 def unpack(parts: list[Path], dst: Path) -> None:
-    blob = b"".join(p.read_bytes() for p in sorted(parts))
+    parts = sorted(parts)
+    numbers = [int(p.name.rsplit(".part", 1)[-1]) for p in parts]
+    if numbers != list(range(len(parts))):
+        raise SystemExit(f"parts {numbers} are not .part00 ... .part{len(parts) - 1:02d}: one is missing")
+    blob = b"".join(p.read_bytes() for p in parts)
+    (n,) = struct.unpack("<Q", blob[:8])
+    if len(blob) < 8 + n:
+        raise SystemExit("the joined parts end inside the header: the last part is missing")
     meta = header_metadata(blob)
     state = {k: (v.float() if v.dtype == torch.float16 else v) for k, v in load(blob).items()}
     tmp = dst.with_name(dst.name + ".tmp")

@@ -18,6 +18,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 try:
     from fer_edge import _C
@@ -38,6 +39,25 @@ __all__ = [
 ]
 
 _LAYOUT_NCHW, _LAYOUT_NHWC = 0, 1
+
+# Bumped after every optimizer step of any optimizer in the process.  Packed
+# weight caches (CpuPackedMsConv, FusedMultiScaleConv's CUDA pack) compare it:
+# fused optimizers update parameters without bumping their in-place version
+# counters, which the caches check too.
+_optimizer_steps = 0
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+def optimizer_steps() -> int:
+    """How many optimizer steps this process has taken (any optimizer)."""
+    return _optimizer_steps
 _CUDA_DTYPES = {torch.float32: 0, torch.float16: 1}
 _warned_fallback = False
 
@@ -179,19 +199,23 @@ def _fused_ms_conv_op(
         _warn_fallback_once(why)
         y = fused_ms_conv_reference(x, w1, b1, w3, b3, w5, b5, relu)
         return y.contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
-    # Weights and biases are small: make them plain contiguous here rather
-    # than rejecting views (e.g. a slice of a larger kernel).
-    w1, b1, w3, b3, w5, b5 = (t.contiguous() for t in (w1, b1, w3, b3, w5, b5))
     out = _empty_output(x, c1 + c3 + c5, nhwc)
     n, c, h, w = x.shape
-    ptrs = [t.data_ptr() for t in (x, out, w1, b1, w3, b3, w5, b5)]
     layout = _LAYOUT_NHWC if nhwc else _LAYOUT_NCHW
+    # Biases are read as plain vectors by both kernels; small, so made contiguous here
+    # rather than rejecting views.
+    b1, b3, b5 = (t.contiguous() for t in (b1, b3, b5))
     if x.device.type == "cpu":
+        # The CPU kernel packs OIHW weights itself: any other strides (channels_last) become OIHW.
+        w1, w3, w5 = (t.contiguous() for t in (w1, w3, w5))
+        ptrs = [t.data_ptr() for t in (x, out, w1, b1, w3, b3, w5, b5)]
         _C.msconv_cpu(*ptrs, n, c, h, w, c1, c3, c5, layout, bool(relu), torch.get_num_threads())
     else:
         if wp is None:  # a caller without a cached pack (FusedMultiScaleConv keeps one) packs per call
             wp = pack_ms_weights(w1, w3, w5)
         check_packed_weights(wp, x, c1 + c3 + c5)
+        # The CUDA kernels read only wp (and the biases); w1/w3/w5 pass for the argument checks.
+        ptrs = [t.data_ptr() for t in (x, out, w1, b1, w3, b3, w5, b5)]
         stream = torch.cuda.current_stream(x.device).cuda_stream
         _C.msconv_cuda(*ptrs, n, c, h, w, c1, c3, c5, layout, bool(relu), _CUDA_DTYPES[x.dtype], stream,
                        wp.data_ptr())
@@ -233,9 +257,11 @@ class CpuPackedMsConv:
     fewer multiplies, rounding ~1e-5 of the output's magnitude) or "auto"
     (default: Winograd where it is predicted faster, see ``algorithm_for``).
     ``is_current`` says whether it still matches the given tensors: it holds
-    references to them (so their memory cannot be reused by other tensors)
-    and their in-place version counters (bumped by optimizer steps,
-    load_state_dict, ``copy_``).
+    references to them (so their memory cannot be reused by other tensors),
+    their in-place version counters (bumped by load_state_dict, ``copy_``,
+    most optimizers) and the process's optimizer step count (fused optimizers
+    update in place without bumping versions).  Writes through ``.data``
+    bypass both: re-merge or call ``load_state_dict`` instead.
     """
 
     ALGORITHMS = {"auto": 0, "direct": 1, "winograd": 2}
@@ -248,6 +274,7 @@ class CpuPackedMsConv:
         self.c = int(w1.shape[1])
         self._tensors = (w1, b1, w3, b3, w5, b5)
         self._versions = tuple(t._version for t in self._tensors)
+        self._steps = _optimizer_steps
         ws = [t.detach().contiguous() for t in self._tensors]
         self._packed = _C.CpuPackedWeights(*(t.data_ptr() for t in ws), self.c, self.c1, self.c3, self.c5,
                                            torch.get_num_threads(), self.ALGORITHMS[algo])
@@ -258,7 +285,7 @@ class CpuPackedMsConv:
 
     def is_current(self, *tensors) -> bool:
         return all(a is b for a, b in zip(tensors, self._tensors)) and \
-            all(t._version == v for t, v in zip(tensors, self._versions))
+            all(t._version == v for t, v in zip(tensors, self._versions)) and self._steps == _optimizer_steps
 
     def __call__(self, x: torch.Tensor, relu: bool = True) -> torch.Tensor:
         n, c, h, w = x.shape

@@ -358,16 +358,27 @@ def test_cuda_module_keeps_packed_weights_until_they_change():
 
     x, w1, b1, w3, b3, w5, b5 = make_inputs(2, 16, 12, 12, 8, 12, 12, nhwc=True, device="cuda")
     m = FusedMultiScaleConv(w1, b1, w3, b3, w5, b5).eval()
+
+    def ref():
+        return fused_ms_conv_reference(x.to(m.w1.dtype), m.w1, m.b1, m.w3, m.b3, m.w5, m.b5)
+
     with torch.no_grad():
-        torch.testing.assert_close(m(x), fused_ms_conv_reference(x, w1, b1, w3, b3, w5, b5), **FP32_TOL)
-        packed = m._cuda_pack[2]
+        torch.testing.assert_close(m(x), ref(), **FP32_TOL)
+        packed = m._wp
         m(x)
-        assert m._cuda_pack[2] is packed  # reused, not re-packed
-        m.w5.mul_(-1.0)  # an in-place update (optimizer step, load_state_dict) must invalidate it
-        torch.testing.assert_close(m(x), fused_ms_conv_reference(x, m.w1, m.b1, m.w3, m.b3, m.w5, m.b5), **FP32_TOL)
+        assert m._wp is packed  # reused, not re-packed
+        m.w5.mul_(-1.0)  # an in-place update (load_state_dict, most optimizers) must refresh it
+        torch.testing.assert_close(m(x), ref(), **FP32_TOL)
+        assert m._wp.data_ptr() == packed.data_ptr()  # refreshed in place: graphs keep a valid address
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, fused=True)  # fused: no version bump
+    m(x).square().sum().backward()
+    opt.step()
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), ref(), **FP32_TOL)
         m.half()
         y = m(x.half())
-        assert y.dtype == torch.float16 and m._cuda_pack[2].dtype == torch.float16
+        assert y.dtype == torch.float16 and m._wp.dtype == torch.float16
+        assert "_wp" not in m.state_dict()
 
 
 @requires_cuda
@@ -502,3 +513,27 @@ def test_auto_picks_winograd_only_where_it_pays():
     torch.testing.assert_close(auto, CpuPackedMsConv(*args[1:], algo="winograd")(args[0]), atol=0, rtol=0)
     with pytest.raises(ValueError, match="unknown CPU algorithm"):
         CpuPackedMsConv(*args[1:], algo="fft")
+
+
+def test_cpu_pack_notices_fused_optimizer_steps():
+    """Fused optimizers update weights in place without bumping their version
+    counters: the packed CPU weights must still be rebuilt after a step."""
+    from fer_edge.models.layers import FusedMultiScaleConv
+
+    x, *ws = make_inputs(2, 8, 6, 6, 4, 6, 6)
+    m = FusedMultiScaleConv(*ws).eval()
+    with torch.no_grad():
+        m(x)
+    pack = m._cpu_pack
+    m.train()
+    m(x).square().sum().backward()  # grad mode: the custom op path, the pack stays as it was
+    versions = [p._version for p in m.parameters()]
+    torch.optim.SGD(m.parameters(), lr=0.1, fused=True).step()
+    assert [p._version for p in m.parameters()] == versions  # the case this guards against
+    m.eval()
+    with torch.no_grad():
+        y = m(x)
+    assert m._cpu_pack is not pack
+    torch.testing.assert_close(y, fused_ms_conv_reference(x, m.w1, m.b1, m.w3, m.b3, m.w5, m.b5), **FP32_TOL)
+    m.double()  # moving / casting the module drops the pack (it holds the old weights)
+    assert m._cpu_pack is None

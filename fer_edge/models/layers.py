@@ -133,14 +133,13 @@ class FusedMultiScaleConv(nn.Module):
             self.register_parameter(name, nn.Parameter(t))
         self.use_kernel = use_kernel
         self._cpu_pack = None  # CpuPackedMsConv, built on first CPU inference
-        self._cuda_pack = None  # (key, pack_ms_weights tensor), built on first CUDA call
+        self._wp_key = None  # what the CUDA pack buffer `_wp` was made from (see _cuda_packed)
 
     def __getstate__(self):
         # The packed copy is a cache of compiled-extension memory: never copied
         # or pickled (deepcopy in merge(), torch.save), rebuilt on demand.
         state = self.__dict__.copy()
         state["_cpu_pack"] = None
-        state["_cuda_pack"] = None
         return state
 
     @property
@@ -166,24 +165,42 @@ class FusedMultiScaleConv(nn.Module):
             and not (torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in ws)))
         )
 
-    def _cuda_packed(self, x, ws):
-        """pack_ms_weights of the current weights in x's dtype, made once and
-        kept while the parameters are unchanged (same storage, same in-place
-        version), so that a CUDA call costs one kernel.  None (the op packs per
-        call) under torch.compile tracing, where the cache cannot be kept."""
-        if x.device.type != "cuda" or type(x) is not torch.Tensor or torch.compiler.is_compiling():
+    def _cuda_packed(self, x):
+        """pack_ms_weights of the weights, kept as the non-persistent buffer
+        ``_wp`` (so ``.half()``/``.to()`` convert it with the weights and it is
+        never saved) and refreshed in place when they change (in-place version
+        counters, optimizer steps), so that its address stays valid for CUDA
+        graphs captured earlier.  A captured graph reads the pack as of its
+        last refresh: after changing weights, run the module once eagerly
+        before replaying.  None (the op packs per call) under torch.compile
+        tracing, under autocast (weights cast per call), and while a CUDA
+        graph is being captured with no current pack (never allocate in a capture)."""
+        if (x.device.type != "cuda" or type(x) is not torch.Tensor or torch.compiler.is_compiling()
+                or self.w1.dtype != x.dtype):
             return None
-        from fer_edge.kernels import pack_ms_weights
+        from fer_edge.kernels import optimizer_steps, pack_ms_weights
 
         params = (self.w1, self.w3, self.w5)
-        key = (x.device, x.dtype, tuple((p.data_ptr(), p._version) for p in params))
-        # The entry holds the weights' storage too, so no later tensor can reuse
-        # its address and pass for it (as CpuPackedMsConv does).
-        if self._cuda_pack is None or self._cuda_pack[0] != key:
-            with torch.no_grad():
-                held = tuple(p.detach() for p in params)
-                self._cuda_pack = (key, held, pack_ms_weights(ws[0].detach(), ws[2].detach(), ws[4].detach()))
-        return self._cuda_pack[2]
+        key = (tuple(p._version for p in params), optimizer_steps())
+        pack = self._buffers.get("_wp")
+        current = pack is not None and pack.device == x.device and pack.dtype == x.dtype and self._wp_key == key
+        if current:
+            return pack
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        with torch.no_grad():
+            fresh = pack_ms_weights(*(p.detach() for p in params))
+            if pack is not None and pack.device == x.device and pack.dtype == x.dtype and pack.shape == fresh.shape:
+                pack.copy_(fresh)
+            else:
+                self.register_buffer("_wp", fresh, persistent=False)
+        self._wp_key = key
+        return self._buffers["_wp"]
+
+    def _apply(self, fn, recurse=True):
+        # The CPU pack holds references to the old weights: drop it when they move or change dtype.
+        self._cpu_pack = None
+        return super()._apply(fn, recurse)
 
     def forward(self, x):
         ws = (self.w1, self.b1, self.w3, self.b3, self.w5, self.b5)
@@ -202,7 +219,7 @@ class FusedMultiScaleConv(nn.Module):
                 return self._cpu_pack(x)
             from fer_edge.kernels import fused_ms_conv
 
-            return fused_ms_conv(x, *ws, wp=self._cuda_packed(x, ws))
+            return fused_ms_conv(x, *ws, wp=self._cuda_packed(x))
         return torch.cat(
             [
                 F.relu(F.conv2d(x, w1, b1)),
