@@ -162,7 +162,8 @@ def run(args) -> list[dict]:
                 if device == "cpu":
                     algo = methods["fused"].algorithm_for(n, hw, hw)
                 else:  # FER_EDGE_CUDA_KERNEL=wmma: tensor cores for fp16 (see csrc/msconv_cuda.cu)
-                    algo = "wmma" if dt == "fp16" and os.environ.get("FER_EDGE_CUDA_KERNEL") == "wmma" else "simt"
+                    algo = ("wmma" if dt == "fp16" and cin >= 16 and os.environ.get("FER_EDGE_CUDA_KERNEL") == "wmma"
+                            else "simt")
                 row = {
                     "layer": name, "batch": n, "dtype": dt, "layout": args.layout, "device": device,
                     "width": args.width, "channels": [cin, c1, c3, c5], "algo": algo,

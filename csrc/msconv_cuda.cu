@@ -302,7 +302,8 @@ msconv_wmma_kernel(const __half* __restrict__ x, __half* __restrict__ out, const
   }
 }
 
-// FER_EDGE_CUDA_KERNEL=wmma selects the tensor-core kernel for float16.
+// FER_EDGE_CUDA_KERNEL=wmma selects the tensor-core kernel for float16 layers
+// with at least 16 input channels.
 bool wmma_requested() {
   const char* v = std::getenv("FER_EDGE_CUDA_KERNEL");
   return v != nullptr && std::strcmp(v, "wmma") == 0;
@@ -359,7 +360,10 @@ void msconv_cuda(const MsConvArgs& a, DType dtype, std::uintptr_t stream) {
     const bool nhwc = a.layout == Layout::NHWC;
     if (dtype == DType::Float32) {
       nhwc ? launch<float, true>(a, s) : launch<float, false>(a, s);
-    } else if (dtype == DType::Float16 && wmma_requested()) {
+    } else if (dtype == DType::Float16 && wmma_requested() && a.c >= wm::KC) {
+      // Tensor cores multiply 16 input channels per step: with fewer (the
+      // one-channel stem) most of each step would be zero padding, so those
+      // layers stay on the SIMT kernel.
       nhwc ? launch_wmma<true>(a, s) : launch_wmma<false>(a, s);
     } else if (dtype == DType::Float16) {
       nhwc ? launch<__half, true>(a, s) : launch<__half, false>(a, s);
