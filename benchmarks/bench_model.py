@@ -29,7 +29,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_msconv import graphed, time_fn  # noqa: E402
+from bench_msconv import graphed, print_aligned, time_fn  # noqa: E402
 
 from fer_edge import models  # noqa: E402
 from fer_edge.reparam import merge  # noqa: E402
@@ -142,11 +142,7 @@ def print_table(rows):
     lines = [head] + [[str(r["batch"]), r["variant"], f(r["ms"], ".3f"), f(r["images_per_s"], ".0f"),
                        f(r["speedup_vs_compile"], ".2f"), f(r["speedup_vs_train"], ".2f"),
                        f(r["rel_err_vs_fp32_merged"], ".1e"), r["note"]] for r in rows]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    for i, line in enumerate(lines):
-        print("  ".join(c.rjust(w) if j < len(head) - 1 else c for j, (c, w) in enumerate(zip(line, widths))))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    print_aligned(lines, left_last=True)
     print("x compile = merged+compile time / this time; x train = train time / this time; "
           "rel err = |logits - fp32 merged| / |fp32 merged|")
 

@@ -179,6 +179,19 @@ def run(args) -> list[dict]:
     return rows
 
 
+def print_aligned(lines, left_last: bool = False):
+    """Rows of strings as right-aligned columns, a rule under the first (the
+    header); ``left_last`` leaves a free-text last column unpadded."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    for i, line in enumerate(lines):
+        cells = [c.rjust(w) for c, w in zip(line, widths)]
+        if left_last:
+            cells[-1] = line[-1]
+        print("  ".join(cells))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
 def print_table(rows):
     methods = [m for m in ("fused", "direct", "eager", "pad5", "graph") if f"{m}_us" in rows[0]]
     head = ["layer", "n", "dtype", "algo"] + [f"{m} us" for m in methods] + \
@@ -190,11 +203,7 @@ def print_table(rows):
                      + [f"{r[f'speedup_vs_{m}']:.2f}" for m in methods[1:]]
                      + [f"{r['speedup_vs_best']:.2f}", f"{r['fused_GBps']:.1f}", f"{r['fused_TFLOPs']:.3f}",
                         f"{r['rel_err_vs_eager']:.1e}"])
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    for i, line in enumerate(lines):
-        print("  ".join(c.rjust(w) for c, w in zip(line, widths)))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    print_aligned(lines)
     print("x<m> = time of baseline m / time of fused (higher is better); "
           "GB/s and TFLOP/s count the fewest bytes and the useful flops of fused.")
 

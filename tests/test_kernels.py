@@ -304,21 +304,23 @@ def test_cuda_runs_on_the_current_stream_and_in_a_graph():
 @requires_cuda
 @requires_cuda_kernel
 def test_cuda_cpp_rejects_host_pointers():
-    x, w1, b1, w3, b3, w5, b5 = make_inputs(1, 2, 4, 4, 1, 1, 1)
-    out = torch.empty(1, 3, 4, 4)
-    ptrs = [t.data_ptr() for t in (x, out, w1, b1, w3, b3, w5, b5)]
     with pytest.raises(ValueError, match="not (a CUDA pointer|CUDA device memory)"):
-        _C.msconv_cuda(*ptrs, 1, 2, 4, 4, 1, 1, 1, 0, True, 0, 0, w1.data_ptr())
+        _raw_cuda_call(wp_is_host_pointer=True)
 
 
 @requires_cuda_kernel
 def test_cuda_cpp_requires_packed_weights():
     """Checked before any pointer is dereferenced or any device is touched: runs without a GPU."""
+    with pytest.raises(ValueError, match="need the packed weights"):
+        _raw_cuda_call(wp_is_host_pointer=False)
+
+
+def _raw_cuda_call(wp_is_host_pointer: bool):
+    """_C.msconv_cuda straight on host (CPU) tensors' pointers; wp a host pointer or null."""
     x, w1, b1, w3, b3, w5, b5 = make_inputs(1, 2, 4, 4, 1, 1, 1)
     out = torch.empty(1, 3, 4, 4)
     ptrs = [t.data_ptr() for t in (x, out, w1, b1, w3, b3, w5, b5)]
-    with pytest.raises(ValueError, match="need the packed weights"):
-        _C.msconv_cuda(*ptrs, 1, 2, 4, 4, 1, 1, 1, 0, True, 0, 0, 0)
+    _C.msconv_cuda(*ptrs, 1, 2, 4, 4, 1, 1, 1, 0, True, 0, 0, w1.data_ptr() if wp_is_host_pointer else 0)
 
 
 @pytest.mark.parametrize("c", [1, 3, 64])
