@@ -132,6 +132,7 @@ msconv_kernel(const T* __restrict__ x, T* __restrict__ out, const T* __restrict_
   const int C = d.C, H = d.H, W = d.W;
   // Taps this block needs: the first channel of the block has the widest kernel.
   const int r = co_block < d.c5 ? 2 : (co_block < d.c5 + d.c3 ? 1 : 0);
+  const int side = 2 * r + 1, ntaps = side * side;
 
   float acc[COB];
 #pragma unroll
@@ -144,10 +145,12 @@ msconv_kernel(const T* __restrict__ x, T* __restrict__ out, const T* __restrict_
       const float v = staged_input<CK, IH, IW, NHWC>(x, d, n, ci0, ty0, tx0, idx, cc, yy, xx);
       s_in[cc][yy][xx] = v;
     }
-    for (int idx = tid; idx < CK * 25 * BCO; idx += THREADS) {
+    // Only the taps within radius r (25, 9 or 1): the loop below reads no others.
+    for (int idx = tid; idx < CK * ntaps * BCO; idx += THREADS) {
       const int j = idx % BCO;  // output channels fastest: contiguous in the packed weights
       const int rest = idx / BCO;
-      const int tap = rest % 25, cc = rest / 25;
+      const int t = rest % ntaps, cc = rest / ntaps;
+      const int tap = (2 - r + t / side) * 5 + (2 - r + t % side);
       const int co = co_block + j, ci = ci0 + cc;
       s_w[cc][tap][j] = ci < C && co < d.ctot ? to_f(packed_weight(wp, tap, ci, co, d)) : 0.f;
     }
