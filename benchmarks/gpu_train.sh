@@ -67,7 +67,7 @@ case "$STAGE" in
                  ${EP:---epochs 40} --batch-size 64 --no-progress --force --out runs/ckplus ;;
   ckplus-ft)   INIT=${2:?"ckplus-ft INIT: the FER2013 checkpoint to start from, e.g. .data/fer-init.safetensors"}
                run ckplus-ft fer-edge train --device "$DEV" --init "$INIT" --data "$D/ckplus48" --folds 10 \
-                 --recipe best ${EP:---epochs 30} --batch-size 32 --lr 0.01 --no-progress --force --out runs/ckplus-ft ;;
+                 --recipe best ${EP:---epochs 60} --batch-size 32 --lr 0.01 --no-progress --force --out runs/ckplus-ft ;;
   *) echo "unknown stage $STAGE"; exit 2 ;;
 esac
 ls -la "$OUT"
