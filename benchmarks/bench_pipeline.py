@@ -5,7 +5,7 @@ per-stage breakdown, against the PyTorch checkpoint run in the same script.
     python benchmarks/bench_pipeline.py --weights RUN/best.safetensors --calib DIR [--frames 120] [--json FILE]
 
 The video: scikit-image's astronaut photograph and three real FER2013 faces
-(enlarged to 144 px) drifting across a gray background, written as MJPG and
+(enlarged to 120 px) drifting across a gray background, written as MJPG and
 decoded back through the same Source class `fer-edge predict` uses.
 """
 from __future__ import annotations
