@@ -4,8 +4,10 @@
 # evaluates and packs).  Carry the data in the ignored .data/ folder:
 #   mkdir -p .data && cp ../shared/data/fer2013.zip .data/ && cp -r ../shared/data/ckplus48 .data/
 #   run(command="bash benchmarks/gpu_train.sh macnn-best", carry=[".data"], timeout_s=600)
-# Stages: smoke | macnn-paper | vgg16-paper | macnn-best | vgg16-best | compact | compact-kd TEACHER [EPOCHS]
+# Stages: smoke | speed | macnn-paper | vgg16-paper | macnn-best | vgg16-best | compact | compact-kd TEACHER [EPOCHS]
 #         | hsnet | ckplus | ckplus-ft INIT
+#   speed:      training img/s of MACNN (issue 7): eager, --compile, --compile reduce-overhead, each
+#               $EPOCHS (3) epochs (the first includes compilation) -> speed.log, speed.json
 #   compact:    MACNN width 0.25 with the best recipe (the embedded default model's successor)
 #   compact-kd: the same, distilled from TEACHER (a checkpoint carried in .data/, e.g. macnn-best's,
 #               unpacked here: python benchmarks/ship_weights.py unpack gpu-out/macnn-best.part* .data/teacher.safetensors)
@@ -54,6 +56,29 @@ finish() {  # finish NAME: evaluate best.safetensors (plain and TTA) and pack it
 case "$STAGE" in
   smoke)  # AMP bf16 + channels_last + torch.compile, 2 epochs
     run smoke $T --model macnn --epochs 2 --compile --out runs/smoke; finish smoke ;;
+  speed)  # one log and one JSON for the three ways, each cut at LIMIT/3 seconds
+    for mode in eager default reduce-overhead; do
+      flag=""; [ "$mode" = eager ] || flag="--compile $mode"
+      echo "== speed $mode" | tee -a "$OUT/speed.log"
+      PYTHONUNBUFFERED=1 timeout $((LIMIT / 3)) $T --model macnn --epochs "${EPOCHS:-3}" --val-limit 500 $flag \
+        --out "runs/speed-$mode" >> "$OUT/speed.log" 2>&1
+      grep -E "^epoch" "$OUT/speed.log" | tail -"${EPOCHS:-3}"
+    done
+    python3 - "$OUT/speed.json" <<'PY'
+import json, sys
+from pathlib import Path
+out = {}
+for mode in ("eager", "default", "reduce-overhead"):
+    f = Path(f"runs/speed-{mode}/metrics.jsonl")
+    rows = [json.loads(l) for l in f.read_text().splitlines()] if f.is_file() else []
+    later = [r["img_per_s"] for r in rows[1:]]  # epoch 1 includes compilation and cuDNN autotuning
+    out[mode] = {"epochs": len(rows), "img_per_s": [round(r["img_per_s"]) for r in rows],
+                 "img_per_s_after_first": round(sum(later) / len(later)) if later else None,
+                 "val_acc": [round(r.get("val_acc", 0), 4) for r in rows]}
+Path(sys.argv[1]).write_text(json.dumps(out, indent=2))
+print(json.dumps(out, indent=2))
+PY
+    ;;
   macnn-paper) run macnn-paper $T --model macnn --recipe paper $EP --out runs/macnn-paper; finish macnn-paper ;;
   vgg16-paper) run vgg16-paper $T --model vgg16 --recipe paper $EP --out runs/vgg16-paper; finish vgg16-paper ;;
   macnn-best)  run macnn-best $T --model macnn --recipe best $EP --out runs/macnn-best; finish macnn-best ;;

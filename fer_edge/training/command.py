@@ -144,7 +144,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         settings = TrainSettings(
             model=model_name, model_config=model_config, recipe=recipe, classes=list(train.classes),
             seed=args.seed, device=args.device, amp=args.amp, class_weights=args.class_weights,
-            compile=args.compile, stem_weights=args.stem_weights, init=init, **distill,
+            compile=args.compile is not None, compile_mode=args.compile or "default",
+            stem_weights=args.stem_weights, init=init, **distill,
             data={"train": str(args.data), "val": str(args.val) if args.val else None, "limit": args.limit,
                   "val_limit": args.val_limit, "train_images": len(train)})
         if distill:  # before the run folder gets its first file
@@ -256,7 +257,10 @@ def add_train_parser(sub) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
                    help="mixed precision on CUDA (auto = bf16; CPU always trains in fp32)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    p.add_argument("--compile", nargs="?", const="default", metavar="MODE",
+                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   help="torch.compile the model's training step; MODE (default 'default'): reduce-overhead "
+                        "replays it as CUDA graphs, max-autotune also tunes its kernels")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
     p.add_argument("--force", action="store_true", help="start over in an existing --out")

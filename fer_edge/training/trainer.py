@@ -68,6 +68,7 @@ class TrainSettings:
     channels_last: bool | None = None   # None = on CUDA only
     class_weights: bool = False
     compile: bool = False
+    compile_mode: str = "default"       # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune...
     eval_batch_size: int = 512
     stem_weights: str | None = None     # HSNet: face-recognition stem to transfer and freeze
     init: dict | None = None            # fine-tuning: {"path", "sha256"} of the checkpoint to start from
@@ -81,6 +82,7 @@ class TrainSettings:
         """What must not change between a run and its resumption."""
         d = asdict(self)
         d.pop("eval_batch_size")
+        d.pop("compile_mode")  # how the same computation is scheduled: a run may resume under another
         if d["teacher"] is None:  # runs without a teacher keep the fingerprint they always had
             for key in ("teacher", "kd_weight", "kd_temperature"):
                 d.pop(key)
@@ -361,7 +363,7 @@ def train_run(settings: TrainSettings, train_set, val_set, run_dir, *, resume: b
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
-    step_model = torch.compile(train_model) if settings.compile else train_model
+    step_model = torch.compile(train_model, mode=settings.compile_mode) if settings.compile else train_model
     teacher, distilled = None, {}
     if settings.teacher:
         distilled = {"distilled_from": {"sha256": settings.teacher["sha256"], "kd_weight": settings.kd_weight,
