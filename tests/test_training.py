@@ -396,6 +396,23 @@ def test_distillation_loss_against_its_definition():
     assert distillation_loss(t, t.clone(), 4.0).abs().item() < 1e-6
 
 
+def test_ensemble_logits_average_the_softened_predictions():
+    """softmax(ensemble / T) is the mean of the members' softmax(z / T), at
+    every temperature; one member passes through unchanged (same object)."""
+    from fer_edge.training.distill import distillation_loss, ensemble_logits
+
+    g = torch.Generator().manual_seed(0)
+    zs = [torch.randn(6, 7, generator=g) * 4 for _ in range(3)]
+    for temp in (1.0, 4.0):
+        expect = torch.stack([F.softmax(z / temp, 1) for z in zs]).mean(0)
+        got = F.softmax(ensemble_logits(zs, temp) / temp, 1)
+        torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-7)
+    assert ensemble_logits(zs[:1], 4.0) is zs[0]
+    # two copies of a teacher are that teacher (to rounding): no loss against it
+    s = zs[0].clone()
+    assert distillation_loss(s, ensemble_logits([zs[0], zs[0].clone()], 4.0), 4.0).abs().item() < 1e-5
+
+
 def test_teacher_columns_map_classes_by_name():
     from fer_edge.training.distill import teacher_columns
 
@@ -440,7 +457,8 @@ def test_distillation_run_learns_from_the_teacher_not_the_labels(tiny, tmp_path)
         d.labels = labels
         s = TrainSettings(model="macnn", model_config={"width": 0.125}, classes=classes, seed=0,
                           recipe=get_recipe("best", epochs=1, batch_size=16),
-                          teacher={"path": str(tmp_path / teacher), "sha256": "-"}, kd_weight=1.0)
+                          teacher=[{"path": str(tmp_path / t), "sha256": "-"} for t in teacher.split("+")],
+                          kd_weight=1.0)
         train_run(s, d, None, tmp_path / name, progress=False, log=lambda m: None)
         return load_state(tmp_path / name / "last.safetensors")
 
@@ -456,6 +474,12 @@ def test_distillation_run_learns_from_the_teacher_not_the_labels(tiny, tmp_path)
     torch.testing.assert_close(t1(x), m_ref(x), rtol=1e-5, atol=1e-5)
     c = student("t2.safetensors", data.labels, "d")
     assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())
+    # an ensemble of two teachers is a third target: neither member's student
+    e = student("t1.safetensors+t2.safetensors", permuted, "e")
+    for other in (a, c):
+        assert any(not torch.equal(e[k], other[k]) for k in e if e[k].is_floating_point())
+    # ...and, like one teacher, it alone decides the student at --kd-weight 1
+    assert_same_weights(e, student("t1.safetensors+t2.safetensors", data.labels, "f"))
     assert set(classes) == set(FER2013_CLASSES)
 
 
@@ -479,6 +503,8 @@ def test_distillation_bad_inputs_are_one_line_errors(tiny, tmp_path):
     fails(*fer, "--teacher", teacher, "--kd-weight", "0", expect="must be in (0, 1]")
     fails(*fer, "--teacher", teacher, "--kd-temperature", "0", expect="must be > 0")
     fails(*fer, "--teacher", tmp_path / "none.safetensors", expect="no such checkpoint file")
+    fails(*fer, "--teacher", teacher, "--teacher", tmp_path / "none.safetensors", expect="no such checkpoint file")
+    fails(*fer, "--teacher", teacher, "--teacher", teacher, expect="given twice")
     fails("--data", ck, "--val", ck, "--teacher", teacher, expect="no contempt class")
     assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())  # nothing half-written
     common = [*TINY, "--data", train, "--val", val, "--epochs", "1", "--limit", "32", "--out", tmp_path / "ok"]
@@ -486,10 +512,13 @@ def test_distillation_bad_inputs_are_one_line_errors(tiny, tmp_path):
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "distilling from" in ok.stdout and "train form" in ok.stdout
     cfg = json.loads((tmp_path / "ok" / "config.json").read_text())
-    assert cfg["teacher"]["sha256"] and cfg["kd_weight"] == 0.5 and cfg["kd_temperature"] == 4.0
+    assert len(cfg["teacher"]) == 1 and cfg["teacher"][0]["sha256"]
+    assert cfg["kd_weight"] == 0.5 and cfg["kd_temperature"] == 4.0
     from fer_edge.checkpoint import read_meta
 
-    assert read_meta(tmp_path / "ok" / "best.safetensors")["extra"]["distilled_from"]["sha256"] == cfg["teacher"]["sha256"]
+    origin = read_meta(tmp_path / "ok" / "best.safetensors")["extra"]["distilled_from"]
+    assert [t["sha256"] for t in origin["teachers"]] == [cfg["teacher"][0]["sha256"]]
+    assert origin["teachers"][0]["arch"] == "macnn" and origin["kd_weight"] == 0.5
     # resuming a distilled run without its teacher (or with another) is refused in one line
     p = run("train", *common, "--resume")
     assert p.returncode == 2 and "Traceback" not in p.stderr and "'teacher' differs" in p.stderr, p.stderr

@@ -84,9 +84,9 @@ def resolve_model(args) -> tuple[str, dict, dict | None]:
 
 
 def resolve_teacher(args) -> dict:
-    """The distillation settings: the teacher's path and sha256 (a resumed run
-    must use the same file), weight and temperature.  The file and the numbers
-    are checked before any data loads, its classes once the data is known."""
+    """The distillation settings: each teacher's path and sha256 (a resumed run
+    must use the same files), weight and temperature.  The files and the numbers
+    are checked before any data loads, their classes once the data is known."""
     if not args.teacher:
         if args.kd_weight is not None or args.kd_temperature is not None:
             raise UserError("--kd-weight/--kd-temperature need --teacher CKPT")
@@ -94,15 +94,19 @@ def resolve_teacher(args) -> dict:
     from fer_edge.checkpoint import read_meta
     from fer_edge.targets.bundle import sha256_file
 
-    read_meta(args.teacher)  # a missing or foreign file fails here, in one line
+    for path in args.teacher:
+        read_meta(path)  # a missing or foreign file fails here, in one line
     weight = 0.5 if args.kd_weight is None else args.kd_weight
     temperature = 4.0 if args.kd_temperature is None else args.kd_temperature
     if not 0.0 < weight <= 1.0:
         raise UserError(f"--kd-weight {weight}: must be in (0, 1] (0 would run the teacher for nothing)")
     if not temperature > 0.0:
         raise UserError(f"--kd-temperature {temperature}: must be > 0")
-    return {"teacher": {"path": str(args.teacher), "sha256": sha256_file(args.teacher)},
-            "kd_weight": weight, "kd_temperature": temperature}
+    teachers = [{"path": str(p), "sha256": sha256_file(p)} for p in args.teacher]
+    same = {t["sha256"] for t in teachers}
+    if len(same) < len(teachers):
+        raise UserError("--teacher: the same checkpoint is given twice (an ensemble needs different members)")
+    return {"teacher": teachers, "kd_weight": weight, "kd_temperature": temperature}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -152,8 +156,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             from fer_edge.checkpoint import default_preprocess, read_meta
             from fer_edge.training.distill import check_teacher
 
-            check_teacher(read_meta(args.teacher), args.teacher, settings.classes,
-                          default_preprocess(model_name, model_config))
+            for path in args.teacher:
+                check_teacher(read_meta(path), path, settings.classes, default_preprocess(model_name, model_config))
         if args.folds is not None:
             return _run_folds(settings, train, args.folds, run_dir, args, ctx, log)
         return _run_single(settings, train, val, run_dir, args, ctx, log)
@@ -249,8 +253,10 @@ def add_train_parser(sub) -> None:
     p.add_argument("--input-size", type=int, help="model input size (HSNet; default 112)")
     p.add_argument("--init", help="fine-tune: start from this train-form checkpoint (e.g. a FER2013 run's "
                    "best.safetensors); head rows are matched by class name, new classes start fresh")
-    p.add_argument("--teacher", help="distil from this trained checkpoint (any architecture and form, same "
-                   "classes or more): the loss mixes its softened predictions with the labels")
+    p.add_argument("--teacher", action="append", metavar="CKPT",
+                   help="distil from this trained checkpoint (any architecture and form, same classes or more): "
+                   "the loss mixes its softened predictions with the labels; repeat it to distil an ensemble "
+                   "(the mean of the teachers' softened predictions)")
     p.add_argument("--kd-weight", type=float, help="share of the distillation term, 0..1 (default 0.5)")
     p.add_argument("--kd-temperature", type=float, help="distillation softmax temperature (default 4)")
     p.add_argument("--stem-weights", help="HSNet: face-recognition state dict for the stem (transferred, frozen)")

@@ -4,12 +4,17 @@ student (Hinton, Vinyals & Dean 2015).  This is how a compact model (width
 learning the hard labels alone.
 
 The loss of a training step becomes ``(1 - a) * CE(student, labels) +
-a * distillation_loss(student, teacher, T)``.  The teacher sees exactly the
+a * distillation_loss(student, teacher, T)``.  Several teachers act as one
+ensemble: their softened predictions are averaged (``ensemble_logits``), the
+usual way to distil an ensemble into one network, which is how a single model
+gets most of an ensemble's accuracy at one model's cost.  The teacher sees exactly the
 augmented batch the student sees (online distillation), runs frozen in eval
 mode, in its merged form (no BatchNorm: the same outputs, fewer kernels), and
 under the same autocast as the student.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +33,20 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     t = float(temperature)
     return F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
                     log_target=True, reduction="batchmean") * (t * t)
+
+
+def ensemble_logits(logits: list[torch.Tensor], temperature: float) -> torch.Tensor:
+    """Logits whose softmax at ``temperature`` is the mean of the members'
+    softmaxes at that temperature: T * log(mean_i softmax(z_i / T)).
+
+    Averaging probabilities (not logits) is the ensemble's own prediction; the
+    result is a log-probability times T, a valid logit vector (softmax is
+    shift-invariant).  One member is returned as it is, unchanged."""
+    if len(logits) == 1:
+        return logits[0]
+    t = float(temperature)
+    logp = torch.stack([F.log_softmax(z.float() / t, dim=1) for z in logits])
+    return (torch.logsumexp(logp, dim=0) - math.log(len(logits))) * t
 
 
 def teacher_columns(teacher_classes: list[str], student_classes: list[str]) -> list[int]:
@@ -92,3 +111,16 @@ class Teacher:
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
             logits = self.model(x)
         return logits.float()[:, self.columns]
+
+
+class TeacherEnsemble:
+    """One or more Teachers on the same batch; their ensemble's logits at
+    the distillation temperature (see ``ensemble_logits``)."""
+
+    def __init__(self, teachers: list[Teacher], temperature: float):
+        if not teachers:
+            raise ValueError("TeacherEnsemble needs at least one teacher")
+        self.teachers, self.temperature = list(teachers), float(temperature)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return ensemble_logits([t(x) for t in self.teachers], self.temperature)

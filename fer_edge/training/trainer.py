@@ -73,7 +73,7 @@ class TrainSettings:
     stem_weights: str | None = None     # HSNet: face-recognition stem to transfer and freeze
     init: dict | None = None            # fine-tuning: {"path", "sha256"} of the checkpoint to start from
     aux_weight: float = 0.3             # HSNet: weight of the auxiliary FGAL head losses
-    teacher: dict | None = None         # distillation: {"path", "sha256"} of the teacher checkpoint
+    teacher: list[dict] | None = None   # distillation: [{"path", "sha256"}] of the teacher checkpoint(s)
     kd_weight: float = 0.5              # share of the distillation term in the loss (with a teacher)
     kd_temperature: float = 4.0         # softmax temperature of the distillation term
     data: dict = field(default_factory=dict)  # where the data came from (recorded, compared on resume)
@@ -366,17 +366,23 @@ def train_run(settings: TrainSettings, train_set, val_set, run_dir, *, resume: b
     step_model = torch.compile(train_model, mode=settings.compile_mode) if settings.compile else train_model
     teacher, distilled = None, {}
     if settings.teacher:
-        distilled = {"distilled_from": {"sha256": settings.teacher["sha256"], "kd_weight": settings.kd_weight,
-                                        "kd_temperature": settings.kd_temperature}}
-        from fer_edge.training.distill import Teacher
+        from fer_edge.training.distill import Teacher, TeacherEnsemble
 
-        teacher = Teacher(settings.teacher["path"], settings.classes, preprocess, device, dtype=dtype,
-                          channels_last=channels_last, compile=settings.compile)
+        members = [Teacher(t["path"], settings.classes, preprocess, device, dtype=dtype,
+                           channels_last=channels_last, compile=settings.compile) for t in settings.teacher]
+        teacher = TeacherEnsemble(members, settings.kd_temperature)
+        distilled = {"distilled_from": {
+            "teachers": [{"sha256": t["sha256"], "arch": m.meta["arch"], "config": m.meta["config"]}
+                         for t, m in zip(settings.teacher, members)],
+            "kd_weight": settings.kd_weight, "kd_temperature": settings.kd_temperature}}
         if ctx.main and start_epoch == 0:
-            tc = teacher.meta["config"]
-            log(f"distilling from {settings.teacher['path']} ({teacher.meta['arch']}"
-                + (f" width {tc['width']}" if "width" in tc else "") + f", {teacher.meta['form']} form): "
-                f"weight {settings.kd_weight}, temperature {settings.kd_temperature}")
+            for t, m in zip(settings.teacher, members):
+                tc = m.meta["config"]
+                log(f"distilling from {t['path']} ({m.meta['arch']}"
+                    + (f" width {tc['width']}" if "width" in tc else "") + f", {m.meta['form']} form)")
+            log(f"distillation: {len(members)} teacher{'s' if len(members) > 1 else ''}"
+                + (" (ensemble: mean of their softened predictions)" if len(members) > 1 else "")
+                + f", weight {settings.kd_weight}, temperature {settings.kd_temperature}")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     aug_cfg = recipe["augment"]
 
