@@ -229,6 +229,44 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tiny, tmp_path):
     assert other.returncode == 2 and "differs" in other.stderr
 
 
+def test_epochs_within_budget():
+    from fer_edge.training.trainer import epochs_within_budget
+
+    # 100 s budget, 30 s gone after 2 epochs of 10 s: 7 more fit
+    assert epochs_within_budget(100, 30, 10, 2, 60) == 9
+    assert epochs_within_budget(100, 30, 10, 2, 5) == 5       # never more than the cap
+    assert epochs_within_budget(100, 130, 10, 2, 60) == 2     # over budget: stop here
+    assert epochs_within_budget(100, 91, 10, 2, 60) == 2      # 9 s left: no whole epoch fits
+    assert epochs_within_budget(100, 90, 10, 2, 60) == 3
+
+
+@needs_data
+def test_time_budget_sets_the_epochs_and_survives_resume(tiny, tmp_path):
+    """A run whose budget is spent after its second epoch stops there, with the
+    schedule shortened to end at that epoch; the decision is part of the
+    resume state.  A budget that fits everything trains the --epochs cap."""
+    train, val = tiny
+    common = [*TINY, "--data", train, "--val", val, "--epochs", "4", "--limit", "48"]
+    cut = run("train", *common, "--time-budget", "0.0001", "--out", tmp_path / "cut",
+              env={"FER_EDGE_TEST_KILL_AFTER_EPOCH": "2"})
+    assert cut.returncode == -9, cut.stderr[-2000:]
+    assert "time budget 0.0001 min" in cut.stdout and "-> 2 epochs (of 4)" in cut.stdout, cut.stdout
+    resumed = run("train", *common, "--time-budget", "0.0001", "--out", tmp_path / "cut", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "after epoch 2/2" in resumed.stdout
+    summary = json.loads((tmp_path / "cut" / "summary.json").read_text())
+    assert summary["epochs"] == 2 and summary["recipe_epochs"] == 4 and summary["time_budget_min"] == 0.0001
+    assert len((tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()) == 2
+    state = torch.load(tmp_path / "cut" / "resume.pt", weights_only=True)
+    # the cosine schedule was re-planned for 2 epochs: its last step has reached lr 0
+    assert state["epochs"] == 2 and state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-9)
+    roomy = run("train", *common, "--epochs", "3", "--time-budget", "600", "--out", tmp_path / "roomy")
+    assert roomy.returncode == 0, roomy.stderr[-2000:]
+    assert json.loads((tmp_path / "roomy" / "summary.json").read_text())["epochs"] == 3
+    bad = run("train", *common, "--time-budget", "0", "--out", tmp_path / "bad")
+    assert bad.returncode == 2 and bad.stderr.strip().endswith("must be > 0 minutes"), bad.stderr
+
+
 @needs_data
 def test_torchrun_two_cpu_processes_end_with_identical_weights(tiny, tmp_path):
     train, val = tiny

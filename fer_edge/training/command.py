@@ -121,6 +121,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     ctx = setup_distributed(args.device)
     log = _log(ctx)
     try:
+        if args.time_budget is not None and not args.time_budget > 0:
+            raise UserError(f"--time-budget {args.time_budget:g}: must be > 0 minutes")
         recipe = get_recipe(args.recipe, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
         model_name, model_config, init = resolve_model(args)
         distill = resolve_teacher(args)
@@ -149,7 +151,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             model=model_name, model_config=model_config, recipe=recipe, classes=list(train.classes),
             seed=args.seed, device=args.device, amp=args.amp, class_weights=args.class_weights,
             compile=args.compile is not None, compile_mode=args.compile or "default",
-            stem_weights=args.stem_weights, init=init, **distill,
+            stem_weights=args.stem_weights, init=init, time_budget=args.time_budget, **distill,
             data={"train": str(args.data), "val": str(args.val) if args.val else None, "limit": args.limit,
                   "val_limit": args.val_limit, "train_images": len(train)})
         if distill:  # before the run folder gets its first file
@@ -247,6 +249,9 @@ def add_train_parser(sub) -> None:
     p.add_argument("--val-usage", default="PublicTest", help="Usage rows of a FER2013 CSV given as --val")
     p.add_argument("--recipe", default="best", choices=sorted(RECIPES), help="training recipe (default best)")
     p.add_argument("--epochs", type=int, help="override the recipe's epochs")
+    p.add_argument("--time-budget", type=float, metavar="MINUTES",
+                   help="train as many epochs as fit in MINUTES (timed on the second epoch, which then sets "
+                   "the learning-rate schedule's length), at most --epochs (default: the recipe's)")
     p.add_argument("--batch-size", type=int, help="per-process batch size (default: the recipe's)")
     p.add_argument("--lr", type=float, help="override the recipe's learning rate")
     p.add_argument("--width", type=float, help="channel width multiplier (compact models: 0.25, 0.5)")

@@ -21,7 +21,6 @@ Design choices (each one is what makes a promise of the command hold):
 """
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -76,6 +75,7 @@ class TrainSettings:
     teacher: list[dict] | None = None   # distillation: [{"path", "sha256"}] of the teacher checkpoint(s)
     kd_weight: float = 0.5              # share of the distillation term in the loss (with a teacher)
     kd_temperature: float = 4.0         # softmax temperature of the distillation term
+    time_budget: float | None = None    # minutes: as many epochs as fit, at most the recipe's (see epochs_within_budget)
     data: dict = field(default_factory=dict)  # where the data came from (recorded, compared on resume)
 
     def fingerprint(self) -> dict:
@@ -86,7 +86,17 @@ class TrainSettings:
         if d["teacher"] is None:  # runs without a teacher keep the fingerprint they always had
             for key in ("teacher", "kd_weight", "kd_temperature"):
                 d.pop(key)
+        if d["time_budget"] is None:
+            d.pop("time_budget")
         return d
+
+
+def epochs_within_budget(budget_s: float, elapsed_s: float, epoch_s: float, done: int, cap: int) -> int:
+    """How many epochs a time-boxed run trains in all: those done plus as many
+    more of ``epoch_s`` seconds as fit in what is left of the budget, never
+    more than ``cap`` (the recipe's or --epochs) nor fewer than ``done``."""
+    more = int(max(0.0, budget_s - elapsed_s) // max(epoch_s, 1e-9))
+    return max(done, min(cap, done + more))
 
 
 # ----------------------------------------------------------------- distributed
@@ -313,10 +323,13 @@ def train_run(settings: TrainSettings, train_set, val_set, run_dir, *, resume: b
     optimizer = build_optimizer(model, recipe)
     n_train = len(train_set)
     steps_per_epoch = n_train // (recipe["batch_size"] * ctx.world)
-    total_steps = steps_per_epoch * recipe["epochs"]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
-        lr_factor, total_steps=total_steps, warmup_steps=recipe["warmup_epochs"] * steps_per_epoch,
-        schedule=recipe["schedule"]))
+    # epochs: the recipe's, or fewer once a --time-budget run has timed its
+    # second epoch; the schedule's length follows it (plan is read at every step).
+    epochs = recipe["epochs"]
+    plan = {"total_steps": steps_per_epoch * epochs, "decided": settings.time_budget is None}
+    warmup_steps = recipe["warmup_epochs"] * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
+        step, total_steps=plan["total_steps"], warmup_steps=warmup_steps, schedule=recipe["schedule"]))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     weights = class_weight_vector(train_set.labels, num_classes).to(device) if settings.class_weights else None
 
@@ -342,6 +355,8 @@ def train_run(settings: TrainSettings, train_set, val_set, run_dir, *, resume: b
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         start_epoch, best_acc, best_epoch = state["epoch"], state["best_acc"], state["best_epoch"]
+        epochs = state.get("epochs", epochs)
+        plan.update(total_steps=steps_per_epoch * epochs, decided=state.get("epochs_decided", plan["decided"]))
         rngs = state["rng"]
         if len(rngs) == ctx.world:
             set_rng_state(rngs[ctx.rank], device)
@@ -350,7 +365,7 @@ def train_run(settings: TrainSettings, train_set, val_set, run_dir, *, resume: b
             torch.manual_seed(settings.seed + 7919 * start_epoch + ctx.rank)
         if ctx.main:
             _truncate_metrics(run_dir / METRICS_FILE, start_epoch)
-            log(f"resumed {run_dir} after epoch {start_epoch}/{recipe['epochs']}")
+            log(f"resumed {run_dir} after epoch {start_epoch}/{epochs}")
     else:
         torch.manual_seed(settings.seed + ctx.rank)  # dropout differs per rank, as in any DDP run
         if ctx.main:
@@ -386,7 +401,10 @@ def train_run(settings: TrainSettings, train_set, val_set, run_dir, *, resume: b
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     aug_cfg = recipe["augment"]
 
-    for epoch in range(start_epoch, recipe["epochs"]):
+    loop_start = time.perf_counter()
+    epoch = start_epoch
+    while epoch < epochs:
+        epoch_start = time.perf_counter()
         model.train()
         batches = epoch_batches(n_train, recipe["batch_size"], epoch, settings.seed, ctx).to(device)
         g_aug = torch.Generator(device=device).manual_seed(
@@ -396,7 +414,7 @@ def train_run(settings: TrainSettings, train_set, val_set, run_dir, *, resume: b
         if progress and ctx.main:
             from tqdm import tqdm
 
-            bar = tqdm(it, desc=f"epoch {epoch + 1}/{recipe['epochs']}", unit="step", leave=False,
+            bar = tqdm(it, desc=f"epoch {epoch + 1}/{epochs}", unit="step", leave=False,
                        dynamic_ncols=True)
             it = bar
         loss_sum = torch.zeros((), device=device)
@@ -466,13 +484,32 @@ def train_run(settings: TrainSettings, train_set, val_set, run_dir, *, resume: b
                 save_checkpoint(run_dir / "best.safetensors", model, meta=meta, force=True)
             with open(run_dir / METRICS_FILE, "a") as f:
                 f.write(json.dumps(row) + "\n")
+        if not plan["decided"] and (epoch + 1 - start_epoch >= 2 or epoch + 1 >= epochs):
+            # Timed on this process's second epoch (the first pays for compilation and autotuning).
+            now = time.perf_counter()
+            new = epochs_within_budget(60.0 * settings.time_budget, now - loop_start, now - epoch_start,
+                                       epoch + 1, epochs)
+            if ctx.enabled:  # every rank must stop at the same epoch: rank 0's clock decides
+                import torch.distributed as dist
+
+                t = torch.tensor([new], device=device)
+                dist.broadcast(t, 0)
+                new = int(t.item())
+            if ctx.main:
+                log(f"time budget {settings.time_budget:g} min: epoch {epoch + 1} took {now - epoch_start:.1f} s, "
+                    f"{now - loop_start:.1f} s so far -> {new} epochs" + (f" (of {epochs})" if new < epochs else ""))
+            epochs = new
+            plan.update(total_steps=steps_per_epoch * epochs, decided=True)
+            for group, base in zip(optimizer.param_groups, scheduler.base_lrs):  # the next step's lr, re-planned
+                group["lr"] = base * scheduler.lr_lambdas[0](scheduler.last_epoch)
         rngs = _gather_rng(device, ctx)
         if ctx.main:
             save_torch_atomic(run_dir / RESUME_FILE, {
                 "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,
-                "best_acc": best_acc, "best_epoch": best_epoch, "fingerprint": fingerprint})
-            msg = (f"epoch {epoch + 1}/{recipe['epochs']}: loss {row['train_loss']:.4f}, "
+                "best_acc": best_acc, "best_epoch": best_epoch, "fingerprint": fingerprint,
+                "epochs": epochs, "epochs_decided": plan["decided"]})
+            msg = (f"epoch {epoch + 1}/{epochs}: loss {row['train_loss']:.4f}, "
                    f"train acc {100 * row['train_acc']:.2f}%")
             if "val_acc" in row:
                 msg += (f", val acc {100 * row['val_acc']:.2f}% (mean-class {100 * row['val_mean_class_acc']:.2f}%)"
@@ -480,10 +517,13 @@ def train_run(settings: TrainSettings, train_set, val_set, run_dir, *, resume: b
             log(msg + f", {row['img_per_s']:.0f} img/s")
         if os.environ.get(KILL_AFTER_EPOCH_ENV) == str(epoch + 1) and ctx.main:
             os.kill(os.getpid(), signal.SIGKILL)
+        epoch += 1
 
     if os.environ.get(DUMP_RANKS_ENV):
         _dump_rank(model, Path(os.environ[DUMP_RANKS_ENV]), ctx)
-    summary = {"run_dir": str(run_dir), "arch": arch, "epochs": recipe["epochs"], "recipe": recipe["name"],
+    summary = {"run_dir": str(run_dir), "arch": arch, "epochs": epochs, "recipe": recipe["name"],
+               **({"time_budget_min": settings.time_budget, "recipe_epochs": recipe["epochs"]}
+                  if settings.time_budget is not None else {}),
                "train_images": n_train, "world_size": ctx.world, "device": str(device),
                "amp": str(dtype).replace("torch.", "") if dtype else "fp32", "channels_last": channels_last,
                "best_epoch": best_epoch, "best_val_acc": best_acc if best_epoch else None}
