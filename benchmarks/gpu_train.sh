@@ -5,13 +5,20 @@
 #   mkdir -p .data && cp ../shared/data/fer2013.zip .data/ && cp -r ../shared/data/ckplus48 .data/
 #   run(command="bash benchmarks/gpu_train.sh macnn-best", carry=[".data"], timeout_s=600)
 # Stages: smoke | speed | macnn-paper | vgg16-paper | macnn-best | vgg16-best | compact | compact-kd TEACHER [EPOCHS]
-#         | hsnet | ckplus | ckplus-ft INIT
+#         | hsnet | ckplus | ckplus-ft INIT | ensemble
 #   speed:      training img/s of MACNN (issue 7): eager, --compile, --compile reduce-overhead, each
 #               $EPOCHS (3) epochs (the first includes compilation) -> speed.log, speed.json
 #   compact:    MACNN width 0.25 with the best recipe (the embedded default model's successor)
 #   compact-kd: the same, distilled from TEACHER (a checkpoint carried in .data/, e.g. macnn-best's,
 #               unpacked here: python benchmarks/ship_weights.py unpack gpu-out/macnn-best.part* .data/teacher.safetensors)
 #   ckplus-ft:  10-fold CK+ fine-tuned from INIT, a FER2013 checkpoint carried in .data/
+#   ensemble:   issue 8 in one call.  Phase 1: $K (3) full-width MACNN teachers (seeds 1..K) and the
+#               VGG16 baseline, --recipe best, side by side, each time-boxed to $TBUDGET s (--time-budget,
+#               at most $TEPOCHS epochs); their ensemble is scored (benchmarks/eval_ensemble.py).  Phase 2:
+#               the ensemble distilled (--teacher x K) into a full-width MACNN, a width-0.25 MACNN and a
+#               VGG16 (same recipe, for the comparison), side by side, $SBUDGET s each.  Returns
+#               ensemble.tar.gz (every log, metrics, summary and eval JSON) and the weights of the two
+#               MACNN students as float16 parts (5 files, ~41 MB).
 # $EPOCHS overrides a stage's epochs (e.g. EPOCHS=120 bash benchmarks/gpu_train.sh macnn-best).
 # What comes back ($OUT, at most 8 files): NAME.log, NAME-metrics.jsonl, NAME-summary.json,
 # NAME-eval.json (best checkpoint on PublicTest, with ten-crop TTA), and the best weights as
@@ -34,7 +41,8 @@ if [ ! -d "$D/fer2013/train" ]; then (cd "$D" && python3 -c "import zipfile; zip
 TRAIN="$D/fer2013/train"; VAL="$D/fer2013/publictest"
 [ -d "$TRAIN" ] || TRAIN=$(dirname "$(find "$D" -type d -name train | head -1)")/train
 [ -d "$VAL" ] || VAL=$(dirname "$TRAIN")/publictest
-DEV=${DEVICE:-cuda}   # DEVICE=cpu EXTRA="--limit 600 --val-limit 300" EPOCHS=1: a dry run of a stage here
+DEV=${DEVICE:-cuda}   # DEVICE=cpu EXTRA="--limit 600 --val-limit 300" EVAL_LIMIT=300 EPOCHS=1: a dry run of a stage here
+EL=${EVAL_LIMIT:+--limit $EVAL_LIMIT}
 T="fer-edge train --device $DEV --data $TRAIN --val $VAL --no-progress --force ${EXTRA:-}"
 run() {  # run NAME CMD...: train into runs/NAME (cut at $LIMIT s); log, metrics and summary into $OUT
   local name=$1; shift
@@ -50,7 +58,9 @@ run() {  # run NAME CMD...: train into runs/NAME (cut at $LIMIT s); log, metrics
 finish() {  # finish NAME: evaluate best.safetensors (plain and TTA) and pack its weights into $OUT
   local name=$1 w=runs/$1/best.safetensors
   [ -f "$w" ] || { echo "no $w"; return 0; }
-  fer-edge eval --weights "$w" --data "$VAL" --device "$DEV" --tta --json "$OUT/$name-eval.json" 2>>"$OUT/$name.log" | head -8
+  # (never pipe fer-edge into head: its report would end in a broken pipe before the JSON is written)
+  fer-edge eval --weights "$w" --data "$VAL" --device "$DEV" --tta $EL --json "$OUT/$name-eval.json" \
+    >>"$OUT/$name.log" 2>&1; grep -E "^(accuracy|mean-class|with ten-crop)" "$OUT/$name.log" | tail -3
   python3 benchmarks/ship_weights.py pack "$w" "$OUT/$name"
 }
 case "$STAGE" in
@@ -93,6 +103,43 @@ PY
   ckplus-ft)   INIT=${2:?"ckplus-ft INIT: the FER2013 checkpoint to start from, e.g. .data/fer-init.safetensors"}
                run ckplus-ft fer-edge train --device "$DEV" --init "$INIT" --data "$D/ckplus48" --folds 10 \
                  --recipe best ${EP:---epochs 60} --batch-size 32 --lr 0.01 --no-progress --force --out runs/ckplus-ft ;;
+  ensemble)
+    K=${K:-3}; TBUDGET=${TBUDGET:-210}; SBUDGET=${SBUDGET:-210}; TEPOCHS=${TEPOCHS:-200}; SEPOCHS=${SEPOCHS:-200}
+    NCPU=$(nproc); THREADS=$(( NCPU / (K + 1) > 0 ? NCPU / (K + 1) : 1 ))
+    minutes() { python3 -c "print($1 / 60)"; }
+    TM=$(minutes "$TBUDGET"); SM=$(minutes "$SBUDGET")
+    teachers=()
+    for s in $(seq 1 "$K"); do
+      OMP_NUM_THREADS=$THREADS LIMIT=$((TBUDGET + 120)) run teacher$s $T --model macnn --recipe best --seed "$s" \
+        --epochs "$TEPOCHS" --time-budget "$TM" --out "runs/teacher$s" &
+      teachers+=("runs/teacher$s/best.safetensors")
+    done
+    OMP_NUM_THREADS=$THREADS LIMIT=$((TBUDGET + 120)) run vgg16-best $T --model vgg16 --recipe best \
+      --epochs "$TEPOCHS" --time-budget "$TM" --out runs/vgg16-best &
+    wait
+    have=(); for w in "${teachers[@]}"; do [ -f "$w" ] && have+=("$w"); done
+    [ ${#have[@]} -gt 0 ] || { echo "no teacher finished"; exit 1; }
+    python3 -P benchmarks/eval_ensemble.py --weights "${have[@]}" --data "$VAL" \
+      --device "$DEV" --tta $EL --json "$OUT/teachers-eval.json" 2>&1 | tee "$OUT/teachers-eval.log"
+    kd=(); for w in "${have[@]}"; do kd+=(--teacher "$w"); done
+    THREADS=$(( NCPU / 3 > 0 ? NCPU / 3 : 1 ))
+    OMP_NUM_THREADS=$THREADS LIMIT=$((SBUDGET + 120)) run student $T --model macnn --recipe best "${kd[@]}" \
+      --epochs "$SEPOCHS" --time-budget "$SM" --out runs/student &
+    OMP_NUM_THREADS=$THREADS LIMIT=$((SBUDGET + 120)) run compact-student $T --model macnn --width 0.25 \
+      --recipe best "${kd[@]}" --epochs "$SEPOCHS" --time-budget "$SM" --out runs/compact-student &
+    OMP_NUM_THREADS=$THREADS LIMIT=$((SBUDGET + 120)) run vgg16-student $T --model vgg16 --recipe best "${kd[@]}" \
+      --epochs "$SEPOCHS" --time-budget "$SM" --out runs/vgg16-student &
+    wait
+    for name in student compact-student; do finish "$name"; done
+    for name in vgg16-best vgg16-student; do
+      [ -f "runs/$name/best.safetensors" ] && fer-edge eval --weights "runs/$name/best.safetensors" --data "$VAL" \
+        --device "$DEV" --tta $EL --json "$OUT/$name-eval.json" >>"$OUT/$name.log" 2>&1
+      grep -E "^(accuracy|with ten-crop)" "$OUT/$name.log" | tail -2
+    done
+    # one archive for everything but the weights: the device returns at most 8 files
+    (cd "$OUT" && tar czf ensemble.tar.gz --exclude='*.part*' --exclude=ensemble.tar.gz . \
+      && find . -maxdepth 1 -type f ! -name '*.part*' ! -name ensemble.tar.gz -delete)
+    ;;
   *) echo "unknown stage $STAGE"; exit 2 ;;
 esac
 ls -la "$OUT"

@@ -72,3 +72,41 @@ def test_ship_weights_round_trip(tmp_path):
     x = torch.randn(4, 1, 48, 48)
     with torch.no_grad():
         torch.testing.assert_close(back(x), m(x), rtol=2e-2, atol=2e-2)
+
+
+def test_eval_ensemble_maps_classes_by_name_and_averages_probabilities(trained, tmp_path):
+    """A member stored with its classes (and head rows) reversed is the same
+    model; the ensemble row is the accuracy of the mean of the members'
+    probabilities, computed here from the library for comparison."""
+    import numpy as np
+    import torch
+
+    from fer_edge.checkpoint import load_checkpoint, save_checkpoint
+    from fer_edge.data import load_dataset
+    from fer_edge.evaluate import predict_probs, remap_labels
+    from fer_edge.metrics import summarize
+    from fer_edge.weights import default_weights
+
+    weights, calib, _ = trained
+    model, meta = load_checkpoint(weights, use_kernel=False)
+    with torch.no_grad():
+        model.fc.weight.copy_(model.fc.weight.flip(0))
+        model.fc.bias.copy_(model.fc.bias.flip(0))
+    rev = tmp_path / "reversed.safetensors"
+    save_checkpoint(rev, model, classes=list(meta["classes"])[::-1], preprocess=meta["preprocess"])
+    default = default_weights()
+    data, _ = bench("eval_ensemble.py", "--weights", weights, rev, default, "--data", calib, tmp_path=tmp_path)
+    a, r, d, ens = data["rows"]
+    assert r["plain"] == a["plain"] and ens["weights"] == "ensemble of 3"
+
+    ds = load_dataset(calib, size=48)
+    classes = list(meta["classes"])
+    probs = []
+    for w in (weights, default):
+        m, mt = load_checkpoint(w, use_kernel=False)
+        probs.append(predict_probs(m, ds.images, mt["preprocess"])[:, [list(mt["classes"]).index(c) for c in classes]])
+    expect = summarize(remap_labels(ds, classes), (2 * probs[0] + probs[1]) / 3, classes)
+    assert ens["plain"]["accuracy"] == expect["accuracy"]
+    assert ens["plain"]["mean_class_accuracy"] == expect["mean_class_accuracy"]
+    assert d["plain"]["accuracy"] == summarize(remap_labels(ds, classes), probs[1], classes)["accuracy"]
+    assert np.isfinite(ens["plain"]["accuracy"])

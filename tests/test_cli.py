@@ -93,6 +93,9 @@ def test_default_model_is_embedded_and_used_without_weights(tmp_path):
     rep = json.loads((tmp_path / "e.json").read_text())
     # 66.9% on all of PublicTest; chance is 1/7.  A 105-face sample sits well above 40%.
     assert rep["images"] == 105 and rep["accuracy"] > 0.40, rep["accuracy"]
+    proc = run("eval", "--data", faces, "--limit", "30", "--json", tmp_path / "e30.json")
+    assert proc.returncode == 0 and "subset of 30 of 105 faces" in proc.stdout, proc.stderr
+    assert json.loads((tmp_path / "e30.json").read_text())["images"] == 30
     img = next((faces / "happy").iterdir())
     big = tmp_path / "face.png"  # predict detects faces first: give it one at a detectable size
     import cv2

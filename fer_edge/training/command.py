@@ -307,6 +307,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     data = load_dataset(args.data, size=size, classes=classes, strict=args.strict, usage=args.usage,
                         progress=True)
     _report_skipped(args.data, data, print)
+    if args.limit is not None and args.limit < len(data):
+        print(f"scoring a seeded random subset of {args.limit} of {len(data)} faces (--limit)")
+    data = limit_set(data, args.limit, 0)
     model, meta = load_checkpoint(args.weights, device=args.device)
     report = evaluate(model, meta, data, device=args.device, batch_size=args.batch_size, tta=args.tta,
                       progress=True)
@@ -329,6 +332,7 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--plots", help="folder for confusion.png, roc.png (and training_curves.png from the "
                                    "run's metrics.jsonl)")
     p.add_argument("--tta", action="store_true", help="also report ten-crop test-time augmentation")
+    p.add_argument("--limit", type=int, help="score a seeded random subset of N faces (quick checks)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--classes", help="comma-separated class names for non-expression folder names")
