@@ -116,6 +116,26 @@ def _is_nhwc(x: torch.Tensor) -> bool:
     return x.stride(1) == 1 and x.stride(3) == x.shape[1]
 
 
+def _weights_nhwc(w3: torch.Tensor, w5: torch.Tensor) -> bool:
+    """Whether the 3x3/5x5 weights are channels_last (the 1x1's strides can be
+    the same in both layouts, so they say nothing)."""
+    return _is_nhwc(w3) or _is_nhwc(w5)
+
+
+def _io_nhwc(x: torch.Tensor, weights_nhwc: bool) -> bool:
+    """The layout the kernel reads x in and writes the output in.
+
+    An input that is both contiguous and channels_last (one channel, as at
+    the stem, or 1x1 maps) is the same memory either way; like torch's own
+    convolutions it then takes the layout of the weights, so a channels_last
+    model stays channels_last after its one-channel stem instead of turning
+    every later layer NCHW.
+    """
+    if _is_nhwc(x):
+        return True
+    return weights_nhwc and x.is_contiguous(memory_format=torch.channels_last)
+
+
 def check_ms_conv_inputs(x, w1, b1, w3, b3, w5, b5) -> tuple[int, int, int, bool]:
     """Validate the inputs of fused_ms_conv; return (c1, c3, c5, nhwc).
 
@@ -159,7 +179,7 @@ def check_ms_conv_inputs(x, w1, b1, w3, b3, w5, b5) -> tuple[int, int, int, bool
         raise ValueError(f"fused_ms_conv: the CPU kernel computes float32 only, got {x.dtype}")
     if x.device.type not in ("cpu", "cuda"):
         raise ValueError(f"fused_ms_conv: device {x.device} is not supported (cpu or cuda)")
-    return counts[0], counts[1], counts[2], _is_nhwc(x)
+    return counts[0], counts[1], counts[2], _io_nhwc(x, _weights_nhwc(w3, w5))
 
 
 def _empty_output(x: torch.Tensor, ctot: int, nhwc: bool) -> torch.Tensor:
@@ -273,6 +293,7 @@ class CpuPackedMsConv:
         self.c1, self.c3, self.c5 = (int(w.shape[0]) for w in (w1, w3, w5))
         self.c = int(w1.shape[1])
         self._tensors = (w1, b1, w3, b3, w5, b5)
+        self._weights_nhwc = _weights_nhwc(w3, w5)  # see _io_nhwc
         self._versions = tuple(t._version for t in self._tensors)
         self._steps = _optimizer_steps
         ws = [t.detach().contiguous() for t in self._tensors]
@@ -296,7 +317,7 @@ class CpuPackedMsConv:
             raise ValueError(f"fused_ms_conv: x is empty, shape {tuple(x.shape)}")
         if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
             raise ValueError("fused_ms_conv: x must be contiguous (NCHW) or channels_last (NHWC)")
-        nhwc = _is_nhwc(x)
+        nhwc = _io_nhwc(x, self._weights_nhwc)
         out = _empty_output(x, self.c1 + self.c3 + self.c5, nhwc)
         self._packed.run(x.data_ptr(), out.data_ptr(), n, c, h, w, self.c1, self.c3, self.c5,
                          _LAYOUT_NHWC if nhwc else _LAYOUT_NCHW, bool(relu), torch.get_num_threads())

@@ -145,6 +145,57 @@ def test_fake_tensor_shape_and_layout():
     assert y.is_contiguous(memory_format=torch.channels_last)
 
 
+def test_one_channel_input_takes_the_weights_layout_like_torch_conv():
+    """A one-channel input is both NCHW- and NHWC-contiguous; as torch's conv2d
+    does, the output then follows the weights: channels_last weights (a model
+    after .to(memory_format=torch.channels_last)) give a channels_last output,
+    through the op, its fake implementation and the packed CPU module alike."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fer_edge.kernels import CpuPackedMsConv
+
+    x, w1, b1, w3, b3, w5, b5 = make_inputs(2, 1, 9, 7, 3, 5, 6)
+    assert x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    cl = [t.to(memory_format=torch.channels_last) for t in (w1, w3, w5)]  # as Module.to does
+    assert cl[1].stride(1) == 1  # .to() gives one-channel weights channels_last strides
+    conv = torch.nn.functional.conv2d(x, cl[1], b3, padding=1)
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    ref = fused_ms_conv_reference(x, w1, b1, w3, b3, w5, b5)
+    for weights, want_nhwc in (((w1, w3, w5), False), (cl, True)):
+        wa, wb, wc = weights
+        for y in (fused_ms_conv(x, wa, b1, wb, b3, wc, b5), CpuPackedMsConv(wa, b1, wb, b3, wc, b5)(x)):
+            assert y.is_contiguous(memory_format=torch.channels_last) == want_nhwc
+            assert y.is_contiguous() != want_nhwc
+            torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
+        mode = FakeTensorMode()
+        fake = [mode.from_tensor(t) for t in (x, wa, b1, wb, b3, wc, b5)]  # same strides, no data
+        with mode:
+            fy = fused_ms_conv(*fake)
+        assert fy.is_contiguous(memory_format=torch.channels_last) == want_nhwc
+
+
+def test_channels_last_merged_macnn_stays_channels_last():
+    """The merged model's fused stem must not turn a channels_last network NCHW
+    (every later layer would then run, and convert, in the slower layout)."""
+    from fer_edge import models
+    from fer_edge.reparam import merge
+
+    torch.manual_seed(0)
+    m = merge(models.create("macnn", width=0.125).eval()).to(memory_format=torch.channels_last)
+    seen = []
+    for mod in m.modules():
+        if type(mod).__name__ == "FusedMultiScaleConv":
+            mod.register_forward_hook(lambda mod, inp, out: seen.append((inp[0], out)))
+    x = torch.randn(2, 1, 48, 48).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        m(x)
+    assert len(seen) == 5
+    for i, (inp, out) in enumerate(seen):
+        assert out.is_contiguous(memory_format=torch.channels_last), f"fused layer {i} wrote NCHW"
+        if i:
+            assert inp.is_contiguous(memory_format=torch.channels_last), f"fused layer {i} got NCHW"
+
+
 class _Layer(torch.nn.Module):
     def __init__(self, args):
         super().__init__()
