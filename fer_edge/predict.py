@@ -31,15 +31,20 @@ class TorchBackend:
 
         from fer_edge.targets.bundle import artifact_preprocess
 
+        import torch
+
         model, self.meta = load_checkpoint(weights)
-        self.model = model if self.meta["form"] == "merged" else merge(model, use_kernel=True)
+        model = model if self.meta["form"] == "merged" else merge(model, use_kernel=True)
+        # channels_last: the faster layout on the CPU too (see fer_edge.evaluate.evaluate)
+        self.model = model.to(memory_format=torch.channels_last)
         self.preprocess = artifact_preprocess(self.meta["preprocess"])  # NCHW float, like an fp32 bundle
 
     def run(self, x):
         import torch
 
         with torch.no_grad():
-            return self.model(torch.from_numpy(x)).numpy()
+            y = self.model(torch.from_numpy(x).contiguous(memory_format=torch.channels_last))
+            return y.numpy()
 
 
 def open_runtime(bundle=None, weights=None, backend: str = "auto", log=print):
