@@ -501,6 +501,8 @@ WINOGRAD_CASES = [
     (1, 37, 3, 1, 1, 2, 3),
     (3, 1, 9, 10, 4, 4, 4),
     (4, 64, 24, 24, 16, 24, 24),
+    # transformed weights over 16 MB: groups of 64 tiles, here 80 tiles in two groups
+    (20, 256, 6, 6, 16, 128, 128),
 ]
 
 
