@@ -13,10 +13,11 @@
 #               unpacked here: python benchmarks/ship_weights.py unpack gpu-out/macnn-best.part* .data/teacher.safetensors)
 #   ckplus-ft:  10-fold CK+ fine-tuned from INIT, a FER2013 checkpoint carried in .data/
 #   ensemble:   issue 8 in one call.  Phase 1: $K (3) full-width MACNN teachers (seeds 1..K) and the
-#               VGG16 baseline, --recipe best, side by side, each time-boxed to $TBUDGET s (--time-budget,
-#               at most $TEPOCHS epochs); their ensemble is scored (benchmarks/eval_ensemble.py).  Phase 2:
-#               the ensemble distilled (--teacher x K) into a full-width MACNN, a width-0.25 MACNN and a
-#               VGG16 (same recipe, for the comparison), side by side, $SBUDGET s each.  Returns
+#               VGG16 baseline, --recipe best, side by side, each time-boxed (--time-budget, at most $TEPOCHS
+#               epochs); their ensemble is scored (benchmarks/eval_ensemble.py).  Phase 2: the ensemble
+#               distilled (--teacher x K) into a full-width MACNN, a width-0.25 MACNN and a VGG16 (same
+#               recipe, for the comparison), side by side.  The budgets (TBUDGET, SBUDGET seconds) default
+#               to what keeps the call within DEADLINE (540) s: ~45% of what is left to the teachers.  Returns
 #               ensemble.tar.gz (every log, metrics, summary and eval JSON) and the weights of the two
 #               MACNN students as float16 parts (5 files, ~41 MB).
 # $EPOCHS overrides a stage's epochs (e.g. EPOCHS=120 bash benchmarks/gpu_train.sh macnn-best).
@@ -25,6 +26,7 @@
 # float16 parts NAME.partNN (ship_weights.py; a full-width MACNN is 76 MB in float32, over the
 # 16 MiB-per-file limit).  A run cut at $LIMIT still returns its best epoch so far.
 set -uo pipefail
+START=$(date +%s)
 STAGE=${1:-smoke}
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 LIMIT=${LIMIT:-450}
@@ -104,10 +106,16 @@ PY
                run ckplus-ft fer-edge train --device "$DEV" --init "$INIT" --data "$D/ckplus48" --folds 10 \
                  --recipe best ${EP:---epochs 60} --batch-size 32 --lr 0.01 --no-progress --force --out runs/ckplus-ft ;;
   ensemble)
-    K=${K:-3}; TBUDGET=${TBUDGET:-210}; SBUDGET=${SBUDGET:-210}; TEPOCHS=${TEPOCHS:-200}; SEPOCHS=${SEPOCHS:-200}
+    # The device ends a call at 600 s and returns only what is in $OUT by then: both phases are
+    # time-boxed so the whole call ends by $DEADLINE s (after the build and the unzip above), with
+    # $RESERVE s per phase for data loading, final evaluation and packing.
+    K=${K:-3}; TEPOCHS=${TEPOCHS:-200}; SEPOCHS=${SEPOCHS:-200}; DEADLINE=${DEADLINE:-540}; RESERVE=${RESERVE:-50}
+    left() { echo $(( DEADLINE - ($(date +%s) - START) - RESERVE )); }
+    TBUDGET=${TBUDGET:-$(( ($(left) - RESERVE) * 45 / 100 ))}
+    echo "== ensemble: $(( $(date +%s) - START )) s in; teachers get ${TBUDGET} s"
     NCPU=$(nproc); THREADS=$(( NCPU / (K + 1) > 0 ? NCPU / (K + 1) : 1 ))
     minutes() { python3 -c "print($1 / 60)"; }
-    TM=$(minutes "$TBUDGET"); SM=$(minutes "$SBUDGET")
+    TM=$(minutes "$TBUDGET")
     teachers=()
     for s in $(seq 1 "$K"); do
       OMP_NUM_THREADS=$THREADS LIMIT=$((TBUDGET + 120)) run teacher$s $T --model macnn --recipe best --seed "$s" \
@@ -122,6 +130,8 @@ PY
     python3 -P benchmarks/eval_ensemble.py --weights "${have[@]}" --data "$VAL" \
       --device "$DEV" --tta $EL --json "$OUT/teachers-eval.json" 2>&1 | tee "$OUT/teachers-eval.log"
     kd=(); for w in "${have[@]}"; do kd+=(--teacher "$w"); done
+    SBUDGET=${SBUDGET:-$(left)}; SM=$(minutes "$SBUDGET")
+    echo "== distillation: $(( $(date +%s) - START )) s in; students get ${SBUDGET} s"
     THREADS=$(( NCPU / 3 > 0 ? NCPU / 3 : 1 ))
     OMP_NUM_THREADS=$THREADS LIMIT=$((SBUDGET + 120)) run student $T --model macnn --recipe best "${kd[@]}" \
       --epochs "$SEPOCHS" --time-budget "$SM" --out runs/student &
