@@ -36,6 +36,7 @@ __all__ = [
     "cuda_kernels_available",
     "CpuPackedMsConv",
     "pack_ms_weights",
+    "tensor_version",
 ]
 
 _LAYOUT_NCHW, _LAYOUT_NHWC = 0, 1
@@ -58,6 +59,14 @@ register_optimizer_step_post_hook(_count_optimizer_step)
 def optimizer_steps() -> int:
     """How many optimizer steps this process has taken (any optimizer)."""
     return _optimizer_steps
+
+
+def tensor_version(t: torch.Tensor) -> int:
+    """t's in-place version counter, or -1 for an inference tensor (made under
+    torch.inference_mode), which has none: such weights can only change in
+    place inside inference mode, and the module that owns them drops its
+    packs on load_state_dict (FusedMultiScaleConv._load_from_state_dict)."""
+    return -1 if t.is_inference() else t._version
 _CUDA_DTYPES = {torch.float32: 0, torch.float16: 1}
 _warned_fallback = False
 
@@ -294,7 +303,7 @@ class CpuPackedMsConv:
         self.c = int(w1.shape[1])
         self._tensors = (w1, b1, w3, b3, w5, b5)
         self._weights_nhwc = _weights_nhwc(w3, w5)  # see _io_nhwc
-        self._versions = tuple(t._version for t in self._tensors)
+        self._versions = tuple(tensor_version(t) for t in self._tensors)
         self._steps = _optimizer_steps
         ws = [t.detach().contiguous() for t in self._tensors]
         self._packed = _C.CpuPackedWeights(*(t.data_ptr() for t in ws), self.c, self.c1, self.c3, self.c5,
@@ -306,7 +315,7 @@ class CpuPackedMsConv:
 
     def is_current(self, *tensors) -> bool:
         return all(a is b for a, b in zip(tensors, self._tensors)) and \
-            all(t._version == v for t, v in zip(tensors, self._versions)) and self._steps == _optimizer_steps
+            all(tensor_version(t) == v for t, v in zip(tensors, self._versions)) and self._steps == _optimizer_steps
 
     def __call__(self, x: torch.Tensor, relu: bool = True) -> torch.Tensor:
         n, c, h, w = x.shape

@@ -592,3 +592,25 @@ def test_cpu_pack_notices_fused_optimizer_steps():
     torch.testing.assert_close(y, fused_ms_conv_reference(x, m.w1, m.b1, m.w3, m.b3, m.w5, m.b5), **FP32_TOL)
     m.double()  # moving / casting the module drops the pack (it holds the old weights)
     assert m._cpu_pack is None
+
+
+def test_model_made_under_inference_mode_runs_the_kernel_and_reloads():
+    """Weights created under torch.inference_mode are inference tensors, which
+    carry no version counter: the packs must still work, and load_state_dict
+    (inside inference mode, the one way such weights change) must refresh them."""
+    from fer_edge import models
+    from fer_edge.reparam import merge
+
+    torch.manual_seed(0)
+    train_a = models.create("macnn", width=0.125).eval()
+    train_b = models.create("macnn", width=0.125).eval()
+    x = torch.randn(2, 1, 48, 48)
+    with torch.inference_mode():
+        fused = merge(train_a)
+        assert fused.features[0].w3.is_inference()
+        y = fused(x)
+        torch.testing.assert_close(y, merge(train_a, use_kernel=False)(x), **FP32_TOL)
+        fused.load_state_dict(merge(train_b).state_dict())
+        torch.testing.assert_close(fused(x), merge(train_b, use_kernel=False)(x), **FP32_TOL)
+    with torch.no_grad():  # (outside inference mode, as torch's own layers, only without autograd)
+        assert not torch.allclose(y, fused(x))

@@ -178,10 +178,10 @@ class FusedMultiScaleConv(nn.Module):
         if (x.device.type != "cuda" or type(x) is not torch.Tensor or torch.compiler.is_compiling()
                 or self.w1.dtype != x.dtype):
             return None
-        from fer_edge.kernels import optimizer_steps, pack_ms_weights
+        from fer_edge.kernels import optimizer_steps, pack_ms_weights, tensor_version
 
         params = (self.w1, self.w3, self.w5)
-        key = (tuple(p._version for p in params), optimizer_steps())
+        key = (tuple(tensor_version(p) for p in params), optimizer_steps())
         pack = self._buffers.get("_wp")
         current = pack is not None and pack.device == x.device and pack.dtype == x.dtype and self._wp_key == key
         if current:
@@ -196,6 +196,13 @@ class FusedMultiScaleConv(nn.Module):
                 self.register_buffer("_wp", fresh, persistent=False)
         self._wp_key = key
         return self._buffers["_wp"]
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        # New weights: both packs are stale.  Version counters would say so too,
+        # except for inference tensors (made under torch.inference_mode), which have none.
+        self._cpu_pack = None
+        self._wp_key = None
+        return super()._load_from_state_dict(*args, **kwargs)
 
     def _apply(self, fn, recurse=True):
         # The CPU pack holds references to the old weights: drop it when they move or change dtype.
