@@ -41,6 +41,14 @@ def main(argv=None) -> int:
         members = [load_checkpoint(w, device=args.device) for w in args.weights]
         classes = list(members[0][1]["classes"])
         size = members[0][1]["preprocess"]["input_size"][0]
+        for path, (_, meta) in zip(args.weights, members):
+            if meta["preprocess"]["input_size"][0] != size:
+                raise UserError(f"{path}: input size {meta['preprocess']['input_size'][0]}, not {size} like "
+                                f"{args.weights[0]}: score models of one input size together")
+            try:
+                teacher_columns(list(meta["classes"]), classes)
+            except ValueError as exc:
+                raise UserError(f"{path}: {exc}") from None
         data = load_dataset(args.data, size=size)
         data = limit_set(data, args.limit, 0)  # the subset `fer-edge eval --limit` scores
         labels = remap_labels(data, classes)

@@ -20,7 +20,8 @@
 #               to what keeps the call within DEADLINE (540) s: ~45% of what is left to the teachers.  Returns
 #               ensemble.tar.gz (every log, metrics, summary and eval JSON) and the weights of the two
 #               MACNN students as float16 parts (5 files, ~41 MB).
-# $EPOCHS overrides a stage's epochs (e.g. EPOCHS=120 bash benchmarks/gpu_train.sh macnn-best).
+# $EPOCHS overrides a stage's epochs (e.g. EPOCHS=120 bash benchmarks/gpu_train.sh macnn-best); the ensemble
+# stage takes TEPOCHS / SEPOCHS (caps), TBUDGET / SBUDGET (seconds), K, DEADLINE instead.
 # What comes back ($OUT, at most 8 files): NAME.log, NAME-metrics.jsonl, NAME-summary.json,
 # NAME-eval.json (best checkpoint on PublicTest, with ten-crop TTA), and the best weights as
 # float16 parts NAME.partNN (ship_weights.py; a full-width MACNN is 76 MB in float32, over the
@@ -106,49 +107,60 @@ PY
                run ckplus-ft fer-edge train --device "$DEV" --init "$INIT" --data "$D/ckplus48" --folds 10 \
                  --recipe best ${EP:---epochs 60} --batch-size 32 --lr 0.01 --no-progress --force --out runs/ckplus-ft ;;
   ensemble)
-    # The device ends a call at 600 s and returns only what is in $OUT by then: both phases are
-    # time-boxed so the whole call ends by $DEADLINE s (after the build and the unzip above), with
-    # $RESERVE s per phase for data loading, final evaluation and packing.
+    # The device ends a call at 600 s and returns only (at most 8 of) the files in $OUT by then.
+    # So: logs go to a staging folder that is archived into $OUT/ensemble.tar.gz after every step;
+    # the students' weights are packed before anything else runs after their training; both phases
+    # are time-boxed so the call ends by $DEADLINE s, with $RESERVE s per phase for data loading and
+    # final reports; every later step is cut at $HARD s.
     K=${K:-3}; TEPOCHS=${TEPOCHS:-200}; SEPOCHS=${SEPOCHS:-200}; DEADLINE=${DEADLINE:-540}; RESERVE=${RESERVE:-50}
-    left() { echo $(( DEADLINE - ($(date +%s) - START) - RESERVE )); }
-    TBUDGET=${TBUDGET:-$(( ($(left) - RESERVE) * 45 / 100 ))}
-    echo "== ensemble: $(( $(date +%s) - START )) s in; teachers get ${TBUDGET} s"
-    NCPU=$(nproc); THREADS=$(( NCPU / (K + 1) > 0 ? NCPU / (K + 1) : 1 ))
+    HARD=${HARD:-$((DEADLINE + 40))}
+    now() { echo $(( $(date +%s) - START )); }
+    left() { echo $(( DEADLINE - $(now) - RESERVE )); }
+    hard() { local t=$(( HARD - $(now) )); echo $(( t > 1 ? t : 1 )); }
     minutes() { python3 -c "print($1 / 60)"; }
-    TM=$(minutes "$TBUDGET")
+    DEST=$OUT; LOGS=runs/ensemble-logs; rm -rf "$LOGS"; mkdir -p "$LOGS"
+    snapshot() { tar czf "$DEST/.ensemble.tgz" -C "$LOGS" . && mv "$DEST/.ensemble.tgz" "$DEST/ensemble.tar.gz"; }
+    TBUDGET=${TBUDGET:-$(( ($(left) - RESERVE) * 45 / 100 ))}; TM=$(minutes "$TBUDGET")
+    echo "== ensemble: $(now) s in; teachers get ${TBUDGET} s" | tee "$LOGS/ensemble.log"
+    NCPU=$(nproc); THREADS=$(( NCPU / (K + 1) > 0 ? NCPU / (K + 1) : 1 ))
     teachers=()
     for s in $(seq 1 "$K"); do
-      OMP_NUM_THREADS=$THREADS LIMIT=$((TBUDGET + 120)) run teacher$s $T --model macnn --recipe best --seed "$s" \
+      OUT=$LOGS OMP_NUM_THREADS=$THREADS LIMIT=$(hard) run teacher$s $T --model macnn --recipe best --seed "$s" \
         --epochs "$TEPOCHS" --time-budget "$TM" --out "runs/teacher$s" &
       teachers+=("runs/teacher$s/best.safetensors")
     done
-    OMP_NUM_THREADS=$THREADS LIMIT=$((TBUDGET + 120)) run vgg16-best $T --model vgg16 --recipe best \
+    OUT=$LOGS OMP_NUM_THREADS=$THREADS LIMIT=$(hard) run vgg16-best $T --model vgg16 --recipe best \
       --epochs "$TEPOCHS" --time-budget "$TM" --out runs/vgg16-best &
-    wait
+    wait; snapshot
     have=(); for w in "${teachers[@]}"; do [ -f "$w" ] && have+=("$w"); done
     [ ${#have[@]} -gt 0 ] || { echo "no teacher finished"; exit 1; }
-    python3 -P benchmarks/eval_ensemble.py --weights "${have[@]}" --data "$VAL" \
-      --device "$DEV" --tta $EL --json "$OUT/teachers-eval.json" 2>&1 | tee "$OUT/teachers-eval.log"
+    timeout "$(hard)" python3 -P benchmarks/eval_ensemble.py --weights "${have[@]}" --data "$VAL" --device "$DEV" \
+      $EL --json "$LOGS/teachers-eval.json" > "$LOGS/teachers-eval.log" 2>&1; tail -6 "$LOGS/teachers-eval.log"
+    snapshot
     kd=(); for w in "${have[@]}"; do kd+=(--teacher "$w"); done
     SBUDGET=${SBUDGET:-$(left)}; SM=$(minutes "$SBUDGET")
-    echo "== distillation: $(( $(date +%s) - START )) s in; students get ${SBUDGET} s"
+    echo "== distillation: $(now) s in; students get ${SBUDGET} s" | tee -a "$LOGS/ensemble.log"
     THREADS=$(( NCPU / 3 > 0 ? NCPU / 3 : 1 ))
-    OMP_NUM_THREADS=$THREADS LIMIT=$((SBUDGET + 120)) run student $T --model macnn --recipe best "${kd[@]}" \
+    OUT=$LOGS OMP_NUM_THREADS=$THREADS LIMIT=$(hard) run student $T --model macnn --recipe best "${kd[@]}" \
       --epochs "$SEPOCHS" --time-budget "$SM" --out runs/student &
-    OMP_NUM_THREADS=$THREADS LIMIT=$((SBUDGET + 120)) run compact-student $T --model macnn --width 0.25 \
+    OUT=$LOGS OMP_NUM_THREADS=$THREADS LIMIT=$(hard) run compact-student $T --model macnn --width 0.25 \
       --recipe best "${kd[@]}" --epochs "$SEPOCHS" --time-budget "$SM" --out runs/compact-student &
-    OMP_NUM_THREADS=$THREADS LIMIT=$((SBUDGET + 120)) run vgg16-student $T --model vgg16 --recipe best "${kd[@]}" \
+    OUT=$LOGS OMP_NUM_THREADS=$THREADS LIMIT=$(hard) run vgg16-student $T --model vgg16 --recipe best "${kd[@]}" \
       --epochs "$SEPOCHS" --time-budget "$SM" --out runs/vgg16-student &
     wait
-    for name in student compact-student; do finish "$name"; done
-    for name in vgg16-best vgg16-student; do
-      [ -f "runs/$name/best.safetensors" ] && fer-edge eval --weights "runs/$name/best.safetensors" --data "$VAL" \
-        --device "$DEV" --tta $EL --json "$OUT/$name-eval.json" >>"$OUT/$name.log" 2>&1
-      grep -E "^(accuracy|with ten-crop)" "$OUT/$name.log" | tail -2
+    for name in student compact-student; do  # the weights first: they are what cannot be redone here
+      [ -f "runs/$name/best.safetensors" ] && python3 benchmarks/ship_weights.py pack "runs/$name/best.safetensors" "$DEST/$name"
     done
-    # one archive for everything but the weights: the device returns at most 8 files
-    (cd "$OUT" && tar czf ensemble.tar.gz --exclude='*.part*' --exclude=ensemble.tar.gz . \
-      && find . -maxdepth 1 -type f ! -name '*.part*' ! -name ensemble.tar.gz -delete)
+    snapshot
+    # Ten-crop evaluation on the GPU while time is left (the CPU redoes it after unpacking anyway).
+    for name in student compact-student vgg16-best vgg16-student; do
+      [ -f "runs/$name/best.safetensors" ] || continue
+      timeout "$(hard)" fer-edge eval --weights "runs/$name/best.safetensors" --data "$VAL" --device "$DEV" --tta $EL \
+        --json "$LOGS/$name-eval.json" >> "$LOGS/$name.log" 2>&1
+      echo "$name: $(grep -E "^(accuracy|with ten-crop)" "$LOGS/$name.log" | tail -2 | tr '\n' ' ')" | tee -a "$LOGS/ensemble.log"
+      snapshot
+    done
+    echo "== done: $(now) s" | tee -a "$LOGS/ensemble.log"; snapshot
     ;;
   *) echo "unknown stage $STAGE"; exit 2 ;;
 esac

@@ -88,7 +88,9 @@ def remap_labels(dataset, classes: list[str]):
 
 def evaluate(model, meta: dict, dataset, device="cpu", batch_size: int = 256, tta: bool = False,
              latency: bool = True, progress: bool = False) -> dict:
-    """The full report: plain metrics, and with tta the ten-crop ones separately."""
+    """The full report: plain metrics, and with tta the ten-crop ones separately.
+    The model is switched to channels_last in place (Module.to), the layout it
+    runs fastest in."""
     from fer_edge.metrics import summarize
 
     classes = meta["classes"]

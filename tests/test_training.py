@@ -260,11 +260,16 @@ def test_time_budget_sets_the_epochs_and_survives_resume(tiny, tmp_path):
     state = torch.load(tmp_path / "cut" / "resume.pt", weights_only=True)
     # the cosine schedule was re-planned for 2 epochs: its last step has reached lr 0
     assert state["epochs"] == 2 and state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-9)
+    assert state["train_seconds"] > 0  # a resumed run's budget counts the killed process's time
     roomy = run("train", *common, "--epochs", "3", "--time-budget", "600", "--out", tmp_path / "roomy")
     assert roomy.returncode == 0, roomy.stderr[-2000:]
     assert json.loads((tmp_path / "roomy" / "summary.json").read_text())["epochs"] == 3
-    bad = run("train", *common, "--time-budget", "0", "--out", tmp_path / "bad")
-    assert bad.returncode == 2 and bad.stderr.strip().endswith("must be > 0 minutes"), bad.stderr
+    for value, expect in (("0", "must be a finite number > 0 of minutes"), ("inf", "finite number")):
+        bad = run("train", *common, "--time-budget", value, "--out", tmp_path / "bad")
+        assert bad.returncode == 2 and expect in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+    bad = run("train", *TINY, "--data", train, "--folds", "2", "--time-budget", "5", "--out", tmp_path / "bad")
+    assert bad.returncode == 2 and "with --folds give --epochs" in bad.stderr, bad.stderr
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
 
 
 @needs_data

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -102,7 +103,8 @@ def resolve_teacher(args) -> dict:
         raise UserError(f"--kd-weight {weight}: must be in (0, 1] (0 would run the teacher for nothing)")
     if not temperature > 0.0:
         raise UserError(f"--kd-temperature {temperature}: must be > 0")
-    teachers = [{"path": str(p), "sha256": sha256_file(p)} for p in args.teacher]
+    # Sorted by content: the ensemble is the same whatever order the flags came in (so is a resume).
+    teachers = sorted(({"path": str(p), "sha256": sha256_file(p)} for p in args.teacher), key=lambda t: t["sha256"])
     same = {t["sha256"] for t in teachers}
     if len(same) < len(teachers):
         raise UserError("--teacher: the same checkpoint is given twice (an ensemble needs different members)")
@@ -121,8 +123,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     ctx = setup_distributed(args.device)
     log = _log(ctx)
     try:
-        if args.time_budget is not None and not args.time_budget > 0:
-            raise UserError(f"--time-budget {args.time_budget:g}: must be > 0 minutes")
+        if args.time_budget is not None and not (args.time_budget > 0 and math.isfinite(args.time_budget)):
+            raise UserError(f"--time-budget {args.time_budget:g}: must be a finite number > 0 of minutes")
+        if args.time_budget is not None and args.folds is not None:
+            # Each fold would time itself and could train a different number of epochs.
+            raise UserError("--time-budget times one run; with --folds give --epochs (every fold trains the same)")
         recipe = get_recipe(args.recipe, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
         model_name, model_config, init = resolve_model(args)
         distill = resolve_teacher(args)

@@ -348,6 +348,7 @@ def train_run(settings: TrainSettings, train_set, val_set, run_dir, *, resume: b
 
     # ---- resume or start
     start_epoch, best_acc, best_epoch = 0, -1.0, 0
+    spent_before = 0.0  # seconds of the training loop in earlier processes of this run
     # As stored in resume.pt: tuples become lists, so compare the JSON form.
     fingerprint = json.loads(json.dumps(settings.fingerprint()))
     if resuming:
@@ -363,6 +364,7 @@ def train_run(settings: TrainSettings, train_set, val_set, run_dir, *, resume: b
         scaler.load_state_dict(state["scaler"])
         start_epoch, best_acc, best_epoch = state["epoch"], state["best_acc"], state["best_epoch"]
         epochs = state.get("epochs", epochs)
+        spent_before = state.get("train_seconds", 0.0)  # a budget counts the killed process's time too
         plan.update(total_steps=steps_per_epoch * epochs, decided=state.get("epochs_decided", plan["decided"]))
         rngs = state["rng"]
         if len(rngs) == ctx.world:
@@ -494,8 +496,8 @@ def train_run(settings: TrainSettings, train_set, val_set, run_dir, *, resume: b
         if not plan["decided"] and (epoch + 1 - start_epoch >= 2 or epoch + 1 >= epochs):
             # Timed on this process's second epoch (the first pays for compilation and autotuning).
             now = time.perf_counter()
-            new = epochs_within_budget(60.0 * settings.time_budget, now - loop_start, now - epoch_start,
-                                       epoch + 1, epochs)
+            new = epochs_within_budget(60.0 * settings.time_budget, spent_before + now - loop_start,
+                                       now - epoch_start, epoch + 1, epochs)
             if ctx.enabled:  # every rank must stop at the same epoch: rank 0's clock decides
                 import torch.distributed as dist
 
@@ -504,7 +506,8 @@ def train_run(settings: TrainSettings, train_set, val_set, run_dir, *, resume: b
                 new = int(t.item())
             if ctx.main:
                 log(f"time budget {settings.time_budget:g} min: epoch {epoch + 1} took {now - epoch_start:.1f} s, "
-                    f"{now - loop_start:.1f} s so far -> {new} epochs" + (f" (of {epochs})" if new < epochs else ""))
+                    f"{spent_before + now - loop_start:.1f} s so far -> {new} epochs"
+                    + (f" (of {epochs})" if new < epochs else ""))
             epochs = new
             plan.update(total_steps=steps_per_epoch * epochs, decided=True)
             for group, base in zip(optimizer.param_groups, scheduler.base_lrs):  # the next step's lr, re-planned
@@ -515,7 +518,8 @@ def train_run(settings: TrainSettings, train_set, val_set, run_dir, *, resume: b
                 "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,
                 "best_acc": best_acc, "best_epoch": best_epoch, "fingerprint": fingerprint,
-                "epochs": epochs, "epochs_decided": plan["decided"]})
+                "epochs": epochs, "epochs_decided": plan["decided"],
+                "train_seconds": spent_before + time.perf_counter() - loop_start})
             msg = (f"epoch {epoch + 1}/{epochs}: loss {row['train_loss']:.4f}, "
                    f"train acc {100 * row['train_acc']:.2f}%")
             if "val_acc" in row:
