@@ -110,3 +110,41 @@ def test_eval_ensemble_maps_classes_by_name_and_averages_probabilities(trained, 
     assert ens["plain"]["mean_class_accuracy"] == expect["mean_class_accuracy"]
     assert d["plain"]["accuracy"] == summarize(remap_labels(ds, classes), probs[1], classes)["accuracy"]
     assert np.isfinite(ens["plain"]["accuracy"])
+
+
+def test_promote_default_writes_weights_and_a_card_that_matches_eval(trained, tmp_path):
+    """The model card's numbers are those `fer-edge eval --tta` reports for the
+    same checkpoint and data; its sha256 is the copied file's; a merged
+    checkpoint or an occupied destination is a one-line refusal."""
+    import hashlib
+
+    from fer_edge.checkpoint import load_checkpoint, save_checkpoint
+    from fer_edge.reparam import merge
+
+    weights, calib, _ = trained
+    script = [sys.executable, str(BENCH / "promote_default.py")]
+    common = ["--data", str(calib), "--train-command", "fer-edge train ...", "--status", "test",
+              "--dest", str(tmp_path / "w"), "--name", "m"]
+    proc = subprocess.run([*script, str(weights), *common], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    card = json.loads((tmp_path / "w" / "m.json").read_text())
+    copied = tmp_path / "w" / "m.safetensors"
+    assert card["file"] == "m.safetensors" and card["sha256"] == hashlib.sha256(copied.read_bytes()).hexdigest()
+    assert copied.read_bytes() == Path(weights).read_bytes()
+    ev = tmp_path / "e.json"
+    from helpers import run_cli
+
+    e = run_cli("eval", "--weights", weights, "--data", calib, "--tta", "--json", ev)
+    assert e.returncode == 0, e.stderr[-2000:]
+    rep = json.loads(ev.read_text())
+    t = card["publictest"]
+    assert t["accuracy"] == round(rep["accuracy"], 4) and t["tta_ten_crop_accuracy"] == round(rep["tta"]["accuracy"], 4)
+    assert t["mean_class_accuracy"] == round(rep["mean_class_accuracy"], 4)
+
+    again = subprocess.run([*script, str(weights), *common], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 2 and "pass --force" in again.stderr and "Traceback" not in again.stderr
+    model, meta = load_checkpoint(weights)
+    merged = tmp_path / "merged.safetensors"
+    save_checkpoint(merged, merge(model, use_kernel=False), classes=meta["classes"], preprocess=meta["preprocess"])
+    bad = subprocess.run([*script, str(merged), *common, "--force"], capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "train-form" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
