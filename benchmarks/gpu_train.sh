@@ -58,14 +58,20 @@ run() {  # run NAME CMD...: train into runs/NAME (cut at $LIMIT s); log, metrics
   cp "runs/$name/folds.json" "$OUT/$name-folds.json" 2>/dev/null
   return 0
 }
-finish() {  # finish NAME: evaluate best.safetensors (plain and TTA) and pack its weights into $OUT
-  local name=$1 w=runs/$1/best.safetensors
+evaluate_run() {  # evaluate_run NAME: best.safetensors on $VAL, plain and ten-crop -> $OUT/NAME-eval.json
+  local name=$1 w=runs/$1/best.safetensors  # (cut at $EVAL_TIMEOUT s when set)
   [ -f "$w" ] || { echo "no $w"; return 0; }
   # (never pipe fer-edge into head: its report would end in a broken pipe before the JSON is written)
-  fer-edge eval --weights "$w" --data "$VAL" --device "$DEV" --tta $EL --json "$OUT/$name-eval.json" \
-    >>"$OUT/$name.log" 2>&1; grep -E "^(accuracy|mean-class|with ten-crop)" "$OUT/$name.log" | tail -3
-  python3 benchmarks/ship_weights.py pack "$w" "$OUT/$name"
+  ${EVAL_TIMEOUT:+timeout "$EVAL_TIMEOUT"} fer-edge eval --weights "$w" --data "$VAL" --device "$DEV" --tta $EL \
+    --json "$OUT/$name-eval.json" >>"$OUT/$name.log" 2>&1
+  grep -E "^(accuracy|mean-class|with ten-crop)" "$OUT/$name.log" | tail -3
 }
+pack_run() {  # pack_run NAME: best.safetensors as float16 parts $OUT/NAME.partNN
+  local w=runs/$1/best.safetensors
+  [ -f "$w" ] && python3 benchmarks/ship_weights.py pack "$w" "$OUT/$1"
+  return 0
+}
+finish() { evaluate_run "$1"; pack_run "$1"; }  # finish NAME: both, into $OUT
 case "$STAGE" in
   smoke)  # AMP bf16 + channels_last + torch.compile, 2 epochs
     run smoke $T --model macnn --epochs 2 --compile --out runs/smoke; finish smoke ;;
@@ -148,16 +154,12 @@ PY
     OUT=$LOGS OMP_NUM_THREADS=$THREADS LIMIT=$(hard) run vgg16-student $T --model vgg16 --recipe best "${kd[@]}" \
       --epochs "$SEPOCHS" --time-budget "$SM" --out runs/vgg16-student &
     wait
-    for name in student compact-student; do  # the weights first: they are what cannot be redone here
-      [ -f "runs/$name/best.safetensors" ] && python3 benchmarks/ship_weights.py pack "runs/$name/best.safetensors" "$DEST/$name"
-    done
+    for name in student compact-student; do OUT=$DEST pack_run "$name"; done  # first: they cannot be redone here
     snapshot
     # Ten-crop evaluation on the GPU while time is left (the CPU redoes it after unpacking anyway).
     for name in student compact-student vgg16-best vgg16-student; do
       [ -f "runs/$name/best.safetensors" ] || continue
-      timeout "$(hard)" fer-edge eval --weights "runs/$name/best.safetensors" --data "$VAL" --device "$DEV" --tta $EL \
-        --json "$LOGS/$name-eval.json" >> "$LOGS/$name.log" 2>&1
-      echo "$name: $(grep -E "^(accuracy|with ten-crop)" "$LOGS/$name.log" | tail -2 | tr '\n' ' ')" | tee -a "$LOGS/ensemble.log"
+      echo "$name: $(OUT=$LOGS EVAL_TIMEOUT=$(hard) evaluate_run "$name" | tr '\n' ' ')" | tee -a "$LOGS/ensemble.log"
       snapshot
     done
     echo "== done: $(now) s" | tee -a "$LOGS/ensemble.log"; snapshot

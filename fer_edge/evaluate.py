@@ -97,21 +97,20 @@ def evaluate(model, meta: dict, dataset, device="cpu", batch_size: int = 256, tt
     labels = remap_labels(dataset, classes)
     # channels_last is the faster layout for these networks on the CPU too (oneDNN and
     # the fused kernel: 1.1-1.5x measured on the 2-core CI machine), as it is on CUDA.
-    cl = True
     model = model.to(memory_format=torch.channels_last)
     probs = predict_probs(model, dataset.images, meta["preprocess"], device, batch_size,
-                          channels_last=cl, progress=progress)
+                          channels_last=True, progress=progress)
     report = {"classes": classes, "arch": meta["arch"], "form": meta["form"], **summarize(labels, probs, classes)}
     if tta:
         probs_tta = predict_probs(model, dataset.images, meta["preprocess"], device, batch_size, tta=True,
-                                  channels_last=cl, progress=progress)
+                                  channels_last=True, progress=progress)
         t = summarize(labels, probs_tta, classes)
         report["tta"] = {"kind": "ten-crop (4 px shifts x mirror)", "accuracy": t["accuracy"],
                          "mean_class_accuracy": t["mean_class_accuracy"], "macro_f1": t["macro_f1"],
                          "macro_auc": t["macro_auc"]}
     if latency:
         report["latency"] = measure_latency(model, meta["preprocess"], meta["config"].get("in_chans", 1), device,
-                                            channels_last=cl)
+                                            channels_last=True)
     return report
 
 

@@ -67,6 +67,8 @@ def tensor_version(t: torch.Tensor) -> int:
     place inside inference mode, and the module that owns them drops its
     packs on load_state_dict (FusedMultiScaleConv._load_from_state_dict)."""
     return -1 if t.is_inference() else t._version
+
+
 _CUDA_DTYPES = {torch.float32: 0, torch.float16: 1}
 _warned_fallback = False
 

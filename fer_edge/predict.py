@@ -26,12 +26,12 @@ class TorchBackend:
     name = "pytorch"
 
     def __init__(self, weights):
+        import torch
+
         from fer_edge.checkpoint import load_checkpoint
         from fer_edge.reparam import merge
 
         from fer_edge.targets.bundle import artifact_preprocess
-
-        import torch
 
         model, self.meta = load_checkpoint(weights)
         model = model if self.meta["form"] == "merged" else merge(model, use_kernel=True)
