@@ -175,8 +175,8 @@ void winograd_run(const MsConvArgs& a, const WinogradPlan& p, int nt) {
   // whatever the batch size.
   // The transformed weights are streamed once per group, though: when they are
   // large (L4/L5 at full width: 34 / 67 MB) groups of at least 64 tiles keep
-  // that stream from dominating (batch 32, measured: L4 0.80x -> 0.94x eager,
-  // L5 0.94x -> 1.17x), at the cost of V and M spilling from L2.
+  // that stream from dominating (batch 32, measured: L4 0.80x -> 0.92-0.98x eager,
+  // L5 0.94x -> 1.10-1.13x), at the cost of V and M spilling from L2.
   std::int64_t TG = std::max<std::int64_t>(RB, std::min<std::int64_t>(T, (4 << 20) / (256 * (C + cpad))));
   if (64.0 * C * cpad * sizeof(float) > double(16 << 20)) TG = std::max<std::int64_t>(TG, std::min<std::int64_t>(T, 64));
   vbuf.resize(static_cast<size_t>(64 * TG * C));
