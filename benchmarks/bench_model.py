@@ -8,6 +8,8 @@ Rows (each timed in the same run, same input, same weights):
   merged+graph   `merged` captured in one CUDA graph (CUDA only)
   merged+compile torch.compile(`merged`, mode=--compile-mode)  (the baseline: max-autotune on CUDA)
   kernel         merge(model): every MAConv runs fer_edge's fused kernel, eager
+                 (on CUDA the SIMT kernel, or FER_EDGE_CUDA_KERNEL=wmma's: merged
+                 models run cuDNN unless that variable asks for ours)
   kernel+graph   `kernel` captured in one CUDA graph (CUDA only)
 Columns: median milliseconds per batch, images/s, speed-up over
 `merged+compile` (x compile) and over `train`, and the relative error of the
@@ -80,6 +82,7 @@ def run(args, on_rows=lambda rows: None) -> list[dict]:
     device = args.device
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     if device == "cuda":
+        os.environ.setdefault("FER_EDGE_CUDA_KERNEL", "simt")  # the `kernel` rows time our kernel
         torch.backends.cudnn.benchmark = True
         # A float32 reference must be float32, not TF32.
         torch.backends.cuda.matmul.allow_tf32 = False

@@ -5,7 +5,7 @@
 #   mkdir -p .data && cp ../shared/data/fer2013.zip .data/ && cp -r ../shared/data/ckplus48 .data/
 #   run(command="bash benchmarks/gpu_train.sh macnn-best", carry=[".data"], timeout_s=600)
 # Stages: smoke | speed | macnn-paper | vgg16-paper | macnn-best | vgg16-best | compact | compact-kd TEACHER [EPOCHS]
-#         | hsnet | ckplus | ckplus-ft INIT | ensemble
+#         | hsnet | ckplus | ckplus-ft INIT | ensemble | chain
 #   speed:      training img/s of MACNN (issue 7): eager, --compile, --compile reduce-overhead, each
 #               $EPOCHS (3) epochs (the first includes compilation) -> speed.log, speed.json
 #   compact:    MACNN width 0.25 with the best recipe (the embedded default model's successor)
@@ -20,8 +20,11 @@
 #               to what keeps the call within DEADLINE (540) s: ~45% of what is left to the teachers.  Returns
 #               ensemble.tar.gz (every log, metrics, summary and eval JSON) and the weights of the two
 #               MACNN students as float16 parts (5 files, ~41 MB).
+#   chain:      issue 8 in one call, each run alone on the GPU: a full-width MACNN teacher, then the
+#               compact (width 0.25) MACNN distilled from it; --batch-size $BATCH (256) --lr $LR (0.1).
+#               Returns chain.tar.gz and both models' weights (compact first; 4 files, ~39 MB).
 # $EPOCHS overrides a stage's epochs (e.g. EPOCHS=120 bash benchmarks/gpu_train.sh macnn-best); the ensemble
-# stage takes TEPOCHS / SEPOCHS (caps), TBUDGET / SBUDGET (seconds), K, DEADLINE instead.
+# and chain stages take TEPOCHS / SEPOCHS (caps), TBUDGET / SBUDGET (seconds), K, DEADLINE instead.
 # What comes back ($OUT, at most 8 files): NAME.log, NAME-metrics.jsonl, NAME-summary.json,
 # NAME-eval.json (best checkpoint on PublicTest, with ten-crop TTA), and the best weights as
 # float16 parts NAME.partNN (ship_weights.py; a full-width MACNN is 76 MB in float32, over the
@@ -72,6 +75,20 @@ pack_run() {  # pack_run NAME: best.safetensors as float16 parts $OUT/NAME.partN
   return 0
 }
 finish() { evaluate_run "$1"; pack_run "$1"; }  # finish NAME: both, into $OUT
+# The time-boxed, many-run stages (chain, ensemble).  The device ends a call at 600 s and
+# returns only (at most 8 of) the files in $OUT by then.  So: logs go to a staging folder that
+# is archived into $OUT/NAME.tar.gz after every step; weights are packed before anything else
+# runs after their training; every phase is time-boxed so the call ends by $DEADLINE s, with
+# $RESERVE s per phase for data loading and final reports; every later step is cut at $HARD s.
+DEADLINE=${DEADLINE:-540}; RESERVE=${RESERVE:-50}; HARD=${HARD:-$((DEADLINE + 40))}
+now() { echo $(( $(date +%s) - START )); }
+left() { echo $(( DEADLINE - $(now) - RESERVE )); }
+hard() { local t=$(( HARD - $(now) )); echo $(( t > 1 ? t : 1 )); }
+minutes() { python3 -c "print($1 / 60)"; }
+staging() {  # staging NAME: LOGS=runs/NAME-logs (fresh), DEST=$OUT, snapshot -> $DEST/NAME.tar.gz
+  ARCHIVE=$1; DEST=$OUT; LOGS=runs/$1-logs; rm -rf "$LOGS"; mkdir -p "$LOGS"
+}
+snapshot() { tar czf "$DEST/.$ARCHIVE.tgz" -C "$LOGS" . && mv "$DEST/.$ARCHIVE.tgz" "$DEST/$ARCHIVE.tar.gz"; }
 case "$STAGE" in
   smoke)  # AMP bf16 + channels_last + torch.compile, 2 epochs
     run smoke $T --model macnn --epochs 2 --compile --out runs/smoke; finish smoke ;;
@@ -112,20 +129,36 @@ PY
   ckplus-ft)   INIT=${2:?"ckplus-ft INIT: the FER2013 checkpoint to start from, e.g. .data/fer-init.safetensors"}
                run ckplus-ft fer-edge train --device "$DEV" --init "$INIT" --data "$D/ckplus48" --folds 10 \
                  --recipe best ${EP:---epochs 60} --batch-size 32 --lr 0.01 --no-progress --force --out runs/ckplus-ft ;;
+  chain)
+    # Issue 8 in one call: one full-width MACNN teacher alone on the GPU, then the compact
+    # (width 0.25) MACNN distilled from it, alone (runs side by side share the GPU, and a
+    # full-width checkpoint cannot travel in beside the data).  Both time-boxed like the
+    # ensemble stage; returns chain.tar.gz (logs, metrics, eval JSON), the compact model's
+    # weights (first) and the teacher's (float16 parts).
+    TEPOCHS=${TEPOCHS:-200}; SEPOCHS=${SEPOCHS:-200}
+    staging chain
+    GPU="--batch-size ${BATCH:-256} --lr ${LR:-0.1}"  # profile_train.py: batch 128 is CPU-bound on the H100
+    TBUDGET=${TBUDGET:-$(( ($(left) - RESERVE) * 45 / 100 ))}
+    echo "== chain: $(now) s in; the teacher gets ${TBUDGET} s" | tee "$LOGS/chain.log"
+    OUT=$LOGS LIMIT=$(hard) run chain-teacher $T --model macnn --recipe best $GPU --seed 1 \
+      --epochs "$TEPOCHS" --time-budget "$(minutes "$TBUDGET")" --out runs/chain-teacher
+    snapshot
+    [ -f runs/chain-teacher/best.safetensors ] || { echo "the teacher did not finish"; exit 1; }
+    SBUDGET=${SBUDGET:-$(left)}
+    echo "== distillation: $(now) s in; the compact student gets ${SBUDGET} s" | tee -a "$LOGS/chain.log"
+    OUT=$LOGS LIMIT=$(hard) run chain-compact $T --model macnn --width 0.25 --recipe best $GPU --seed 1 \
+      --teacher runs/chain-teacher/best.safetensors --epochs "$SEPOCHS" --time-budget "$(minutes "$SBUDGET")" \
+      --out runs/chain-compact
+    for name in chain-compact chain-teacher; do OUT=$DEST pack_run "$name"; snapshot; done
+    for name in chain-compact chain-teacher; do
+      echo "$name: $(OUT=$LOGS EVAL_TIMEOUT=$(hard) evaluate_run "$name" | tr '\n' ' ')" | tee -a "$LOGS/chain.log"
+      snapshot
+    done
+    echo "== done: $(now) s" | tee -a "$LOGS/chain.log"; snapshot
+    ;;
   ensemble)
-    # The device ends a call at 600 s and returns only (at most 8 of) the files in $OUT by then.
-    # So: logs go to a staging folder that is archived into $OUT/ensemble.tar.gz after every step;
-    # the students' weights are packed before anything else runs after their training; both phases
-    # are time-boxed so the call ends by $DEADLINE s, with $RESERVE s per phase for data loading and
-    # final reports; every later step is cut at $HARD s.
-    K=${K:-3}; TEPOCHS=${TEPOCHS:-200}; SEPOCHS=${SEPOCHS:-200}; DEADLINE=${DEADLINE:-540}; RESERVE=${RESERVE:-50}
-    HARD=${HARD:-$((DEADLINE + 40))}
-    now() { echo $(( $(date +%s) - START )); }
-    left() { echo $(( DEADLINE - $(now) - RESERVE )); }
-    hard() { local t=$(( HARD - $(now) )); echo $(( t > 1 ? t : 1 )); }
-    minutes() { python3 -c "print($1 / 60)"; }
-    DEST=$OUT; LOGS=runs/ensemble-logs; rm -rf "$LOGS"; mkdir -p "$LOGS"
-    snapshot() { tar czf "$DEST/.ensemble.tgz" -C "$LOGS" . && mv "$DEST/.ensemble.tgz" "$DEST/ensemble.tar.gz"; }
+    K=${K:-3}; TEPOCHS=${TEPOCHS:-200}; SEPOCHS=${SEPOCHS:-200}
+    staging ensemble
     TBUDGET=${TBUDGET:-$(( ($(left) - RESERVE) * 45 / 100 ))}; TM=$(minutes "$TBUDGET")
     echo "== ensemble: $(now) s in; teachers get ${TBUDGET} s" | tee "$LOGS/ensemble.log"
     NCPU=$(nproc); THREADS=$(( NCPU / (K + 1) > 0 ? NCPU / (K + 1) : 1 ))

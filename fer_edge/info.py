@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import platform
-import sys
 
 # Inference runtimes a bundle can run on, by import name.
 RUNTIMES = ("onnxruntime", "ai_edge_litert", "tflite_runtime", "tensorrt", "onnx", "litert_torch")
@@ -70,10 +70,21 @@ def collect() -> dict:
     except ImportError as exc:
         info["kernels"]["error"] = f"fer_edge._C does not import: {exc}"
     info["torch"] = _module_version("torch")
-    if info["torch"] is not None and "torch" in sys.modules:
-        torch = sys.modules["torch"]
-        if torch.cuda.is_available():
-            info["cuda_device"] = torch.cuda.get_device_name(0)
+    if info["torch"] is not None:
+        # Imported here (a second or two): the GPU is what people run `info` to see.
+        # (It once printed "cuda_device": null on the H100 machine, torch not yet imported.)
+        try:
+            import torch
+
+            from fer_edge.models.layers import cuda_kernel_enabled
+
+            if torch.cuda.is_available():
+                info["cuda_device"] = torch.cuda.get_device_name(0)
+            # What merged models run on CUDA tensors (cuDNN unless FER_EDGE_CUDA_KERNEL=simt|wmma).
+            info["kernels"]["cuda_merged_layers"] = (
+                os.environ["FER_EDGE_CUDA_KERNEL"].strip().lower() if cuda_kernel_enabled() else "cudnn")
+        except Exception:  # noqa: BLE001  (info reports, never fails)
+            pass
     for name in RUNTIMES:
         info["runtimes"][name] = _module_version(name)
     return info
@@ -87,7 +98,9 @@ def format_text(info: dict) -> str:
         f"kernels: cpu={'yes' if k['cpu'] else 'no'} (openmp={'yes' if k.get('openmp') else 'no'}), "
         f"cuda={'yes' if k['cuda'] else 'no'}"
         + (f" for sm_{', sm_'.join(k['cuda_archs'])}" if k["cuda_archs"] else ""),
-        f"cuda device: {info['cuda_device'] or 'none'}",
+        f"cuda device: {info['cuda_device'] or 'none'}"
+        + (f" (merged models' multi-scale layers run {k['cuda_merged_layers']}; "
+           "FER_EDGE_CUDA_KERNEL=simt|wmma selects fer_edge's kernels)" if k.get("cuda_merged_layers") else ""),
     ]
     dm = info.get("default_model") or {}
     if "name" in dm:

@@ -15,6 +15,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 def pytest_configure(config):
     import fer_edge
+    import torch
+
+    # fp32 references on CUDA must be fp32: cuDNN convolutions default to TF32
+    # (10-bit mantissa), ~1e-3 relative error, which no fp32 tolerance here allows.
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 
     where = Path(fer_edge.__file__).resolve().parent
     if where == REPO / "fer_edge":

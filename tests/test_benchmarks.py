@@ -43,6 +43,19 @@ def test_bench_model_table_on_cpu(tmp_path):
     assert "x compile" in table
 
 
+def test_profile_train_times_real_optimizer_steps(tmp_path):
+    data, table = bench("profile_train.py", "--models", "macnn", "vgg16", "--width", "0.125", "--batch-sizes", "8",
+                        "--steps", "6", "--profile", "macnn", tmp_path=tmp_path)
+    rows = data["rows"]
+    assert [(r["model"], r["layout"]) for r in rows] == [(m, f) for m in ("macnn", "vgg16")
+                                                         for f in ("channels_last", "nchw")]
+    for r in rows:
+        assert r["img_per_s"] > 0 and r["batch"] == 8
+        # nine steps on one batch of 8 random faces: a step that trains lowers the loss
+        assert r["loss_last"] < 0.8 * r["loss_first"], r
+    assert "convolution" in data["profile"] and "Self CPU" in table
+
+
 def test_ship_weights_round_trip(tmp_path):
     """A checkpoint split into float16 parts (the GPU machine's file limits)
     comes back as a float32 checkpoint with its metadata and the same model."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -42,6 +43,9 @@ def test_info_json_reports_kernels_and_runtimes():
         assert info["runtimes"]["onnxruntime"] is None
     else:
         assert info["runtimes"]["onnxruntime"] == onnxruntime.__version__
+    # merged models run cuDNN on CUDA unless FER_EDGE_CUDA_KERNEL asks for fer_edge's kernels
+    asked = os.environ.get("FER_EDGE_CUDA_KERNEL", "").strip().lower()
+    assert info["kernels"]["cuda_merged_layers"] == (asked if asked in ("simt", "wmma") else "cudnn")
     if torch.cuda.is_available():
         assert info["cuda_device"] == torch.cuda.get_device_name(0)
     else:

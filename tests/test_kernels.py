@@ -197,12 +197,17 @@ def test_channels_last_merged_macnn_stays_channels_last():
 
 
 class _Layer(torch.nn.Module):
+    # Named attributes, not a ParameterList: torch 2.11's dynamo cannot unpack
+    # `*ParameterList` (InternalTorchDynamoError, seen on the H100 machine).
+    NAMES = ("w1", "b1", "w3", "b3", "w5", "b5")
+
     def __init__(self, args):
         super().__init__()
-        self.params = torch.nn.ParameterList([torch.nn.Parameter(t, requires_grad=False) for t in args])
+        for name, t in zip(self.NAMES, args):
+            self.register_parameter(name, torch.nn.Parameter(t, requires_grad=False))
 
     def forward(self, x):
-        return fused_ms_conv(x, *self.params) * 2.0
+        return fused_ms_conv(x, self.w1, self.b1, self.w3, self.b3, self.w5, self.b5) * 2.0
 
 
 def test_torch_compile_and_export_trace_the_op():
@@ -404,11 +409,36 @@ def test_bad_packed_weights_raise_value_error():
     torch.testing.assert_close(fused_ms_conv(*args, wp=wp), fused_ms_conv_reference(*args), **FP32_TOL)
 
 
+def test_merged_models_run_the_cuda_kernel_only_when_asked(monkeypatch):
+    """cuDNN beats our CUDA kernels on the H100 (benchmarks/README.md), so a
+    merged model runs them only under FER_EDGE_CUDA_KERNEL=simt|wmma; the CPU
+    kernel is used either way."""
+    from fer_edge.models.layers import FusedMultiScaleConv, cuda_kernel_enabled
+
+    for value, enabled in [(None, False), ("", False), ("cudnn", False), ("simt", True), (" WMMA ", True),
+                           ("fast", False)]:
+        if value is None:
+            monkeypatch.delenv("FER_EDGE_CUDA_KERNEL", raising=False)
+        else:
+            monkeypatch.setenv("FER_EDGE_CUDA_KERNEL", value)
+        assert cuda_kernel_enabled() is enabled, value
+    monkeypatch.delenv("FER_EDGE_CUDA_KERNEL")
+    m = FusedMultiScaleConv(*make_inputs(1, 4, 6, 6, 2, 3, 4)[1:])
+    assert m._kernel_supports(torch.empty(1, 4, 6, 6)), "the CPU kernel needs no opt-in"
+    assert not m._kernel_supports(torch.empty(1, 4, 6, 6, device="meta"))
+    if torch.cuda.is_available():
+        x = torch.randn(2, 4, 6, 6, device="cuda")
+        assert not m.to("cuda")._kernel_supports(x)
+        monkeypatch.setenv("FER_EDGE_CUDA_KERNEL", "simt")
+        assert m._kernel_supports(x)
+
+
 @requires_cuda
 @requires_cuda_kernel
-def test_cuda_module_keeps_packed_weights_until_they_change():
+def test_cuda_module_keeps_packed_weights_until_they_change(monkeypatch):
     from fer_edge.models.layers import FusedMultiScaleConv
 
+    monkeypatch.setenv("FER_EDGE_CUDA_KERNEL", "simt")  # merged modules run it only when asked
     x, w1, b1, w3, b3, w5, b5 = make_inputs(2, 16, 12, 12, 8, 12, 12, nhwc=True, device="cuda")
     m = FusedMultiScaleConv(w1, b1, w3, b3, w5, b5).eval()
 

@@ -261,6 +261,18 @@ def test_time_budget_sets_the_epochs_and_survives_resume(tiny, tmp_path):
     # the cosine schedule was re-planned for 2 epochs: its last step has reached lr 0
     assert state["epochs"] == 2 and state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-9)
     assert state["train_seconds"] > 0  # a resumed run's budget counts the killed process's time
+    # A run that slows down after the decision is re-planned to end in time: with epochs of
+    # well under 1.5 s the second epoch plans more than 3, then epoch 3 takes 9 s longer.
+    slow = run("train", *common, "--epochs", "12", "--time-budget", "0.1", "--out", tmp_path / "slow",
+               env={"FER_EDGE_TEST_SLOW_EPOCH": "3:9"})
+    assert slow.returncode == 0, slow.stderr[-2000:]
+    decisions = [line for line in slow.stdout.splitlines() if line.startswith("time budget")]
+    assert len(decisions) == 2 and decisions[1].endswith("-> 3 epochs (of %s)" % decisions[0].split("-> ")[1]
+                                                            .split()[0]), slow.stdout
+    assert int(decisions[0].split("-> ")[1].split()[0]) > 3, decisions
+    assert json.loads((tmp_path / "slow" / "summary.json").read_text())["epochs"] == 3
+    state = torch.load(tmp_path / "slow" / "resume.pt", weights_only=True)
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-9)  # schedule ended at 3
     roomy = run("train", *common, "--epochs", "3", "--time-budget", "600", "--out", tmp_path / "roomy")
     assert roomy.returncode == 0, roomy.stderr[-2000:]
     assert json.loads((tmp_path / "roomy" / "summary.json").read_text())["epochs"] == 3

@@ -1,6 +1,8 @@
 """Building blocks: train-time forms and the deploy forms they merge into."""
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -119,12 +121,28 @@ class MAConv(nn.Module):
         return FusedMultiScaleConv(*(t.detach().clone() for t in self.merged_kernels()), use_kernel=use_kernel)
 
 
+# FER_EDGE_CUDA_KERNEL: which of fer_edge's CUDA kernels merged models run on
+# CUDA tensors.  Unset (or "cudnn"): none, cuDNN's three convolutions.  Measured
+# on an H100 (2026-11-23, benchmarks/README.md): both kernels are slower than
+# the best cuDNN way on every MACNN layer L1-L5, batch 1 and 256 (SIMT
+# 1.2-125x, WMMA 1.6-67x), and the merged model with them takes 2.47 ms per
+# face at batch 1 (CUDA graph) against 0.38 ms with cuDNN.  A user must not get a 6x
+# slower model by default, so they stay opt-in until a benchmark shows a win.
+CUDA_KERNELS = ("simt", "wmma")
+
+
+def cuda_kernel_enabled() -> bool:
+    """Whether merged models run fer_edge's CUDA kernel (FER_EDGE_CUDA_KERNEL=simt|wmma)."""
+    return os.environ.get("FER_EDGE_CUDA_KERNEL", "").strip().lower() in CUDA_KERNELS
+
+
 class FusedMultiScaleConv(nn.Module):
     """Deploy form of MAConv: relu(conv1x1+b1) | relu(conv3x3+b3) | relu(conv5x5+b5).
 
-    use_kernel=True runs fer_edge's fused kernel (one pass, C++ or CUDA);
-    False runs three plain convolutions + cat, which every exporter and
-    runtime understands.
+    use_kernel=True runs fer_edge's fused kernel (one pass) on the CPU, and on
+    CUDA when FER_EDGE_CUDA_KERNEL=simt|wmma asks for it (cuDNN is faster
+    today: see cuda_kernel_enabled); False runs three plain convolutions +
+    cat, which every exporter and runtime understands.
     """
 
     def __init__(self, w1, b1, w3, b3, w5, b5, use_kernel: bool = True):
@@ -150,7 +168,7 @@ class FusedMultiScaleConv(nn.Module):
         # The compiled kernels cover float32 (CPU, CUDA) and float16 (CUDA);
         # anything else (bf16, other devices) takes the plain path.
         return (x.device.type == "cpu" and x.dtype == torch.float32) or (
-            x.device.type == "cuda" and x.dtype in (torch.float32, torch.float16)
+            x.device.type == "cuda" and x.dtype in (torch.float32, torch.float16) and cuda_kernel_enabled()
         )
 
     @staticmethod
