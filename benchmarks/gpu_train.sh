@@ -5,7 +5,7 @@
 #   mkdir -p .data && cp ../shared/data/fer2013.zip .data/ && cp -r ../shared/data/ckplus48 .data/
 #   run(command="bash benchmarks/gpu_train.sh macnn-best", carry=[".data"], timeout_s=600)
 # Stages: smoke | speed | macnn-paper | vgg16-paper | macnn-best | vgg16-best | compact | compact-kd TEACHER [EPOCHS]
-#         | hsnet | ckplus | ckplus-ft INIT | ensemble | chain
+#         | hsnet | ckplus | ckplus-ft INIT | ensemble | chain | long | compact-offline [LOGITS]
 #   speed:      training img/s of MACNN (issue 7): eager, --compile, --compile reduce-overhead, each
 #               $EPOCHS (3) epochs (the first includes compilation) -> speed.log, speed.json
 #   compact:    MACNN width 0.25 with the best recipe (the embedded default model's successor)
@@ -20,6 +20,10 @@
 #               to what keeps the call within DEADLINE (540) s: ~45% of what is left to the teachers.  Returns
 #               ensemble.tar.gz (every log, metrics, summary and eval JSON) and the weights of the two
 #               MACNN students as float16 parts (5 files, ~41 MB).
+#   long:       issue 8.1: a full-width MACNN alone for the whole call (run it with LIMIT=540), then its
+#               logits on the training faces ($OUT/teacher-logits.safetensors) for compact-offline
+#   compact-offline [LOGITS]: the compact MACNN alone, distilled offline from carried logits (default
+#               .data/teacher-logits.safetensors: copy long's there), LIMIT=540 too
 #   chain:      issue 8 in one call, each run alone on the GPU: a full-width MACNN teacher, then the
 #               compact (width 0.25) MACNN distilled from it; --batch-size $BATCH (256) --lr $LR (0.1).
 #               Returns chain.tar.gz and both models' weights (compact first; 4 files, ~39 MB).
@@ -129,6 +133,24 @@ PY
   ckplus-ft)   INIT=${2:?"ckplus-ft INIT: the FER2013 checkpoint to start from, e.g. .data/fer-init.safetensors"}
                run ckplus-ft fer-edge train --device "$DEV" --init "$INIT" --data "$D/ckplus48" --folds 10 \
                  --recipe best ${EP:---epochs 60} --batch-size 32 --lr 0.01 --no-progress --force --out runs/ckplus-ft ;;
+  long)  # issue 8.1: one full-width MACNN alone for the whole call (--time-budget LIMIT - 60 s), then its
+          # logits on the training faces for `compact-offline` in a later call (a full-width teacher
+          # cannot travel back in beside the data; its logits, 1.8 MB, can)
+    GPU="--batch-size ${BATCH:-256} --lr ${LR:-0.1}"
+    run long $T --model macnn --recipe best $GPU --seed 1 ${EP:---epochs 300} \
+      --time-budget "$(minutes $(( LIMIT - 60 )))" --out runs/long
+    if [ -f runs/long/best.safetensors ]; then  # ~10 s on the H100 (a CPU dry run: EXTRA="--width 0.125")
+      timeout "${TL_TIMEOUT:-120}" fer-edge teacher-logits --weights runs/long/best.safetensors --data "$TRAIN" \
+        --device "$DEV" --out "$OUT/teacher-logits.safetensors" --force >> "$OUT/long.log" 2>&1
+      echo "teacher-logits: exit $?"; tail -1 "$OUT/long.log"
+    fi
+    finish long ;;
+  compact-offline)  # issue 8.3: the compact MACNN alone, distilled from carried teacher logits (`long`'s)
+    LOGITS=${2:-.data/teacher-logits.safetensors}
+    GPU="--batch-size ${BATCH:-256} --lr ${LR:-0.1}"
+    run compact-offline $T --model macnn --width 0.25 --recipe best $GPU --seed 1 ${EP:---epochs 300} \
+      --teacher-logits "$LOGITS" --time-budget "$(minutes $(( LIMIT - 60 )))" --out runs/compact-offline
+    finish compact-offline ;;
   chain)
     # Issue 8 in one call: one full-width MACNN teacher alone on the GPU, then the compact
     # (width 0.25) MACNN distilled from it, alone (runs side by side share the GPU, and a

@@ -83,6 +83,7 @@ COMMANDS = {
     "info": "fer_edge.cli:_add_info",
     "train": "fer_edge.training.command:add_train_parser",
     "eval": "fer_edge.training.command:add_eval_parser",
+    "teacher-logits": "fer_edge.training.command:add_teacher_logits_parser",
     "merge": "fer_edge.cli:_add_merge",
     "convert": "fer_edge.converters.convert:add_convert_parser",
     "parity": "fer_edge.converters.convert:add_parity_parser",

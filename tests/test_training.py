@@ -539,6 +539,95 @@ def test_distillation_run_learns_from_the_teacher_not_the_labels(tiny, tmp_path)
 
 
 @needs_data
+def test_offline_distillation_from_stored_teacher_logits(tiny, tmp_path):
+    """`fer-edge teacher-logits` stores exactly the teacher's (face + mirror)
+    logits, keyed by path under --data; `train --teacher-logits` at --kd-weight 1
+    learns from them alone (permuted labels: bit-identical weights; another
+    teacher's logits: other weights) and records where they came from."""
+    from fer_edge import models
+    from fer_edge.checkpoint import default_preprocess, read_meta, save_checkpoint
+    from fer_edge.data import load_dataset
+    from fer_edge.evaluate import normalize
+    from fer_edge.targets.bundle import sha256_file
+    from fer_edge.training.distill import Teacher, read_teacher_logits
+    from fer_edge.training.recipes import get_recipe
+    from fer_edge.training.trainer import TrainSettings, train_run
+
+    train, val = tiny
+    data = load_dataset(train, size=48)
+    classes = list(data.classes)
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        m = models.create("macnn", num_classes=7, width=0.125)
+        pre = default_preprocess("macnn", m.config)
+        # stored in reverse class order: the logits file keeps the teacher's order, train maps by name
+        with torch.no_grad():
+            m.fc.weight.copy_(m.fc.weight.flip(0))
+            m.fc.bias.copy_(m.fc.bias.flip(0))
+        save_checkpoint(tmp_path / f"t{seed}.safetensors", m, classes=classes[::-1], preprocess=pre)
+        made = run("teacher-logits", "--weights", tmp_path / f"t{seed}.safetensors", "--data", train,
+                   "--out", tmp_path / f"l{seed}.safetensors")
+        assert made.returncode == 0 and "face and mirror averaged" in made.stdout, made.stderr[-2000:]
+    logits, info = read_teacher_logits(tmp_path / "l1.safetensors")
+    assert info["classes"] == classes[::-1] and info["flip"] is True
+    assert info["teacher"]["sha256"] == sha256_file(tmp_path / "t1.safetensors")
+    assert sorted(info["keys"]) == sorted(str(Path(p).relative_to(train)) for p in data.sources)
+    order = [info["keys"].index(str(Path(p).relative_to(train))) for p in data.sources]
+    teacher = Teacher(tmp_path / "t1.safetensors", classes[::-1], pre, torch.device("cpu"))
+    x = normalize(torch.from_numpy(data.images), pre)
+    torch.testing.assert_close(logits[order], 0.5 * (teacher(x) + teacher(x.flip(3))), rtol=1e-5, atol=1e-5)
+    # what a training step gets for a batch: its faces' rows, columns in the student's class order
+    from fer_edge.training.distill import OfflineTeacher, face_keys
+
+    offline = OfflineTeacher(tmp_path / "l1.safetensors", face_keys(data.sources, train), classes, "cpu")
+    mapped = Teacher(tmp_path / "t1.safetensors", classes, pre, torch.device("cpu"))
+    idx = torch.tensor([5, 0, len(data) - 1, 3])
+    torch.testing.assert_close(offline(x[idx], idx), 0.5 * (mapped(x[idx]) + mapped(x[idx].flip(3))),
+                               rtol=1e-5, atol=1e-5)
+    again = run("teacher-logits", "--weights", tmp_path / "t1.safetensors", "--data", train,
+                "--out", tmp_path / "l1.safetensors")
+    assert again.returncode == 2 and "exists; pass --force" in again.stderr
+
+    def student(logits_file: str, labels, name: str):
+        d = data.subset(np.arange(len(data)))
+        d.labels = labels
+        s = TrainSettings(model="macnn", model_config={"width": 0.125}, classes=classes, seed=0,
+                          recipe=get_recipe("best", epochs=1, batch_size=16), data={"train": str(train)},
+                          teacher_logits={"path": str(tmp_path / logits_file), "sha256": "-"}, kd_weight=1.0)
+        train_run(s, d, None, tmp_path / name, progress=False, log=lambda m: None)
+        return load_state(tmp_path / name / "last.safetensors")
+
+    a = student("l1.safetensors", data.labels, "a")
+    permuted = np.random.default_rng(0).permutation(data.labels)
+    assert (permuted != data.labels).any()
+    assert_same_weights(a, student("l1.safetensors", permuted, "b"))
+    c = student("l2.safetensors", data.labels, "c")
+    assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())
+    # through the CLI: recorded in the checkpoint and the resume fingerprint
+    common = [*TINY, "--data", train, "--val", val, "--epochs", "1", "--out", tmp_path / "cli"]
+    ok = run("train", *common, "--teacher-logits", tmp_path / "l1.safetensors")
+    assert ok.returncode == 0 and "distilling offline from" in ok.stdout, ok.stderr[-2000:]
+    origin = read_meta(tmp_path / "cli" / "best.safetensors")["extra"]["distilled_from"]
+    assert origin["teacher_logits"]["sha256"] == sha256_file(tmp_path / "l1.safetensors")
+    assert origin["teacher_logits"]["teacher"]["sha256"] == info["teacher"]["sha256"]
+    cfg = json.loads((tmp_path / "cli" / "config.json").read_text())
+    assert cfg["teacher_logits"]["sha256"] == origin["teacher_logits"]["sha256"] and "teacher" not in cfg
+    # bad input: one line each, nothing written
+    made = run("teacher-logits", "--weights", tmp_path / "t1.safetensors", "--data", val,
+               "--out", tmp_path / "lval.safetensors")
+    assert made.returncode == 0, made.stderr[-2000:]
+    for args, expect in [(["--teacher-logits", tmp_path / "lval.safetensors"], "no logits for"),
+                         (["--teacher-logits", tmp_path / "t1.safetensors"], "not a teacher-logits file"),
+                         (["--teacher-logits", tmp_path / "none.safetensors"], "cannot be read"),
+                         (["--teacher-logits", tmp_path / "l1.safetensors", "--teacher", tmp_path / "t1.safetensors"],
+                          "give one")]:
+        p = run("train", *TINY, "--data", train, "--val", val, "--epochs", "1", "--out", tmp_path / "bad", *args)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and len(lines) == 1 and expect in lines[0], p.stderr
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
+
+
+@needs_data
 def test_distillation_bad_inputs_are_one_line_errors(tiny, tmp_path):
     train, val = tiny
     teacher = tmp_path / "t" / "best.safetensors"

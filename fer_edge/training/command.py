@@ -88,14 +88,20 @@ def resolve_teacher(args) -> dict:
     """The distillation settings: each teacher's path and sha256 (a resumed run
     must use the same files), weight and temperature.  The files and the numbers
     are checked before any data loads, their classes once the data is known."""
-    if not args.teacher:
+    if args.teacher and args.teacher_logits:
+        raise UserError("--teacher and --teacher-logits: give one (stored logits already are a teacher)")
+    if not args.teacher and not args.teacher_logits:
         if args.kd_weight is not None or args.kd_temperature is not None:
-            raise UserError("--kd-weight/--kd-temperature need --teacher CKPT")
+            raise UserError("--kd-weight/--kd-temperature need --teacher CKPT or --teacher-logits FILE")
         return {}
     from fer_edge.checkpoint import read_meta
     from fer_edge.targets.bundle import sha256_file
 
-    for path in args.teacher:
+    if args.teacher_logits:
+        from fer_edge.training.distill import read_teacher_logits
+
+        read_teacher_logits(args.teacher_logits)  # a missing or foreign file fails here, in one line
+    for path in args.teacher or ():
         read_meta(path)  # a missing or foreign file fails here, in one line
     weight = 0.5 if args.kd_weight is None else args.kd_weight
     temperature = 4.0 if args.kd_temperature is None else args.kd_temperature
@@ -103,6 +109,9 @@ def resolve_teacher(args) -> dict:
         raise UserError(f"--kd-weight {weight}: must be in (0, 1] (0 would run the teacher for nothing)")
     if not temperature > 0.0:
         raise UserError(f"--kd-temperature {temperature}: must be > 0")
+    if args.teacher_logits:
+        return {"teacher_logits": {"path": str(args.teacher_logits), "sha256": sha256_file(args.teacher_logits)},
+                "kd_weight": weight, "kd_temperature": temperature}
     # Sorted by content: the ensemble is the same whatever order the flags came in (so is a resume).
     teachers = sorted(({"path": str(p), "sha256": sha256_file(p)} for p in args.teacher), key=lambda t: t["sha256"])
     same = {t["sha256"] for t in teachers}
@@ -159,12 +168,16 @@ def cmd_train(args: argparse.Namespace) -> int:
             stem_weights=args.stem_weights, init=init, time_budget=args.time_budget, **distill,
             data={"train": str(args.data), "val": str(args.val) if args.val else None, "limit": args.limit,
                   "val_limit": args.val_limit, "train_images": len(train)})
-        if distill:  # before the run folder gets its first file
+        if distill.get("teacher"):  # before the run folder gets its first file
             from fer_edge.checkpoint import default_preprocess, read_meta
             from fer_edge.training.distill import check_teacher
 
             for path in args.teacher:
                 check_teacher(read_meta(path), path, settings.classes, default_preprocess(model_name, model_config))
+        if distill.get("teacher_logits"):  # every training face has stored logits, every class a column
+            from fer_edge.training.distill import OfflineTeacher, face_keys
+
+            OfflineTeacher(args.teacher_logits, face_keys(train.sources, args.data), settings.classes, "cpu")
         if args.folds is not None:
             return _run_folds(settings, train, args.folds, run_dir, args, ctx, log)
         return _run_single(settings, train, val, run_dir, args, ctx, log)
@@ -267,6 +280,9 @@ def add_train_parser(sub) -> None:
                    help="distil from this trained checkpoint (any architecture and form, same classes or more): "
                    "the loss mixes its softened predictions with the labels; repeat it to distil an ensemble "
                    "(the mean of the teachers' softened predictions)")
+    p.add_argument("--teacher-logits", metavar="FILE",
+                   help="distil offline from a teacher's stored logits on --data (`fer-edge teacher-logits`): "
+                   "no teacher forward pass, for a teacher that cannot be carried to this machine")
     p.add_argument("--kd-weight", type=float, help="share of the distillation term, 0..1 (default 0.5)")
     p.add_argument("--kd-temperature", type=float, help="distillation softmax temperature (default 4)")
     p.add_argument("--stem-weights", help="HSNet: face-recognition state dict for the stem (transferred, frozen)")
@@ -344,3 +360,51 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--strict", action="store_true", help="an unreadable image is an error, not a skip")
     p.add_argument("--force", action="store_true", help="overwrite --json / plots")
     p.set_defaults(func=cmd_eval)
+
+
+def cmd_teacher_logits(args: argparse.Namespace) -> int:
+    import torch
+
+    from fer_edge.checkpoint import read_meta
+    from fer_edge.data import load_dataset
+    from fer_edge.targets.bundle import sha256_file
+    from fer_edge.training.distill import Teacher, compute_teacher_logits, face_keys, save_teacher_logits
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise UserError(f"{out} exists; pass --force to overwrite it")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is visible to PyTorch (use --device cpu)")
+    meta = read_meta(args.weights)
+    classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
+    data = load_dataset(args.data, size=meta["preprocess"]["input_size"][0], classes=classes, strict=args.strict,
+                        usage=args.usage, progress=True)
+    _report_skipped(args.data, data, print)
+    teacher = Teacher(args.weights, list(meta["classes"]), meta["preprocess"], torch.device(args.device))
+    logits = compute_teacher_logits(teacher, data.images, meta["preprocess"], flip=not args.no_flip)
+    acc = (logits[:, [list(meta["classes"]).index(c) for c in data.classes]].argmax(1).numpy()
+           == data.labels).mean() if all(c in meta["classes"] for c in data.classes) else float("nan")
+    info = {"classes": list(meta["classes"]), "flip": not args.no_flip, "data": str(args.data),
+            "teacher": {"sha256": sha256_file(args.weights), "arch": meta["arch"], "config": meta["config"],
+                        "form": meta["form"], "preprocess": meta["preprocess"]},
+            "teacher_accuracy_on_data": float(acc)}
+    save_teacher_logits(out, logits, face_keys(data.sources, args.data), info, force=args.force)
+    print(f"wrote {out}: {len(data)} faces x {logits.shape[1]} classes, teacher top-1 on them {100 * acc:.2f}% "
+          f"({'face and mirror averaged' if not args.no_flip else 'faces as they are'})")
+    return 0
+
+
+def add_teacher_logits_parser(sub) -> None:
+    p = sub.add_parser("teacher-logits", help="store a teacher's logits on training faces, for "
+                       "`fer-edge train --teacher-logits` (offline distillation)")
+    p.add_argument("--weights", required=True, help="the teacher checkpoint")
+    p.add_argument("--data", required=True, help="the training faces the student will use (same --data)")
+    p.add_argument("--out", required=True, help="logits file to write (.safetensors)")
+    p.add_argument("--usage", default="Training", help="Usage rows when --data is a FER2013 CSV")
+    p.add_argument("--no-flip", action="store_true",
+                   help="score the faces only (default: the mean of each face's and its mirror image's logits)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--classes", help="comma-separated class names for non-expression folder names")
+    p.add_argument("--strict", action="store_true", help="an unreadable image is an error, not a skip")
+    p.add_argument("--force", action="store_true", help="overwrite --out")
+    p.set_defaults(func=cmd_teacher_logits)

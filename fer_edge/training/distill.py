@@ -122,5 +122,117 @@ class TeacherEnsemble:
             raise ValueError("TeacherEnsemble needs at least one teacher")
         self.teachers, self.temperature = list(teachers), float(temperature)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
         return ensemble_logits([t(x) for t in self.teachers], self.temperature)
+
+
+# ---------------------------------------------------------------- offline logits
+# Offline distillation: a teacher's logits on the training faces, computed once
+# (`fer-edge teacher-logits`) and read by `fer-edge train --teacher-logits`.
+# Why: on the GPU machine a full-width teacher (36 MB even as float16) and the
+# FER2013 images do not fit in one 64 MiB carry, so a teacher trained in one
+# device call cannot teach in the next; its logits (1.8 MB) can.  Each face's
+# target is the teacher's prediction for the un-augmented face (averaged with
+# its mirror image, as the student sees flips), whatever augmentation the
+# student's batch then gets: weaker than online distillation, which scores the
+# augmented batch itself, but free (no teacher forward pass per step).
+LOGITS_META_KEY = "fer_edge_teacher_logits"
+
+
+def face_keys(sources: list[str], root) -> list[str]:
+    """Keys that match a face across runs: its path relative to the data
+    root, '/'-separated (an absolute path would tie the file to one machine)."""
+    from pathlib import Path
+
+    root = Path(root).resolve()
+    keys = []
+    for s in sources:
+        p = Path(s)
+        try:
+            keys.append(p.resolve().relative_to(root).as_posix())
+        except (ValueError, OSError):  # a CSV line or a file outside root: the source as it is
+            keys.append(str(s))
+    return keys
+
+
+@torch.no_grad()
+def compute_teacher_logits(teacher: "Teacher", images, preprocess: dict, *, batch: int = 512,
+                           flip: bool = True) -> torch.Tensor:
+    """The teacher's logits on uint8 faces (N, H, W), float32 (N, C) on the CPU;
+    with ``flip``, the mean of the face's and its mirror image's logits."""
+    from fer_edge.evaluate import normalize
+
+    out = []
+    for s in range(0, len(images), batch):
+        x = normalize(torch.from_numpy(images[s:s + batch]).to(teacher.device), preprocess)
+        z = teacher(x)
+        if flip:
+            z = 0.5 * (z + teacher(torch.flip(x, dims=[3])))
+        out.append(z.float().cpu())
+    return torch.cat(out) if out else torch.empty(0, len(teacher.columns))
+
+
+def save_teacher_logits(path, logits: torch.Tensor, keys: list[str], info: dict, *, force: bool = False) -> None:
+    """logits (N, C) and their face keys and provenance, as safetensors (atomic)."""
+    import json
+    import os
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.exists() and not force:
+        raise UserError(f"{path} exists; pass --force to overwrite it")
+    if len(keys) != len(logits) or len(set(keys)) != len(keys):
+        raise ValueError("one distinct key per row of logits")
+    meta = {LOGITS_META_KEY: json.dumps({**info, "keys": keys})}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({"logits": logits.float().contiguous()}, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def read_teacher_logits(path) -> tuple[torch.Tensor, dict]:
+    """(logits, info incl. keys) of a teacher-logits file; UserError for anything else."""
+    import json
+
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if LOGITS_META_KEY not in meta or "logits" not in f.keys():
+                raise UserError(f"--teacher-logits {path}: not a teacher-logits file "
+                                "(make one with `fer-edge teacher-logits`)")
+            logits = f.get_tensor("logits")
+        info = json.loads(meta[LOGITS_META_KEY])
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"--teacher-logits {path}: cannot be read ({exc})") from None
+    if logits.ndim != 2 or logits.shape[0] != len(info.get("keys", ())) or not torch.isfinite(logits).all():
+        raise UserError(f"--teacher-logits {path}: damaged (shape {tuple(logits.shape)}, "
+                        f"{len(info.get('keys', ()))} keys, or non-finite values)")
+    return logits, info
+
+
+class OfflineTeacher:
+    """Stored teacher logits for the training faces: ``teacher(x, idx)``
+    returns the rows of batch ``idx`` (indices into the training set) in the
+    student's class order; ``x`` is not looked at."""
+
+    def __init__(self, path, keys: list[str], classes: list[str], device):
+        logits, info = read_teacher_logits(path)
+        self.meta = info
+        try:
+            columns = teacher_columns(list(info["classes"]), classes)
+        except ValueError as exc:
+            raise UserError(f"--teacher-logits {path}: {exc}") from None
+        # (No pre-processing check: the teacher scored the faces with its own.)
+        row = {k: i for i, k in enumerate(info["keys"])}
+        missing = [k for k in keys if k not in row]
+        if missing:
+            raise UserError(f"--teacher-logits {path}: no logits for {len(missing)} of the {len(keys)} training "
+                            f"faces (e.g. {missing[0]}); make them on the same --data")
+        self.logits = logits[[row[k] for k in keys]][:, columns].to(device)
+
+    def __call__(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return self.logits[idx]

@@ -76,6 +76,7 @@ class TrainSettings:
     init: dict | None = None            # fine-tuning: {"path", "sha256"} of the checkpoint to start from
     aux_weight: float = 0.3             # HSNet: weight of the auxiliary FGAL head losses
     teacher: list[dict] | None = None   # distillation: [{"path", "sha256"}] of the teacher checkpoint(s)
+    teacher_logits: dict | None = None  # offline distillation: {"path", "sha256"} of a teacher-logits file
     kd_weight: float = 0.5              # share of the distillation term in the loss (with a teacher)
     kd_temperature: float = 4.0         # softmax temperature of the distillation term
     time_budget: float | None = None    # minutes: as many epochs as fit, at most the recipe's (see epochs_within_budget)
@@ -86,8 +87,11 @@ class TrainSettings:
         d = asdict(self)
         d.pop("eval_batch_size")
         d.pop("compile_mode")  # how the same computation is scheduled: a run may resume under another
-        if d["teacher"] is None:  # runs without a teacher keep the fingerprint they always had
-            for key in ("teacher", "kd_weight", "kd_temperature"):
+        if d["teacher"] is None and d["teacher_logits"] is None:
+            d.pop("kd_weight")  # runs without a teacher keep the fingerprint they always had
+            d.pop("kd_temperature")
+        for key in ("teacher", "teacher_logits"):
+            if d[key] is None:
                 d.pop(key)
         if d["time_budget"] is None:
             d.pop("time_budget")
@@ -410,6 +414,21 @@ def train_run(settings: TrainSettings, train_set, val_set, run_dir, *, resume: b
             log(f"distillation: {len(members)} teacher{'s' if len(members) > 1 else ''}"
                 + (" (ensemble: mean of their softened predictions)" if len(members) > 1 else "")
                 + f", weight {settings.kd_weight}, temperature {settings.kd_temperature}")
+    elif settings.teacher_logits:
+        from fer_edge.training.distill import OfflineTeacher, face_keys
+
+        if recipe["mixup"] > 0:  # a mixed face has no stored prediction
+            raise UserError("--teacher-logits cannot be used with a mixup recipe (use --teacher)")
+        keys = face_keys(train_set.sources, settings.data.get("train", "."))
+        teacher = OfflineTeacher(settings.teacher_logits["path"], keys, settings.classes, device)
+        distilled = {"distilled_from": {
+            "teacher_logits": {"sha256": settings.teacher_logits["sha256"], "teacher": teacher.meta.get("teacher"),
+                               "flip": teacher.meta.get("flip")},
+            "kd_weight": settings.kd_weight, "kd_temperature": settings.kd_temperature}}
+        if ctx.main and start_epoch == 0:
+            log(f"distilling offline from {settings.teacher_logits['path']} (stored logits of "
+                f"{(teacher.meta.get('teacher') or {}).get('arch', '?')}), weight {settings.kd_weight}, "
+                f"temperature {settings.kd_temperature}")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     aug_cfg = recipe["augment"]
 
@@ -452,7 +471,7 @@ def train_run(settings: TrainSettings, train_set, val_set, run_dir, *, resume: b
                 loss = loss + settings.aux_weight * aux
             if teacher is not None:  # every label term gets (1 - w), the teacher's term w
                 loss = ((1.0 - settings.kd_weight) * loss
-                        + settings.kd_weight * distillation_loss(logits, teacher(x), settings.kd_temperature))
+                        + settings.kd_weight * distillation_loss(logits, teacher(x, idx), settings.kd_temperature))
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
