@@ -476,6 +476,20 @@ def test_teacher_columns_map_classes_by_name():
         teacher_columns(["angry", "happy"], ["happy", "contempt"])
 
 
+def kd_student(run_dir, data, labels, **distill):
+    """The final weights of one epoch of a width-0.125 MACNN at --kd-weight 1
+    on ``data`` with ``labels`` in place of its own (``distill``: the teacher)."""
+    from fer_edge.training.recipes import get_recipe
+    from fer_edge.training.trainer import TrainSettings, train_run
+
+    d = data.subset(np.arange(len(data)))
+    d.labels = labels
+    s = TrainSettings(model="macnn", model_config={"width": 0.125}, classes=list(data.classes), seed=0,
+                      recipe=get_recipe("best", epochs=1, batch_size=16), kd_weight=1.0, **distill)
+    train_run(s, d, None, run_dir, progress=False, log=lambda m: None)
+    return load_state(run_dir / "last.safetensors")
+
+
 @needs_data
 def test_distillation_run_learns_from_the_teacher_not_the_labels(tiny, tmp_path):
     """With --kd-weight 1 the labels carry no gradient: permuting them leaves
@@ -486,8 +500,6 @@ def test_distillation_run_learns_from_the_teacher_not_the_labels(tiny, tmp_path)
     from fer_edge.data import load_dataset
     from fer_edge.evaluate import normalize
     from fer_edge.training.distill import Teacher
-    from fer_edge.training.recipes import get_recipe
-    from fer_edge.training.trainer import TrainSettings, train_run
 
     train, _ = tiny
     data = load_dataset(train, size=48)
@@ -508,14 +520,8 @@ def test_distillation_run_learns_from_the_teacher_not_the_labels(tiny, tmp_path)
     save_checkpoint(tmp_path / "t1r.safetensors", m, classes=classes[::-1], preprocess=pre)
 
     def student(teacher: str, labels, name: str):
-        d = data.subset(np.arange(len(data)))
-        d.labels = labels
-        s = TrainSettings(model="macnn", model_config={"width": 0.125}, classes=classes, seed=0,
-                          recipe=get_recipe("best", epochs=1, batch_size=16),
-                          teacher=[{"path": str(tmp_path / t), "sha256": "-"} for t in teacher.split("+")],
-                          kd_weight=1.0)
-        train_run(s, d, None, tmp_path / name, progress=False, log=lambda m: None)
-        return load_state(tmp_path / name / "last.safetensors")
+        return kd_student(tmp_path / name, data, labels,
+                          teacher=[{"path": str(tmp_path / t), "sha256": "-"} for t in teacher.split("+")])
 
     a = student("t1.safetensors", data.labels, "a")
     permuted = np.random.default_rng(0).permutation(data.labels)
@@ -550,8 +556,6 @@ def test_offline_distillation_from_stored_teacher_logits(tiny, tmp_path):
     from fer_edge.evaluate import normalize
     from fer_edge.targets.bundle import sha256_file
     from fer_edge.training.distill import Teacher, read_teacher_logits
-    from fer_edge.training.recipes import get_recipe
-    from fer_edge.training.trainer import TrainSettings, train_run
 
     train, val = tiny
     data = load_dataset(train, size=48)
@@ -589,13 +593,8 @@ def test_offline_distillation_from_stored_teacher_logits(tiny, tmp_path):
     assert again.returncode == 2 and "exists; pass --force" in again.stderr
 
     def student(logits_file: str, labels, name: str):
-        d = data.subset(np.arange(len(data)))
-        d.labels = labels
-        s = TrainSettings(model="macnn", model_config={"width": 0.125}, classes=classes, seed=0,
-                          recipe=get_recipe("best", epochs=1, batch_size=16), data={"train": str(train)},
-                          teacher_logits={"path": str(tmp_path / logits_file), "sha256": "-"}, kd_weight=1.0)
-        train_run(s, d, None, tmp_path / name, progress=False, log=lambda m: None)
-        return load_state(tmp_path / name / "last.safetensors")
+        return kd_student(tmp_path / name, data, labels, data={"train": str(train)},
+                          teacher_logits={"path": str(tmp_path / logits_file), "sha256": "-"})
 
     a = student("l1.safetensors", data.labels, "a")
     permuted = np.random.default_rng(0).permutation(data.labels)

@@ -382,12 +382,14 @@ def cmd_teacher_logits(args: argparse.Namespace) -> int:
     _report_skipped(args.data, data, print)
     teacher = Teacher(args.weights, list(meta["classes"]), meta["preprocess"], torch.device(args.device))
     logits = compute_teacher_logits(teacher, data.images, meta["preprocess"], flip=not args.no_flip)
-    acc = (logits[:, [list(meta["classes"]).index(c) for c in data.classes]].argmax(1).numpy()
-           == data.labels).mean() if all(c in meta["classes"] for c in data.classes) else float("nan")
+    acc = float("nan")  # the teacher's top-1 on these faces, as a check that they are the ones it knows
+    if all(c in meta["classes"] for c in data.classes):
+        columns = [list(meta["classes"]).index(c) for c in data.classes]
+        acc = float((logits[:, columns].argmax(1).numpy() == data.labels).mean())
     info = {"classes": list(meta["classes"]), "flip": not args.no_flip, "data": str(args.data),
             "teacher": {"sha256": sha256_file(args.weights), "arch": meta["arch"], "config": meta["config"],
                         "form": meta["form"], "preprocess": meta["preprocess"]},
-            "teacher_accuracy_on_data": float(acc)}
+            "teacher_accuracy_on_data": acc}
     save_teacher_logits(out, logits, face_keys(data.sources, args.data), info, force=args.force)
     print(f"wrote {out}: {len(data)} faces x {logits.shape[1]} classes, teacher top-1 on them {100 * acc:.2f}% "
           f"({'face and mirror averaged' if not args.no_flip else 'faces as they are'})")
