@@ -476,16 +476,16 @@ def test_teacher_columns_map_classes_by_name():
         teacher_columns(["angry", "happy"], ["happy", "contempt"])
 
 
-def kd_student(run_dir, data, labels, **distill):
+def kd_student(run_dir, faces, labels, **settings):
     """The final weights of one epoch of a width-0.125 MACNN at --kd-weight 1
-    on ``data`` with ``labels`` in place of its own (``distill``: the teacher)."""
+    on ``faces`` with ``labels`` in place of their own (``settings``: the teacher)."""
     from fer_edge.training.recipes import get_recipe
     from fer_edge.training.trainer import TrainSettings, train_run
 
-    d = data.subset(np.arange(len(data)))
+    d = faces.subset(np.arange(len(faces)))
     d.labels = labels
-    s = TrainSettings(model="macnn", model_config={"width": 0.125}, classes=list(data.classes), seed=0,
-                      recipe=get_recipe("best", epochs=1, batch_size=16), kd_weight=1.0, **distill)
+    s = TrainSettings(model="macnn", model_config={"width": 0.125}, classes=list(faces.classes), seed=0,
+                      recipe=get_recipe("best", epochs=1, batch_size=16), kd_weight=1.0, **settings)
     train_run(s, d, None, run_dir, progress=False, log=lambda m: None)
     return load_state(run_dir / "last.safetensors")
 

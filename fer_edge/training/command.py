@@ -365,7 +365,7 @@ def add_eval_parser(sub) -> None:
 def cmd_teacher_logits(args: argparse.Namespace) -> int:
     import torch
 
-    from fer_edge.checkpoint import read_meta
+    from fer_edge.checkpoint import read_meta, weights_or_default
     from fer_edge.data import load_dataset
     from fer_edge.targets.bundle import sha256_file
     from fer_edge.training.distill import Teacher, compute_teacher_logits, face_keys, save_teacher_logits
@@ -375,6 +375,7 @@ def cmd_teacher_logits(args: argparse.Namespace) -> int:
         raise UserError(f"{out} exists; pass --force to overwrite it")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA GPU is visible to PyTorch (use --device cpu)")
+    args.weights = weights_or_default(args.weights)
     meta = read_meta(args.weights)
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
     data = load_dataset(args.data, size=meta["preprocess"]["input_size"][0], classes=classes, strict=args.strict,
@@ -399,7 +400,7 @@ def cmd_teacher_logits(args: argparse.Namespace) -> int:
 def add_teacher_logits_parser(sub) -> None:
     p = sub.add_parser("teacher-logits", help="store a teacher's logits on training faces, for "
                        "`fer-edge train --teacher-logits` (offline distillation)")
-    p.add_argument("--weights", required=True, help="the teacher checkpoint")
+    p.add_argument("--weights", help="the teacher checkpoint (default: the embedded default model)")
     p.add_argument("--data", required=True, help="the training faces the student will use (same --data)")
     p.add_argument("--out", required=True, help="logits file to write (.safetensors)")
     p.add_argument("--usage", default="Training", help="Usage rows when --data is a FER2013 CSV")
