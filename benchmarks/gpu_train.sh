@@ -85,6 +85,8 @@ finish() { evaluate_run "$1"; pack_run "$1"; }  # finish NAME: both, into $OUT
 # runs after their training; every phase is time-boxed so the call ends by $DEADLINE s, with
 # $RESERVE s per phase for data loading and final reports; every later step is cut at $HARD s.
 DEADLINE=${DEADLINE:-540}; RESERVE=${RESERVE:-50}; HARD=${HARD:-$((DEADLINE + 40))}
+# long, compact-offline, chain: batch 256 (profile_train.py: MACNN at 128 is CPU-bound on the H100)
+GPU="--batch-size ${BATCH:-256} --lr ${LR:-0.1}"
 now() { echo $(( $(date +%s) - START )); }
 left() { echo $(( DEADLINE - $(now) - RESERVE )); }
 hard() { local t=$(( HARD - $(now) )); echo $(( t > 1 ? t : 1 )); }
@@ -136,7 +138,6 @@ PY
   long)  # issue 8.1: one full-width MACNN alone for the whole call (--time-budget LIMIT - 60 s), then its
           # logits on the training faces for `compact-offline` in a later call (a full-width teacher
           # cannot travel back in beside the data; its logits, 1.8 MB, can)
-    GPU="--batch-size ${BATCH:-256} --lr ${LR:-0.1}"
     run long $T --model macnn --recipe best $GPU --seed 1 ${EP:---epochs 300} \
       --time-budget "$(minutes $(( LIMIT - 60 )))" --out runs/long
     if [ -f runs/long/best.safetensors ]; then  # ~10 s on the H100 (a CPU dry run: EXTRA="--width 0.125")
@@ -147,7 +148,6 @@ PY
     finish long ;;
   compact-offline)  # issue 8.3: the compact MACNN alone, distilled from carried teacher logits (`long`'s)
     LOGITS=${2:-.data/teacher-logits.safetensors}
-    GPU="--batch-size ${BATCH:-256} --lr ${LR:-0.1}"
     run compact-offline $T --model macnn --width 0.25 --recipe best $GPU --seed 1 ${EP:---epochs 300} \
       --teacher-logits "$LOGITS" --time-budget "$(minutes $(( LIMIT - 60 )))" --out runs/compact-offline
     finish compact-offline ;;
@@ -159,7 +159,6 @@ PY
     # weights (first) and the teacher's (float16 parts).
     TEPOCHS=${TEPOCHS:-200}; SEPOCHS=${SEPOCHS:-200}
     staging chain
-    GPU="--batch-size ${BATCH:-256} --lr ${LR:-0.1}"  # profile_train.py: batch 128 is CPU-bound on the H100
     TBUDGET=${TBUDGET:-$(( ($(left) - RESERVE) * 45 / 100 ))}
     echo "== chain: $(now) s in; the teacher gets ${TBUDGET} s" | tee "$LOGS/chain.log"
     OUT=$LOGS LIMIT=$(hard) run chain-teacher $T --model macnn --recipe best $GPU --seed 1 \

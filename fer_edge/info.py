@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 import platform
 
 # Inference runtimes a bundle can run on, by import name.
@@ -76,13 +75,11 @@ def collect() -> dict:
         try:
             import torch
 
-            from fer_edge.models.layers import cuda_kernel_enabled
+            from fer_edge.models.layers import cuda_merged_layers
 
             if torch.cuda.is_available():
                 info["cuda_device"] = torch.cuda.get_device_name(0)
-            # What merged models run on CUDA tensors (cuDNN unless FER_EDGE_CUDA_KERNEL=simt|wmma).
-            info["kernels"]["cuda_merged_layers"] = (
-                os.environ["FER_EDGE_CUDA_KERNEL"].strip().lower() if cuda_kernel_enabled() else "cudnn")
+            info["kernels"]["cuda_merged_layers"] = cuda_merged_layers()
         except Exception:  # noqa: BLE001  (info reports, never fails)
             pass
     for name in RUNTIMES:

@@ -476,6 +476,24 @@ def test_teacher_columns_map_classes_by_name():
         teacher_columns(["angry", "happy"], ["happy", "contempt"])
 
 
+def save_random_teacher(path, seed: int, classes: list[str], *, reversed_head: bool = False):
+    """A seeded random width-0.125 MACNN saved as a teacher checkpoint (with
+    ``reversed_head``: head rows and class names stored in reverse order, which
+    must map back by name); returns (model in eval mode, its preprocess)."""
+    from fer_edge import models
+    from fer_edge.checkpoint import default_preprocess, save_checkpoint
+
+    torch.manual_seed(seed)
+    m = models.create("macnn", num_classes=7, width=0.125)
+    if reversed_head:
+        with torch.no_grad():
+            m.fc.weight.copy_(m.fc.weight.flip(0))
+            m.fc.bias.copy_(m.fc.bias.flip(0))
+    pre = default_preprocess("macnn", m.config)
+    save_checkpoint(path, m, classes=classes[::-1] if reversed_head else classes, preprocess=pre)
+    return m.eval(), pre
+
+
 def kd_student(run_dir, faces, labels, **settings):
     """The final weights of one epoch of a width-0.125 MACNN at --kd-weight 1
     on ``faces`` with ``labels`` in place of their own (``settings``: the teacher)."""
@@ -495,8 +513,7 @@ def test_distillation_run_learns_from_the_teacher_not_the_labels(tiny, tmp_path)
     """With --kd-weight 1 the labels carry no gradient: permuting them leaves
     the student's weights bit for bit the same, while another teacher decides
     them.  A teacher whose classes are stored in another order maps back by name."""
-    from fer_edge import models
-    from fer_edge.checkpoint import FER2013_CLASSES, default_preprocess, save_checkpoint
+    from fer_edge.checkpoint import FER2013_CLASSES
     from fer_edge.data import load_dataset
     from fer_edge.evaluate import normalize
     from fer_edge.training.distill import Teacher
@@ -504,20 +521,10 @@ def test_distillation_run_learns_from_the_teacher_not_the_labels(tiny, tmp_path)
     train, _ = tiny
     data = load_dataset(train, size=48)
     classes = list(data.classes)
-    for seed in (1, 2):
-        torch.manual_seed(seed)
-        m = models.create("macnn", num_classes=7, width=0.125)
-        pre = default_preprocess("macnn", m.config)
-        save_checkpoint(tmp_path / f"t{seed}.safetensors", m, classes=classes, preprocess=pre)
-        if seed == 1:
-            m_ref = m.eval()
+    m_ref, pre = save_random_teacher(tmp_path / "t1.safetensors", 1, classes)
+    save_random_teacher(tmp_path / "t2.safetensors", 2, classes)
     # teacher 1 again, its head rows and class names stored in reverse order
-    torch.manual_seed(1)
-    m = models.create("macnn", num_classes=7, width=0.125)
-    with torch.no_grad():
-        m.fc.weight.copy_(m.fc.weight.flip(0))
-        m.fc.bias.copy_(m.fc.bias.flip(0))
-    save_checkpoint(tmp_path / "t1r.safetensors", m, classes=classes[::-1], preprocess=pre)
+    save_random_teacher(tmp_path / "t1r.safetensors", 1, classes, reversed_head=True)
 
     def student(teacher: str, labels, name: str):
         return kd_student(tmp_path / name, data, labels,
@@ -550,8 +557,7 @@ def test_offline_distillation_from_stored_teacher_logits(tiny, tmp_path):
     logits, keyed by path under --data; `train --teacher-logits` at --kd-weight 1
     learns from them alone (permuted labels: bit-identical weights; another
     teacher's logits: other weights) and records where they came from."""
-    from fer_edge import models
-    from fer_edge.checkpoint import default_preprocess, read_meta, save_checkpoint
+    from fer_edge.checkpoint import read_meta
     from fer_edge.data import load_dataset
     from fer_edge.evaluate import normalize
     from fer_edge.targets.bundle import sha256_file
@@ -561,14 +567,8 @@ def test_offline_distillation_from_stored_teacher_logits(tiny, tmp_path):
     data = load_dataset(train, size=48)
     classes = list(data.classes)
     for seed in (1, 2):
-        torch.manual_seed(seed)
-        m = models.create("macnn", num_classes=7, width=0.125)
-        pre = default_preprocess("macnn", m.config)
         # stored in reverse class order: the logits file keeps the teacher's order, train maps by name
-        with torch.no_grad():
-            m.fc.weight.copy_(m.fc.weight.flip(0))
-            m.fc.bias.copy_(m.fc.bias.flip(0))
-        save_checkpoint(tmp_path / f"t{seed}.safetensors", m, classes=classes[::-1], preprocess=pre)
+        _, pre = save_random_teacher(tmp_path / f"t{seed}.safetensors", seed, classes, reversed_head=True)
         made = run("teacher-logits", "--weights", tmp_path / f"t{seed}.safetensors", "--data", train,
                    "--out", tmp_path / f"l{seed}.safetensors")
         assert made.returncode == 0 and "face and mirror averaged" in made.stdout, made.stderr[-2000:]

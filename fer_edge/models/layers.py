@@ -131,9 +131,16 @@ class MAConv(nn.Module):
 CUDA_KERNELS = ("simt", "wmma")
 
 
+def cuda_merged_layers() -> str:
+    """What merged models' multi-scale layers run on CUDA tensors: "simt" or
+    "wmma" when FER_EDGE_CUDA_KERNEL asks for that kernel, else "cudnn"."""
+    asked = os.environ.get("FER_EDGE_CUDA_KERNEL", "").strip().lower()
+    return asked if asked in CUDA_KERNELS else "cudnn"
+
+
 def cuda_kernel_enabled() -> bool:
     """Whether merged models run fer_edge's CUDA kernel (FER_EDGE_CUDA_KERNEL=simt|wmma)."""
-    return os.environ.get("FER_EDGE_CUDA_KERNEL", "").strip().lower() in CUDA_KERNELS
+    return cuda_merged_layers() != "cudnn"
 
 
 class FusedMultiScaleConv(nn.Module):
