@@ -15,7 +15,8 @@ OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 {
   nvidia-smi --query-gpu=name,driver_version --format=csv
-  python3 -m pip install -q --no-build-isolation --no-deps . -C cmake.define.FER_EDGE_CUDA=ON \
+  # SKIP_BUILD=1: the caller installed this build already (e.g. before starting training beside it)
+  [ -n "${SKIP_BUILD:-}" ] || python3 -m pip install -q --no-build-isolation --no-deps . -C cmake.define.FER_EDGE_CUDA=ON \
     -C cmake.define.CMAKE_CUDA_ARCHITECTURES="native" 2>&1 | tail -5
   fer-edge info --json
 } 2>&1 | tee "$OUT/check.log"

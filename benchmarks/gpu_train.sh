@@ -5,7 +5,7 @@
 #   mkdir -p .data && cp ../shared/data/fer2013.zip .data/ && cp -r ../shared/data/ckplus48 .data/
 #   run(command="bash benchmarks/gpu_train.sh macnn-best", carry=[".data"], timeout_s=600)
 # Stages: smoke | speed | macnn-paper | vgg16-paper | macnn-best | vgg16-best | compact | compact-kd TEACHER [EPOCHS]
-#         | hsnet | ckplus | ckplus-ft INIT | ensemble | chain | long | compact-offline [LOGITS]
+#         | hsnet | ckplus | ckplus-ft INIT | ensemble | chain | long | compact-offline [LOGITS] | paper
 #   speed:      training img/s of MACNN (issue 7): eager, --compile, --compile reduce-overhead, each
 #               $EPOCHS (3) epochs (the first includes compilation) -> speed.log, speed.json
 #   compact:    MACNN width 0.25 with the best recipe (the embedded default model's successor)
@@ -24,6 +24,8 @@
 #               logits on the training faces ($OUT/teacher-logits.safetensors) for compact-offline
 #   compact-offline [LOGITS]: the compact MACNN alone, distilled offline from carried logits (default
 #               .data/teacher-logits.safetensors: copy long's there), LIMIT=540 too
+#   paper:      issue 4.5 in one call: macnn-paper, vgg16-paper and hsnet side by side, time-boxed to
+#               DEADLINE like ensemble (PBUDGET s each); returns paper.tar.gz only (no weights)
 #   chain:      issue 8 in one call, each run alone on the GPU: a full-width MACNN teacher, then the
 #               compact (width 0.25) MACNN distilled from it; --batch-size $BATCH (256) --lr $LR (0.1).
 #               Returns chain.tar.gz and both models' weights (compact first; 4 files, ~39 MB).
@@ -176,6 +178,28 @@ PY
       snapshot
     done
     echo "== done: $(now) s" | tee -a "$LOGS/chain.log"; snapshot
+    ;;
+  paper)
+    # Issue 4.5 in one call: MACNN and VGG16 with the paper's recipe (Adam 1e-4, batch 32: each
+    # step is CPU-launch-bound on the H100, so three runs side by side cost little more than one)
+    # and HSNet with the best recipe, all time-boxed to the call; returns paper.tar.gz (logs,
+    # metrics, summaries, PublicTest eval JSON with ten-crop).  No weights: nothing ships from these.
+    staging paper
+    PBUDGET=${PBUDGET:-$(left)}; PM=$(minutes "$PBUDGET")
+    echo "== paper: $(now) s in; each run gets ${PBUDGET} s" | tee "$LOGS/paper.log"
+    THREADS=$(( $(nproc) / 3 > 0 ? $(nproc) / 3 : 1 ))
+    OUT=$LOGS OMP_NUM_THREADS=$THREADS LIMIT=$(hard) run macnn-paper $T --model macnn --recipe paper $EP \
+      --time-budget "$PM" --out runs/macnn-paper &
+    OUT=$LOGS OMP_NUM_THREADS=$THREADS LIMIT=$(hard) run vgg16-paper $T --model vgg16 --recipe paper $EP \
+      --time-budget "$PM" --out runs/vgg16-paper &
+    OUT=$LOGS OMP_NUM_THREADS=$THREADS LIMIT=$(hard) run hsnet $T --model hsnet --recipe best $GPU \
+      ${EP:---epochs 60} --time-budget "$PM" --out runs/hsnet &
+    wait; snapshot
+    for name in macnn-paper vgg16-paper hsnet; do
+      echo "$name: $(OUT=$LOGS EVAL_TIMEOUT=$(hard) evaluate_run "$name" | tr '\n' ' ')" | tee -a "$LOGS/paper.log"
+      snapshot
+    done
+    echo "== done: $(now) s" | tee -a "$LOGS/paper.log"; snapshot
     ;;
   ensemble)
     K=${K:-3}; TEPOCHS=${TEPOCHS:-200}; SEPOCHS=${SEPOCHS:-200}
