@@ -87,8 +87,10 @@ finish() { evaluate_run "$1"; pack_run "$1"; }  # finish NAME: both, into $OUT
 # runs after their training; every phase is time-boxed so the call ends by $DEADLINE s, with
 # $RESERVE s per phase for data loading and final reports; every later step is cut at $HARD s.
 DEADLINE=${DEADLINE:-540}; RESERVE=${RESERVE:-50}; HARD=${HARD:-$((DEADLINE + 40))}
-# long, compact-offline, chain: batch 256 (profile_train.py: MACNN at 128 is CPU-bound on the H100)
-GPU="--batch-size ${BATCH:-256} --lr ${LR:-0.1}"
+# long, compact-offline, chain, hsnet in paper: batch 256 (profile_train.py: MACNN at 128 is CPU-bound
+# on the H100); COMPILE=reduce-overhead adds --compile reduce-overhead (CUDA graphs: 2.9x eager at
+# batch 128 in the speed stage, session 7)
+GPU="--batch-size ${BATCH:-256} --lr ${LR:-0.1}${COMPILE:+ --compile $COMPILE}"
 now() { echo $(( $(date +%s) - START )); }
 left() { echo $(( DEADLINE - $(now) - RESERVE )); }
 hard() { local t=$(( HARD - $(now) )); echo $(( t > 1 ? t : 1 )); }

@@ -221,14 +221,32 @@ class _CalibReader:
         self.i = 0
 
 
-def boundary_layers(proto) -> list[str]:
+def _conv_strided(node) -> bool:
+    return any(a.name == "strides" and any(v > 1 for v in a.ints) for a in node.attribute)
+
+
+POOLS = ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool")
+
+
+def boundary_layers(proto, first_stage: bool = False) -> list[str]:
     """Names of the nodes kept in float in int8 ONNX: the convolutions that read
     the image (reached from the graph input without passing another Conv) and
     the classifier (Gemm/MatMul producing an output).  Together about 1% of the
     MACs of MACNN, but quantizing them costs the most agreement: the image has
     one channel (per-channel scales cannot help) and int8 logits move near-tied
     predictions (measured on a briefly trained MACNN-0.25: top-1 agreement 95.3%
-    -> 98.4%, mean |Δlogit| 0.020 -> 0.014)."""
+    -> 98.4%, mean |Δlogit| 0.020 -> 0.014).
+
+    first_stage: for TensorRT's symmetric int8, also keep the weights of every
+    convolution of the full-resolution stage (up to the first pooling or
+    strided convolution) in float; their input activations stay int8 Q/DQ.
+    Putting one layer at a time back in float found the conv after MACNN's
+    first multi-scale concat the costliest by far.  Measured on PublicTest
+    (3,589 faces, 2026-11-23): MACNN-0.25 (the default model) top-1 agreement
+    96.74% -> 97.60%, mean |Δlogit| 0.047 -> 0.036; full-width MACNN 97.10% ->
+    97.85%, 0.061 -> 0.040; about 6% of MACNN's MACs then run in fp16 on the
+    Jetson.  (Asymmetric activations, which TensorRT lacks, would give 97.46%
+    on the default model; ONNX Runtime's uint8 format does not need this.)"""
     consumers: dict[str, list] = {}
     for node in proto.graph.node:
         for name in node.input:
@@ -242,7 +260,9 @@ def boundary_layers(proto) -> list[str]:
             seen.add(node.name)
             if node.op_type == "Conv":
                 first.append(node.name)
-            else:
+                if first_stage and not _conv_strided(node):
+                    frontier.extend(node.output)
+            elif not (first_stage and node.op_type in POOLS):
                 frontier.extend(node.output)
     outputs = {o.name for o in proto.graph.output}
     producers = {o: n for n in proto.graph.node for o in n.output}
@@ -251,7 +271,7 @@ def boundary_layers(proto) -> list[str]:
         node = producers.get(name)
         while node is not None and node.op_type not in ("Gemm", "MatMul", "Conv"):
             node = producers.get(node.input[0])
-        if node is not None:
+        if node is not None and node.name not in first:
             last.append(node.name)
     return first + last
 
@@ -284,7 +304,7 @@ def quantize_qdq(fp32_path, out_path, spec: InputSpec, scheme: str) -> None:
         raise ValueError(scheme)
     import onnx
 
-    exclude = [] if spec.int8_all_layers else boundary_layers(onnx.load(str(fp32_path)))
+    exclude = [] if spec.int8_all_layers else boundary_layers(onnx.load(str(fp32_path)), first_stage=scheme == "trt")
     # (ORT's calibrator keeps its augmented model in its own temp folder.)
     with _quiet():
         quantize_static(str(fp32_path), str(out_path), _CalibReader(spec.calib_inputs()),

@@ -35,7 +35,8 @@ FORMATS: tuple[Format, ...] = (
            "ONNX with float16 weights and compute, float32 input/output, for a TensorRT FP16 engine"),
     Format("jetson", "int8", "model_int8_qdq.onnx", "onnx-qdq-trt", "onnxruntime", True,
            "explicit-quantization ONNX for TensorRT: symmetric int8 Q/DQ (per-channel weights, "
-           "per-tensor activations), no calibrator needed on the device; first layer and classifier in fp16/fp32"),
+           "per-tensor activations), no calibrator needed on the device; the full-resolution first stage and the "
+           "classifier in fp16/fp32"),
     Format("android", "fp32", "model.tflite", "tflite", "tflite", False,
            "TFLite float32 (litert-torch), XNNPACK"),
     Format("android", "fp16", "model_fp16.tflite", "tflite-fp16", "tflite", False,

@@ -120,9 +120,18 @@ def test_jetson_int8_is_tensorrt_explicit_quantization(bundles):
     quantized = [n for n in compute if producer.get(n.input[1]) is not None
                  and producer[n.input[1]].op_type == "DequantizeLinear"]
     floating = [n for n in compute if n not in quantized]
-    # kept in float on purpose (converters.exporters.boundary_layers): the 3 convs reading the image, the classifier
-    assert sorted(n.op_type for n in floating) == ["Conv", "Conv", "Conv", "Gemm"]
-    assert all(n.input[0] == "input" for n in floating if n.op_type == "Conv")
+    # kept in float on purpose (converters.exporters.boundary_layers(first_stage=True)): the full-resolution
+    # stage (the 3 convs reading the image, the conv reading their concat) and the classifier
+    assert sorted(n.op_type for n in floating) == ["Conv", "Conv", "Conv", "Conv", "Gemm"]
+
+    def source(t):  # the op a tensor comes from, behind its Q/DQ pair
+        n = producer[t]
+        while n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            n = producer[n.input[0]]
+        return n.op_type
+
+    reads = sorted(n.input[0] if n.input[0] == "input" else source(n.input[0]) for n in floating if n.op_type == "Conv")
+    assert reads == ["Concat", "input", "input", "input"], reads
     for n in quantized:
         data, weight = producer[n.input[0]], producer[n.input[1]]
         assert data.op_type == "DequantizeLinear"
