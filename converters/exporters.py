@@ -244,8 +244,8 @@ def boundary_layers(proto, first_stage: bool = False) -> list[str]:
     first multi-scale concat the costliest by far.  Measured on PublicTest
     (3,589 faces, 2026-11-23): MACNN-0.25 (the default model) top-1 agreement
     96.74% -> 97.60%, mean |Δlogit| 0.047 -> 0.036; full-width MACNN 97.10% ->
-    97.85%, 0.061 -> 0.040; about 6% of MACNN's MACs then run in fp16 on the
-    Jetson.  (Asymmetric activations, which TensorRT lacks, would give 97.46%
+    97.85%, 0.061 -> 0.040; the stage is 12% of MACNN's MACs (the conv this
+    adds 11%), run in fp16 on the Jetson.  (Asymmetric activations, which TensorRT lacks, would give 97.46%
     on the default model; ONNX Runtime's uint8 format does not need this.)"""
     consumers: dict[str, list] = {}
     for node in proto.graph.node:
