@@ -136,7 +136,7 @@ def _place_bundle(tmp: Path, out: Path, force: bool) -> None:
 
 
 def convert(weights, target: str, precision: str, out, *, calib=None, calib_size: int = 256, nhwc: bool = False,
-            dynamic_batch: bool = False, force: bool = False, calib_method: str = "minmax",
+            dynamic_batch: bool = False, force: bool = False, calib_method: str = "entropy",
             int8_all_layers: bool = False, log=print) -> dict:
     """Write a bundle; returns its parity report.  Raises UserError for anything the user can fix."""
     from fer_edge.checkpoint import load_checkpoint
@@ -260,8 +260,10 @@ def add_convert_parser(sub) -> None:
     p.add_argument("--precision", default="fp32", help=f"one of {', '.join(PRECISIONS)} (default fp32)")
     p.add_argument("--calib", help="labelled faces (class folders) for int8 calibration and the parity check")
     p.add_argument("--calib-size", type=int, default=256, help="faces used from --calib (default 256)")
-    p.add_argument("--calib-method", default="minmax", choices=["minmax", "percentile", "entropy"],
-                   help="activation range estimator for ONNX int8 (default minmax)")
+    p.add_argument("--calib-method", default="entropy", choices=["entropy", "minmax", "percentile"],
+                   help="activation range estimator for the ONNX int8 formats (onnx, jetson): entropy = "
+                        "TensorRT's KL-divergence threshold (default), minmax = the full observed range, "
+                        "percentile = the 99.999th percentile of |x|; TFLite int8 uses litert-torch's own")
     p.add_argument("--int8-all-layers", action="store_true",
                    help="ONNX int8: also quantize the first (image-reading) layer and the classifier, "
                         "which stay in float by default (about 1%% of the compute, most of the int8 error)")

@@ -143,6 +143,40 @@ def test_jetson_int8_is_tensorrt_explicit_quantization(bundles):
             assert n.input[2] in inits and inits[n.input[2]].dtype == np.float32  # bias stays float
 
 
+def _activation_scales(path) -> dict[str, float]:
+    """Scale of every QuantizeLinear on an activation (not a weight), by tensor."""
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(path))
+    inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    return {n.input[0]: float(inits[n.input[1]]) for n in m.graph.node
+            if n.op_type == "QuantizeLinear" and n.input[0] not in inits}
+
+
+def test_entropy_calibration_clips_ranges_that_minmax_keeps(trained, bundles, tmp_path):
+    """The default int8 calibration (entropy) really differs from minmax: the
+    same tensors, each scale at most minmax's, several clearly smaller (once,
+    ONNX Runtime's own entropy calibrator silently gave the minmax ranges), and
+    both artifacts pass parity on the real faces."""
+    weights, calib, _ = trained
+    b = tmp_path / "minmax"
+    proc = run("convert", "--weights", weights, "--target", "jetson", "--precision", "int8", "--calib", calib,
+               "--calib-method", "minmax", "--out", b)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    minmax = _activation_scales(b / "model_int8_qdq.onnx")
+    entropy_bundle, proc = bundles[("jetson", "int8")]
+    assert proc.returncode == 0
+    entropy = _activation_scales(entropy_bundle / "model_int8_qdq.onnx")
+    assert entropy.keys() == minmax.keys() and len(entropy) >= 20
+    ratio = np.array([entropy[k] / minmax[k] for k in minmax])
+    assert (ratio <= 1 + 1e-6).all(), ratio.max()  # a threshold never exceeds the observed max |x|
+    assert (ratio < 0.9).sum() >= 5, np.sort(ratio)  # the tails are clipped
+    assert ratio.min() > 0.1, ratio.min()  # ... but not the bulk (the ReLU zero spike is neutralized)
+    for bundle in (b, entropy_bundle):
+        assert json.loads((bundle / "manifest.json").read_text())["artifacts"][0]["status"] == "passed"
+
+
 def test_nhwc_uint8_camera_input(trained, tmp_path):
     """--nhwc: raw gray pixels (N, H, W, 1) uint8 in, normalization inside the model."""
     from fer_edge.checkpoint import load_checkpoint
