@@ -99,6 +99,17 @@ staging() {  # staging NAME: LOGS=runs/NAME-logs (fresh), DEST=$OUT, snapshot ->
   ARCHIVE=$1; DEST=$OUT; LOGS=runs/$1-logs; rm -rf "$LOGS"; mkdir -p "$LOGS"
 }
 snapshot() { tar czf "$DEST/.$ARCHIVE.tgz" -C "$LOGS" . && mv "$DEST/.$ARCHIVE.tgz" "$DEST/$ARCHIVE.tar.gz"; }
+beside() {  # beside NAME CMD...: `run` in the background, logs staged, $THREADS CPU threads; `wait` for it
+  OUT=$LOGS OMP_NUM_THREADS=$THREADS LIMIT=$(hard) run "$@" &
+}
+evaluate_staged() {  # evaluate_staged NAME...: evaluate_run each (cut at the hard deadline), one line each
+  local name             # into $LOGS/$ARCHIVE.log, a snapshot after each: a call cut short keeps what it has
+  for name in "$@"; do
+    echo "$name: $(OUT=$LOGS EVAL_TIMEOUT=$(hard) evaluate_run "$name" | tr '\n' ' ')" | tee -a "$LOGS/$ARCHIVE.log"
+    snapshot
+  done
+  echo "== done: $(now) s" | tee -a "$LOGS/$ARCHIVE.log"; snapshot
+}
 case "$STAGE" in
   smoke)  # AMP bf16 + channels_last + torch.compile, 2 epochs
     run smoke $T --model macnn --epochs 2 --compile --out runs/smoke; finish smoke ;;
@@ -175,11 +186,7 @@ PY
       --teacher runs/chain-teacher/best.safetensors --epochs "$SEPOCHS" --time-budget "$(minutes "$SBUDGET")" \
       --out runs/chain-compact
     for name in chain-compact chain-teacher; do OUT=$DEST pack_run "$name"; snapshot; done
-    for name in chain-compact chain-teacher; do
-      echo "$name: $(OUT=$LOGS EVAL_TIMEOUT=$(hard) evaluate_run "$name" | tr '\n' ' ')" | tee -a "$LOGS/chain.log"
-      snapshot
-    done
-    echo "== done: $(now) s" | tee -a "$LOGS/chain.log"; snapshot
+    evaluate_staged chain-compact chain-teacher
     ;;
   paper)
     # Issue 4.5 in one call: MACNN and VGG16 with the paper's recipe (Adam 1e-4, batch 32: each
@@ -190,18 +197,14 @@ PY
     PBUDGET=${PBUDGET:-$(left)}; PM=$(minutes "$PBUDGET")
     echo "== paper: $(now) s in; each run gets ${PBUDGET} s" | tee "$LOGS/paper.log"
     THREADS=$(( $(nproc) / 3 > 0 ? $(nproc) / 3 : 1 ))
-    OUT=$LOGS OMP_NUM_THREADS=$THREADS LIMIT=$(hard) run macnn-paper $T --model macnn --recipe paper $EP \
-      --time-budget "$PM" --out runs/macnn-paper &
-    OUT=$LOGS OMP_NUM_THREADS=$THREADS LIMIT=$(hard) run vgg16-paper $T --model vgg16 --recipe paper $EP \
-      --time-budget "$PM" --out runs/vgg16-paper &
-    OUT=$LOGS OMP_NUM_THREADS=$THREADS LIMIT=$(hard) run hsnet $T --model hsnet --recipe best $GPU \
-      ${EP:---epochs 60} --time-budget "$PM" --out runs/hsnet &
+    beside macnn-paper $T --model macnn --recipe paper $EP \
+      --time-budget "$PM" --out runs/macnn-paper
+    beside vgg16-paper $T --model vgg16 --recipe paper $EP \
+      --time-budget "$PM" --out runs/vgg16-paper
+    beside hsnet $T --model hsnet --recipe best $GPU \
+      ${EP:---epochs 60} --time-budget "$PM" --out runs/hsnet
     wait; snapshot
-    for name in macnn-paper vgg16-paper hsnet; do
-      echo "$name: $(OUT=$LOGS EVAL_TIMEOUT=$(hard) evaluate_run "$name" | tr '\n' ' ')" | tee -a "$LOGS/paper.log"
-      snapshot
-    done
-    echo "== done: $(now) s" | tee -a "$LOGS/paper.log"; snapshot
+    evaluate_staged macnn-paper vgg16-paper hsnet
     ;;
   ensemble)
     K=${K:-3}; TEPOCHS=${TEPOCHS:-200}; SEPOCHS=${SEPOCHS:-200}
@@ -211,12 +214,12 @@ PY
     NCPU=$(nproc); THREADS=$(( NCPU / (K + 1) > 0 ? NCPU / (K + 1) : 1 ))
     teachers=()
     for s in $(seq 1 "$K"); do
-      OUT=$LOGS OMP_NUM_THREADS=$THREADS LIMIT=$(hard) run teacher$s $T --model macnn --recipe best --seed "$s" \
-        --epochs "$TEPOCHS" --time-budget "$TM" --out "runs/teacher$s" &
+      beside teacher$s $T --model macnn --recipe best --seed "$s" \
+        --epochs "$TEPOCHS" --time-budget "$TM" --out "runs/teacher$s"
       teachers+=("runs/teacher$s/best.safetensors")
     done
-    OUT=$LOGS OMP_NUM_THREADS=$THREADS LIMIT=$(hard) run vgg16-best $T --model vgg16 --recipe best \
-      --epochs "$TEPOCHS" --time-budget "$TM" --out runs/vgg16-best &
+    beside vgg16-best $T --model vgg16 --recipe best \
+      --epochs "$TEPOCHS" --time-budget "$TM" --out runs/vgg16-best
     wait; snapshot
     have=(); for w in "${teachers[@]}"; do [ -f "$w" ] && have+=("$w"); done
     [ ${#have[@]} -gt 0 ] || { echo "no teacher finished"; exit 1; }
@@ -227,22 +230,17 @@ PY
     SBUDGET=${SBUDGET:-$(left)}; SM=$(minutes "$SBUDGET")
     echo "== distillation: $(now) s in; students get ${SBUDGET} s" | tee -a "$LOGS/ensemble.log"
     THREADS=$(( NCPU / 3 > 0 ? NCPU / 3 : 1 ))
-    OUT=$LOGS OMP_NUM_THREADS=$THREADS LIMIT=$(hard) run student $T --model macnn --recipe best "${kd[@]}" \
-      --epochs "$SEPOCHS" --time-budget "$SM" --out runs/student &
-    OUT=$LOGS OMP_NUM_THREADS=$THREADS LIMIT=$(hard) run compact-student $T --model macnn --width 0.25 \
-      --recipe best "${kd[@]}" --epochs "$SEPOCHS" --time-budget "$SM" --out runs/compact-student &
-    OUT=$LOGS OMP_NUM_THREADS=$THREADS LIMIT=$(hard) run vgg16-student $T --model vgg16 --recipe best "${kd[@]}" \
-      --epochs "$SEPOCHS" --time-budget "$SM" --out runs/vgg16-student &
+    beside student $T --model macnn --recipe best "${kd[@]}" \
+      --epochs "$SEPOCHS" --time-budget "$SM" --out runs/student
+    beside compact-student $T --model macnn --width 0.25 \
+      --recipe best "${kd[@]}" --epochs "$SEPOCHS" --time-budget "$SM" --out runs/compact-student
+    beside vgg16-student $T --model vgg16 --recipe best "${kd[@]}" \
+      --epochs "$SEPOCHS" --time-budget "$SM" --out runs/vgg16-student
     wait
     for name in student compact-student; do OUT=$DEST pack_run "$name"; done  # first: they cannot be redone here
     snapshot
     # Ten-crop evaluation on the GPU while time is left (the CPU redoes it after unpacking anyway).
-    for name in student compact-student vgg16-best vgg16-student; do
-      [ -f "runs/$name/best.safetensors" ] || continue
-      echo "$name: $(OUT=$LOGS EVAL_TIMEOUT=$(hard) evaluate_run "$name" | tr '\n' ' ')" | tee -a "$LOGS/ensemble.log"
-      snapshot
-    done
-    echo "== done: $(now) s" | tee -a "$LOGS/ensemble.log"; snapshot
+    evaluate_staged student compact-student vgg16-best vgg16-student
     ;;
   *) echo "unknown stage $STAGE"; exit 2 ;;
 esac
