@@ -301,6 +301,12 @@ def test_bad_convert_inputs(trained, tmp_path):
     assert (out / "keep.txt").read_text() == "mine"
     assert run(*base, "--target", "onnx", "--out", out, "--force").returncode == 0
     assert not (out / "keep.txt").exists() and (out / "model.onnx").is_file()
+    # a calibration choice the format has no use for is said, not silently dropped
+    proc = run(*base, "--target", "onnx", "--calib-method", "minmax", "--out", out, "--force")
+    assert proc.returncode == 0 and "--calib-method applies to the ONNX int8 formats only" in proc.stderr
+    one_line_error(run(*base, "--target", "jetson", "--precision", "int8", "--calib", calib, "--calib-method", "kl",
+                       "--out", tmp_path / "o2"), "invalid choice")
+    assert not (tmp_path / "o2").exists()
 
 
 def test_convert_list_shows_the_table():
