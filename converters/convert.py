@@ -19,7 +19,15 @@ from pathlib import Path
 import numpy as np
 
 from fer_edge import UserError, __version__
-from fer_edge.converters.formats import FORMATS, PRECISIONS, TARGETS, format_table, lookup
+from fer_edge.converters.formats import (
+    CALIB_METHODS,
+    FORMATS,
+    PRECISIONS,
+    TARGETS,
+    format_table,
+    lookup,
+    uses_calib_method,
+)
 
 BUNDLE_FORMAT = "fer-edge-bundle"
 
@@ -136,7 +144,7 @@ def _place_bundle(tmp: Path, out: Path, force: bool) -> None:
 
 
 def convert(weights, target: str, precision: str, out, *, calib=None, calib_size: int = 256, nhwc: bool = False,
-            dynamic_batch: bool = False, force: bool = False, calib_method: str = "entropy",
+            dynamic_batch: bool = False, force: bool = False, calib_method: str = CALIB_METHODS[0],
             int8_all_layers: bool = False, log=print) -> dict:
     """Write a bundle; returns its parity report.  Raises UserError for anything the user can fix."""
     from fer_edge.checkpoint import load_checkpoint
@@ -238,7 +246,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if missing:
         raise UserError(f"missing --{missing[0]} (see fer-edge convert --help)")
     fmt = lookup(args.target, args.precision)
-    if args.calib_method is not None and not (fmt.needs_calib and fmt.runtime != "tflite"):
+    if args.calib_method is not None and not uses_calib_method(fmt):
         # Said once, not an error: the conversion itself is still what was asked for.
         print(f"note: --calib-method applies to the ONNX int8 formats only; {fmt.target}/{fmt.precision} "
               "ignores it", file=sys.stderr)
@@ -246,7 +254,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     report = convert(weights_or_default(args.weights), args.target, args.precision, args.out, calib=args.calib,
                      calib_size=args.calib_size, nhwc=args.nhwc, dynamic_batch=args.dynamic_batch,
-                     force=args.force, calib_method=args.calib_method or "entropy", int8_all_layers=args.int8_all_layers)
+                     force=args.force, calib_method=args.calib_method or CALIB_METHODS[0], int8_all_layers=args.int8_all_layers)
     if not report["passed"]:
         print(f"fer-edge convert: {report['artifact']} FAILED parity ({'; '.join(report['failures'])}); "
               f"the bundle in {args.out} is marked failed and devices will refuse it", file=sys.stderr)
@@ -265,7 +273,7 @@ def add_convert_parser(sub) -> None:
     p.add_argument("--precision", default="fp32", help=f"one of {', '.join(PRECISIONS)} (default fp32)")
     p.add_argument("--calib", help="labelled faces (class folders) for int8 calibration and the parity check")
     p.add_argument("--calib-size", type=int, default=256, help="faces used from --calib (default 256)")
-    p.add_argument("--calib-method", default=None, choices=["entropy", "minmax", "percentile"],
+    p.add_argument("--calib-method", default=None, choices=CALIB_METHODS,
                    help="activation range estimator for the ONNX int8 formats (onnx, jetson): entropy = "
                         "TensorRT's KL-divergence threshold (default), minmax = the full observed range, "
                         "percentile = the 99.999th percentile of |x|; TFLite int8 uses litert-torch's own")

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from fer_edge.converters.formats import CALIB_METHODS
+
 OPSET = 17
 
 
@@ -33,7 +35,7 @@ class InputSpec:
     dynamic_batch: bool = False
     preprocess: dict | None = None
     calib: np.ndarray | None = None      # (N, H, W) uint8 faces for int8 calibration
-    calib_method: str = "entropy"     # ONNX int8 only (see converters/calibration.py)
+    calib_method: str = CALIB_METHODS[0]  # ONNX int8 only (see converters/calibration.py)
     int8_all_layers: bool = False        # ONNX int8: also quantize the image-reading convs and the classifier
 
     def shape(self, batch: int = 1) -> tuple:
@@ -305,6 +307,7 @@ def quantize_qdq(fp32_path, out_path, spec: InputSpec, scheme: str) -> None:
     import onnx
 
     exclude = [] if spec.int8_all_layers else boundary_layers(onnx.load(str(fp32_path)), first_stage=scheme == "trt")
+    inputs = spec.calib_inputs()
     if spec.calib_method == "entropy":
         # ORT's own entropy calibrator cannot be given its bin counts (see
         # calibration.py); our ranges go in as overrides of a minmax pass.
@@ -313,12 +316,12 @@ def quantize_qdq(fp32_path, out_path, spec: InputSpec, scheme: str) -> None:
         # Codes per side of zero: 128 for symmetric int8, 256 for uint8 over a ReLU output's [0, t].
         levels = 128 if scheme == "trt" else 256
         with _quiet():
-            overrides = entropy_overrides(fp32_path, spec.calib_inputs(), kw.get("op_types_to_quantize"), levels)
+            overrides = entropy_overrides(fp32_path, inputs, kw.get("op_types_to_quantize"), levels)
         kw["extra_options"] = {**kw["extra_options"], "TensorQuantOverrides": overrides}
         method = CalibrationMethod.MinMax
     # (ORT's calibrator keeps its augmented model in its own temp folder.)
     with _quiet():
-        quantize_static(str(fp32_path), str(out_path), _CalibReader(spec.calib_inputs()),
+        quantize_static(str(fp32_path), str(out_path), _CalibReader(inputs),
                         quant_format=QuantFormat.QDQ, per_channel=True, calibrate_method=method,
                         calibration_providers=["CPUExecutionProvider"], nodes_to_exclude=exclude, **kw)
 

@@ -23,6 +23,15 @@ class Format:
     description: str
 
 
+# How the ONNX int8 formats (exporters "onnx-qdq-*") set activation ranges;
+# the first is the default.  TFLite int8 calibrates with litert-torch's own observers.
+CALIB_METHODS = ("entropy", "minmax", "percentile")
+
+
+def uses_calib_method(fmt: Format) -> bool:
+    return fmt.exporter.startswith("onnx-qdq")
+
+
 FORMATS: tuple[Format, ...] = (
     Format("onnx", "fp32", "model.onnx", "onnx", "onnxruntime", False,
            "ONNX opset 17, float32"),
