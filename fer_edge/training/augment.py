@@ -96,11 +96,52 @@ def augment(x: torch.Tensor, g: torch.Generator, aug: dict) -> torch.Tensor:
     return random_erasing(x, g, aug.get("erasing", 0.0))
 
 
+def beta_draw(alpha: float, g: torch.Generator) -> float:
+    """One Beta(alpha, alpha) sample from the generator (torch.distributions ignores generators)."""
+    a = torch._standard_gamma(torch.full((2,), alpha, device=g.device), generator=g)
+    return float(a[0] / a.sum())
+
+
 def mixup(x: torch.Tensor, y_onehot: torch.Tensor, g: torch.Generator, alpha: float):
     """Mixup (Zhang et al.) with one Beta(alpha, alpha) draw per batch, partner = reversed batch."""
     if alpha <= 0:
         return x, y_onehot
-    # Beta from two Gammas on the generator (torch.distributions ignores generators).
-    a = torch._standard_gamma(torch.full((2,), alpha, device=g.device), generator=g)
-    lam = float(a[0] / a.sum())
+    lam = beta_draw(alpha, g)
     return lam * x + (1 - lam) * x.flip(0), lam * y_onehot + (1 - lam) * y_onehot.flip(0)
+
+
+def cutmix_box(lam: float, h: int, w: int, cy: float, cx: float) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) of the pasted box: area (1 - lam) of the image,
+    centred at (cy, cx) in [0, 1), clipped to the image (Yun et al.)."""
+    r = (1.0 - lam) ** 0.5
+    bh, bw = int(round(h * r)), int(round(w * r))
+    y, x = int(cy * h), int(cx * w)
+    return max(0, y - bh // 2), min(h, y + bh - bh // 2), max(0, x - bw // 2), min(w, x + bw - bw // 2)
+
+
+def cutmix(x: torch.Tensor, y_onehot: torch.Tensor, g: torch.Generator, alpha: float):
+    """CutMix (Yun et al.): one box per batch from the reversed batch; the targets
+    are mixed by the box's real (clipped) area."""
+    if alpha <= 0:
+        return x, y_onehot
+    lam = beta_draw(alpha, g)
+    cy, cx = torch.rand(2, generator=g, device=g.device).tolist()
+    h, w = x.shape[-2:]
+    t, b, l, r = cutmix_box(lam, h, w, cy, cx)
+    out = x.clone()
+    out[..., t:b, l:r] = x.flip(0)[..., t:b, l:r]
+    kept = 1.0 - (b - t) * (r - l) / (h * w)
+    return out, kept * y_onehot + (1 - kept) * y_onehot.flip(0)
+
+
+def mix_batch(x: torch.Tensor, y_onehot: torch.Tensor, g: torch.Generator, mixup_alpha: float,
+              cutmix_alpha: float):
+    """A recipe's batch mixing: mixup, CutMix, or with both on one of the two per
+    batch at even odds (as timm does).  Nothing is drawn when both are off, so
+    recipes without mixing keep their random streams."""
+    if mixup_alpha > 0 and cutmix_alpha > 0:
+        use_cutmix = bool(torch.rand(1, generator=g, device=g.device).item() < 0.5)
+        return cutmix(x, y_onehot, g, cutmix_alpha) if use_cutmix else mixup(x, y_onehot, g, mixup_alpha)
+    if cutmix_alpha > 0:
+        return cutmix(x, y_onehot, g, cutmix_alpha)
+    return mixup(x, y_onehot, g, mixup_alpha)

@@ -68,6 +68,10 @@ def resolve_model(args) -> tuple[str, dict, dict | None]:
         config["width"] = args.width
     if args.input_size is not None:
         config["input_size"] = args.input_size
+    if args.dropout is not None:
+        if not 0.0 <= args.dropout < 1.0:
+            raise UserError(f"--dropout {args.dropout}: must be >= 0 and < 1")
+        config["dropout"] = args.dropout
     if not args.init:
         return args.model or "macnn", config, None
     from fer_edge.checkpoint import read_meta
@@ -137,7 +141,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.time_budget is not None and args.folds is not None:
             # Each fold would time itself and could train a different number of epochs.
             raise UserError("--time-budget times one run; with --folds give --epochs (every fold trains the same)")
-        recipe = get_recipe(args.recipe, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
+        recipe = get_recipe(args.recipe, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                            weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
+                            mixup=args.mixup, cutmix=args.cutmix, ema=args.ema)
         model_name, model_config, init = resolve_model(args)
         distill = resolve_teacher(args)
         size = model_input_size(model_name, model_config)
@@ -273,6 +279,15 @@ def add_train_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, help="per-process batch size (default: the recipe's)")
     p.add_argument("--lr", type=float, help="override the recipe's learning rate")
     p.add_argument("--width", type=float, help="channel width multiplier (compact models: 0.25, 0.5)")
+    p.add_argument("--weight-decay", type=float, help="override the recipe's weight decay (convolution and "
+                   "linear weights; never BatchNorm or biases)")
+    p.add_argument("--label-smoothing", type=float, help="override the recipe's label smoothing, 0..1")
+    p.add_argument("--mixup", type=float, metavar="ALPHA", help="mixup with Beta(ALPHA, ALPHA) (0 = off)")
+    p.add_argument("--cutmix", type=float, metavar="ALPHA", help="CutMix with Beta(ALPHA, ALPHA) (0 = off; "
+                   "with --mixup, one of the two per batch)")
+    p.add_argument("--ema", type=float, metavar="DECAY", help="validate and save an exponential moving "
+                   "average of the weights, DECAY per step, e.g. 0.999 (0 = off)")
+    p.add_argument("--dropout", type=float, help="dropout before the classifier (default: the model's, 0.5 for MACNN/VGG16, 0.3 for HSNet)")
     p.add_argument("--input-size", type=int, help="model input size (HSNet; default 112)")
     p.add_argument("--init", help="fine-tune: start from this train-form checkpoint (e.g. a FER2013 run's "
                    "best.safetensors); head rows are matched by class name, new classes start fresh")

@@ -37,7 +37,7 @@ from torch import nn
 from fer_edge import UserError, __version__
 from fer_edge.checkpoint import write_json_atomic
 from fer_edge.evaluate import normalize
-from fer_edge.training.augment import augment, mixup
+from fer_edge.training.augment import augment, mix_batch
 from fer_edge.training.distill import distillation_loss
 from fer_edge.training.recipes import lr_factor
 
@@ -188,14 +188,32 @@ def epoch_batches(n: int, batch: int, epoch: int, seed: int, ctx: DistContext) -
     return perm[: steps * global_batch].view(steps, ctx.world, batch)[:, ctx.rank]
 
 
-def amp_dtype(amp: str, device: torch.device):
+def amp_dtype(amp: str, device: torch.device, capability: tuple[int, int] | None = None, log=None):
+    """The autocast dtype for --amp on this device, or None for float32.
+
+    auto follows the GPU: bfloat16 from compute capability 8.0 (Ampere) on,
+    float16 below it (Pascal such as the P100, Volta, Turing: no bfloat16
+    arithmetic), where the caller's GradScaler (enabled for float16) keeps
+    small gradients from flushing to zero.  ``capability`` is the GPU's
+    (major, minor); None asks torch for ``device``'s.  A forced bf16 on an
+    older GPU is kept (the user asked for it) but noted once through ``log``.
+    """
+    if amp not in ("auto", "bf16", "fp16", "off"):
+        raise UserError(f"unknown --amp {amp!r}; choose auto, bf16, fp16 or off")
     if device.type != "cuda" or amp == "off":
         return None  # fp32 on CPU: bf16 autocast on CPU is slower than fp32 on most CPUs
-    if amp in ("auto", "bf16"):
-        return torch.bfloat16
     if amp == "fp16":
         return torch.float16
-    raise UserError(f"unknown --amp {amp!r}; choose auto, bf16, fp16 or off")
+    if capability is None:
+        capability = tuple(torch.cuda.get_device_capability(device))
+    native_bf16 = tuple(capability) >= (8, 0)
+    if amp == "auto":
+        return torch.bfloat16 if native_bf16 else torch.float16
+    if not native_bf16 and log is not None:
+        log(f"note: --amp bf16 on a GPU of compute capability {capability[0]}.{capability[1]}, which has no "
+            "native bfloat16 (8.0+ has): it is emulated, slowly, where it runs at all; --amp auto trains "
+            "in float16 with gradient scaling here")
+    return torch.bfloat16
 
 
 def save_torch_atomic(path: Path, obj) -> None:
@@ -302,7 +320,7 @@ def train_run(settings: TrainSettings, train_set, val_set, run_dir, *, resume: b
     run_dir = Path(run_dir)
     recipe = settings.recipe
     device = resolve_device(settings.device, ctx)
-    dtype = amp_dtype(settings.amp, device)
+    dtype = amp_dtype(settings.amp, device, log=log if ctx.main else None)
     channels_last = device.type == "cuda" if settings.channels_last is None else settings.channels_last
     num_classes = len(settings.classes)
     if device.type == "cuda":
@@ -388,6 +406,16 @@ def train_run(settings: TrainSettings, train_set, val_set, run_dir, *, resume: b
             config = {"fer_edge_version": __version__, "torch": torch.__version__, "world_size": ctx.world,
                       **fingerprint}
             write_json_atomic(run_dir / CONFIG_FILE, config, force=True)
+    # The averaged weights (recipe "ema") are what is validated and saved; they
+    # start from the (initialised or resumed) model and follow every step.
+    ema = None
+    if recipe["ema"] > 0:
+        from fer_edge.training.ema import WeightEMA
+
+        ema = WeightEMA(model, recipe["ema"])
+        if resuming:
+            ema.load_state_dict(state["ema"])
+    evaluated = ema.module if ema is not None else model
 
     train_model = WithAuxHeads(model)
     if ctx.enabled:
@@ -417,8 +445,8 @@ def train_run(settings: TrainSettings, train_set, val_set, run_dir, *, resume: b
     elif settings.teacher_logits:
         from fer_edge.training.distill import OfflineTeacher, face_keys
 
-        if recipe["mixup"] > 0:  # a mixed face has no stored prediction
-            raise UserError("--teacher-logits cannot be used with a mixup recipe (use --teacher)")
+        if recipe["mixup"] > 0 or recipe["cutmix"] > 0:  # a mixed face has no stored prediction
+            raise UserError("--teacher-logits cannot be used with mixup or CutMix (use --teacher)")
         keys = face_keys(train_set.sources, settings.data.get("train", "."))
         teacher = OfflineTeacher(settings.teacher_logits["path"], keys, settings.classes, device)
         distilled = {"distilled_from": {
@@ -458,7 +486,7 @@ def train_run(settings: TrainSettings, train_set, val_set, run_dir, *, resume: b
             y = train_labels[idx]
             x = augment(normalize(train_images[idx], preprocess), g_aug, aug_cfg)
             target = F.one_hot(y, num_classes).float()
-            x, target = mixup(x, target, g_aug, recipe["mixup"])
+            x, target = mix_batch(x, target, g_aug, recipe["mixup"], recipe["cutmix"])
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
@@ -477,6 +505,8 @@ def train_run(settings: TrainSettings, train_set, val_set, run_dir, *, resume: b
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
+            if ema is not None:
+                ema.update()
             loss_sum += loss.detach() * len(y)
             correct += (logits.detach().argmax(1) == y).sum()
             seen += len(y)
@@ -506,16 +536,21 @@ def train_run(settings: TrainSettings, train_set, val_set, run_dir, *, resume: b
                 # In float32, not the training autocast: the accuracy that picks `best` must be
                 # the one `fer-edge eval` reports (bf16 validation read 67.09% for a model
                 # that evaluates at 66.90% on the H100).
-                row.update(validate(model, val_images, val_labels, preprocess, settings.eval_batch_size,
+                row.update(validate(evaluated, val_images, val_labels, preprocess, settings.eval_batch_size,
                                     channels_last, None, num_classes))
-            meta = build_meta(model, classes=settings.classes, preprocess=preprocess,
+                if ema is not None:  # the trained weights too: what the average adds, epoch by epoch
+                    row["val_acc_raw"] = validate(model, val_images, val_labels, preprocess,
+                                                  settings.eval_batch_size, channels_last, None,
+                                                  num_classes)["val_acc"]
+            meta = build_meta(evaluated, classes=settings.classes, preprocess=preprocess,
                               extra={"epoch": epoch + 1, "recipe": recipe["name"], **distilled,
+                                     **({"ema": recipe["ema"]} if ema is not None else {}),
                                      **{k: row[k] for k in ("val_acc", "val_mean_class_acc") if k in row}})
-            save_checkpoint(run_dir / "last.safetensors", model, meta=meta, force=True)
+            save_checkpoint(run_dir / "last.safetensors", evaluated, meta=meta, force=True)
             improved = select_best and "val_acc" in row and row["val_acc"] > best_acc
             if improved:
                 best_acc, best_epoch = row["val_acc"], epoch + 1
-                save_checkpoint(run_dir / "best.safetensors", model, meta=meta, force=True)
+                save_checkpoint(run_dir / "best.safetensors", evaluated, meta=meta, force=True)
             with open(run_dir / METRICS_FILE, "a") as f:
                 f.write(json.dumps(row) + "\n")
         slow = os.environ.get(SLOW_EPOCH_ENV, "")
@@ -553,11 +588,13 @@ def train_run(settings: TrainSettings, train_set, val_set, run_dir, *, resume: b
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,
                 "best_acc": best_acc, "best_epoch": best_epoch, "fingerprint": fingerprint,
                 "epochs": epochs, "epochs_decided": plan["decided"],
+                **({"ema": ema.state_dict()} if ema is not None else {}),
                 "train_seconds": spent_before + time.perf_counter() - loop_start})
             msg = (f"epoch {epoch + 1}/{epochs}: loss {row['train_loss']:.4f}, "
                    f"train acc {100 * row['train_acc']:.2f}%")
             if "val_acc" in row:
                 msg += (f", val acc {100 * row['val_acc']:.2f}% (mean-class {100 * row['val_mean_class_acc']:.2f}%)"
+                        + (f", without the average {100 * row['val_acc_raw']:.2f}%" if "val_acc_raw" in row else "")
                         + (" *" if improved else ""))
             log(msg + f", {row['img_per_s']:.0f} img/s")
         if os.environ.get(KILL_AFTER_EPOCH_ENV) == str(epoch + 1) and ctx.main:
