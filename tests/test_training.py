@@ -594,7 +594,7 @@ def test_offline_distillation_from_stored_teacher_logits(tiny, tmp_path):
 
     def student(logits_file: str, labels, name: str):
         return kd_student(tmp_path / name, data, labels, data={"train": str(train)},
-                          teacher_logits={"path": str(tmp_path / logits_file), "sha256": "-"})
+                          teacher_logits=[{"path": str(tmp_path / logits_file), "sha256": "-"}])
 
     a = student("l1.safetensors", data.labels, "a")
     permuted = np.random.default_rng(0).permutation(data.labels)
@@ -607,10 +607,21 @@ def test_offline_distillation_from_stored_teacher_logits(tiny, tmp_path):
     ok = run("train", *common, "--teacher-logits", tmp_path / "l1.safetensors")
     assert ok.returncode == 0 and "distilling offline from" in ok.stdout, ok.stderr[-2000:]
     origin = read_meta(tmp_path / "cli" / "best.safetensors")["extra"]["distilled_from"]
-    assert origin["teacher_logits"]["sha256"] == sha256_file(tmp_path / "l1.safetensors")
-    assert origin["teacher_logits"]["teacher"]["sha256"] == info["teacher"]["sha256"]
+    assert origin["teacher_logits"][0]["sha256"] == sha256_file(tmp_path / "l1.safetensors")
+    assert origin["teacher_logits"][0]["teacher"]["sha256"] == info["teacher"]["sha256"]
     cfg = json.loads((tmp_path / "cli" / "config.json").read_text())
-    assert cfg["teacher_logits"]["sha256"] == origin["teacher_logits"]["sha256"] and "teacher" not in cfg
+    assert cfg["teacher_logits"][0]["sha256"] == origin["teacher_logits"][0]["sha256"] and "teacher" not in cfg
+    # two stored teachers are one ensemble: the mean of their softened predictions, as online teachers
+    from fer_edge.training.distill import ensemble_logits
+
+    pair = OfflineTeacher([tmp_path / "l1.safetensors", tmp_path / "l2.safetensors"], face_keys(data.sources, train),
+                          classes, "cpu", temperature=3.0)
+    single = [OfflineTeacher(tmp_path / f, face_keys(data.sources, train), classes, "cpu").logits
+              for f in ("l1.safetensors", "l2.safetensors")]
+    torch.testing.assert_close(pair.logits, ensemble_logits(single, 3.0))
+    both = run("train", *common[:-1], tmp_path / "cli2", "--teacher-logits", tmp_path / "l1.safetensors",
+               "--teacher-logits", tmp_path / "l2.safetensors")
+    assert both.returncode == 0 and "2 teachers (ensemble" in both.stdout, both.stderr[-2000:]
     # bad input: one line each, nothing written
     made = run("teacher-logits", "--weights", tmp_path / "t1.safetensors", "--data", val,
                "--out", tmp_path / "lval.safetensors")

@@ -101,10 +101,10 @@ def resolve_teacher(args) -> dict:
     from fer_edge.checkpoint import read_meta
     from fer_edge.targets.bundle import sha256_file
 
-    if args.teacher_logits:
+    for path in args.teacher_logits or ():
         from fer_edge.training.distill import read_teacher_logits
 
-        read_teacher_logits(args.teacher_logits)  # a missing or foreign file fails here, in one line
+        read_teacher_logits(path)  # a missing or foreign file fails here, in one line
     for path in args.teacher or ():
         read_meta(path)  # a missing or foreign file fails here, in one line
     weight = 0.5 if args.kd_weight is None else args.kd_weight
@@ -113,15 +113,15 @@ def resolve_teacher(args) -> dict:
         raise UserError(f"--kd-weight {weight}: must be in (0, 1] (0 would run the teacher for nothing)")
     if not temperature > 0.0:
         raise UserError(f"--kd-temperature {temperature}: must be > 0")
-    if args.teacher_logits:
-        return {"teacher_logits": {"path": str(args.teacher_logits), "sha256": sha256_file(args.teacher_logits)},
-                "kd_weight": weight, "kd_temperature": temperature}
     # Sorted by content: the ensemble is the same whatever order the flags came in (so is a resume).
-    teachers = sorted(({"path": str(p), "sha256": sha256_file(p)} for p in args.teacher), key=lambda t: t["sha256"])
+    key = "teacher_logits" if args.teacher_logits else "teacher"
+    teachers = sorted(({"path": str(p), "sha256": sha256_file(p)} for p in args.teacher_logits or args.teacher),
+                      key=lambda t: t["sha256"])
     same = {t["sha256"] for t in teachers}
     if len(same) < len(teachers):
-        raise UserError("--teacher: the same checkpoint is given twice (an ensemble needs different members)")
-    return {"teacher": teachers, "kd_weight": weight, "kd_temperature": temperature}
+        raise UserError(f"--{key.replace('_', '-')}: the same file is given twice (an ensemble needs different "
+                        "members)")
+    return {key: teachers, "kd_weight": weight, "kd_temperature": temperature}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -183,7 +183,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if distill.get("teacher_logits"):  # every training face has stored logits, every class a column
             from fer_edge.training.distill import OfflineTeacher, face_keys
 
-            OfflineTeacher(args.teacher_logits, face_keys(train.sources, args.data), settings.classes, "cpu")
+            OfflineTeacher([t["path"] for t in settings.teacher_logits], face_keys(train.sources, args.data),
+                           settings.classes, "cpu", settings.kd_temperature)
         if args.folds is not None:
             return _run_folds(settings, train, args.folds, run_dir, args, ctx, log)
         return _run_single(settings, train, val, run_dir, args, ctx, log)
@@ -295,9 +296,10 @@ def add_train_parser(sub) -> None:
                    help="distil from this trained checkpoint (any architecture and form, same classes or more): "
                    "the loss mixes its softened predictions with the labels; repeat it to distil an ensemble "
                    "(the mean of the teachers' softened predictions)")
-    p.add_argument("--teacher-logits", metavar="FILE",
+    p.add_argument("--teacher-logits", metavar="FILE", action="append",
                    help="distil offline from a teacher's stored logits on --data (`fer-edge teacher-logits`): "
-                   "no teacher forward pass, for a teacher that cannot be carried to this machine")
+                   "no teacher forward pass, for a teacher that cannot be carried to this machine; repeat it "
+                   "to distil the ensemble of several teachers")
     p.add_argument("--kd-weight", type=float, help="share of the distillation term, 0..1 (default 0.5)")
     p.add_argument("--kd-temperature", type=float, help="distillation softmax temperature (default 4)")
     p.add_argument("--stem-weights", help="HSNet: face-recognition state dict for the stem (transferred, frozen)")

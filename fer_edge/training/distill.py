@@ -15,6 +15,7 @@ under the same autocast as the student.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -214,25 +215,35 @@ def read_teacher_logits(path) -> tuple[torch.Tensor, dict]:
     return logits, info
 
 
+def stored_logits_for(path, keys: list[str], classes: list[str]) -> tuple[torch.Tensor, dict]:
+    """One teacher-logits file's rows for ``keys`` in the student's class order, and its info."""
+    logits, info = read_teacher_logits(path)
+    try:
+        columns = teacher_columns(list(info["classes"]), classes)
+    except ValueError as exc:
+        raise UserError(f"--teacher-logits {path}: {exc}") from None
+    # (No pre-processing check: the teacher scored the faces with its own.)
+    row = {k: i for i, k in enumerate(info["keys"])}
+    missing = [k for k in keys if k not in row]
+    if missing:
+        raise UserError(f"--teacher-logits {path}: no logits for {len(missing)} of the {len(keys)} training "
+                        f"faces (e.g. {missing[0]}); make them on the same --data")
+    return logits[[row[k] for k in keys]][:, columns], info
+
+
 class OfflineTeacher:
     """Stored teacher logits for the training faces: ``teacher(x, idx)``
     returns the rows of batch ``idx`` (indices into the training set) in the
-    student's class order; ``x`` is not looked at."""
+    student's class order; ``x`` is not looked at.  Several files are one
+    ensemble, combined as online teachers are (``ensemble_logits`` at the
+    distillation temperature)."""
 
-    def __init__(self, path, keys: list[str], classes: list[str], device):
-        logits, info = read_teacher_logits(path)
-        self.meta = info
-        try:
-            columns = teacher_columns(list(info["classes"]), classes)
-        except ValueError as exc:
-            raise UserError(f"--teacher-logits {path}: {exc}") from None
-        # (No pre-processing check: the teacher scored the faces with its own.)
-        row = {k: i for i, k in enumerate(info["keys"])}
-        missing = [k for k in keys if k not in row]
-        if missing:
-            raise UserError(f"--teacher-logits {path}: no logits for {len(missing)} of the {len(keys)} training "
-                            f"faces (e.g. {missing[0]}); make them on the same --data")
-        self.logits = logits[[row[k] for k in keys]][:, columns].to(device)
+    def __init__(self, paths, keys: list[str], classes: list[str], device, temperature: float = 4.0):
+        paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+        members = [stored_logits_for(p, keys, classes) for p in paths]
+        self.members = [info for _, info in members]
+        self.meta = self.members[0]
+        self.logits = ensemble_logits([z for z, _ in members], temperature).to(device)
 
     def __call__(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         return self.logits[idx]

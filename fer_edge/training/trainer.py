@@ -76,7 +76,7 @@ class TrainSettings:
     init: dict | None = None            # fine-tuning: {"path", "sha256"} of the checkpoint to start from
     aux_weight: float = 0.3             # HSNet: weight of the auxiliary FGAL head losses
     teacher: list[dict] | None = None   # distillation: [{"path", "sha256"}] of the teacher checkpoint(s)
-    teacher_logits: dict | None = None  # offline distillation: {"path", "sha256"} of a teacher-logits file
+    teacher_logits: list[dict] | None = None  # offline distillation: [{"path", "sha256"}] of teacher-logits files
     kd_weight: float = 0.5              # share of the distillation term in the loss (with a teacher)
     kd_temperature: float = 4.0         # softmax temperature of the distillation term
     time_budget: float | None = None    # minutes: as many epochs as fit, at most the recipe's (see epochs_within_budget)
@@ -448,15 +448,19 @@ def train_run(settings: TrainSettings, train_set, val_set, run_dir, *, resume: b
         if recipe["mixup"] > 0 or recipe["cutmix"] > 0:  # a mixed face has no stored prediction
             raise UserError("--teacher-logits cannot be used with mixup or CutMix (use --teacher)")
         keys = face_keys(train_set.sources, settings.data.get("train", "."))
-        teacher = OfflineTeacher(settings.teacher_logits["path"], keys, settings.classes, device)
+        teacher = OfflineTeacher([t["path"] for t in settings.teacher_logits], keys, settings.classes, device,
+                                 settings.kd_temperature)
         distilled = {"distilled_from": {
-            "teacher_logits": {"sha256": settings.teacher_logits["sha256"], "teacher": teacher.meta.get("teacher"),
-                               "flip": teacher.meta.get("flip")},
+            "teacher_logits": [{"sha256": t["sha256"], "teacher": m.get("teacher"), "flip": m.get("flip")}
+                               for t, m in zip(settings.teacher_logits, teacher.members)],
             "kd_weight": settings.kd_weight, "kd_temperature": settings.kd_temperature}}
         if ctx.main and start_epoch == 0:
-            log(f"distilling offline from {settings.teacher_logits['path']} (stored logits of "
-                f"{(teacher.meta.get('teacher') or {}).get('arch', '?')}), weight {settings.kd_weight}, "
-                f"temperature {settings.kd_temperature}")
+            for t, m in zip(settings.teacher_logits, teacher.members):
+                log(f"distilling offline from {t['path']} (stored logits of "
+                    f"{(m.get('teacher') or {}).get('arch', '?')})")
+            log(f"offline distillation: {len(teacher.members)} teacher{'s' if len(teacher.members) > 1 else ''}"
+                + (" (ensemble: mean of their softened predictions)" if len(teacher.members) > 1 else "")
+                + f", weight {settings.kd_weight}, temperature {settings.kd_temperature}")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     aug_cfg = recipe["augment"]
 
