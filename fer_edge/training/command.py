@@ -305,7 +305,8 @@ def add_train_parser(sub) -> None:
     p.add_argument("--stem-weights", help="HSNet: face-recognition state dict for the stem (transferred, frozen)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
-                   help="mixed precision on CUDA (auto = bf16; CPU always trains in fp32)")
+                   help="mixed precision on CUDA (auto: bf16 on compute capability 8.0 and newer, fp16 with "
+                   "loss scaling on older GPUs such as the P100; CPU always trains in fp32)")
     p.add_argument("--compile", nargs="?", const="default", metavar="MODE",
                    choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
                    help="torch.compile the model's training step; MODE (default 'default'): reduce-overhead "

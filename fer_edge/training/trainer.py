@@ -66,7 +66,7 @@ class TrainSettings:
     classes: list[str]
     seed: int = 0
     device: str = "cpu"
-    amp: str = "auto"            # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off
+    amp: str = "auto"            # auto (bf16 from compute capability 8.0, fp16 + scaler below; off on CPU) | bf16 | fp16 | off
     channels_last: bool | None = None   # None = on CUDA only
     class_weights: bool = False
     compile: bool = False
