@@ -7,10 +7,11 @@ Rows (each timed in the same run, same input, same weights):
   merged         merge(model, use_kernel=False): square convs, three per MAConv + cat
   merged+graph   `merged` captured in one CUDA graph (CUDA only)
   merged+compile torch.compile(`merged`, mode=--compile-mode)  (the baseline: max-autotune on CUDA)
-  kernel         merge(model): every MAConv runs fer_edge's fused kernel, eager
-                 (on CUDA the SIMT kernel, or FER_EDGE_CUDA_KERNEL=wmma's: merged
-                 models run cuDNN unless that variable asks for ours)
+  kernel         merge(model): every MAConv runs fer_edge's fused kernel on the CPU;
+                 on CUDA each runs what the kernel dispatch table chooses for its
+                 shape, dtype and batch (cuDNN where nothing was measured faster)
   kernel+graph   `kernel` captured in one CUDA graph (CUDA only)
+  splitk+graph   every MAConv forced to the small-batch split-K kernel, in a CUDA graph (CUDA only)
 Columns: median milliseconds per batch, images/s, speed-up over
 `merged+compile` (x compile) and over `train`, and the relative error of the
 logits against the float32 merged model (a speed trick may not change results).
@@ -75,14 +76,24 @@ def variants(train, device: str, dtype, compile_mode: str, sample):
     out["kernel"] = fused
     if device == "cuda":
         out["kernel+graph"] = lambda: graphed(fused, sample)
+        out["splitk+graph"] = lambda: graphed(forced(prep(merge(train, use_kernel=True)), "splitk"), sample)
     return out
+
+
+def forced(model, kernel: str):
+    """Every multi-scale layer of a merged model runs `kernel`, whatever the dispatch table says."""
+    from fer_edge.models.layers import FusedMultiScaleConv
+
+    for m in model.modules():
+        if isinstance(m, FusedMultiScaleConv):
+            m.cuda_kernel = kernel
+    return model
 
 
 def run(args, on_rows=lambda rows: None) -> list[dict]:
     device = args.device
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     if device == "cuda":
-        os.environ.setdefault("FER_EDGE_CUDA_KERNEL", "simt")  # the `kernel` rows time our kernel
         torch.backends.cudnn.benchmark = True
         # A float32 reference must be float32, not TF32.
         torch.backends.cuda.matmul.allow_tf32 = False

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -28,7 +27,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from fer_edge.kernels import fused_ms_conv, pack_ms_weights
+from fer_edge.kernels import fused_ms_conv, pack_ms_weights, splitk_buffers
 
 # name: (cin, height=width, c1, c3, c5) -- the merged MAConv layers of MACNN at 48x48.
 LAYERS = {
@@ -59,6 +58,14 @@ def make_layer(cin, hw, c1, c3, c5, n, dtype, device, layout):
     # The baselines get weights in the input's memory format, as cuDNN prefers.
     w1, w3, w5 = (w.contiguous(memory_format=fmt) for w in (w1, w3, w5))
     return xs, fused_w, (w1, b1, w3, b3, w5, b5), (w_pad, b_pad)
+
+
+CUDA_KERNELS = ("simt", "splitk", "wmma")
+
+
+def cuda_kernels(dtype: str, cin: int) -> list[str]:
+    """fer_edge's CUDA kernels that can run a layer: WMMA needs fp16 and 16+ input channels."""
+    return [k for k in CUDA_KERNELS if k != "wmma" or (dtype == "fp16" and cin >= 16)]
 
 
 def eager(x, w1, b1, w3, b3, w5, b5):
@@ -143,9 +150,14 @@ def run(args) -> list[dict]:
                     "pad5": lambda x: F.relu(F.conv2d(x, w_pad, b_pad, padding=2)),
                 }
                 if device == "cuda":
-                    # What a merged model runs: weights packed once (FusedMultiScaleConv keeps them).
+                    # What a merged model runs: weights packed once, split-K buffers made once
+                    # (FusedMultiScaleConv keeps both); every kernel of ours, timed apart.
+                    del methods["fused"]
                     packed = pack_ms_weights(fw[0], fw[2], fw[4])
-                    methods["fused"] = lambda x: fused_ms_conv(x, *fw, wp=packed)
+                    bufs = splitk_buffers(xs[0], c1 + c3 + c5)
+                    for k in cuda_kernels(dt, cin):
+                        methods[f"fused_{k}"] = (lambda k: lambda x: fused_ms_conv(
+                            x, *fw, wp=packed, kernel=k, buffers=bufs if k == "splitk" else None))(k)
                     methods["graph"] = graphed(methods["eager"], xs)
                 else:
                     # What a merged model runs on the CPU: weights packed once, not per call.
@@ -155,20 +167,27 @@ def run(args) -> list[dict]:
                     methods["direct"] = CpuPackedMsConv(*fw, algo="direct")
                 with torch.inference_mode():
                     ref = methods["eager"](xs[0]).float()
-                    err = ((methods["fused"](xs[0]).float() - ref).norm() / ref.norm()).item()
+                    errs = {m: ((f(xs[0]).float() - ref).norm() / ref.norm()).item()
+                            for m, f in methods.items() if m.startswith("fused")}
                     us = {m: time_fn(f, xs, device, args.repeat) for m, f in methods.items()}
+                if device == "cuda":  # `fused`: the fastest of our kernels, as the dispatch table would pick
+                    fastest = min((m for m in us if m.startswith("fused_")), key=us.get)
+                    us["fused"], errs["fused"] = us[fastest], errs[fastest]
+                err = errs["fused"]
                 flops, nbytes = layer_cost(cin, hw, c1, c3, c5, n, torch.finfo(torch_dtype[dt]).bits // 8)
                 best = min(v for k, v in us.items() if k in BASELINES)
                 if device == "cpu":
                     algo = methods["fused"].algorithm_for(n, hw, hw)
-                else:  # FER_EDGE_CUDA_KERNEL=wmma: tensor cores for fp16 (see csrc/msconv_cuda.cu)
-                    algo = ("wmma" if dt == "fp16" and cin >= 16 and os.environ.get("FER_EDGE_CUDA_KERNEL") == "wmma"
-                            else "simt")
+                else:
+                    algo = fastest.removeprefix("fused_")
                 row = {
                     "layer": name, "batch": n, "dtype": dt, "layout": args.layout, "device": device,
-                    "width": args.width, "channels": [cin, c1, c3, c5], "algo": algo,
+                    "width": args.width, "channels": [cin, c1, c3, c5], "hw": hw, "algo": algo,
+                    **({"cc": ".".join(map(str, torch.cuda.get_device_capability()))} if device == "cuda" else {}),
+                    **{f"{m}_err": float(f"{e:.2e}") for m, e in errs.items() if m != "fused"},
                     **{f"{m}_us": round(v, 2) for m, v in us.items()},
-                    **{f"speedup_vs_{m}": round(v / us["fused"], 3) for m, v in us.items() if m != "fused"},
+                    **{f"speedup_vs_{m}": round(v / us["fused"], 3) for m, v in us.items()
+                       if m != "fused" and not m.startswith("fused_")},
                     "speedup_vs_best": round(best / us["fused"], 3),
                     "fused_GBps": round(nbytes / us["fused"] / 1e3, 1),
                     "fused_TFLOPs": round(flops / us["fused"] / 1e6, 3),
@@ -193,6 +212,8 @@ def print_aligned(lines, left_last: bool = False):
 
 
 def print_table(rows):
+    kernels = sorted({m[:-3] for r in rows for m in r
+                      if m.startswith("fused_") and m.endswith("_us") and m[6:-3] in CUDA_KERNELS})
     methods = [m for m in ("fused", "direct", "eager", "pad5", "graph") if f"{m}_us" in rows[0]]
     head = ["layer", "n", "dtype", "algo"] + [f"{m} us" for m in methods] + \
         [f"x{m}" for m in methods[1:]] + ["x best", "GB/s", "TFLOP/s", "rel err"]
@@ -206,6 +227,14 @@ def print_table(rows):
     print_aligned(lines)
     print("x<m> = time of baseline m / time of fused (higher is better); "
           "GB/s and TFLOP/s count the fewest bytes and the useful flops of fused.")
+    if kernels:  # CUDA: each of our kernels apart (fused = the fastest of them, column algo)
+        lines = [["layer", "n", "dtype"] + [f"{k} us" for k in kernels] + [f"{k} err" for k in kernels]]
+        for r in rows:
+            lines.append([r["layer"], str(r["batch"]), r["dtype"]]
+                         + [f"{r[f'{k}_us']:.1f}" if f"{k}_us" in r else "-" for k in kernels]
+                         + [f"{r[f'{k}_err']:.1e}" if f"{k}_err" in r else "-" for k in kernels])
+        print()
+        print_aligned(lines)
 
 
 def main(argv=None):

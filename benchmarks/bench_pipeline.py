@@ -4,6 +4,12 @@ per-stage breakdown, against the PyTorch checkpoint run in the same script.
 
     python benchmarks/bench_pipeline.py --weights RUN/best.safetensors --calib DIR [--frames 120] [--json FILE]
 
+With --detectors: per-frame latency of one 640x480 frame with one face, on one
+thread, int8 classifier, for each face detector (the old default, Haar, in the
+same run): median ms of detect / align+crop / classify and their total.
+
+    python benchmarks/bench_pipeline.py --detectors [--bundle INT8_BUNDLE] [--runs 300] [--json FILE]
+
 The video: scikit-image's astronaut photograph and three real FER2013 faces
 (enlarged to 120 px) drifting across a gray background, written as MJPG and
 decoded back through the same Source class `fer-edge predict` uses.
@@ -67,9 +73,87 @@ def run_pipeline(backend, labels, pre, video: Path) -> dict:
     return s
 
 
+# (detector, align) rows of the --detectors table.
+DETECTOR_ROWS = (("haar", False), ("blazeface-short", False), ("blazeface-short", True), ("blazeface-full", False),
+                 ("blazeface-full", True))
+
+
+def one_face_frame():
+    """640x480, gray background, scikit-image's astronaut (her face ~90 px) in the middle."""
+    import cv2
+    from skimage import data as skdata
+
+    frame = np.full((480, 640, 3), 90, np.uint8)
+    frame[:, 80:560] = cv2.resize(np.ascontiguousarray(skdata.astronaut()[:, :, ::-1]), (480, 480),
+                                  interpolation=cv2.INTER_AREA)
+    return frame
+
+
+def detector_latency(backend, labels, pre, frame, runs: int) -> list[dict]:
+    """Median per-stage ms of Pipeline.__call__ on the same frame, per detector."""
+    from fer_edge.targets.pipeline import Pipeline, make_detector
+
+    rows = []
+    for name, align in DETECTOR_ROWS:
+        pipe = Pipeline(backend, labels, pre, detector=make_detector(name, threads=1), align=align)
+        for _ in range(20):   # warm-up: first calls allocate and pack weights
+            pipe(frame)
+        stages, faces = [], 0
+        for _ in range(runs):
+            pipe.reset()
+            faces += len(pipe(frame))
+            stages.append([1e3 * pipe.last_times[s] for s in ("detect", "preprocess", "infer", "postprocess")])
+        med = np.median(np.array(stages), axis=0)
+        tot = np.median(np.array(stages).sum(axis=1))
+        rows.append({"detector": name, "align": align, "faces_per_frame": faces / runs, "detect_ms": med[0],
+                     "align_crop_ms": med[1], "classify_ms": med[2], "post_ms": med[3], "total_ms": tot})
+    return rows
+
+
+def main_detectors(args) -> int:
+    import cv2
+
+    from fer_edge.targets import load_bundle, open_backend
+
+    cv2.setNumThreads(1)   # one thread: OpenCV's resize and the Haar cascade would use every core
+    with tempfile.TemporaryDirectory(prefix="fer-edge-pipe-") as tmp:
+        bundle = args.bundle
+        if bundle is None:
+            from fer_edge.checkpoint import weights_or_default
+            from fer_edge.converters.convert import convert
+
+            bundle = Path(tmp) / "android-int8"
+            convert(weights_or_default(args.weights), "android", "int8", bundle,
+                    calib=args.calib or str(DEFAULT_DATA / "fer2013" / "publictest"), calib_size=256,
+                    log=lambda *a: None)
+        b = load_bundle(bundle)
+        a = b.artifact()
+        backend = open_backend(a.path, a.runtime, threads=1)
+        rows = detector_latency(backend, b.labels, b.preprocess, one_face_frame(), args.runs)
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    print(f"one 640x480 frame, one face, one thread, classifier {a.runtime} {a.file} ({a.precision}); "
+          f"median of {args.runs} frames; {os.cpu_count()} cores ({cpu})")
+    head = (f"{'detector':<16} {'align':<5} {'faces':>5} {'detect':>7} {'align+crop':>10} {'classify':>8} "
+            f"{'total':>7}  (ms)")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['detector']:<16} {'yes' if r['align'] else 'no':<5} {r['faces_per_frame']:5.2f} "
+              f"{r['detect_ms']:7.2f} {r['align_crop_ms']:10.2f} {r['classify_ms']:8.2f} {r['total_ms']:7.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": "cpu", "threads": 1, "runs": args.runs,
+                                               "classifier": a.file, "rows": rows}, indent=2) + "\n")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--weights", required=True)
+    ap.add_argument("--weights", help="checkpoint (required without --detectors; there: default the embedded model)")
+    ap.add_argument("--detectors", action="store_true", help="per-detector stage latency of one frame (see above)")
+    ap.add_argument("--bundle", help="--detectors: the int8 bundle to classify with (default: convert one)")
+    ap.add_argument("--runs", type=int, default=300, help="--detectors: frames timed per detector")
     ap.add_argument("--calib", help="labelled faces for int8 calibration (default: FER2013 PublicTest)")
     ap.add_argument("--frames", type=int, default=120)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
@@ -77,6 +161,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, help="runtime threads (default: the runtime's choice)")
     ap.add_argument("--json", help="write the table as JSON")
     args = ap.parse_args(argv)
+    if args.detectors:
+        return main_detectors(args)
+    if not args.weights:
+        ap.error("--weights is required (or --detectors)")
 
     from fer_edge.converters.convert import convert
     from fer_edge.predict import TorchBackend

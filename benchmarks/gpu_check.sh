@@ -1,48 +1,73 @@
 #!/usr/bin/env bash
-# The GPU machine (device tool): build for the local GPU, then
-#   check: the CUDA tests and compute-sanitizer (memcheck, racecheck) on the kernel tests -> check.log
-#   bench: the layer benchmark, SIMT and tensor-core (WMMA) kernels -> bench.log, msconv_cuda*.json
-#   model: the whole-model table (train form; merged eager / CUDA graph / max-autotune; kernel
-#          eager / graph) -> model.log, model_cuda*.json  (separately: max-autotune compiles take minutes)
-#   all:   check + bench (default; if the sanitizers run long, call check and bench separately)
-#   run(command="bash benchmarks/gpu_check.sh", timeout_s=600)
-#   run(command="bash benchmarks/gpu_check.sh model", timeout_s=600)
-# At most 8 files come back from $OUT (or ./gpu-out) per call: logs are merged per stage.
-# `python3 -P`: never import the source folder (it has no compiled _C), always the installed package.
+# The fused kernels on a GPU machine, in one call of at most 9 minutes (each step has its own
+# time limit, so a slow step costs its own result, not the call's):
+#   1. build for the local GPU (CMAKE_CUDA_ARCHITECTURES=native)
+#   2. the layer benchmark (every kernel of ours against cuDNN's best way, fp16 and fp32,
+#      batch 1, 8 and 256) -> msconv.json, and from it the measured dispatch table
+#      -> kernel_dispatch.json (copy it to fer_edge/ to ship it), installed for what follows
+#   3. the whole merged model at batch 1 and 1024, following that table -> model.json
+#   4. the CUDA tests: kernels, dispatch choices against the reference, merged models
+#   5. compute-sanitizer memcheck and racecheck on the small-batch kernel's tests
+#   6. an Nsight Compute profile of the small-batch kernel at batch 1 (L2 and L4, fp16)
+# Everything printed goes to check.log; what comes back: check.log, msconv.json, model.json,
+# kernel_dispatch.json, splitk.ncu-rep.  STEPS="bench model" runs a subset.
+#   bash benchmarks/gpu_check.sh            (about 8 minutes on an H100)
+#   STEPS=model COMPILE=1 bash benchmarks/gpu_check.sh   (adds torch.compile max-autotune: minutes)
+# `python3 -P`: never the source folder (it has no compiled _C), always the installed package.
 set -uo pipefail
-STAGE=${1:-all}
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
+STEPS=${STEPS:-"build bench model test sanitize profile"}
 export PYTHONUNBUFFERED=1
+LOG="$OUT/check.log"
+PY="python3 -P"
+PYTEST="$PY -m pytest -q -p no:cacheprovider --import-mode=importlib"
+want() { [[ " $STEPS " == *" $1 "* ]]; }
+step() { echo; echo "== $1 ($(date +%T))"; }
 {
-  nvidia-smi --query-gpu=name,driver_version --format=csv
-  # SKIP_BUILD=1: the caller installed this build already (e.g. before starting training beside it)
-  [ -n "${SKIP_BUILD:-}" ] || python3 -m pip install -q --no-build-isolation --no-deps . -C cmake.define.FER_EDGE_CUDA=ON \
-    -C cmake.define.CMAKE_CUDA_ARCHITECTURES="native" 2>&1 | tail -5
-  fer-edge info --json
-} 2>&1 | tee "$OUT/check.log"
-PYTEST="python3 -P -m pytest -q -p no:cacheprovider --import-mode=importlib"
-if [ "$STAGE" = all ] || [ "$STAGE" = check ]; then
-  {
-    echo "== pytest (CUDA)"
-    $PYTEST tests/test_kernels.py tests/test_models.py -k "cuda or merge or kernel" 2>&1 | tail -25
-    echo "== compute-sanitizer memcheck"
-    compute-sanitizer --tool memcheck $PYTEST -x tests/test_kernels.py -k "cuda and not fuzz" 2>&1 | tail -8
-    echo "== compute-sanitizer racecheck"
-    compute-sanitizer --tool racecheck $PYTEST -x tests/test_kernels.py -k "cuda_fp16 and n1" 2>&1 | tail -8
-  } 2>&1 | tee -a "$OUT/check.log"
-fi
-if [ "$STAGE" = all ] || [ "$STAGE" = bench ]; then
-  {
-    python3 -P benchmarks/bench_msconv.py --device cuda --json "$OUT/msconv_cuda.json" 2>/dev/null
-    # the tensor-core (WMMA) fp16 kernel, opt-in until verified here
-    FER_EDGE_CUDA_KERNEL=wmma python3 -P benchmarks/bench_msconv.py --device cuda --dtypes fp16 \
-      --json "$OUT/msconv_cuda_wmma.json" 2>/dev/null
-  } 2>&1 | tee "$OUT/bench.log"
-fi
-if [ "$STAGE" = model ]; then
-  {
-    python3 -P benchmarks/bench_model.py --device cuda --json "$OUT/model_cuda.json"
-    FER_EDGE_CUDA_KERNEL=wmma python3 -P benchmarks/bench_model.py --device cuda --skip merged+compile \
-      --json "$OUT/model_cuda_wmma.json"
-  } 2>&1 | tee "$OUT/model.log"
-fi
+  nvidia-smi --query-gpu=name,driver_version,compute_cap --format=csv
+  if want build; then
+    step build
+    timeout 240 python3 -m pip install -q --no-build-isolation --no-deps . -C cmake.define.FER_EDGE_CUDA=ON \
+      -C cmake.define.CMAKE_CUDA_ARCHITECTURES=native -C build-dir=build/native 2>&1 | tail -5
+  fi
+  fer-edge info
+  PKG=$($PY -c "import fer_edge, os; print(os.path.dirname(fer_edge.__file__))")
+  if want bench; then
+    step "layer benchmark"
+    timeout 150 $PY benchmarks/bench_msconv.py --device cuda --dtypes fp16 fp32 --batches 1 8 256 --repeat 50 \
+      --json "$OUT/msconv.json" 2>/dev/null
+    GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+    cp "$PKG/kernel_dispatch.json" "$OUT/kernel_dispatch.json"
+    $PY benchmarks/make_dispatch.py "$OUT/msconv.json" --out "$OUT/kernel_dispatch.json" --device "$GPU" \
+      --command "bash benchmarks/gpu_check.sh" && cp "$OUT/kernel_dispatch.json" "$PKG/kernel_dispatch.json"
+    fer-edge info | sed -n '/kernel dispatch/,/^default model/p'
+  fi
+  if want model; then
+    step "whole model (fp16, channels_last)"
+    skip="merged+compile"; [ -n "${COMPILE:-}" ] && skip=""
+    timeout 120 $PY benchmarks/bench_model.py --device cuda --dtype fp16 --batches 1 1024 --repeat 100 \
+      ${skip:+--skip $skip} --json "$OUT/model.json"
+  fi
+  if want test; then
+    step "CUDA tests"
+    timeout 150 $PYTEST tests/test_kernels.py tests/test_models.py tests/test_dispatch.py \
+      -k "cuda or dispatch or splitk or merge" -x 2>&1 | tail -15
+  fi
+  if want sanitize; then
+    step "compute-sanitizer memcheck (small-batch kernel)"
+    timeout 90 compute-sanitizer --tool memcheck $PYTEST -x tests/test_kernels.py \
+      -k "splitk and not fuzz" 2>&1 | tail -6
+    step "compute-sanitizer racecheck (small-batch kernel)"
+    timeout 60 compute-sanitizer --tool racecheck $PYTEST -x tests/test_kernels.py \
+      -k "splitk and fp16 and n1" 2>&1 | tail -6
+  fi
+  if want profile; then
+    step "Nsight Compute: the small-batch kernel at batch 1"
+    timeout 60 ncu --clock-control none --kernel-name regex:splitk -c 4 --set basic -f -o "$OUT/splitk" \
+      $PY benchmarks/bench_msconv.py --device cuda --dtypes fp16 --batches 1 --layers L2 L4 --repeat 1 \
+      > /dev/null 2>&1
+    [ -f "$OUT/splitk.ncu-rep" ] && ncu --import "$OUT/splitk.ncu-rep" --page details 2>/dev/null \
+      | grep -E "splitk|Duration|Memory Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers" | head -30
+  fi
+  step done
+} 2>&1 | tee "$LOG"

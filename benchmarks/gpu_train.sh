@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Train on a remote GPU machine and pack the results for transfer: one stage per call of a
-# remote-execution service that copies this working tree there, runs one command for at most
-# 10 minutes and returns at most 8 files of 16 MiB.  Each stage trains for $LIMIT seconds at
-# most (540), then evaluates on PublicTest (plain and ten-crop) and packs what comes back.
+# Train on a remote GPU machine and pack the results for transfer: one stage per command, run
+# from a copy of this working tree.  Each stage trains for $LIMIT seconds at most (540), then
+# evaluates on PublicTest (plain and ten-crop) and packs what should come back into $OUT: a few
+# files, the weights as float16 parts of at most 16 MiB (ship_weights.py --chunk-mib).
 #
 # Carry the data in the ignored .data/ folder (and, for `compact`, the logits of earlier stages):
 #   mkdir -p .data && cp ../shared/data/fer2013.zip .data/
@@ -17,6 +17,8 @@
 #   paper        d) the MACNN paper's recipe (Adam 1e-4, batch 32, 100 epochs) for MACNN and VGG16
 #                   side by side, CUDA graphs, time-boxed to the call: the comparison the paper makes
 #   ckplus-ft INIT   10-fold subject-independent CK+ fine-tuning from INIT (a checkpoint in .data/)
+#   hsnet        the HSNet paper's network, --recipe hsnet-paper then --recipe best, time-boxed like full
+#                   (--no-ktl unless STEM=.data/FILE holds Inception-ResNet-v1 face-recognition weights)
 #   smoke        two epochs of a compact MACNN: the build, the data and the packing work
 #
 # What comes back in $OUT (gpu-out): NAME.tar.gz (log, metrics.jsonl, summary.json and the
@@ -92,6 +94,9 @@ case "$STAGE" in
     run smoke $T --model macnn --width 0.25 --epochs "${EPOCHS:-2}" $GPU --out runs/smoke
     evaluate smoke; pack smoke ;;
   full)  full "full-s$SEED" macnn ;;
+  hsnet)  # the HSNet paper's network: its recipe (half the time), then ours; KTL only with STEM=face-recognition weights
+    K=${STEM:+--stem-weights $STEM}; for r in hsnet-paper best; do [ $r = best ] && tb=$(budget) || tb=$(python3 -c "print($(budget) / 2)")
+      run "hsnet-$r" $T --model hsnet ${K:---no-ktl} --recipe $r --seed "$SEED" ${COMPILE:+--compile $COMPILE} --time-budget "$tb" --out "runs/hsnet-$r"; evaluate "hsnet-$r"; pack "hsnet-$r"; done ;;
   vgg16) full "vgg16-s$SEED" vgg16 ;;
   compact)
     kd=(); for f in "$D"/*-logits.safetensors; do [ -f "$f" ] && kd+=(--teacher-logits "$f"); done

@@ -3,7 +3,7 @@
 score it on the validation set it was chosen on (plain and ten-crop), copy
 it into fer_edge/weights/ and write its model card (the JSON `fer-edge info`,
 eval, convert and predict read), with the commands that reproduce each
-number.  The README's model card is then updated by hand from the printout.
+number.  docs/model-card.md is then updated by hand from the printout.
 
     python benchmarks/promote_default.py runs/gpu/compact-student.safetensors \
         --data ../shared/data/fer2013/publictest \
@@ -17,7 +17,7 @@ import shutil
 import sys
 from pathlib import Path
 
-MAX_MB = 10.0  # issue 8: the embedded model must stay small enough to ship in the wheel
+MAX_MB = 10.0  # the embedded model must stay small enough to ship in the wheel
 
 
 def r4(v):
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     print(f"{card['name']}: {100 * t['accuracy']:.2f}% ({100 * t['mean_class_accuracy']:.2f}% mean-class, "
           f"ten-crop {100 * t['tta_ten_crop_accuracy']:.2f}%), {card['parameters']:,} parameters, "
           f"{size_mb:.1f} MB -> {weights_out}, card {card_out}")
-    print("next: `fer-edge benchmark` (int8 parity, latency) and the README's model card")
+    print("next: `fer-edge benchmark` (int8 parity, latency) and docs/model-card.md")
     return 0
 
 

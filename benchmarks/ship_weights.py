@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Bring a checkpoint back from the GPU machine through the device tool's
-file limits (at most 8 files per call, 16 MiB each, 64 MiB together): a
-full-width MACNN is 76 MB in float32.
+"""Pack a checkpoint into float16 parts of at most --chunk-mib MiB for
+transfer from a GPU machine, and join the parts back into a float32
+checkpoint: a full-width MACNN is 76 MB in float32, 38 MB as float16.
 
   pack:   float tensors stored as float16 (half the bytes; a trained
           network's weights and BN statistics are well inside float16's

@@ -111,7 +111,7 @@ def entropy_range(hist: np.ndarray, edges: np.ndarray, observed: tuple[float, fl
 
 
 def entropy_overrides(fp32_path, inputs: np.ndarray, op_types: list[str] | None,
-                      levels: int = 128) -> dict[str, list[dict]]:
+                      levels: int = 128, progress=None) -> dict[str, list[dict]]:
     """Calibrate every activation ONNX Runtime would quantize (same op types)
     on ``inputs`` (N, ...) and return ``TensorQuantOverrides`` with the entropy
     ranges, ready for ``quantize_static(extra_options=...)``."""
@@ -128,14 +128,16 @@ def entropy_overrides(fp32_path, inputs: np.ndarray, op_types: list[str] | None,
                                 calibrate_method=CalibrationMethod.Entropy,
                                 providers=["CPUExecutionProvider"],
                                 extra_options={"num_bins": HIST_BINS, "num_quantized_bins": levels})
-        cal.collect_data(_CalibReader(inputs))
+        cal.collect_data(_CalibReader(inputs, progress, "collecting activation histograms (faces)"))
         histograms = getattr(getattr(cal, "collector", None), "histogram_dict", None)
         if not histograms:
             raise RuntimeError("onnxruntime's entropy calibrator kept no histograms (its internals changed); "
                                "use --calib-method minmax or percentile")
         overrides = {}
-        for name, (hist, edges, lo, hi, _t) in histograms.items():
+        for i, (name, (hist, edges, lo, hi, _t)) in enumerate(histograms.items(), 1):
             rmin, rmax = entropy_range(hist, edges, (lo, hi), levels)
+            if progress is not None:
+                progress.count("entropy thresholds (tensors)", i, len(histograms))
             overrides[name] = [{"rmin": np.array(rmin, dtype=np.float32), "rmax": np.array(rmax, dtype=np.float32)}]
         del cal
     return overrides

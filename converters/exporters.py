@@ -37,6 +37,7 @@ class InputSpec:
     calib: np.ndarray | None = None      # (N, H, W) uint8 faces for int8 calibration
     calib_method: str = CALIB_METHODS[0]  # ONNX int8 only (see converters/calibration.py)
     int8_all_layers: bool = False        # ONNX int8: also quantize the image-reading convs and the classifier
+    progress: object = None              # converters.progress.Progress (None: silent)
 
     def shape(self, batch: int = 1) -> tuple:
         h, w = self.size
@@ -53,6 +54,11 @@ class InputSpec:
         from fer_edge.targets.bundle import artifact_preprocess, preprocess_faces
 
         return preprocess_faces(self.calib, artifact_preprocess(self.preprocess, self.nhwc))
+
+    def report(self):
+        from fer_edge.converters.progress import NO_PROGRESS
+
+        return self.progress or NO_PROGRESS
 
 
 class CameraInput(nn.Module):
@@ -114,7 +120,7 @@ def export_onnx(model: nn.Module, path, spec: InputSpec) -> None:
     module = deploy_module(model, spec)
     dynamic = {"input": {0: "batch"}, "logits": {0: "batch"}} if spec.dynamic_batch else None
     buf = io.BytesIO()
-    with _quiet(), torch.no_grad():
+    with spec.report().step("exporting ONNX"), _quiet(), torch.no_grad():
         torch.onnx.export(module, (spec.sample(),), buf, input_names=["input"], output_names=["logits"],
                           opset_version=OPSET, dynamo=False, dynamic_axes=dynamic, do_constant_folding=True)
     proto = onnx.load_from_string(buf.getvalue())
@@ -206,17 +212,21 @@ def export_onnx_fp16(model, path, spec: InputSpec) -> None:
 
 
 class _CalibReader:
-    """onnxruntime CalibrationDataReader over a fixed array, one image per call."""
+    """onnxruntime CalibrationDataReader over a fixed array, one image per call,
+    counting them on ``progress`` (a Progress) under ``what``."""
 
-    def __init__(self, inputs: np.ndarray):
+    def __init__(self, inputs: np.ndarray, progress=None, what: str = "calibrating"):
         self.inputs = inputs
         self.i = 0
+        self.progress, self.what = progress, what
 
     def get_next(self):
         if self.i >= len(self.inputs):
             return None
         x = self.inputs[self.i:self.i + 1]
         self.i += 1
+        if self.progress is not None:
+            self.progress.count(self.what, self.i, len(self.inputs))
         return {"input": x}
 
     def rewind(self):
@@ -316,12 +326,14 @@ def quantize_qdq(fp32_path, out_path, spec: InputSpec, scheme: str) -> None:
         # Codes per side of zero: 128 for symmetric int8, 256 for uint8 over a ReLU output's [0, t].
         levels = 128 if scheme == "trt" else 256
         with _quiet():
-            overrides = entropy_overrides(fp32_path, inputs, kw.get("op_types_to_quantize"), levels)
+            overrides = entropy_overrides(fp32_path, inputs, kw.get("op_types_to_quantize"), levels,
+                                          progress=spec.report())
         kw["extra_options"] = {**kw["extra_options"], "TensorQuantOverrides": overrides}
         method = CalibrationMethod.MinMax
     # (ORT's calibrator keeps its augmented model in its own temp folder.)
     with _quiet():
-        quantize_static(str(fp32_path), str(out_path), _CalibReader(inputs),
+        quantize_static(str(fp32_path), str(out_path),
+                        _CalibReader(inputs, spec.report(), "calibrating int8 ranges (faces)"),
                         quant_format=QuantFormat.QDQ, per_channel=True, calibrate_method=method,
                         calibration_providers=["CPUExecutionProvider"], nodes_to_exclude=exclude, **kw)
 
@@ -360,7 +372,7 @@ def _litert():
 
 def export_tflite(model, path, spec: InputSpec) -> None:
     module = deploy_module(model, spec)
-    with _quiet():
+    with spec.report().step("converting to TFLite (litert-torch)"), _quiet():
         litert_torch = _litert()
         edge = litert_torch.convert(module, (spec.sample(),))
         edge.export(str(path))
@@ -369,7 +381,7 @@ def export_tflite(model, path, spec: InputSpec) -> None:
 def export_tflite_fp16(model, path, spec: InputSpec) -> None:
     """Float16 weights (ai-edge-quantizer's fp16 recipe through litert-torch)."""
     module = deploy_module(model, spec)
-    with _quiet():
+    with spec.report().step("converting to TFLite fp16 (litert-torch)"), _quiet():
         litert_torch = _litert()
         from litert_torch.generative.quantize import quant_recipes
 
@@ -391,14 +403,18 @@ def export_tflite_int8(model, path, spec: InputSpec) -> None:
     module = deploy_module(model, spec)
     sample = spec.sample()
     quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False))
+    progress = spec.report()
     with _quiet(), torch.no_grad():
         graph = torch.export.export(module, (sample,)).module()
         graph = prepare_pt2e(graph, quantizer)
-        for x in spec.calib_inputs():  # batch 1, the exported shape
+        inputs = spec.calib_inputs()
+        for i, x in enumerate(inputs, 1):  # batch 1, the exported shape
             graph(torch.from_numpy(np.ascontiguousarray(x[None])))
+            progress.count("calibrating int8 ranges (faces)", i, len(inputs))
         graph = convert_pt2e(graph, fold_quantize=False)
-        edge = litert_torch.convert(graph, (sample,), quant_config=QuantConfig(pt2e_quantizer=quantizer))
-        edge.export(str(path))
+        with progress.step("converting to TFLite int8 (litert-torch)"):
+            edge = litert_torch.convert(graph, (sample,), quant_config=QuantConfig(pt2e_quantizer=quantizer))
+            edge.export(str(path))
 
 
 EXPORTERS = {

@@ -6,6 +6,7 @@
 #include <pybind11/stl.h>
 
 #include "msconv.h"
+#include "msconv_cuda_splitk.h"
 
 namespace py = pybind11;
 using fer_edge::Layout;
@@ -102,25 +103,46 @@ PYBIND11_MODULE(_C, m) {
           py::arg("x"), py::arg("out"), py::arg("n"), py::arg("c"), py::arg("h"), py::arg("w"), py::arg("c1"),
           py::arg("c3"), py::arg("c5"), py::arg("layout"), py::arg("relu"), py::arg("num_threads") = 0);
 
+  // The small-batch kernel's launch plan (host arithmetic, in every build: the CPU tests check it).
+  m.def(
+      "splitk_plan",
+      [](std::int64_t n, std::int64_t c, std::int64_t h, std::int64_t w, std::int64_t ctot, int sm_count) {
+        if (n < 1 || c < 1 || h < 1 || w < 1 || ctot < 1 || sm_count < 1)
+          throw std::invalid_argument("splitk_plan: every size must be >= 1");
+        const auto p = fer_edge::splitk::plan(n, c, h, w, ctot, sm_count);
+        py::dict d;
+        d["m_tiles"] = p.m_tiles; d["n_tiles"] = p.n_tiles; d["splits"] = p.splits; d["kslice"] = p.kslice;
+        d["workspace_floats"] = p.workspace_floats; d["counters"] = p.counters;
+        d["tile_m"] = fer_edge::splitk::TM; d["tile_n"] = fer_edge::splitk::TN; d["kc"] = fer_edge::splitk::KC;
+        return d;
+      },
+      py::arg("n"), py::arg("c"), py::arg("h"), py::arg("w"), py::arg("ctot"), py::arg("sm_count"));
+
 #ifdef FER_EDGE_WITH_CUDA
   m.def(
       "msconv_cuda",
       [](std::uintptr_t x, std::uintptr_t out, std::uintptr_t w1, std::uintptr_t b1, std::uintptr_t w3,
          std::uintptr_t b3, std::uintptr_t w5, std::uintptr_t b5, std::int64_t n, std::int64_t c,
          std::int64_t h, std::int64_t w, std::int64_t c1, std::int64_t c3, std::int64_t c5, int layout,
-         bool relu, int dtype, std::uintptr_t stream, std::uintptr_t wp) {
+         bool relu, int dtype, std::uintptr_t stream, std::uintptr_t wp, int variant, std::uintptr_t workspace,
+         std::uintptr_t counters) {
         if (dtype != 0 && dtype != 1) throw std::invalid_argument("fused_ms_conv: dtype must be 0 (float32) or 1 (float16)");
+        if (variant < 0 || variant > 2)
+          throw std::invalid_argument("fused_ms_conv: variant must be 0 (simt), 1 (wmma) or 2 (splitk)");
         MsConvArgs a = make_args(x, out, w1, b1, w3, b3, w5, b5, n, c, h, w, c1, c3, c5, layout, relu);
         a.wp = wp;
         py::gil_scoped_release nogil;
-        fer_edge::msconv_cuda(a, static_cast<fer_edge::DType>(dtype), stream);
+        fer_edge::msconv_cuda(a, static_cast<fer_edge::DType>(dtype), stream,
+                              static_cast<fer_edge::Variant>(variant), workspace, counters);
       },
       py::arg("x"), py::arg("out"), py::arg("w1"), py::arg("b1"), py::arg("w3"), py::arg("b3"),
       py::arg("w5"), py::arg("b5"), py::arg("n"), py::arg("c"), py::arg("h"), py::arg("w"),
       py::arg("c1"), py::arg("c3"), py::arg("c5"), py::arg("layout"), py::arg("relu"), py::arg("dtype"),
-      py::arg("stream"), py::arg("wp"),
+      py::arg("stream"), py::arg("wp"), py::arg("variant"), py::arg("workspace") = 0, py::arg("counters") = 0,
       "fused multi-scale conv on CUDA device pointers (dtype 0 = float32, 1 = float16) on `stream`; "
-      "`wp`: the weights packed by fer_edge.kernels.pack_ms_weights (25, C, c1 + c3 + c5).");
+      "`wp`: the weights packed by fer_edge.kernels.pack_ms_weights (25, C, c1 + c3 + c5); `variant`: "
+      "0 simt, 1 wmma, 2 splitk (with `workspace`/`counters` sized by splitk_plan).");
+  m.def("sm_count", [](int device) { return fer_edge::splitk::sm_count_of(device); }, py::arg("device"));
   m.def("cuda_device_count", &fer_edge::cuda_device_count);
 #endif
 

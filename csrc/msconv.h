@@ -84,11 +84,17 @@ class CpuPackedWeights {
   CpuAlgo algo_;
 };
 
+// fer_edge's CUDA kernels (the caller chooses: fer_edge/dispatch.py's table).
+enum class Variant : int { Simt = 0, Wmma = 1, SplitK = 2 };
+
 #ifdef FER_EDGE_WITH_CUDA
 // CUDA, float32 or float16 (float32 accumulation) on the given stream.
 // Reads the weights from `wp` (required; w1/w3/w5 are not read) and the
-// biases from b1/b3/b5.
-void msconv_cuda(const MsConvArgs& a, DType dtype, std::uintptr_t stream);
+// biases from b1/b3/b5.  SplitK reads and writes `workspace` (float32) and
+// `counters` (int32, zero before the first call, left zero by every call),
+// sized by splitk::plan.
+void msconv_cuda(const MsConvArgs& a, DType dtype, std::uintptr_t stream, Variant variant,
+                 std::uintptr_t workspace = 0, std::uintptr_t counters = 0);
 int cuda_device_count();
 int cuda_runtime_version();  // CUDART_VERSION the module was built with
 #endif

@@ -14,9 +14,11 @@
 //
 // This is the portable SIMT version (any sm_75+ GPU, Jetson Orin included).
 // For float16 there is also a tensor-core version (msconv_wmma_kernel below,
-// an implicit GEMM through the WMMA API), selected with the environment
-// variable FER_EDGE_CUDA_KERNEL=wmma until it has been verified on hardware.
+// an implicit GEMM through the WMMA API), and for small batches the split-K
+// kernel of msconv_cuda_splitk.cu.  The caller names the variant (the
+// dispatch table in fer_edge/dispatch.py); nothing here reads the environment.
 #include "msconv.h"
+#include "msconv_cuda_splitk.h"
 
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -234,6 +236,10 @@ __global__ void __launch_bounds__(wm::THREADS)
 msconv_wmma_kernel(const __half* __restrict__ x, __half* __restrict__ out, const __half* __restrict__ wp,
                    const __half* __restrict__ b1, const __half* __restrict__ b3,
                    const __half* __restrict__ b5, Dims d) {
+  // WMMA on half needs sm_70+: <mma.h> declares nothing for older device
+  // passes (sm_60/61 are built with CUDA 12), and the host never launches this
+  // kernel on such a GPU (msconv_cuda checks the compute capability).
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 700
   using namespace nvcuda;
   __shared__ __align__(128) __half s_in[wm::IH][wm::IW][wm::KCP];
   __shared__ __align__(128) unsigned char s_buf[wm::SW_BYTES];
@@ -303,13 +309,9 @@ msconv_wmma_kernel(const __half* __restrict__ x, __half* __restrict__ out, const
     out[NHWC ? ((static_cast<long long>(n) * H + oh) * W + ow) * d.ctot + oc
              : ((static_cast<long long>(n) * d.ctot + oc) * H + oh) * W + ow] = __float2half_rn(v);
   }
-}
-
-// FER_EDGE_CUDA_KERNEL=wmma selects the tensor-core kernel for float16 layers
-// with at least 16 input channels.
-bool wmma_requested() {
-  const char* v = std::getenv("FER_EDGE_CUDA_KERNEL");
-  return v != nullptr && std::strcmp(v, "wmma") == 0;
+#else
+  __trap();
+#endif
 }
 
 template <bool NHWC>
@@ -346,7 +348,8 @@ void launch(const MsConvArgs& a, cudaStream_t s) {
 
 }  // namespace
 
-void msconv_cuda(const MsConvArgs& a, DType dtype, std::uintptr_t stream) {
+void msconv_cuda(const MsConvArgs& a, DType dtype, std::uintptr_t stream, Variant variant,
+                 std::uintptr_t workspace, std::uintptr_t counters) {
   validate(a);
   if (!a.wp) throw std::invalid_argument("fused_ms_conv: the CUDA kernels need the packed weights (wp)");
   const int dev = device_of(a.x, "x");
@@ -361,17 +364,24 @@ void msconv_cuda(const MsConvArgs& a, DType dtype, std::uintptr_t stream) {
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   try {
     const bool nhwc = a.layout == Layout::NHWC;
-    if (dtype == DType::Float32) {
+    if (dtype != DType::Float32 && dtype != DType::Float16)
+      throw std::invalid_argument("fused_ms_conv: unsupported dtype code");
+    if (variant == Variant::SplitK) {
+      splitk::launch(a, dtype, stream, splitk::sm_count_of(dev), workspace, counters);
+    } else if (dtype == DType::Float32) {
       nhwc ? launch<float, true>(a, s) : launch<float, false>(a, s);
-    } else if (dtype == DType::Float16 && wmma_requested() && a.c >= wm::KC) {
+    } else if (variant == Variant::Wmma && a.c >= wm::KC) {
+      int major = 0;
+      check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "cudaDeviceGetAttribute");
+      if (major < 7)
+        throw std::invalid_argument("fused_ms_conv: the wmma kernel needs tensor cores (compute "
+                                    "capability 7.0+); choose simt, splitk or cudnn on this GPU");
       // Tensor cores multiply 16 input channels per step: with fewer (the
       // one-channel stem) most of each step would be zero padding, so those
       // layers stay on the SIMT kernel.
       nhwc ? launch_wmma<true>(a, s) : launch_wmma<false>(a, s);
-    } else if (dtype == DType::Float16) {
-      nhwc ? launch<__half, true>(a, s) : launch<__half, false>(a, s);
     } else {
-      throw std::invalid_argument("fused_ms_conv: unsupported dtype code");
+      nhwc ? launch<__half, true>(a, s) : launch<__half, false>(a, s);
     }
   } catch (...) {
     if (prev != dev) cudaSetDevice(prev);

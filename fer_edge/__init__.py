@@ -6,7 +6,15 @@ side (``fer_edge.kernels``, models, converters) imports torch on demand.
 """
 from __future__ import annotations
 
+import os as _os
 from importlib import metadata as _metadata
+
+# ONNX Runtime (1.2x+ on Linux too) creates ~/.cache/Microsoft/DeveloperTools/
+# .onnxruntime/{deviceid,onnxruntime.db} and queues telemetry the moment it is
+# imported, unless this is set first: the devices run where children are
+# filmed, and nothing may be written or sent unasked.  setdefault: an explicit
+# ORT_DISABLE_TELEMETRY=0 from the user still wins.
+_os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 try:
     __version__ = _metadata.version("fer-edge")

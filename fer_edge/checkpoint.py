@@ -30,7 +30,11 @@ FER2013_CLASSES = ["angry", "disgust", "fear", "happy", "sad", "surprise", "neut
 
 
 def default_preprocess(arch: str, config: dict) -> dict:
-    """How a face becomes the model input: gray, resized, x/255, then (x - mean) / std."""
+    """How a face becomes the model input: gray, resized to the model's
+    ``input_size`` (hsnet: 224, hsnet-lite: 112, else 48), x/255, then
+    (x - mean) / std.  Every model takes this one gray channel: hsnet
+    replicates it into the three channels of its RGB stem inside the network
+    (the paper's 3 x 224 x 224 input), so bundles and exports need nothing else."""
     size = int(config.get("input_size", 48))
     return {"input_size": [size, size], "gray": True, "scale": 1 / 255.0, "mean": 0.5, "std": 0.5,
             "layout": "NCHW", "resize": "area-or-linear"}

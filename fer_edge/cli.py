@@ -24,7 +24,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _add_info(sub) -> None:
-    p = sub.add_parser("info", help="show versions, compiled kernels, runtimes and GPU")
+    p = sub.add_parser("info", help="show versions, compiled kernels, runtimes and GPU",
+                      description="Versions of fer-edge, Python, torch and the runtimes; whether the CPU and "
+                      "CUDA kernels were compiled in; the GPU torch sees; the embedded default model; the "
+                      "kernel dispatch table.")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=cmd_info)
 
@@ -66,7 +69,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _add_merge(sub) -> None:
-    p = sub.add_parser("merge", help="merge a trained checkpoint into its deploy form (BN folded, square kernels)")
+    p = sub.add_parser("merge", help="merge a trained checkpoint into its deploy form (BN folded, square kernels)",
+                      description="Write the deploy form of a train-form checkpoint (BatchNorm folded, asymmetric "
+                      "kernels summed into square ones, multi-scale layers fused) after checking on a sample "
+                      "that its logits match the trained model's within --tolerance; nothing is written "
+                      "otherwise.")
     p.add_argument("--weights", required=True, help="train-form checkpoint (.safetensors)")
     p.add_argument("--out", required=True, help="merged checkpoint to write")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
@@ -83,11 +90,13 @@ COMMANDS = {
     "info": "fer_edge.cli:_add_info",
     "train": "fer_edge.training.command:add_train_parser",
     "eval": "fer_edge.training.command:add_eval_parser",
+    "calibrate": "fer_edge.calibrate:add_calibrate_parser",
     "teacher-logits": "fer_edge.training.command:add_teacher_logits_parser",
     "merge": "fer_edge.cli:_add_merge",
     "convert": "fer_edge.converters.convert:add_convert_parser",
     "parity": "fer_edge.converters.convert:add_parity_parser",
     "benchmark": "fer_edge.converters.benchmark:add_benchmark_parser",
+    "keygen": "fer_edge.converters.keys:add_keygen_parser",
     "predict": "fer_edge.predict:add_predict_parser",
 }
 

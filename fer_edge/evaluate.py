@@ -1,5 +1,7 @@
-"""Evaluate a checkpoint on labelled faces: metrics, optional ten-crop TTA,
-latency, and the JSON/PNG outputs of ``fer-edge eval``."""
+"""Evaluate a checkpoint on labelled faces: metrics, calibration (ECE before and
+after temperature scaling), optional ten-crop TTA, latency, and the JSON/PNG
+outputs of ``fer-edge eval``; fitting and storing a checkpoint's softmax
+temperature (``fer-edge calibrate``, and after training)."""
 from __future__ import annotations
 
 import time
@@ -54,6 +56,25 @@ def predict_probs(model, images_u8: np.ndarray, preprocess: dict, device="cpu", 
 
 
 @torch.no_grad()
+def predict_logits(model, images_u8: np.ndarray, preprocess: dict, device="cpu", batch_size: int = 256,
+                   channels_last: bool = False, progress: bool = False) -> np.ndarray:
+    """Raw logits (N, K), float32 (what temperature scaling divides)."""
+    model.eval()
+    out = []
+    starts = range(0, len(images_u8), batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc="eval", unit="batch", leave=False)
+    for s in starts:
+        x = normalize(torch.from_numpy(images_u8[s:s + batch_size]).to(device), preprocess)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out.append(model(x).float().cpu())
+    return torch.cat(out).numpy()
+
+
+@torch.no_grad()
 def measure_latency(model, preprocess: dict, in_chans: int = 1, device="cpu", runs: int = 50,
                     warmup: int = 10, channels_last: bool = False) -> dict:
     """Median and mean ms per image at batch 1 (the on-device case)."""
@@ -98,9 +119,12 @@ def evaluate(model, meta: dict, dataset, device="cpu", batch_size: int = 256, tt
     # channels_last is the faster layout for these networks on the CPU too (oneDNN and
     # the fused kernel: 1.1-1.5x measured on the 2-core CI machine), as it is on CUDA.
     model = model.to(memory_format=torch.channels_last)
-    probs = predict_probs(model, dataset.images, meta["preprocess"], device, batch_size,
-                          channels_last=True, progress=progress)
+    logits = predict_logits(model, dataset.images, meta["preprocess"], device, batch_size,
+                            channels_last=True, progress=progress)
+    probs = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
     report = {"classes": classes, "arch": meta["arch"], "form": meta["form"], **summarize(labels, probs, classes)}
+    report["calibration"], report["_reliability"] = calibration_report(
+        logits, labels, meta["preprocess"].get("temperature"))
     if tta:
         probs_tta = predict_probs(model, dataset.images, meta["preprocess"], device, batch_size, tta=True,
                                   channels_last=True, progress=progress)
@@ -135,6 +159,10 @@ def write_report(report: dict, json_path=None, plots_dir=None, metrics_jsonl=Non
             aucs = {k: v["auc"] for k, v in report["per_class"].items()}
             written.append(plots.plot_roc(report["_roc"], aucs, d / "roc.png",
                                           f"{report['arch']}: one-vs-rest ROC, macro AUC {report['macro_auc']:.3f}"))
+        if report.get("_reliability"):
+            written.append(plot_reliability(report["_reliability"], d / "reliability.png",
+                                            f"{report['arch']}: reliability (top label, "
+                                            f"{report['calibration']['bins']} bins)"))
         if metrics_jsonl and Path(metrics_jsonl).is_file():
             written.append(plots.plot_training_curves(metrics_jsonl, d / "training_curves.png"))
     return written
@@ -146,6 +174,15 @@ def format_report(report: dict) -> str:
              f"mean-class accuracy {100 * report['mean_class_accuracy']:6.2f}%",
              f"macro F1 {report['macro_f1']:.4f}" + (f", macro AUC {report['macro_auc']:.4f}"
                                                       if report["macro_auc"] is not None else "")]
+    if "calibration" in report:
+        c = report["calibration"]
+        text = f"calibration error (ECE, {c['bins']} bins, top label): {100 * c['ece']:.2f}% as trained"
+        if c["temperature"] is not None:
+            text += f", {100 * c['ece_scaled']:.2f}% with the stored temperature T={c['temperature']:.3f}"
+        cf = c["cross_fitted"]
+        text += (f"; {100 * cf['ece']:.2f}% with T fitted on the other half of these faces "
+                 f"(2-fold; T={cf['temperatures'][0]:.3f}, {cf['temperatures'][1]:.3f})")
+        lines.append(text)
     if "tta" in report:
         lines.append(f"with ten-crop TTA:  accuracy {100 * report['tta']['accuracy']:.2f}%, "
                      f"mean-class {100 * report['tta']['mean_class_accuracy']:.2f}%")
@@ -158,3 +195,101 @@ def format_report(report: dict) -> str:
         lines.append(f"latency, batch 1 on {lat['device']} ({lat['threads']} threads): "
                      f"{lat['median_ms']:.3f} ms median, {lat['mean_ms']:.3f} ms mean")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ calibration
+ECE_BINS = 15
+
+
+def calibration_report(logits: np.ndarray, labels: np.ndarray, temperature=None, bins: int = ECE_BINS):
+    """(JSON part, reliability bins for the plot).  ECE of the raw softmax; with
+    the checkpoint's stored temperature if it has one; and cross-fitted (T fitted
+    on one half of these faces, scored on the other), which says what fitting a
+    temperature would give without scoring on the faces it was fitted on."""
+    from fer_edge.metrics import cross_fitted_probs, expected_calibration_error, nll, reliability_bins, softmax
+
+    raw = softmax(logits)
+    crossed, temps = cross_fitted_probs(logits, labels)
+    out = {"bins": bins, "kind": "top-label, equal-width confidence bins",
+           "ece": expected_calibration_error(raw, labels, bins), "nll": nll(logits, labels),
+           "temperature": None if temperature is None else float(temperature), "ece_scaled": None,
+           "nll_scaled": None,
+           "cross_fitted": {"ece": expected_calibration_error(crossed, labels, bins), "temperatures": temps}}
+    curves = {"as trained": reliability_bins(raw, labels, bins),
+              "T fitted on the other half": reliability_bins(crossed, labels, bins)}
+    if temperature is not None:
+        scaled = softmax(logits, temperature)
+        out["ece_scaled"] = expected_calibration_error(scaled, labels, bins)
+        out["nll_scaled"] = nll(logits, labels, temperature)
+        curves[f"stored T = {temperature:.3f}"] = reliability_bins(scaled, labels, bins)
+    return out, curves
+
+
+def plot_reliability(curves: dict, path, title: str) -> Path:
+    """Reliability diagram: accuracy against mean confidence per bin (the
+    diagonal is perfect calibration), one line per curve, with the ECE."""
+    from fer_edge import plots
+
+    plt = plots._plt()
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="perfectly calibrated")
+    for name, r in curves.items():
+        used = r["count"] > 0
+        n = r["count"].sum()
+        ece = float(np.sum(r["count"][used] / n * np.abs(r["accuracy"][used] - r["confidence"][used])))
+        ax.plot(r["confidence"][used], r["accuracy"][used], "o-", ms=4, label=f"{name} (ECE {100 * ece:.1f}%)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (top-label probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.legend(loc="upper left", fontsize=8)
+    return plots._save(fig, path)
+
+
+def checkpoint_logits(weights, dataset, device="cpu", batch_size: int = 256) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(logits, labels as model class indices, metadata) of a checkpoint on labelled faces."""
+    from fer_edge.checkpoint import load_checkpoint
+    from fer_edge.reparam import merge
+
+    model, meta = load_checkpoint(weights, device=device)
+    # The merged form computes the same logits (to ~1e-5, fer-edge merge's check), several times faster.
+    model = model if meta["form"] == "merged" else merge(model, use_kernel=True)
+    labels = remap_labels(dataset, meta["classes"])
+    model = model.to(memory_format=torch.channels_last)
+    logits = predict_logits(model, dataset.images, meta["preprocess"], device, batch_size, channels_last=True)
+    return logits, labels, meta
+
+
+def set_checkpoint_temperature(src, temperature: float, out=None, force: bool = True) -> dict:
+    """Write ``src`` again (to ``out``, default in place) with
+    ``preprocess["temperature"] = T`` in its metadata, atomically; the weights are
+    copied unchanged.  Converters copy the checkpoint's preprocess into the
+    bundle's preprocess.json, so every runtime divides its logits by T."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from fer_edge.checkpoint import META_KEY, read_meta, write_atomic
+
+    src = Path(src)
+    meta = read_meta(src)
+    with safe_open(str(src), framework="pt") as f:
+        header = dict(f.metadata() or {})
+    state = load_file(str(src))
+    meta["preprocess"] = dict(meta["preprocess"], temperature=round(float(temperature), 4))
+    header[META_KEY] = json.dumps(meta)
+    write_atomic(Path(out) if out else src, lambda tmp: save_file(state, tmp, metadata=header), force=force)
+    return meta
+
+
+def fit_checkpoint_temperature(weights, dataset, device="cpu", out=None, force: bool = True) -> float:
+    """Fit the softmax temperature on labelled faces (minimum NLL) and store it in
+    the checkpoint's metadata (``out``, default in place).  Returns T."""
+    from fer_edge.metrics import fit_temperature
+
+    logits, labels, _ = checkpoint_logits(weights, dataset, device)
+    t = fit_temperature(logits, labels)
+    set_checkpoint_temperature(weights, t, out, force)
+    return t

@@ -75,16 +75,33 @@ def collect() -> dict:
         try:
             import torch
 
-            from fer_edge.models.layers import cuda_merged_layers
-
             if torch.cuda.is_available():
                 info["cuda_device"] = torch.cuda.get_device_name(0)
-            info["kernels"]["cuda_merged_layers"] = cuda_merged_layers()
+                info["cuda_capability"] = ".".join(map(str, torch.cuda.get_device_capability(0)))
         except Exception:  # noqa: BLE001  (info reports, never fails)
             pass
+    from fer_edge.dispatch import describe
+
+    info["kernel_dispatch"] = describe()
     for name in RUNTIMES:
         info["runtimes"][name] = _module_version(name)
     return info
+
+
+def dispatch_lines(d: dict) -> list[str]:
+    """The kernel dispatch table as text: what merged layers run on CUDA, per measured shape."""
+    if "error" in d:
+        return [f"kernel dispatch: {d['file']} unusable ({d['error']}): every layer runs cudnn"]
+    rows = d.get("entries", [])
+    head = (f"kernel dispatch on CUDA ({d.get('file')}): {len(rows)} measured shape(s), "
+            f"{d.get('default', 'cudnn')} elsewhere"
+            + (f"; FER_EDGE_CUDA_KERNEL={d['override']} overrides it" if d.get("override") else ""))
+    lines = [head]
+    for r in rows:
+        lines.append(f"  cc {r['cc']} {r['dtype']} batch {r['batch']:>6}  C={r['cin']} c1/c3/c5={r['c1']}/{r['c3']}/"
+                     f"{r['c5']} {r['h']}x{r['w']}: {r['choice']}"
+                     + (f" ({r['speedup']:.2f}x the best cuDNN way)" if "speedup" in r else ""))
+    return lines
 
 
 def format_text(info: dict) -> str:
@@ -96,8 +113,8 @@ def format_text(info: dict) -> str:
         f"cuda={'yes' if k['cuda'] else 'no'}"
         + (f" for sm_{', sm_'.join(k['cuda_archs'])}" if k["cuda_archs"] else ""),
         f"cuda device: {info['cuda_device'] or 'none'}"
-        + (f" (merged models' multi-scale layers run {k['cuda_merged_layers']}; "
-           "FER_EDGE_CUDA_KERNEL=simt|wmma selects fer_edge's kernels)" if k.get("cuda_merged_layers") else ""),
+        + (f" (compute capability {info['cuda_capability']})" if info.get("cuda_capability") else ""),
+        *dispatch_lines(info.get("kernel_dispatch") or {}),
     ]
     dm = info.get("default_model") or {}
     if "name" in dm:

@@ -20,12 +20,16 @@ import torch
 import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+# The compiled extension's numbers of fer_edge's CUDA kernels (csrc/msconv.h, Variant).
+from fer_edge.dispatch import KERNELS as KERNEL_CODES
+
 try:
     from fer_edge import _C
-except ImportError as exc:  # pragma: no cover - only in a broken install
+except ImportError as exc:  # pragma: no cover - a device install (no kernels) or the source folder
     raise ImportError(
-        "fer_edge._C (the compiled kernels) is missing: install fer-edge with `pip install .` "
-        "rather than importing it from the source folder"
+        "fer_edge._C (the compiled kernels) is missing: this fer-edge was installed without them "
+        "(FER_EDGE_KERNELS=0, the device install: fer_edge.targets needs none) or is imported from the "
+        "source folder; `pip install .` builds them"
     ) from exc
 
 __all__ = [
@@ -36,6 +40,7 @@ __all__ = [
     "cuda_kernels_available",
     "CpuPackedMsConv",
     "pack_ms_weights",
+    "splitk_buffers",
     "tensor_version",
 ]
 
@@ -211,6 +216,22 @@ def _warn_fallback_once(reason: str) -> None:
         )
 
 
+def splitk_buffers(x: torch.Tensor, ctot: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The small-batch kernel's float32 workspace and int32 tile counters for
+    input x (CUDA) and ctot output channels, sized by the kernel's own launch
+    plan.  The counters start at zero and every call leaves them at zero, so a
+    module keeps one pair per shape (and a CUDA graph can replay it)."""
+    n, c, h, w = x.shape
+    plan = _C.splitk_plan(n, c, h, w, ctot, _C.sm_count(x.device.index or 0))
+    ws = torch.empty(max(1, plan["workspace_floats"]), dtype=torch.float32, device=x.device)
+    counters = torch.zeros(max(1, plan["counters"]), dtype=torch.int32, device=x.device)
+    return ws, counters
+
+
+# ws and counters are scratch: the split-K kernel writes partial sums to ws and
+# leaves every counter at zero, as it found it, so no caller can observe a
+# change.  Declared functional, which keeps the op differentiable (PyTorch
+# refuses autograd formulas for mutating ops).
 @torch.library.custom_op("fer_edge::fused_ms_conv", mutates_args=())
 def _fused_ms_conv_op(
     x: torch.Tensor,
@@ -222,6 +243,9 @@ def _fused_ms_conv_op(
     b5: torch.Tensor,
     relu: bool,
     wp: torch.Tensor | None = None,
+    kernel: int = 0,
+    ws: torch.Tensor | None = None,
+    counters: torch.Tensor | None = None,
 ) -> torch.Tensor:
     c1, c3, c5, nhwc = check_ms_conv_inputs(x, w1, b1, w3, b3, w5, b5)
     if x.device.type == "cuda" and not cuda_kernels_available():
@@ -245,16 +269,19 @@ def _fused_ms_conv_op(
         if wp is None:  # a caller without a cached pack (FusedMultiScaleConv keeps one) packs per call
             wp = pack_ms_weights(w1, w3, w5)
         check_packed_weights(wp, x, c1 + c3 + c5)
+        if kernel == KERNEL_CODES["splitk"] and (ws is None or counters is None):
+            ws, counters = splitk_buffers(x, c1 + c3 + c5)
         # The CUDA kernels read only wp (and the biases); w1/w3/w5 pass for the argument checks.
         ptrs = [t.data_ptr() for t in (x, out, w1, b1, w3, b3, w5, b5)]
         stream = torch.cuda.current_stream(x.device).cuda_stream
         _C.msconv_cuda(*ptrs, n, c, h, w, c1, c3, c5, layout, bool(relu), _CUDA_DTYPES[x.dtype], stream,
-                       wp.data_ptr())
+                       wp.data_ptr(), kernel, ws.data_ptr() if ws is not None else 0,
+                       counters.data_ptr() if counters is not None else 0)
     return out
 
 
 @_fused_ms_conv_op.register_fake
-def _(x, w1, b1, w3, b3, w5, b5, relu, wp=None):
+def _(x, w1, b1, w3, b3, w5, b5, relu, wp=None, kernel=0, ws=None, counters=None):
     c1, c3, c5, nhwc = check_ms_conv_inputs(x, w1, b1, w3, b3, w5, b5)
     return _empty_output(x, c1 + c3 + c5, nhwc)
 
@@ -272,7 +299,8 @@ def _backward(ctx, grad):
     with torch.enable_grad():
         _, vjp = torch.func.vjp(lambda *a: fused_ms_conv_reference(*a, relu=ctx.relu), *inputs)
         grads = vjp(grad)
-    return (*grads, None, None)  # relu, wp (a packed copy of w1/w3/w5: their gradients cover it)
+    # relu, wp (a packed copy of w1/w3/w5: their gradients cover it), kernel, ws, counters
+    return (*grads, None, None, None, None, None)
 
 
 _fused_ms_conv_op.register_autograd(_backward, setup_context=_setup_context)
@@ -335,7 +363,21 @@ class CpuPackedMsConv:
         return out
 
 
-def fused_ms_conv(x, w1, b1, w3, b3, w5, b5, relu: bool = True, wp=None) -> torch.Tensor:
+def cuda_kernel_code(kernel: str | None) -> int:
+    """The compiled extension's number for a CUDA kernel name; None: the
+    FER_EDGE_CUDA_KERNEL override when it names one of ours, else simt."""
+    from fer_edge.dispatch import override
+
+    name = kernel if kernel is not None else override()
+    if name in (None, "cudnn"):
+        name = "simt"
+    if name not in KERNEL_CODES:
+        raise ValueError(f"fused_ms_conv: unknown CUDA kernel {name!r}; choose {', '.join(KERNEL_CODES)}")
+    return KERNEL_CODES[name]
+
+
+def fused_ms_conv(x, w1, b1, w3, b3, w5, b5, relu: bool = True, wp=None, kernel: str | None = None,
+                  buffers=None) -> torch.Tensor:
     """Fused 1x1/3x3/5x5 convolution + bias (+ ReLU) + concat, in one kernel.
 
     x: (N, C, H, W), contiguous NCHW or channels_last; float32 on the CPU,
@@ -344,8 +386,14 @@ def fused_ms_conv(x, w1, b1, w3, b3, w5, b5, relu: bool = True, wp=None) -> torc
     wp: optional ``pack_ms_weights(w1, w3, w5)``, kept by callers whose
     weights do not change so a CUDA call does not re-pack them (the CPU
     kernel does not use it: see CpuPackedMsConv).
+    kernel: on CUDA, which of fer_edge's kernels: "simt", "wmma" (float16,
+    tensor cores) or "splitk" (small batches); None = simt unless
+    FER_EDGE_CUDA_KERNEL names another.  buffers: splitk_buffers(x, ctot),
+    kept by callers that run one shape repeatedly (else allocated per call).
     """
     c1, c3, c5, _ = check_ms_conv_inputs(x, w1, b1, w3, b3, w5, b5)
     if wp is not None:
         check_packed_weights(wp, x, c1 + c3 + c5)
-    return torch.ops.fer_edge.fused_ms_conv(x, w1, b1, w3, b3, w5, b5, bool(relu), wp)
+    ws, counters = buffers if buffers is not None else (None, None)
+    return torch.ops.fer_edge.fused_ms_conv(x, w1, b1, w3, b3, w5, b5, bool(relu), wp, cuda_kernel_code(kernel),
+                                            ws, counters)

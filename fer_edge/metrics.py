@@ -92,3 +92,93 @@ def summarize(y_true, probs, classes: list[str]) -> dict:
         "confusion_matrix_normalized": normalize_rows(cm).round(6).tolist(),
         "_roc": rocs,  # curves for the plots; dropped from JSON
     }
+
+
+# ------------------------------------------------------------------ calibration
+def softmax(logits, temperature: float = 1.0) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64) / float(temperature)
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def reliability_bins(probs, y_true, bins: int = 15) -> dict:
+    """Top-label reliability: the predicted class's probability (confidence) in
+    equal-width bins over (0, 1]; per bin the count, mean confidence and
+    accuracy (empty bins: count 0, the others NaN)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    y_true = np.asarray(y_true, dtype=np.int64)
+    conf = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == y_true).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    # Bin i holds (edges[i], edges[i+1]]; a confidence of exactly 0 (impossible for a softmax) goes to bin 0.
+    idx = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, bins - 1)
+    count = np.bincount(idx, minlength=bins).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_conf = np.bincount(idx, weights=conf, minlength=bins) / count
+        acc = np.bincount(idx, weights=correct, minlength=bins) / count
+    return {"edges": edges, "count": count, "confidence": mean_conf, "accuracy": acc}
+
+
+def expected_calibration_error(probs, y_true, bins: int = 15) -> float:
+    """Top-label ECE (Guo et al., 2017): sum over equal-width confidence bins of
+    (fraction of samples in the bin) * |accuracy - mean confidence|."""
+    r = reliability_bins(probs, y_true, bins)
+    n = r["count"].sum()
+    used = r["count"] > 0
+    if n == 0:
+        return 0.0
+    return float(np.sum(r["count"][used] / n * np.abs(r["accuracy"][used] - r["confidence"][used])))
+
+
+def nll(logits, y_true, temperature: float = 1.0) -> float:
+    """Mean negative log-likelihood of the true class under softmax(logits / T)."""
+    z = np.asarray(logits, dtype=np.float64) / float(temperature)
+    z = z - z.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return float(-logp[np.arange(len(z)), np.asarray(y_true, dtype=np.int64)].mean())
+
+
+def fit_temperature(logits, y_true, lo: float = 0.05, hi: float = 20.0, tol: float = 1e-4) -> float:
+    """The T minimizing nll(logits / T): golden-section search on beta = 1/T, where
+    the NLL is convex (a log-sum-exp of linear functions of beta minus a linear
+    term), so the 1-D search finds the global minimum within [1/hi, 1/lo]."""
+    if len(logits) == 0:
+        return 1.0
+    g = (np.sqrt(5.0) - 1) / 2
+    a, b = 1.0 / hi, 1.0 / lo
+    c, d = b - g * (b - a), a + g * (b - a)
+    fc, fd = nll(logits, y_true, 1 / c), nll(logits, y_true, 1 / d)
+    while b - a > tol * max(1.0, a):
+        if fc < fd:
+            b, d, fd = d, c, fc
+            c = b - g * (b - a)
+            fc = nll(logits, y_true, 1 / c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + g * (b - a)
+            fd = nll(logits, y_true, 1 / d)
+    return float(1.0 / ((a + b) / 2))
+
+
+def cross_fitted_probs(logits, y_true, seed: int = 0) -> tuple[np.ndarray, list[float]]:
+    """Temperature-scaled probabilities without scoring a face with a T fitted on
+    it: the data is split in two seeded halves; T fitted on each half scales the
+    other.  Returns (probs, [T of half 1, T of half 2])."""
+    logits = np.asarray(logits, dtype=np.float64)
+    y_true = np.asarray(y_true, dtype=np.int64)
+    order = np.random.default_rng(seed).permutation(len(y_true))
+    halves = (order[: len(order) // 2], order[len(order) // 2:])
+    probs = np.zeros_like(logits)
+    temps = []
+    for fit_on, score_on in (halves, halves[::-1]):
+        t = fit_temperature(logits[fit_on], y_true[fit_on])
+        temps.append(t)
+        probs[score_on] = softmax(logits[score_on], t)
+    return probs, temps
+
+
+def cross_fitted_ece(logits, y_true, bins: int = 15, seed: int = 0) -> dict:
+    """ECE of all faces, each scaled by the T of the other half (cross_fitted_probs)."""
+    probs, temps = cross_fitted_probs(logits, y_true, seed)
+    return {"ece": expected_calibration_error(probs, y_true, bins), "temperatures": temps}

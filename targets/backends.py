@@ -45,6 +45,20 @@ class BackendUnavailable(RuntimeError):
     """The runtime this artifact needs is not installed here."""
 
 
+def import_onnxruntime():
+    """onnxruntime with its telemetry off: ORT_DISABLE_TELEMETRY (set by
+    fer_edge/__init__ before any import) stops its files under ~/.cache, and
+    disable_telemetry_events() its event logging where the build has one."""
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise BackendUnavailable("onnxruntime is not installed (pip install onnxruntime)") from None
+    if hasattr(ort, "disable_telemetry_events"):
+        ort.disable_telemetry_events()
+    return ort
+
+
 class Backend:
     name = "base"
 
@@ -80,10 +94,7 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, path, threads: int | None = None, providers=None):
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise BackendUnavailable("onnxruntime is not installed (pip install onnxruntime)") from None
+        ort = import_onnxruntime()
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads

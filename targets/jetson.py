@@ -5,6 +5,7 @@ engine, ``cuda-python`` for device buffers.  Nothing here imports torch.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -136,14 +137,63 @@ def _gpu_name() -> str:
     return "".join(c if c.isalnum() else "-" for c in name.strip("\x00")).strip("-") or "gpu"
 
 
-def cached_engine(onnx_path, precision: str, log=print) -> Path:
-    """The engine for this ONNX, built on first use and cached next to it.  The
-    cache key is the TensorRT version and the GPU: an engine only runs where it
-    was built."""
+def engine_key(onnx_sha256: str, tensorrt_version: str, gpu: str, precision: str) -> dict:
+    """What an engine depends on: the exact ONNX, the TensorRT that built it and the GPU
+    (an engine only deserializes where it was built), and the precision flags."""
+    return {"onnx_sha256": onnx_sha256, "tensorrt": tensorrt_version, "gpu": gpu, "precision": precision}
+
+
+def engine_paths(onnx_path, key: dict) -> tuple[Path, Path]:
+    """(engine, sidecar JSON) next to the ONNX, named by the key: a new ONNX, TensorRT
+    or GPU gets a new file instead of reusing a stale one."""
+    onnx_path = Path(onnx_path)
+    stem = f"{onnx_path.stem}.{key['onnx_sha256'][:12]}.trt{key['tensorrt']}.{key['gpu']}.{key['precision']}"
+    return onnx_path.with_name(stem + ".engine"), onnx_path.with_name(stem + ".engine.json")
+
+
+def stale_reason(engine: Path, sidecar: Path, key: dict) -> str | None:
+    """Why a cached engine may not be used (None: it may): it must exist with a
+    sidecar recording exactly this key and the engine's own sha256."""
+    from fer_edge.targets.bundle import sha256_file
+
+    if not engine.is_file() or not sidecar.is_file():
+        return "no cached engine"
+    try:
+        meta = json.loads(sidecar.read_text())
+    except (OSError, ValueError):
+        return "its sidecar is unreadable"
+    if not isinstance(meta, dict) or any(meta.get(k) != v for k, v in key.items()):
+        return "it was built for another ONNX, TensorRT version, GPU or precision"
+    if meta.get("engine_sha256") != sha256_file(engine):
+        return "the engine file does not match its recorded sha256"
+    return None
+
+
+def write_sidecar(sidecar: Path, key: dict, engine: Path) -> None:
+    from fer_edge.targets.bundle import sha256_file
+
+    tmp = sidecar.with_name(f".{sidecar.name}.tmp")
+    tmp.write_text(json.dumps(dict(key, engine_sha256=sha256_file(engine)), indent=2) + "\n")
+    tmp.replace(sidecar)
+
+
+def cached_engine(onnx_path, precision: str, log=print, onnx_sha256: str | None = None) -> Path:
+    """The engine for this ONNX, built on first use and cached next to it with a
+    JSON sidecar (ONNX sha256, TensorRT version, GPU, precision, engine sha256);
+    the sidecar is checked before every use and the engine rebuilt when anything
+    differs.  onnx_sha256: the bundle manifest's (already verified) hash.
+    This guards against stale or corrupt engines, not against someone who can
+    write to the bundle folder (see docs/trust.md)."""
+    from fer_edge.targets.bundle import sha256_file
+
     trt = _tensorrt()
     onnx_path = Path(onnx_path)
-    engine = onnx_path.with_name(f"{onnx_path.stem}.trt{trt.__version__}.{_gpu_name()}.engine")
-    if not engine.is_file():
-        log(f"building the TensorRT {precision} engine {engine.name} (first run only; takes a minute)")
+    key = engine_key(onnx_sha256 or sha256_file(onnx_path), trt.__version__, _gpu_name(), precision)
+    engine, sidecar = engine_paths(onnx_path, key)
+    reason = stale_reason(engine, sidecar, key)
+    if reason is not None:
+        log(f"building the TensorRT {precision} engine {engine.name} ({reason}; takes a minute)")
+        sidecar.unlink(missing_ok=True)  # the old record must never vouch for the new engine
         build_engine(onnx_path, precision, engine)
+        write_sidecar(sidecar, key, engine)
     return engine

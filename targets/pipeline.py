@@ -1,9 +1,12 @@
 """Frame -> faces -> expressions, for the device.  numpy + OpenCV + one backend.
 
-Per frame: detect faces (Haar cascade shipped with OpenCV, or YuNet from its
-ONNX file) -> square crop with margin -> gray -> model input size -> ONE
-batched inference for all faces -> probabilities -> per-track exponential
-moving average (tracks matched by IoU) so labels do not flicker.
+Per frame: detect faces (BlazeFace full or short range by default, run by
+LiteRT; OpenCV's Haar cascade or YuNet on request; detectors.py) -> square
+crop with the detector's margin, optionally rotated so the eyes are level ->
+gray -> model input size -> ONE batched inference for all faces ->
+softmax(logits / T), T the bundle's fitted temperature -> per-track
+exponential moving average (tracks matched by IoU, expired after a gap) so
+labels do not flicker.
 
 Every stage is timed; ``Pipeline.stats()`` reports frames/s and the mean
 milliseconds of detect / preprocess / infer / postprocess.
@@ -12,98 +15,74 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from fer_edge.targets.bundle import preprocess_faces, resize_face, softmax
+# The detectors live in detectors.py (one DETECTORS table); re-exported here
+# for callers of the earlier layout.
+from fer_edge.targets.detectors import (  # noqa: F401
+    DEFAULT_DETECTOR, DETECTORS, BlazeFaceDetector, Detections, HaarDetector, YuNetDetector, make_detector)
 
 STAGES = ("detect", "preprocess", "infer", "postprocess")
 
 
-# ------------------------------------------------------------------ detection
-class HaarDetector:
-    """OpenCV's frontal-face Haar cascade (ships with opencv-python; no download).
-
-    Runs on a copy of the frame scaled so its longer side is ``max_side``
-    pixels (a 640x480 frame: about 4x faster, faces of 40+ px still found) and
-    maps the boxes back to frame pixels."""
-
-    name = "haar"
-
-    def __init__(self, min_size: int = 24, scale_factor: float = 1.1, min_neighbors: int = 4,
-                 max_side: int = 360):
-        import cv2
-
-        path = Path(cv2.data.haarcascades) / "haarcascade_frontalface_default.xml"
-        self.cascade = cv2.CascadeClassifier(str(path))
-        if self.cascade.empty():
-            raise RuntimeError(f"cannot load the Haar cascade {path}")
-        self.min_size, self.scale_factor, self.min_neighbors = min_size, scale_factor, min_neighbors
-        self.max_side = max_side
-
-    def __call__(self, bgr: np.ndarray, gray: np.ndarray) -> np.ndarray:
-        """(N, 4) int boxes x, y, w, h in frame pixels."""
-        import cv2
-
-        scale = min(1.0, self.max_side / max(gray.shape))
-        small = gray if scale == 1.0 else cv2.resize(gray, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-        faces = self.cascade.detectMultiScale(small, self.scale_factor, self.min_neighbors,
-                                              minSize=(self.min_size, self.min_size))
-        return np.round(np.asarray(faces, dtype=np.float64).reshape(-1, 4) / scale).astype(np.int64)
-
-
-class YuNetDetector:
-    """YuNet (``cv2.FaceDetectorYN``) from the user's ``face_detection_yunet_*.onnx``."""
-
-    name = "yunet"
-
-    def __init__(self, onnx_path, score_threshold: float = 0.7):
-        import cv2
-
-        if not Path(onnx_path).is_file():
-            raise FileNotFoundError(f"YuNet model {onnx_path} not found")
-        self.det = cv2.FaceDetectorYN.create(str(onnx_path), "", (320, 320), score_threshold)
-        self.size = None
-
-    def __call__(self, bgr, gray):
-        h, w = bgr.shape[:2]
-        if self.size != (w, h):
-            self.det.setInputSize((w, h))
-            self.size = (w, h)
-        _, faces = self.det.detect(bgr)
-        if faces is None:
-            return np.zeros((0, 4), dtype=np.int64)
-        return np.round(faces[:, :4]).astype(np.int64)
-
-
-def make_detector(spec: str | None):
-    """'haar' (default) or the path of a YuNet .onnx file."""
-    if spec in (None, "", "haar"):
-        return HaarDetector()
-    return YuNetDetector(spec)
-
-
 # ------------------------------------------------------------------ crops
-def square_box(box, margin: float, frame_shape) -> tuple[int, int, int]:
+def square_box(box, margin: float, frame_shape, shift: float = 0.0) -> tuple[int, int, int]:
     """(x0, y0, side) of the square around a box, enlarged by ``margin`` of its
     size on every side (detectors box the face tightly; FER crops include the
-    forehead and chin)."""
+    forehead and chin) and moved down by ``shift`` of its size."""
     x, y, w, h = (float(v) for v in box)
     side = max(w, h) * (1 + 2 * margin)
-    cx, cy = x + w / 2, y + h / 2
+    cx, cy = x + w / 2, y + h / 2 + shift * max(w, h)
     return int(round(cx - side / 2)), int(round(cy - side / 2)), max(1, int(round(side)))
 
 
-def crop_square(gray: np.ndarray, box, margin: float, size) -> np.ndarray:
+def crop_square(gray: np.ndarray, box, margin: float, size, shift: float = 0.0) -> np.ndarray:
     """The square crop, resized to the model input; parts outside the frame replicate the border."""
     import cv2
 
-    x0, y0, side = square_box(box, margin, gray.shape)
+    x0, y0, side = square_box(box, margin, gray.shape, shift)
     H, W = gray.shape
     pad = max(0, -x0, -y0, x0 + side - W, y0 + side - H)
     src = cv2.copyMakeBorder(gray, pad, pad, pad, pad, cv2.BORDER_REPLICATE) if pad else gray
     crop = src[y0 + pad:y0 + pad + side, x0 + pad:x0 + pad + side]
+    return resize_face(crop, size)
+
+
+def eye_angle(eye_a, eye_b) -> float:
+    """Degrees the face is rolled: the angle of the line from the eye on the image's
+    left to the one on its right (positive = clockwise on screen, y points down).
+    Sorting by x makes it independent of which eye the detector calls "right"."""
+    (x1, y1), (x2, y2) = sorted([tuple(map(float, eye_a)), tuple(map(float, eye_b))])
+    return float(np.degrees(np.arctan2(y2 - y1, x2 - x1)))
+
+
+def alignment_matrix(centre, angle_deg: float, side: float, out_size: int) -> np.ndarray:
+    """2x3 affine map from frame pixels to an ``out_size`` square crop: rotate by
+    ``angle_deg`` about ``centre`` (undoing a roll of that angle: eyes level),
+    scale the ``side`` square to ``out_size``, centre it."""
+    a = np.radians(angle_deg)
+    s = out_size / side
+    c, si = np.cos(a) * s, np.sin(a) * s
+    cx, cy = centre
+    # Rows: x' = c*x + si*y + tx, y' = -si*x + c*y + ty, with centre -> out_size/2.
+    return np.array([[c, si, out_size / 2 - c * cx - si * cy],
+                     [-si, c, out_size / 2 + si * cx - c * cy]], dtype=np.float64)
+
+
+def aligned_crop(gray: np.ndarray, box, eyes, margin: float, size, shift: float = 0.0) -> np.ndarray:
+    """The crop of crop_square, rotated about the box centre so the eyes are level.
+
+    The square is warped at its own resolution and then resized exactly as
+    training faces are (resize_face: area when shrinking), so only the rotation
+    differs from the unaligned crop."""
+    import cv2
+
+    angle = eye_angle(*eyes)
+    x0, y0, side = square_box(box, margin, gray.shape, shift)
+    m = alignment_matrix((x0 + side / 2, y0 + side / 2), angle, side, side)
+    crop = cv2.warpAffine(gray, m, (side, side), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     return resize_face(crop, size)
 
 
@@ -130,7 +109,9 @@ class Track:
 class Tracker:
     """Greedy IoU matching of this frame's faces to live tracks; each track keeps
     an exponential moving average of the class probabilities (alpha = weight of
-    the new frame), so one odd frame does not flip the label."""
+    the new frame), so one odd frame does not flip the label.  A track not seen
+    for more than ``max_age`` frames expires (its face left, or a new face in
+    the same place must not inherit its probabilities)."""
 
     def __init__(self, alpha: float = 0.4, iou_threshold: float = 0.3, max_age: int = 15):
         self.alpha, self.iou_threshold, self.max_age = alpha, iou_threshold, max_age
@@ -138,6 +119,8 @@ class Tracker:
         self.next_id = 1
 
     def update(self, boxes: np.ndarray, probs: np.ndarray, frame: int) -> list[Track]:
+        # Expire first: a track older than the gap must not match this frame's faces.
+        self.tracks = [t for t in self.tracks if frame - t.last_frame <= self.max_age]
         pairs = sorted(((iou(t.box, b), ti, bi) for ti, t in enumerate(self.tracks) for bi, b in enumerate(boxes)),
                        reverse=True)
         used_t, used_b, assigned = set(), set(), {}
@@ -160,19 +143,40 @@ class Tracker:
                 t.probs = self.alpha * p + (1 - self.alpha) * t.probs
                 t.box, t.last_frame, t.hits = box, frame, t.hits + 1
             out.append(t)
-        self.tracks = [t for t in self.tracks if frame - t.last_frame <= self.max_age]
         return out
 
 
+def track_gap_frames(spec, fps: float | None) -> int:
+    """--track-gap as frames: "15" is 15 frames, "0.5s" half a second at the
+    source's frame rate (30 frames/s when it does not say)."""
+    text = str(spec).strip().lower()
+    try:
+        if text.endswith("s"):
+            seconds = float(text[:-1])
+            if not seconds >= 0:
+                raise ValueError
+            return int(round(seconds * (fps or 30.0)))
+        frames = int(text)
+        if frames < 0:
+            raise ValueError
+        return frames
+    except ValueError:
+        raise ValueError(f"--track-gap {spec}: give frames (15) or seconds (0.5s), not negative") from None
+
+
 # ------------------------------------------------------------------ the pipeline
+UNCERTAIN = "uncertain"
+
+
 @dataclass
 class Face:
     box: list[int]            # x, y, w, h in frame pixels
-    label: str                # smoothed (track) label
+    label: str                # smoothed (track) label; "uncertain" below min_confidence
     confidence: float
     probs: dict[str, float]   # smoothed probabilities
     raw_label: str            # this frame's own prediction
     track_id: int
+    score: float = 1.0        # the detector's score
 
 
 @dataclass
@@ -180,40 +184,70 @@ class Pipeline:
     backend: object                     # a targets.backends.Backend (or anything with .run(x) -> logits)
     labels: list[str]
     preprocess: dict
-    detector: object = field(default_factory=HaarDetector)
-    margin: float = 0.15
+    detector: object = field(default_factory=make_detector)
+    margin: float | None = None         # None: the detector's own (its boxes differ in tightness)
+    align: bool = False                 # rotate crops so the eyes are level (detectors with eye keypoints)
+    temperature: float | None = None    # None: the bundle's preprocess["temperature"] (1 when absent)
+    min_confidence: float = 0.0         # below it a face is labelled "uncertain"
     tracker: Tracker = field(default_factory=Tracker)
     times: dict = field(default_factory=lambda: {s: 0.0 for s in STAGES})
     frames: int = 0
     faces_seen: int = 0
+
+    def __post_init__(self):
+        if self.margin is None:
+            self.margin = getattr(self.detector, "crop_margin", 0.15)
+        self.shift = getattr(self.detector, "crop_shift", 0.0)
+        if self.temperature is None:
+            self.temperature = float(self.preprocess.get("temperature", 1.0))
+        if not self.temperature > 0:
+            raise ValueError(f"temperature {self.temperature}: must be > 0")
+
+    def reset(self) -> None:
+        """Forget every track (a new, unrelated image: nothing carries over)."""
+        t = self.tracker
+        self.tracker = Tracker(t.alpha, t.iou_threshold, t.max_age)
+
+    def crops(self, gray: np.ndarray, det) -> np.ndarray | None:
+        """(N, H, W) uint8 model-size crops of the detections."""
+        if len(det) == 0:
+            return None
+        size = tuple(self.preprocess["input_size"])
+        if self.align and det.keypoints is not None:
+            return np.stack([aligned_crop(gray, b, k[:2], self.margin, size, self.shift)
+                             for b, k in zip(det.boxes, det.keypoints)])
+        return np.stack([crop_square(gray, b, self.margin, size, self.shift) for b in det.boxes])
 
     def __call__(self, frame_bgr: np.ndarray) -> list[Face]:
         import cv2
 
         t0 = time.perf_counter()
         gray = frame_bgr if frame_bgr.ndim == 2 else cv2.cvtColor(frame_bgr, cv2.COLOR_BGR2GRAY)
-        boxes = self.detector(frame_bgr, gray)
-        # OpenCV's parallel detectors return faces in varying order: sort them
-        # (top-to-bottom rows, left to right) so output and events are stable.
-        if len(boxes) > 1:
-            boxes = boxes[np.lexsort((boxes[:, 0], boxes[:, 1] // 64))]
+        det = self.detector.detect(frame_bgr, gray)
+        # Parallel detectors return faces in varying order: sort them (top-to-bottom
+        # rows, left to right) so output and events are stable.
+        if len(det) > 1:
+            b = det.boxes
+            det = det.select(np.lexsort((b[:, 0], np.floor(b[:, 1] / 64))))
+        boxes = np.round(det.boxes).astype(np.int64)
         t1 = time.perf_counter()
-        size = tuple(self.preprocess["input_size"])
-        faces = np.stack([crop_square(gray, b, self.margin, size) for b in boxes]) if len(boxes) else None
+        faces = self.crops(gray, det)
         x = preprocess_faces(faces, self.preprocess) if faces is not None else None
         t2 = time.perf_counter()
         logits = self.backend.run(x) if x is not None else np.zeros((0, len(self.labels)), np.float32)
         t3 = time.perf_counter()
-        probs = softmax(logits)
+        probs = softmax(logits / np.float32(self.temperature))
         tracks = self.tracker.update(boxes, probs, self.frames)
         out = []
-        for box, p, t in zip(boxes, probs, tracks):
+        for box, p, t, s in zip(boxes, probs, tracks, det.scores):
             k = int(np.argmax(t.probs))
-            out.append(Face([int(v) for v in box], self.labels[k], float(t.probs[k]),
-                            {c: float(v) for c, v in zip(self.labels, t.probs)}, self.labels[int(np.argmax(p))],
-                            t.id))
+            conf = float(t.probs[k])
+            out.append(Face([int(v) for v in box], self.labels[k] if conf >= self.min_confidence else UNCERTAIN,
+                            conf, {c: float(v) for c, v in zip(self.labels, t.probs)},
+                            self.labels[int(np.argmax(p))], t.id, float(s)))
         t4 = time.perf_counter()
-        for s, dt in zip(STAGES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+        self.last_times = dict(zip(STAGES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)))   # seconds, this frame
+        for s, dt in self.last_times.items():
             self.times[s] += dt
         self.frames += 1
         self.faces_seen += len(out)

@@ -35,10 +35,8 @@ def pytest_configure(config):
 # ---------------------------------------------------------------- shared fixtures
 # A briefly trained model and its bundles, built once per test session and used
 # by the converter and on-device runtime tests.
-import json  # noqa: E402
 import sys  # noqa: E402
 
-import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers import DATA, copy_subset  # noqa: E402
@@ -49,21 +47,23 @@ FER = DATA / "fer2013"
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
-    """A MACNN (width 0.25) trained for a few epochs on 4,000 real FER2013 faces:
-    random weights predict one class, which would make agreement meaningless."""
+    """The embedded default model (MACNN width 0.25, trained on FER2013) with
+    real calibration faces and disjoint parity faces: a converged model, as
+    users convert, in no time.  (A briefly trained one sits near its decision
+    boundaries on every face, so int8 rounding flips it far more often than
+    it flips a real model: its agreement measures the fixture, not the export.)"""
+    import shutil
+
+    from fer_edge.weights import default_weights
+
     if not FER.is_dir():
         pytest.skip(f"real data not found at {DATA}")
     root = tmp_path_factory.mktemp("conv")
     calib = copy_subset(FER / "publictest", root / "calib", 40)
-    proc = run("train", "--model", "macnn", "--width", "0.25", "--data", FER / "train", "--limit", "4000",
-               "--val", calib, "--epochs", "4", "--batch-size", "32", "--recipe", "paper", "--lr", "1e-3",
-               "--out", root / "run", "--no-progress")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    weights = root / "run" / "best.safetensors"
-    rep = json.loads((root / "run" / "val_eval.json").read_text())
-    # calib is class-balanced: chance is 1/7; a useful model spreads its predictions over classes
-    assert rep["accuracy"] > 0.25, f"the briefly trained model should beat chance (14%), got {rep['accuracy']:.3f}"
-    assert (np.array(rep["confusion_matrix"]).sum(axis=0) > 0).sum() >= 3, "predicts almost one class"
+    # Parity faces disjoint from the calibration faces (convert --parity-data): the next 60 of each class.
+    copy_subset(FER / "publictest", root / "check", 60, offset=40)
+    weights = root / "model.safetensors"
+    shutil.copy(default_weights(), weights)
     return weights, calib, root
 
 
@@ -76,7 +76,7 @@ def bundles(trained):
     for f in FORMATS:
         b = root / f"bundle-{f.target}-{f.precision}"
         proc = run("convert", "--weights", weights, "--target", f.target, "--precision", f.precision,
-                   "--calib", calib, "--out", b)
+                   "--calib", calib, "--parity-data", root / "check", "--out", b)
         out[(f.target, f.precision)] = (b, proc)
     return out
 

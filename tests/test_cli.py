@@ -43,9 +43,14 @@ def test_info_json_reports_kernels_and_runtimes():
         assert info["runtimes"]["onnxruntime"] is None
     else:
         assert info["runtimes"]["onnxruntime"] == onnxruntime.__version__
-    # merged models run cuDNN on CUDA unless FER_EDGE_CUDA_KERNEL asks for fer_edge's kernels
-    asked = os.environ.get("FER_EDGE_CUDA_KERNEL", "").strip().lower()
-    assert info["kernels"]["cuda_merged_layers"] == (asked if asked in ("simt", "wmma") else "cudnn")
+    # the kernel dispatch table the package ships: every row names a choice the kernels know
+    from fer_edge.dispatch import CHOICES, TABLE_FILE
+
+    table = json.loads(TABLE_FILE.read_text())
+    assert info["kernel_dispatch"]["entries"] == table["entries"]
+    assert all(r["choice"] in CHOICES for r in table["entries"])
+    text = run("info").stdout
+    assert f"kernel dispatch on CUDA (kernel_dispatch.json): {len(table['entries'])} measured shape(s)" in text
     if torch.cuda.is_available():
         assert info["cuda_device"] == torch.cuda.get_device_name(0)
     else:

@@ -28,7 +28,7 @@ IDS = [f"{f.target}-{f.precision}" for f in FORMATS]
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=IDS)
 def test_every_format_converts_and_passes_parity(fmt, trained, bundles, tmp_path):
-    weights, calib, _ = trained
+    weights, calib, root = trained
     bundle, proc = bundles[(fmt.target, fmt.precision)]
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     names = {p.name for p in bundle.iterdir()}
@@ -39,14 +39,31 @@ def test_every_format_converts_and_passes_parity(fmt, trained, bundles, tmp_path
     from fer_edge.targets.bundle import sha256_file
 
     assert manifest["source_checkpoint"]["sha256"] == sha256_file(weights)
-    # fer-edge parity: PyTorch and the artifact in its own runtime, on the labelled faces
-    proc = run("parity", "--bundle", bundle, "--data", calib, "--json", tmp_path / "p.json")
+    parity = json.loads((bundle / "parity.json").read_text())
+    n_check = sum(1 for _ in (root / "check").rglob("*.jpg"))
+    assert parity["data"]["path"] == str(root / "check") and parity["artifacts"][0]["passed"]
+    assert parity["data"]["count"] + parity["data"]["excluded_calibration_faces"] == n_check
+    if fmt.needs_calib:  # the 256 calibration faces of --calib, by pixel hash, for later parity runs
+        assert manifest["calibration"]["count"] == 256 and len(manifest["calibration"]["face_sha256"]) == 256
+    # fer-edge parity (on a copy: it re-marks the bundle): PyTorch and the artifact in its own runtime
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    proc = run("parity", "--bundle", copy, "--data", root / "check", "--json", tmp_path / "p.json")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rep = json.loads((tmp_path / "p.json").read_text())
     (r,) = rep["artifacts"]
     t = THRESHOLDS[fmt.precision]
-    assert r["passed"] and r["images"] == 280
-    assert r["agreement"] >= t["agreement"]
+    assert r["passed"] and r["images"] == parity["data"]["count"]
+    assert json.loads((copy / "parity.json").read_text())["data"]["files_sha256"] == parity["data"]["files_sha256"]
+    if fmt.needs_calib:  # on --calib's folder, the 256 faces int8 was calibrated on are left out
+        before = sorted((p.name, p.read_bytes()) for p in copy.iterdir())
+        proc = run("parity", "--bundle", copy, "--data", calib, "--report-only", "--json", tmp_path / "c.json")
+        assert proc.returncode in (0, 1), proc.stderr  # 24 faces: a coarse check either way
+        left_out = json.loads((tmp_path / "c.json").read_text())["data"]["excluded_calibration_faces"]
+        assert left_out >= 256 and "calibration faces left out" in proc.stdout  # >=: FER2013 has duplicates
+        assert sorted((p.name, p.read_bytes()) for p in copy.iterdir()) == before  # --report-only: untouched
+    # the gate: exact for fp32; below that, agreement not significantly under the limit
+    assert (r["agreement"] if t["agreement"] == 1.0 else r["agreement_upper95"]) >= t["agreement"]
     if t["max_logit"] is not None:
         assert r["max_abs_logit_diff"] <= t["max_logit"]
     if fmt.precision == "int8":
@@ -158,12 +175,17 @@ def test_entropy_calibration_clips_ranges_that_minmax_keeps(trained, bundles, tm
     """The default int8 calibration (entropy) really differs from minmax: the
     same tensors, each scale at most minmax's, several clearly smaller (once,
     ONNX Runtime's own entropy calibrator silently gave the minmax ranges), and
-    both artifacts pass parity on the real faces."""
-    weights, calib, _ = trained
+    the entropy artifact passes parity on faces it was not calibrated on.
+    (minmax may not: the default model's minmax Jetson int8, calibrated on 280
+    PublicTest faces, agreed on 95.74% of 376 others; the bundle is then
+    written and marked failed, convert exiting 1.)"""
+    weights, calib, root = trained
     b = tmp_path / "minmax"
     proc = run("convert", "--weights", weights, "--target", "jetson", "--precision", "int8", "--calib", calib,
-               "--calib-method", "minmax", "--out", b)
-    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+               "--parity-data", root / "check", "--calib-method", "minmax", "--out", b)
+    assert proc.returncode in (0, 1), proc.stdout + proc.stderr[-3000:]
+    verdict = json.loads((b / "parity.json").read_text())["artifacts"][0]["passed"]
+    assert (proc.returncode == 0) == verdict
     minmax = _activation_scales(b / "model_int8_qdq.onnx")
     entropy_bundle, proc = bundles[("jetson", "int8")]
     assert proc.returncode == 0
@@ -173,8 +195,7 @@ def test_entropy_calibration_clips_ranges_that_minmax_keeps(trained, bundles, tm
     assert (ratio <= 1 + 1e-6).all(), ratio.max()  # a threshold never exceeds the observed max |x|
     assert (ratio < 0.9).sum() >= 5, np.sort(ratio)  # the tails are clipped
     assert ratio.min() > 0.1, ratio.min()  # ... but not the bulk (the ReLU zero spike is neutralized)
-    for bundle in (b, entropy_bundle):
-        assert json.loads((bundle / "manifest.json").read_text())["artifacts"][0]["status"] == "passed"
+    assert json.loads((entropy_bundle / "parity.json").read_text())["artifacts"][0]["passed"]
 
 
 def test_nhwc_uint8_camera_input(trained, tmp_path):
@@ -317,16 +338,20 @@ def test_convert_list_shows_the_table():
 
 
 def test_benchmark_table(trained, tmp_path):
-    weights, calib, _ = trained
-    proc = run("benchmark", "--weights", weights, "--data", calib, "--formats", "onnx/fp32,android/int8",
-               "--runs", "5", "--json", tmp_path / "b.json")
+    weights, calib, root = trained
+    proc = run("benchmark", "--weights", weights, "--data", root / "check", "--calib", calib,
+               "--formats", "onnx/fp32,android/int8", "--runs", "5", "--json", tmp_path / "b.json")
     assert proc.returncode == 0, proc.stderr
     rep = json.loads((tmp_path / "b.json").read_text())
     rows = {(r["target"], r["precision"], r["name"]): r for r in rep["rows"]}
     assert {k[:2] for k in rows} == {("pytorch", "fp32"), ("onnx", "fp32"), ("android", "int8")}
     for r in rep["rows"]:
-        assert r["status"] in ("reference", "✅") and r["ms_1_thread"] > 0 and r["img_per_s"] > 0
-    assert "✅" in proc.stdout and "ms 1thr" in proc.stdout
+        assert r["status"] in ("reference", "passed") and r["ms_1_thread"] > 0 and r["img_per_s"] > 0
+    assert "passed" in proc.stdout and "ms 1thr" in proc.stdout
+    # words, not emoji (scripts grep the JSON): nothing from the symbol/emoji blocks
+    assert not [c for c in (tmp_path / "b.json").read_text() if ord(c) >= 0x2600]
+    # scored on every --data face (none of them calibrated the int8 artifact)
+    assert rep["images"] + rep["excluded_calibration_faces"] == sum(1 for _ in (root / "check").rglob("*.jpg"))
 
 
 def test_tensorrt_engine_builds_from_the_jetson_bundle(bundles, tmp_path):
@@ -338,9 +363,9 @@ def test_tensorrt_engine_builds_from_the_jetson_bundle(bundles, tmp_path):
         assert engine.stat().st_size > 0
 
 
-@pytest.mark.parametrize("arch,config", [("hsnet", {"width": 0.25}), ("vgg16", {"width": 0.25})])
+@pytest.mark.parametrize("arch,config", [("hsnet-lite", {"width": 0.25}), ("vgg16", {"width": 0.25})])
 def test_other_architectures_export_exactly(arch, config, tmp_path):
-    """VGG16 and HSNet (at its default 112 px input, where the top-down path
+    """VGG16 and hsnet-lite (at its default 112 px input, where the top-down path
     upsamples 6 -> 11) through ONNX and TFLite fp32: logits within 1e-4."""
     from fer_edge import models
     from fer_edge.checkpoint import save_checkpoint

@@ -307,13 +307,14 @@ CUDA_CASES = [c for i, c in enumerate(CASES) if i % 3 == 0]
 
 @requires_cuda
 @requires_cuda_kernel
+@pytest.mark.parametrize("kernel", ["simt", "splitk"])
 @pytest.mark.parametrize("case", CUDA_CASES, ids=[_id(c) for c in CUDA_CASES])
-def test_cuda_fp32_matches_reference(case):
+def test_cuda_fp32_matches_reference(case, kernel):
     n, cin, h, w, c1, c3, c5, nhwc, relu = case
     args = make_inputs(n, cin, h, w, c1, c3, c5, nhwc=nhwc, device="cuda", seed=hash(case) % 2**31)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the CUDA kernel must run, not the fallback
-        y = fused_ms_conv(*args, relu=relu)
+        y = fused_ms_conv(*args, relu=relu, kernel=kernel)
     # Reference on the CPU in float64: cuDNN's TF32 must not loosen the check.
     ref = fused_ms_conv_reference(*[t.cpu().double() for t in args], relu=relu)
     torch.testing.assert_close(y.cpu().double(), ref, **FP32_TOL)
@@ -325,14 +326,13 @@ FP16_CASES = CUDA_CASES + [(2, 64, 24, 24, 32, 48, 48, True, True), (1, 256, 6, 
 
 @requires_cuda
 @requires_cuda_kernel
-@pytest.mark.parametrize("kernel", ["simt", "wmma"])
+@pytest.mark.parametrize("kernel", ["simt", "wmma", "splitk"])
 @pytest.mark.parametrize("case", FP16_CASES, ids=[_id(c) for c in FP16_CASES])
-def test_cuda_fp16_close_to_fp32_reference(case, kernel, monkeypatch):
-    """Both fp16 kernels: the SIMT one and the tensor-core one (FER_EDGE_CUDA_KERNEL=wmma)."""
-    monkeypatch.setenv("FER_EDGE_CUDA_KERNEL", kernel)
+def test_cuda_fp16_close_to_fp32_reference(case, kernel):
+    """Every fp16 kernel: SIMT, tensor-core (WMMA) and small-batch split-K."""
     n, cin, h, w, c1, c3, c5, nhwc, relu = case
     args = make_inputs(n, cin, h, w, c1, c3, c5, nhwc=nhwc, device="cuda", dtype=torch.float16, seed=7)
-    y = fused_ms_conv(*args, relu=relu)
+    y = fused_ms_conv(*args, relu=relu, kernel=kernel)
     assert y.dtype == torch.float16
     ref = fused_ms_conv_reference(*[t.cpu().double() for t in args], relu=relu)
     assert rel_norm(y.cpu(), ref) <= FP16_REL_NORM
@@ -376,7 +376,7 @@ def _raw_cuda_call(wp_is_host_pointer: bool):
     x, w1, b1, w3, b3, w5, b5 = make_inputs(1, 2, 4, 4, 1, 1, 1)
     out = torch.empty(1, 3, 4, 4)
     ptrs = [t.data_ptr() for t in (x, out, w1, b1, w3, b3, w5, b5)]
-    _C.msconv_cuda(*ptrs, 1, 2, 4, 4, 1, 1, 1, 0, True, 0, 0, w1.data_ptr() if wp_is_host_pointer else 0)
+    _C.msconv_cuda(*ptrs, 1, 2, 4, 4, 1, 1, 1, 0, True, 0, 0, w1.data_ptr() if wp_is_host_pointer else 0, 0)
 
 
 @pytest.mark.parametrize("c", [1, 3, 64])
@@ -409,28 +409,89 @@ def test_bad_packed_weights_raise_value_error():
     torch.testing.assert_close(fused_ms_conv(*args, wp=wp), fused_ms_conv_reference(*args), **FP32_TOL)
 
 
-def test_merged_models_run_the_cuda_kernel_only_when_asked(monkeypatch):
-    """cuDNN beats our CUDA kernels on the H100 (benchmarks/README.md), so a
-    merged model runs them only under FER_EDGE_CUDA_KERNEL=simt|wmma; the CPU
-    kernel is used either way."""
-    from fer_edge.models.layers import FusedMultiScaleConv, cuda_kernel_enabled
+def test_merged_modules_follow_the_dispatch_table():
+    """On the CPU the fused kernel always runs; on CUDA the dispatch table
+    decides (the shipped one says cuDNN for every shape not measured faster),
+    and a module's ``cuda_kernel`` names the choice for every call."""
+    from fer_edge.models.layers import FusedMultiScaleConv
 
-    for value, enabled in [(None, False), ("", False), ("cudnn", False), ("simt", True), (" WMMA ", True),
-                           ("fast", False)]:
-        if value is None:
-            monkeypatch.delenv("FER_EDGE_CUDA_KERNEL", raising=False)
-        else:
-            monkeypatch.setenv("FER_EDGE_CUDA_KERNEL", value)
-        assert cuda_kernel_enabled() is enabled, value
-    monkeypatch.delenv("FER_EDGE_CUDA_KERNEL")
     m = FusedMultiScaleConv(*make_inputs(1, 4, 6, 6, 2, 3, 4)[1:])
-    assert m._kernel_supports(torch.empty(1, 4, 6, 6)), "the CPU kernel needs no opt-in"
-    assert not m._kernel_supports(torch.empty(1, 4, 6, 6, device="meta"))
+    assert m._kernel_for(torch.empty(1, 4, 6, 6)) == "cpu", "the CPU kernel needs no table"
+    assert m._kernel_for(torch.empty(1, 4, 6, 6, dtype=torch.bfloat16)) is None
+    assert m._kernel_for(torch.empty(1, 4, 6, 6, device="meta")) is None
     if torch.cuda.is_available():
         x = torch.randn(2, 4, 6, 6, device="cuda")
-        assert not m.to("cuda")._kernel_supports(x)
-        monkeypatch.setenv("FER_EDGE_CUDA_KERNEL", "simt")
-        assert m._kernel_supports(x)
+        m = m.to("cuda")
+        from fer_edge.dispatch import override
+
+        assert m._kernel_for(x) == (None if override() in (None, "cudnn") else override())
+        m.cuda_kernel = "splitk"
+        assert m._kernel_for(x) == "splitk"
+        m.cuda_kernel = "cudnn"
+        assert m._kernel_for(x) is None
+
+
+def test_unknown_cuda_kernel_is_refused():
+    from fer_edge.kernels import cuda_kernel_code
+
+    assert [cuda_kernel_code(k) for k in ("simt", "wmma", "splitk")] == [0, 1, 2]
+    with pytest.raises(ValueError, match="unknown CUDA kernel 'fast'"):
+        cuda_kernel_code("fast")
+
+
+@pytest.mark.parametrize("n,c,hw,ctot,sms", [(1, 1, 48, 64, 132), (1, 64, 24, 128, 132), (1, 256, 6, 512, 132),
+                                             (1, 512, 3, 512, 132), (8, 256, 6, 512, 132), (1, 512, 3, 512, 16),
+                                             (256, 64, 24, 128, 132), (1, 6, 5, 9, 132)])
+def test_splitk_plan_covers_every_input_channel_once(n, c, hw, ctot, sms):
+    """The small-batch kernel's launch plan (its own host code, built in every
+    variant of the extension): the slices tile the input channels exactly, in
+    multiples of the staging width; enough blocks to fill the GPU when the
+    channels allow; a workspace exactly as large as the partial sums."""
+    p = _C.splitk_plan(n, c, hw, hw, ctot, sms)
+    assert p["kslice"] % p["kc"] == 0 and p["kslice"] >= p["kc"]
+    assert (p["splits"] - 1) * p["kslice"] < c <= p["splits"] * p["kslice"]   # no empty slice, none missing
+    m = n * hw * hw
+    assert p["m_tiles"] == -(-m // p["tile_m"]) and p["n_tiles"] == -(-ctot // p["tile_n"])
+    tiles, most = p["m_tiles"] * p["n_tiles"], -(-c // p["kc"])
+    assert p["splits"] <= min(most, max(1, -(-2 * sms // tiles)))   # about two blocks per SM, no more
+    if tiles < sms and most > 1:
+        assert p["splits"] > 1, "a GPU-starving shape is split"
+    if p["splits"] > 1:
+        assert p["workspace_floats"] == p["splits"] * m * ctot and p["counters"] == p["m_tiles"] * p["n_tiles"]
+    else:
+        assert p["workspace_floats"] == 0 and p["counters"] == 0
+    with pytest.raises(ValueError, match=">= 1"):
+        _C.splitk_plan(0, c, hw, hw, ctot, sms)
+
+
+@requires_cuda
+@requires_cuda_kernel
+@pytest.mark.parametrize("seed", range(6))
+def test_every_dispatch_choice_matches_the_reference(seed):
+    """Random layers and batches, each run by every choice the dispatch table
+    can make (through the merged module, as a model runs it, and twice, so the
+    split-K counters are shown to reset), against fused_ms_conv_reference in float64."""
+    from fer_edge.dispatch import CHOICES
+    from fer_edge.models.layers import FusedMultiScaleConv
+
+    g = torch.Generator().manual_seed(seed)
+    r = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))  # noqa: E731
+    n, cin, hw = r(1, 9), r(1, 70), r(3, 30)
+    c1, c3, c5 = r(1, 40), r(1, 70), r(1, 70)
+    for dtype in (torch.float32, torch.float16):
+        x, *ws = make_inputs(n, cin, hw, hw, c1, c3, c5, nhwc=bool(seed % 2), device="cuda", dtype=dtype,
+                             seed=seed)
+        ref = fused_ms_conv_reference(*[t.cpu().double() for t in (x, *ws)])
+        m = FusedMultiScaleConv(*ws).eval()
+        for choice in CHOICES:
+            if choice == "wmma" and dtype != torch.float16:
+                continue
+            m.cuda_kernel = choice
+            with torch.no_grad():
+                for _ in range(2):
+                    y = m(x)
+            tol = FP16_REL_NORM if dtype == torch.float16 else 1e-5
+            assert rel_norm(y.cpu(), ref) <= tol, (choice, dtype, n, cin, hw, c1, c3, c5)
 
 
 @requires_cuda
@@ -438,9 +499,9 @@ def test_merged_models_run_the_cuda_kernel_only_when_asked(monkeypatch):
 def test_cuda_module_keeps_packed_weights_until_they_change(monkeypatch):
     from fer_edge.models.layers import FusedMultiScaleConv
 
-    monkeypatch.setenv("FER_EDGE_CUDA_KERNEL", "simt")  # merged modules run it only when asked
     x, w1, b1, w3, b3, w5, b5 = make_inputs(2, 16, 12, 12, 8, 12, 12, nhwc=True, device="cuda")
     m = FusedMultiScaleConv(w1, b1, w3, b3, w5, b5).eval()
+    m.cuda_kernel = "simt"  # the dispatch table would choose cuDNN for an unmeasured shape
 
     def ref():
         return fused_ms_conv_reference(x.to(m.w1.dtype), m.w1, m.b1, m.w3, m.b3, m.w5, m.b5)

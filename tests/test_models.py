@@ -32,8 +32,8 @@ CONFIGS = [
     ("macnn", dict(width=0.25, maconv_stages=[1, 3, 5]), 53),  # odd input size
     ("vgg16", dict(), 48),
     ("vgg16", dict(width=0.5), 61),
-    ("hsnet", dict(input_size=112), 112),
-    ("hsnet", dict(input_size=99, width=0.5), 99),
+    ("hsnet-lite", dict(input_size=112), 112),
+    ("hsnet-lite", dict(input_size=99, width=0.5), 99),
 ]
 
 
@@ -84,7 +84,7 @@ def maconv_deploy_params(cin, c1, c3, c5):
 
 
 @pytest.mark.parametrize("width", [1.0, 0.25])
-def test_merged_macnn_has_three_square_kernels_and_paper_parameter_count(width):
+def test_merged_macnn_has_three_square_kernels_and_deploy_parameter_count(width):
     model = models.create("macnn", width=width)
     merged = merge(model)
     fused = [m for m in merged.modules() if isinstance(m, FusedMultiScaleConv)]
@@ -169,28 +169,36 @@ def test_kernel_path_matches_plain_path():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible on this machine")
-@pytest.mark.parametrize("kernel", ["simt", "wmma"])
-def test_kernel_path_matches_plain_path_cuda(kernel, monkeypatch):
-    monkeypatch.setenv("FER_EDGE_CUDA_KERNEL", kernel)  # opt in: merged models run cuDNN by default
+@pytest.mark.parametrize("kernel", ["simt", "wmma", "splitk"])
+def test_kernel_path_matches_plain_path_cuda(kernel):
+    from fer_edge.models.layers import FusedMultiScaleConv
+
+    def forced(m):  # every multi-scale layer runs `kernel`, whatever the dispatch table says
+        for layer in m.modules():
+            if isinstance(layer, FusedMultiScaleConv):
+                layer.cuda_kernel = kernel
+        return m
+
     model = build("macnn", dict(), 48)
     x = torch.randn(8, 1, 48, 48)
     with torch.no_grad():
         plain = merge(model, use_kernel=False).cuda()(x.cuda())
-        fused = merge(model, use_kernel=True).cuda()(x.cuda())
-        torch.testing.assert_close(fused, plain, atol=1e-4, rtol=1e-4)
-        half = merge(model, use_kernel=True).cuda().half()(x.cuda().half())  # wmma runs fp16 only
+        if kernel != "wmma":  # wmma runs fp16 only
+            fused = forced(merge(model, use_kernel=True).cuda())(x.cuda())
+            torch.testing.assert_close(fused, plain, atol=1e-4, rtol=1e-4)
+        half = forced(merge(model, use_kernel=True).cuda().half())(x.cuda().half())
     # fp16 through 13 layers: bench_model.py measured 6e-4 to 8e-4 relative logit error on the H100
     assert max_relative_logit_error(half.float(), plain) <= 5e-3
 
 
-def test_hsnet_loads_and_freezes_a_face_recognition_stem(tmp_path):
-    rgb = models.create("hsnet", in_chans=3)
+def test_hsnet_lite_loads_and_freezes_a_face_recognition_stem(tmp_path):
+    rgb = models.create("hsnet-lite", in_chans=3)
     H.randomize_bn(rgb.stem, (2, 3, 112, 112))
     # A facenet-pytorch-style state dict: stem keys with their `relu` names, plus others.
     state = {k.replace(".act.", ".relu."): v for k, v in rgb.stem.state_dict().items()}
     state["logits.weight"] = torch.randn(8, 512)
     torch.save(state, tmp_path / "facenet.pt")
-    gray = models.create("hsnet", in_chans=1)
+    gray = models.create("hsnet-lite", in_chans=1)
     gray.load_stem(tmp_path / "facenet.pt")
     x = torch.randn(2, 1, 112, 112)
     with torch.no_grad():
@@ -203,8 +211,8 @@ def test_hsnet_loads_and_freezes_a_face_recognition_stem(tmp_path):
     assert gray.heads[0].weight.grad is not None
 
 
-def test_hsnet_output_is_gated_sum_of_heads():
-    model = build("hsnet", dict(input_size=112), 112)
+def test_hsnet_lite_output_is_gated_sum_of_heads():
+    model = build("hsnet-lite", dict(input_size=112), 112)
     x = torch.randn(2, 1, 112, 112)
     with torch.no_grad():
         logits, ys, lams = model.forward_all(x)
@@ -214,7 +222,7 @@ def test_hsnet_output_is_gated_sum_of_heads():
 
 
 def test_registry():
-    assert {"macnn", "vgg16", "hsnet"} <= set(models.list_models())
+    assert {"macnn", "vgg16", "hsnet", "hsnet-lite"} <= set(models.list_models())
     with pytest.raises(ValueError, match="unknown model 'resnet'"):
         models.create("resnet")
     with pytest.raises(ValueError, match="maconv_stages"):

@@ -67,13 +67,17 @@ def composed_frame(shift: int = 0):
     return cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR)
 
 
+from fer_edge.targets.detectors import HaarDetector  # noqa: E402
+
+
 def pipeline_for(bundle):
     from fer_edge.targets import load_bundle, open_backend
     from fer_edge.targets.pipeline import Pipeline
 
     b = load_bundle(bundle)
     a = b.artifact()
-    return Pipeline(open_backend(a.path, a.runtime), b.labels, b.preprocess)
+    # Haar: these composed faces are the ones it finds (BlazeFace, the default, finds two of the three)
+    return Pipeline(open_backend(a.path, a.runtime), b.labels, b.preprocess, detector=HaarDetector())
 
 
 # ------------------------------------------------------------------ pure parts
@@ -104,7 +108,8 @@ def test_tracker_smooths_a_one_frame_flicker_and_keeps_ids():
     a, b = t.update(np.array([[100, 100, 50, 50], [400, 300, 50, 50]]), np.array([happy, sad]), 6)
     assert a.id == 1 and b.id == 2                      # a new face gets a new track
     (c,) = t.update(np.array([[400, 300, 50, 50]]), sad[None], 30)
-    assert c.id == 2 and [x.id for x in t.tracks] == [2]  # track 1 expired after max_age frames
+    # 24 frames unseen (more than max_age): track 2 has expired, so the face is a new track
+    assert c.id == 3 and [x.id for x in t.tracks] == [3]
 
 
 # ------------------------------------------------------------------ end to end
@@ -119,7 +124,8 @@ def test_real_photos_through_every_backend_agree(trained, bundles):
     weights = trained[0]
     torch_backend = TorchBackend(weights)
     for frame, n_faces in ((astronaut_bgr(), 1), (composed_frame(), 3)):
-        ref = Pipeline(torch_backend, torch_backend.meta["classes"], torch_backend.preprocess)(frame)
+        ref = Pipeline(torch_backend, torch_backend.meta["classes"], torch_backend.preprocess,
+                       detector=HaarDetector())(frame)
         assert len(ref) == n_faces
         for target, precision in DEVICE_FORMATS:
             faces = pipeline_for(bundles[(target, precision)][0])(frame)
@@ -144,7 +150,7 @@ def test_predict_video_with_events_and_saved_output(bundles, tmp_path):
     w.release()
     bundle = bundles[("android", "int8")][0]
     proc = run("predict", video, "--bundle", bundle, "--jsonl", tmp_path / "ev.jsonl", "--save", tmp_path / "out.mp4",
-               "--quiet")
+               "--quiet", "--detector", "haar")
     assert proc.returncode == 0, proc.stderr
     events = [json.loads(x) for x in (tmp_path / "ev.jsonl").read_text().splitlines()]
     # A frontal Haar cascade misses a face now and then; the tracker must carry

@@ -1,8 +1,6 @@
 """Building blocks: train-time forms and the deploy forms they merge into."""
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -72,7 +70,8 @@ class ACBlock(nn.Module):
         )
 
 
-# MACNN's channel split of an MAConv between its 1x1, 3x3 and 5x5 branches.
+# The channel split of an MAConv between its 1x1, 3x3 and 5x5 branches: our
+# choice (the MACNN paper gives no split).
 DEFAULT_SPLIT = (0.25, 0.375, 0.375)
 
 
@@ -121,35 +120,15 @@ class MAConv(nn.Module):
         return FusedMultiScaleConv(*(t.detach().clone() for t in self.merged_kernels()), use_kernel=use_kernel)
 
 
-# FER_EDGE_CUDA_KERNEL: which of fer_edge's CUDA kernels merged models run on
-# CUDA tensors.  Unset (or "cudnn"): none, cuDNN's three convolutions.  Measured
-# on an H100 (2026-11-23, benchmarks/README.md): both kernels are slower than
-# the best cuDNN way on every MACNN layer L1-L5, batch 1 and 256 (SIMT
-# 1.2-125x, WMMA 1.6-67x), and the merged model with them takes 2.47 ms per
-# face at batch 1 (CUDA graph) against 0.38 ms with cuDNN.  A user must not get a 6x
-# slower model by default, so they stay opt-in until a benchmark shows a win.
-CUDA_KERNELS = ("simt", "wmma")
-
-
-def cuda_merged_layers() -> str:
-    """What merged models' multi-scale layers run on CUDA tensors: "simt" or
-    "wmma" when FER_EDGE_CUDA_KERNEL asks for that kernel, else "cudnn"."""
-    asked = os.environ.get("FER_EDGE_CUDA_KERNEL", "").strip().lower()
-    return asked if asked in CUDA_KERNELS else "cudnn"
-
-
-def cuda_kernel_enabled() -> bool:
-    """Whether merged models run fer_edge's CUDA kernel (FER_EDGE_CUDA_KERNEL=simt|wmma)."""
-    return cuda_merged_layers() != "cudnn"
-
-
 class FusedMultiScaleConv(nn.Module):
     """Deploy form of MAConv: relu(conv1x1+b1) | relu(conv3x3+b3) | relu(conv5x5+b5).
 
     use_kernel=True runs fer_edge's fused kernel (one pass) on the CPU, and on
-    CUDA when FER_EDGE_CUDA_KERNEL=simt|wmma asks for it (cuDNN is faster
-    today: see cuda_kernel_enabled); False runs three plain convolutions +
-    cat, which every exporter and runtime understands.
+    CUDA where the measured dispatch table (fer_edge/dispatch.py) says one of
+    our kernels beats cuDNN for this shape, dtype and batch; elsewhere, and
+    with use_kernel=False, three plain convolutions + cat, which every
+    exporter and runtime understands.  ``cuda_kernel`` (None: the table)
+    names the choice for every call instead: "cudnn", "simt", "wmma" or "splitk".
     """
 
     def __init__(self, w1, b1, w3, b3, w5, b5, use_kernel: bool = True):
@@ -157,7 +136,9 @@ class FusedMultiScaleConv(nn.Module):
         for name, t in zip(("w1", "b1", "w3", "b3", "w5", "b5"), (w1, b1, w3, b3, w5, b5)):
             self.register_parameter(name, nn.Parameter(t))
         self.use_kernel = use_kernel
+        self.cuda_kernel: str | None = None
         self._cpu_pack = None  # CpuPackedMsConv, built on first CPU inference
+        self._splitk = {}  # input shape -> (workspace, counters) of the small-batch kernel
         self._wp_key = None  # what the CUDA pack buffer `_wp` was made from (see _cuda_packed)
 
     def __getstate__(self):
@@ -165,18 +146,43 @@ class FusedMultiScaleConv(nn.Module):
         # or pickled (deepcopy in merge(), torch.save), rebuilt on demand.
         state = self.__dict__.copy()
         state["_cpu_pack"] = None
+        state["_splitk"] = {}
         return state
 
     @property
     def channels(self):
         return self.w1.shape[0], self.w3.shape[0], self.w5.shape[0]
 
-    def _kernel_supports(self, x) -> bool:
-        # The compiled kernels cover float32 (CPU, CUDA) and float16 (CUDA);
-        # anything else (bf16, other devices) takes the plain path.
-        return (x.device.type == "cpu" and x.dtype == torch.float32) or (
-            x.device.type == "cuda" and x.dtype in (torch.float32, torch.float16) and cuda_kernel_enabled()
-        )
+    def _kernel_for(self, x) -> str | None:
+        """Which compiled kernel this call runs: "cpu", a CUDA kernel's name,
+        or None for the plain path.  The kernels cover float32 (CPU, CUDA)
+        and float16 (CUDA); anything else (bf16, other devices) runs plain."""
+        if x.device.type == "cpu":
+            return "cpu" if x.dtype == torch.float32 else None
+        if x.device.type != "cuda" or x.dtype not in (torch.float32, torch.float16):
+            return None
+        choice = self.cuda_kernel
+        if choice is None:
+            from fer_edge.dispatch import choice_for
+
+            c1, c3, c5 = self.channels
+            n, c, h, w = x.shape
+            choice = choice_for(torch.cuda.get_device_capability(x.device), c, c1, c3, c5, n, h, w,
+                                "fp16" if x.dtype == torch.float16 else "fp32")
+        return None if choice == "cudnn" else choice
+
+    def _splitk_buffers(self, x):
+        """The small-batch kernel's workspace and counters for this input shape,
+        made once (outside any CUDA graph capture) and kept; None lets the op
+        allocate per call (under torch.compile tracing, or in a capture)."""
+        key = (tuple(x.shape), x.device)
+        if key not in self._splitk:
+            if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
+                return None
+            from fer_edge.kernels import splitk_buffers
+
+            self._splitk[key] = splitk_buffers(x, sum(self.channels))
+        return self._splitk[key]
 
     @staticmethod
     def _use_cpu_pack(x, ws) -> bool:
@@ -239,7 +245,8 @@ class FusedMultiScaleConv(nn.Module):
         if ws[0].dtype != x.dtype:  # autocast / half inputs: compute in the input's dtype
             ws = tuple(t.to(x.dtype) for t in ws)
         w1, b1, w3, b3, w5, b5 = ws
-        if self.use_kernel and self._kernel_supports(x):
+        kernel = self._kernel_for(x) if self.use_kernel else None
+        if kernel is not None:
             # The kernels read NCHW or NHWC; any other strides become NCHW.
             if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
                 x = x.contiguous()
@@ -251,7 +258,9 @@ class FusedMultiScaleConv(nn.Module):
                 return self._cpu_pack(x)
             from fer_edge.kernels import fused_ms_conv
 
-            return fused_ms_conv(x, *ws, wp=self._cuda_packed(x))
+            buffers = self._splitk_buffers(x) if kernel == "splitk" else None
+            return fused_ms_conv(x, *ws, wp=self._cuda_packed(x), kernel=None if kernel == "cpu" else kernel,
+                                 buffers=buffers)
         return torch.cat(
             [
                 F.relu(F.conv2d(x, w1, b1)),

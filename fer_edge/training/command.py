@@ -59,11 +59,23 @@ def align_val_classes(train, val, log):
     return val
 
 
+# HSNet's ablation switches (the paper's Table 6): flag -> model config key.
+ABLATIONS = {"no_dib": "dib", "no_fgal": "fgal", "no_ktl": "ktl"}
+# --aux-weight when not given: hsnet trains on the paper's loss alone; hsnet-lite
+# keeps the weight its runs were trained with.
+DEFAULT_AUX_WEIGHT = {"hsnet-lite": 0.3}
+
+
 def resolve_model(args) -> tuple[str, dict, dict | None]:
     """(architecture, its config, init) from --model/--width/--input-size, or
     from the --init checkpoint, whose architecture and configuration a
     fine-tuned model keeps (a conflicting flag is an error, not a silent pick)."""
     config = {}
+    off = [flag for flag in ABLATIONS if getattr(args, flag, False)]
+    if off and (args.model or "macnn") != "hsnet" and not args.init:
+        raise UserError(f"--{off[0].replace('_', '-')}: the DIB/FGAL/KTL switches are HSNet's (--model hsnet)")
+    for flag in off:
+        config[ABLATIONS[flag]] = False
     if args.width is not None:
         config["width"] = args.width
     if args.input_size is not None:
@@ -145,6 +157,14 @@ def cmd_train(args: argparse.Namespace) -> int:
                             weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
                             mixup=args.mixup, cutmix=args.cutmix, ema=args.ema)
         model_name, model_config, init = resolve_model(args)
+        if recipe["schedule"] == "plateau" and args.folds is not None:
+            raise UserError(f"--recipe {args.recipe} lowers the learning rate on the validation loss: "
+                            "use --val (a held-out fold must not steer its own training)")
+        if model_config.get("ktl", True) and model_name == "hsnet" and not args.stem_weights and not init:
+            raise UserError("hsnet transfers its stem from face recognition (KTL): give --stem-weights FILE "
+                            "(an Inception-ResNet-v1 face-recognition state dict), or --no-ktl to train the stem "
+                            "from scratch (the paper's ablation)")
+        aux_weight = args.aux_weight if args.aux_weight is not None else DEFAULT_AUX_WEIGHT.get(model_name, 0.0)
         distill = resolve_teacher(args)
         size = model_input_size(model_name, model_config)
         run_dir = Path(args.out)
@@ -171,7 +191,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             model=model_name, model_config=model_config, recipe=recipe, classes=list(train.classes),
             seed=args.seed, device=args.device, amp=args.amp, class_weights=args.class_weights,
             compile=args.compile is not None, compile_mode=args.compile or "default",
-            stem_weights=args.stem_weights, init=init, time_budget=args.time_budget, **distill,
+            stem_weights=args.stem_weights, init=init, time_budget=args.time_budget, aux_weight=aux_weight,
+            **distill,
             data={"train": str(args.data), "val": str(args.val) if args.val else None, "limit": args.limit,
                   "val_limit": args.val_limit, "train_images": len(train)})
         if distill.get("teacher"):  # before the run folder gets its first file
@@ -204,16 +225,23 @@ def _run_single(settings, train, val, run_dir: Path, args, ctx, log) -> int:
         report = _final_report(run_dir, val, settings.device)
         log(f"best epoch {summary['best_epoch']}: val accuracy {100 * summary['best_val_acc']:.2f}%, "
             f"mean-class {100 * report['mean_class_accuracy']:.2f}% -> {run_dir / 'best.safetensors'}")
+        cal = report["calibration"]
+        log(f"softmax temperature T={cal['temperature']:.3f} fitted on val (stored in best.safetensors): "
+            f"ECE {100 * cal['ece']:.2f}% -> {100 * cal['ece_scaled']:.2f}% on val "
+            f"({100 * cal['cross_fitted']['ece']:.2f}% fitting on one half, scoring the other)")
         log(f"mean training throughput {summary.get('img_per_s_mean', 0):.0f} img/s; "
             f"plots in {run_dir / 'plots'}")
     return 0
 
 
 def _final_report(run_dir: Path, val, device: str) -> dict:
-    """Evaluate best.safetensors on the validation set; write val_eval.json and the PNGs."""
+    """Fit best.safetensors' softmax temperature on the validation set (stored in
+    its metadata, so bundles carry it); evaluate it there (ECE before and after
+    scaling); write val_eval.json and the PNGs."""
     from fer_edge.checkpoint import load_checkpoint
-    from fer_edge.evaluate import evaluate, write_report
+    from fer_edge.evaluate import evaluate, fit_checkpoint_temperature, write_report
 
+    fit_checkpoint_temperature(run_dir / "best.safetensors", val, device=device)
     model, meta = load_checkpoint(run_dir / "best.safetensors", device=device)
     report = evaluate(model, meta, val, device=device, latency=False)
     write_report(report, run_dir / "val_eval.json", run_dir / "plots", run_dir / "metrics.jsonl")
@@ -265,10 +293,12 @@ def add_train_parser(sub) -> None:
     from fer_edge.training.recipes import RECIPES
 
     p = sub.add_parser("train", help="train a model on expression data (FER2013 CSV/folders, CK+, RAF-DB)",
-                       description="Train MACNN, VGG16 or HSNet. Writes best/last checkpoints, metrics.jsonl, "
+                       description="Train MACNN, VGG16, HSNet or hsnet-lite. Writes best/last checkpoints, "
+                                   "metrics.jsonl, "
                                    "config.json, resume.pt and plots into --out. Launch with torchrun for "
                                    "several processes (DistributedDataParallel).")
-    p.add_argument("--model", help="macnn, vgg16 or hsnet (default macnn, or the --init checkpoint's)")
+    p.add_argument("--model", help="macnn, vgg16, hsnet (the HSNet paper's network) or hsnet-lite (a smaller "
+                   "variant) (default macnn, or the --init checkpoint's)")
     p.add_argument("--data", required=True, help="training data: a FER2013 .csv, class folders, CK+ or RAF-DB")
     p.add_argument("--val", help="validation data (chooses the best epoch; never trained on)")
     p.add_argument("--val-usage", default="PublicTest", help="Usage rows of a FER2013 CSV given as --val")
@@ -288,8 +318,19 @@ def add_train_parser(sub) -> None:
                    "with --mixup, one of the two per batch)")
     p.add_argument("--ema", type=float, metavar="DECAY", help="validate and save an exponential moving "
                    "average of the weights, DECAY per step, e.g. 0.999 (0 = off)")
-    p.add_argument("--dropout", type=float, help="dropout before the classifier (default: the model's, 0.5 for MACNN/VGG16, 0.3 for HSNet)")
-    p.add_argument("--input-size", type=int, help="model input size (HSNet; default 112)")
+    p.add_argument("--dropout", type=float, help="dropout before the classifier (default: the model's, 0.5 for "
+                   "MACNN/VGG16, 0 for hsnet, 0.3 for hsnet-lite)")
+    p.add_argument("--input-size", type=int, help="model input size (hsnet: default 224, at least 75; "
+                   "hsnet-lite: default 112)")
+    p.add_argument("--aux-weight", type=float, metavar="W",
+                   help="HSNet: add W x the mean cross-entropy of the ungated FGAL heads to the loss (not the "
+                   "paper's loss; default 0 for hsnet, 0.3 for hsnet-lite)")
+    p.add_argument("--no-dib", action="store_true", help="hsnet ablation: Inception-ResNet-v1 modules in place of "
+                   "the dilated inception blocks")
+    p.add_argument("--no-fgal", action="store_true", help="hsnet ablation: one classifier on the last map, no "
+                   "feature guided auxiliary learning")
+    p.add_argument("--no-ktl", action="store_true", help="hsnet ablation: no knowledge transfer, the stem is "
+                   "He-initialised and trained")
     p.add_argument("--init", help="fine-tune: start from this train-form checkpoint (e.g. a FER2013 run's "
                    "best.safetensors); head rows are matched by class name, new classes start fresh")
     p.add_argument("--teacher", action="append", metavar="CKPT",
@@ -302,7 +343,8 @@ def add_train_parser(sub) -> None:
                    "to distil the ensemble of several teachers")
     p.add_argument("--kd-weight", type=float, help="share of the distillation term, 0..1 (default 0.5)")
     p.add_argument("--kd-temperature", type=float, help="distillation softmax temperature (default 4)")
-    p.add_argument("--stem-weights", help="HSNet: face-recognition state dict for the stem (transferred, frozen)")
+    p.add_argument("--stem-weights", help="hsnet, hsnet-lite: Inception-ResNet-v1 face-recognition state dict "
+                   "(facenet-pytorch names) for the stem, transferred and frozen (hsnet needs it unless --no-ktl)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
                    help="mixed precision on CUDA (auto: bf16 on compute capability 8.0 and newer, fp16 with "
@@ -320,7 +362,8 @@ def add_train_parser(sub) -> None:
     p.add_argument("--strict", action="store_true", help="an unreadable image is an error, not a skip")
     p.add_argument("--limit", type=int, help="train on a seeded random subset of N faces (smoke runs)")
     p.add_argument("--val-limit", type=int, help="validate on a seeded random subset of N faces")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the initialization, data order, augmentation and --limit subsets (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     p.set_defaults(func=cmd_train)
 
@@ -362,7 +405,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def add_eval_parser(sub) -> None:
-    p = sub.add_parser("eval", help="accuracy, per-class metrics, confusion matrix, ROC/AUC, latency, plots")
+    p = sub.add_parser("eval", help="accuracy, per-class metrics, confusion matrix, ROC/AUC, latency, plots",
+                       description="Score a checkpoint on labelled faces: accuracy, mean-class accuracy, "
+                       "per-class precision/recall/F1/AUC, the confusion matrix, batch-1 latency; optionally "
+                       "ten-crop test-time augmentation, a JSON report and plots.")
     p.add_argument("--weights", help="checkpoint (.safetensors, train or merged form; "
                    "default: the embedded default model)")
     p.add_argument("--data", required=True, help="labelled faces: class folders, FER2013 .csv, CK+, RAF-DB")
@@ -372,8 +418,8 @@ def add_eval_parser(sub) -> None:
                                    "run's metrics.jsonl)")
     p.add_argument("--tta", action="store_true", help="also report ten-crop test-time augmentation")
     p.add_argument("--limit", type=int, help="score a seeded random subset of N faces (quick checks)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--batch-size", type=int, default=256, help="faces per batch when scoring (default 256)")
     p.add_argument("--classes", help="comma-separated class names for non-expression folder names")
     p.add_argument("--strict", action="store_true", help="an unreadable image is an error, not a skip")
     p.add_argument("--force", action="store_true", help="overwrite --json / plots")
@@ -417,14 +463,17 @@ def cmd_teacher_logits(args: argparse.Namespace) -> int:
 
 def add_teacher_logits_parser(sub) -> None:
     p = sub.add_parser("teacher-logits", help="store a teacher's logits on training faces, for "
-                       "`fer-edge train --teacher-logits` (offline distillation)")
+                       "`fer-edge train --teacher-logits` (offline distillation)",
+                       description="Score every training face with a teacher checkpoint (by default the mean "
+                       "of the face's and its mirror image's logits) and store the logits keyed by path under "
+                       "--data, for `fer-edge train --teacher-logits` where the teacher itself cannot be.")
     p.add_argument("--weights", help="the teacher checkpoint (default: the embedded default model)")
     p.add_argument("--data", required=True, help="the training faces the student will use (same --data)")
     p.add_argument("--out", required=True, help="logits file to write (.safetensors)")
     p.add_argument("--usage", default="Training", help="Usage rows when --data is a FER2013 CSV")
     p.add_argument("--no-flip", action="store_true",
                    help="score the faces only (default: the mean of each face's and its mirror image's logits)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--classes", help="comma-separated class names for non-expression folder names")
     p.add_argument("--strict", action="store_true", help="an unreadable image is an error, not a skip")
     p.add_argument("--force", action="store_true", help="overwrite --out")

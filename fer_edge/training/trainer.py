@@ -39,7 +39,7 @@ from fer_edge.checkpoint import write_json_atomic
 from fer_edge.evaluate import normalize
 from fer_edge.training.augment import augment, mix_batch
 from fer_edge.training.distill import distillation_loss
-from fer_edge.training.recipes import lr_factor
+from fer_edge.training.recipes import ADDED_KEYS, lr_factor
 
 RESUME_FILE = "resume.pt"
 CONFIG_FILE = "config.json"
@@ -74,7 +74,7 @@ class TrainSettings:
     eval_batch_size: int = 512
     stem_weights: str | None = None     # HSNet: face-recognition stem to transfer and freeze
     init: dict | None = None            # fine-tuning: {"path", "sha256"} of the checkpoint to start from
-    aux_weight: float = 0.3             # HSNet: weight of the auxiliary FGAL head losses
+    aux_weight: float = 0.0             # HSNet: weight of the mean CE of the ungated FGAL heads (0: the paper's loss)
     teacher: list[dict] | None = None   # distillation: [{"path", "sha256"}] of the teacher checkpoint(s)
     teacher_logits: list[dict] | None = None  # offline distillation: [{"path", "sha256"}] of teacher-logits files
     kd_weight: float = 0.5              # share of the distillation term in the loss (with a teacher)
@@ -96,6 +96,48 @@ class TrainSettings:
         if d["time_budget"] is None:
             d.pop("time_budget")
         return d
+
+
+def has_aux_heads(model: nn.Module) -> bool:
+    """Whether the model has ungated per-level heads (HSNet's FGAL) that --aux-weight can train."""
+    return bool(getattr(model, "has_aux_heads", False))
+
+
+def comparable_fingerprint(fp: dict, aux_heads: bool) -> dict:
+    """A stored or new fingerprint in the form two of them are compared in:
+    recipe keys added since a run was recorded take the values that run used
+    (``ADDED_KEYS``), and a model without auxiliary heads never used aux_weight."""
+    fp = json.loads(json.dumps(fp))
+    if isinstance(fp.get("recipe"), dict):
+        fp["recipe"] = {**json.loads(json.dumps(ADDED_KEYS)), **fp["recipe"]}
+    if not aux_heads:
+        fp.pop("aux_weight", None)
+    return fp
+
+
+def label_loss(logits, head_logits, target, weight, label_smoothing: float, aux_weight: float):
+    """Cross-entropy of the model's output against the (soft) targets: for
+    HSNet, the gated sum of its FGAL heads (the paper's Eq. 21).  With
+    aux_weight > 0, plus aux_weight x the mean cross-entropy of the ungated
+    heads (``head_logits``), an option of ours, not the paper's."""
+    loss = F.cross_entropy(logits, target, weight=weight, label_smoothing=label_smoothing)
+    if head_logits and aux_weight > 0:
+        aux = sum(F.cross_entropy(y.float(), target, weight=weight, label_smoothing=label_smoothing)
+                  for y in head_logits) / len(head_logits)
+        loss = loss + aux_weight * aux
+    return loss
+
+
+def make_scheduler(optimizer, recipe: dict, plan: dict, warmup_steps: int):
+    """The recipe's schedule: ReduceLROnPlateau (stepped once per epoch with the
+    validation loss) for "plateau", else a LambdaLR stepped after every optimizer
+    step, whose length follows ``plan`` (read at every step: --time-budget)."""
+    if recipe["schedule"] == "plateau":
+        if warmup_steps:
+            raise UserError(f"recipe {recipe['name']}: the plateau schedule has no warm-up")
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, **recipe["plateau"])
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
+        step, total_steps=plan["total_steps"], warmup_steps=warmup_steps, schedule=recipe["schedule"]))
 
 
 def epochs_within_budget(budget_s: float, elapsed_s: float, epoch_s: float, done: int, cap: int) -> int:
@@ -167,10 +209,11 @@ def build_optimizer(model: nn.Module, recipe: dict) -> torch.optim.Optimizer:
     name = recipe["optimizer"]
     if name == "sgd":
         return torch.optim.SGD(groups, lr=recipe["lr"], momentum=recipe["momentum"], nesterov=True, **fused)
+    betas = tuple(recipe["betas"])
     if name == "adam":
-        return torch.optim.Adam(groups, lr=recipe["lr"], **fused)
+        return torch.optim.Adam(groups, lr=recipe["lr"], betas=betas, **fused)
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=recipe["lr"], **fused)
+        return torch.optim.AdamW(groups, lr=recipe["lr"], betas=betas, **fused)
     raise UserError(f"unknown optimizer {name!r}")
 
 
@@ -319,6 +362,10 @@ def train_run(settings: TrainSettings, train_set, val_set, run_dir, *, resume: b
     ctx = ctx or DistContext()
     run_dir = Path(run_dir)
     recipe = settings.recipe
+    plateau = recipe["schedule"] == "plateau"
+    if plateau and (val_set is None or not select_best):
+        raise UserError(f"recipe {recipe['name']}: the plateau schedule steps on the validation loss and needs "
+                        "--val (a k-fold run's held-out fold must not steer its own training)")
     device = resolve_device(settings.device, ctx)
     dtype = amp_dtype(settings.amp, device, log=log if ctx.main else None)
     channels_last = device.type == "cuda" if settings.channels_last is None else settings.channels_last
@@ -332,12 +379,17 @@ def train_run(settings: TrainSettings, train_set, val_set, run_dir, *, resume: b
     model = models.create(settings.model, num_classes=num_classes, in_chans=1, **settings.model_config)
     if settings.stem_weights:
         if not hasattr(model, "load_stem"):
-            raise UserError(f"--stem-weights: {settings.model} has no transferable stem (only hsnet)")
+            raise UserError(f"--stem-weights: {settings.model} has no transferable stem (hsnet and hsnet-lite have)")
         try:
             model.load_stem(settings.stem_weights, freeze=True)
         except (ValueError, RuntimeError, OSError) as exc:
             raise UserError(f"--stem-weights {settings.stem_weights}: {exc}") from None
         model.config["freeze_stem"] = True
+    if not (settings.aux_weight >= 0 and math.isfinite(settings.aux_weight)):
+        raise UserError(f"--aux-weight {settings.aux_weight}: must be a finite number >= 0")
+    if settings.aux_weight > 0 and not has_aux_heads(model):
+        raise UserError(f"--aux-weight {settings.aux_weight:g}: {settings.model} has no auxiliary heads "
+                        "(hsnet with FGAL and hsnet-lite have)")
     # A resumed run restores its own weights: the --init checkpoint is only read for a fresh one.
     resuming = resume and (run_dir / RESUME_FILE).is_file()
     if settings.init and not resuming:
@@ -347,6 +399,10 @@ def train_run(settings: TrainSettings, train_set, val_set, run_dir, *, resume: b
                 f"{num_classes} classes' head rows transferred"
                 + (f"; new: {', '.join(report['new_classes'])}" if report["new_classes"] else "")
                 + (f"; dropped: {', '.join(report['dropped_classes'])}" if report["dropped_classes"] else ""))
+    if settings.init and not settings.stem_weights and model.config.get("ktl") and hasattr(model, "freeze_stem"):
+        # KTL (Eq. 19): the stem a fine-tuned HSNet starts from stays the transferred one.
+        model.freeze_stem()
+        model.config["freeze_stem"] = True
     arch = model.arch
     preprocess = default_preprocess(arch, model.config)
     model.to(device)
@@ -360,8 +416,7 @@ def train_run(settings: TrainSettings, train_set, val_set, run_dir, *, resume: b
     epochs = recipe["epochs"]
     plan = {"total_steps": steps_per_epoch * epochs, "decided": settings.time_budget is None}
     warmup_steps = recipe["warmup_epochs"] * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
-        step, total_steps=plan["total_steps"], warmup_steps=warmup_steps, schedule=recipe["schedule"]))
+    scheduler = make_scheduler(optimizer, recipe, plan, warmup_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     weights = class_weight_vector(train_set.labels, num_classes).to(device) if settings.class_weights else None
 
@@ -378,8 +433,9 @@ def train_run(settings: TrainSettings, train_set, val_set, run_dir, *, resume: b
     fingerprint = json.loads(json.dumps(settings.fingerprint()))
     if resuming:
         state = torch.load(run_dir / RESUME_FILE, map_location="cpu", weights_only=True)
-        if state["fingerprint"] != fingerprint:
-            old, new = state["fingerprint"], fingerprint
+        old = comparable_fingerprint(state["fingerprint"], has_aux_heads(model))
+        new = comparable_fingerprint(fingerprint, has_aux_heads(model))
+        if old != new:
             diff = next(k for k in {**old, **new} if old.get(k) != new.get(k))
             raise UserError(f"{run_dir}: cannot resume: '{diff}' differs from the original run "
                             f"({old.get(diff)!r} vs {new.get(diff)!r})")
@@ -496,11 +552,7 @@ def train_run(settings: TrainSettings, train_set, val_set, run_dir, *, resume: b
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 logits, ys = step_model(x)
             logits = logits.float()
-            loss = F.cross_entropy(logits, target, weight=weights, label_smoothing=recipe["label_smoothing"])
-            if ys:  # HSNet feature-guided auxiliary learning: each head also learns the labels
-                aux = sum(F.cross_entropy(yj.float(), target, weight=weights,
-                                          label_smoothing=recipe["label_smoothing"]) for yj in ys) / len(ys)
-                loss = loss + settings.aux_weight * aux
+            loss = label_loss(logits, ys, target, weights, recipe["label_smoothing"], settings.aux_weight)
             if teacher is not None:  # every label term gets (1 - w), the teacher's term w
                 loss = ((1.0 - settings.kd_weight) * loss
                         + settings.kd_weight * distillation_loss(logits, teacher(x, idx), settings.kd_temperature))
@@ -508,7 +560,8 @@ def train_run(settings: TrainSettings, train_set, val_set, run_dir, *, resume: b
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            scheduler.step()
+            if not plateau:
+                scheduler.step()
             if ema is not None:
                 ema.update()
             loss_sum += loss.detach() * len(y)
@@ -557,6 +610,13 @@ def train_run(settings: TrainSettings, train_set, val_set, run_dir, *, resume: b
                 save_checkpoint(run_dir / "best.safetensors", evaluated, meta=meta, force=True)
             with open(run_dir / METRICS_FILE, "a") as f:
                 f.write(json.dumps(row) + "\n")
+        if plateau:  # once per epoch, on rank 0's validation loss, the same on every rank
+            val_loss = torch.tensor([row.get("val_loss", 0.0)], dtype=torch.float64, device=device)
+            if ctx.enabled:
+                import torch.distributed as dist
+
+                dist.broadcast(val_loss, 0)
+            scheduler.step(val_loss.item())
         slow = os.environ.get(SLOW_EPOCH_ENV, "")
         if slow.startswith(f"{epoch + 1}:"):
             time.sleep(float(slow.split(":", 1)[1]))
@@ -583,8 +643,9 @@ def train_run(settings: TrainSettings, train_set, val_set, run_dir, *, resume: b
                         + (f" (of {epochs})" if new < epochs else ""))
                 epochs = new
                 plan.update(total_steps=steps_per_epoch * epochs, decided=True)
-                for group, base in zip(optimizer.param_groups, scheduler.base_lrs):  # the next step's lr, re-planned
-                    group["lr"] = base * scheduler.lr_lambdas[0](scheduler.last_epoch)
+                if not plateau:  # the next step's lr, re-planned (a plateau does not depend on the epochs)
+                    for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+                        group["lr"] = base * scheduler.lr_lambdas[0](scheduler.last_epoch)
         rngs = _gather_rng(device, ctx)
         if ctx.main:
             save_torch_atomic(run_dir / RESUME_FILE, {
@@ -625,7 +686,8 @@ def train_run(settings: TrainSettings, train_set, val_set, run_dir, *, resume: b
 
 class WithAuxHeads(nn.Module):
     """forward(x) -> (logits, auxiliary head logits).  DDP and torch.compile
-    only see ``forward``, so HSNet's ``forward_all`` is routed through here."""
+    only see ``forward``, so HSNet's ``forward_all`` is routed through here
+    (the ungated heads feed only the optional --aux-weight term of the loss)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()

@@ -1,8 +1,8 @@
 """The model embedded in the package (no torch needed to find it).
 
 eval, convert, predict and benchmark use it when no --weights is given.  Its
-model card is the JSON beside the weights, summarised in README.md
-("Default model") and by ``fer-edge info``.
+model card is the JSON beside the weights, written out in docs/model-card.md
+and summarised by ``fer-edge info``.
 """
 from __future__ import annotations
 

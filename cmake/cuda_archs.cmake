@@ -1,0 +1,39 @@
+# Default CUDA architectures by toolkit version: the one rule, kept apart from
+# CMakeLists.txt so that tests/test_portability.py can check it with `cmake -P`
+# without a CUDA compiler.
+#
+#   CUDA >= 13.0         75;80;86;87;89;90           (13.0 removed sm_50..sm_72)
+#   CUDA 11.8 .. 12.x    60;61;70;75;80;86;87;89;90  (Pascal, e.g. Tesla P100 = sm_60)
+#   CUDA <  11.8         no default: 11.8 is the first toolkit with sm_89/sm_90,
+#                        pass -DCMAKE_CUDA_ARCHITECTURES=... for an older one
+#
+# 87 is Jetson Orin (JetPack 6 ships CUDA 12.6).  A bare number gets SASS and
+# PTX (CMake's default), so a GPU newer than the list runs the last entry's
+# PTX through the driver's JIT; an older one has no kernels.
+
+# fer_edge_default_cuda_archs(<version> <out_var>): <out_var> = the list, or ""
+# when the version has no default.
+function(fer_edge_default_cuda_archs version out_var)
+  if(NOT version MATCHES "^[0-9]+\\.[0-9]+")
+    message(FATAL_ERROR "fer_edge_default_cuda_archs: '${version}' is not a CUDA version (like 12.4)")
+  endif()
+  if(version VERSION_GREATER_EQUAL 13.0)
+    set(archs "75;80;86;87;89;90")
+  elseif(version VERSION_GREATER_EQUAL 11.8)
+    set(archs "60;61;70;75;80;86;87;89;90")
+  else()
+    set(archs "")
+  endif()
+  set(${out_var} "${archs}" PARENT_SCOPE)
+endfunction()
+
+# fer_edge_nvcc_version(<text> <out_var>): the "X.Y" of nvcc's `--version`
+# output ("Cuda compilation tools, release 12.4, V12.4.131"), or "" when the
+# text has none (e.g. clang as the CUDA compiler).
+function(fer_edge_nvcc_version text out_var)
+  if(text MATCHES "release ([0-9]+\\.[0-9]+)")
+    set(${out_var} "${CMAKE_MATCH_1}" PARENT_SCOPE)
+  else()
+    set(${out_var} "" PARENT_SCOPE)
+  endif()
+endfunction()

@@ -1,0 +1,223 @@
+// Small-batch CUDA kernel of the fused multi-scale convolution ("splitk").
+//
+// At batch 1-8 a MACNN layer has too few output pixels to fill a GPU with
+// one block per output tile: L4 at batch 1 is 36 pixels x 512 channels.  Its
+// cost is latency, and its largest operand is the weights (up to 6.5 MB in
+// fp16), which must be read once, by many SMs at the same time.  So:
+//
+//   * the GEMM's M is every output pixel of the batch (n x H x W, flattened),
+//     N the combined output channels [c5 | c3 | c1] (packed weights' order),
+//     K the input channels x the 25 taps;
+//   * the grid is (M tiles, N tiles, K splits): the input channels are split
+//     over gridDim.z until there are about two blocks per SM, so every SM
+//     streams its own slice of the weights once;
+//   * a block stages KC input channels' weights (only the taps its channels
+//     use: 1 for a 1x1-only block, 9 for 3x3, 25 otherwise) in shared memory,
+//     and each thread accumulates 8 channels of one pixel, reading the input
+//     (small at these batches, so L1/L2-resident) straight from global memory;
+//   * split-K partial sums go to a float32 workspace; the last block of a
+//     tile to finish (a counter per tile, reset by that block, so the kernel
+//     is re-entrant and CUDA-graph safe) adds them, the bias and the ReLU,
+//     and writes its slice of the concatenated output.  One launch, no memset.
+#include "msconv.h"
+#include "msconv_cuda_splitk.h"
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+
+namespace fer_edge {
+namespace splitk {
+namespace {
+
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+template <typename T> __device__ __forceinline__ T from_f(float v);
+template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+__device__ __forceinline__ float relu_keep_nan(float v) { return v > 0.f ? v : (v == v ? 0.f : v); }
+
+struct Shape {
+  int N, C, H, W, c1, c3, c5, ctot, M, splits, kslice;
+  bool relu;
+};
+
+// The taps a block of combined channels [co0, co0 + TN) needs: the 1x1 part
+// uses the centre only, the 3x3 part the inner 3x3, anything with 5x5
+// channels all 25.  Returns the first tap row/column and the window size.
+__device__ __forceinline__ int window_of(int co0, const Shape& s) {
+  const int co1 = min(co0 + TN, s.ctot);
+  if (co0 >= s.c5 + s.c3) return 1;            // 1x1 channels only
+  if (co0 >= s.c5 && co1 <= s.c5 + s.c3) return 3;
+  return 5;
+}
+
+template <typename T, bool NHWC>
+__global__ void __launch_bounds__(THREADS)
+splitk_kernel(const T* __restrict__ x, T* __restrict__ out, const T* __restrict__ wp,
+              const T* __restrict__ b1, const T* __restrict__ b3, const T* __restrict__ b5,
+              float* __restrict__ ws, int* __restrict__ counters, Shape s) {
+  __shared__ float s_w[25][KC][TN];
+  __shared__ int s_last;
+
+  const int tid = threadIdx.x;
+  const int pm = tid % TM, cg = tid / TM;           // a warp: 32 pixels, one channel group
+  const int m = blockIdx.x * TM + pm;               // flattened output pixel (n, y, x)
+  const int co0 = blockIdx.y * TN;
+  const int ci_begin = blockIdx.z * s.kslice;
+  const int ci_end = min(s.C, ci_begin + s.kslice);
+  const int win = window_of(co0, s), off = (5 - win) / 2;
+  const int ntaps = win * win;
+
+  int n = 0, oy = 0, ox = 0;
+  const bool valid = m < s.M;
+  if (valid) {
+    n = m / (s.H * s.W);
+    const int p = m % (s.H * s.W);
+    oy = p / s.W;
+    ox = p % s.W;
+  }
+  float acc[CPT];
+#pragma unroll
+  for (int j = 0; j < CPT; ++j) acc[j] = 0.f;
+
+  for (int ci0 = ci_begin; ci0 < ci_end; ci0 += KC) {
+    // Stage the weights of KC input channels for this block's channels and taps
+    // (consecutive threads: consecutive output channels, i.e. coalesced).
+    for (int e = tid; e < ntaps * KC * TN; e += THREADS) {
+      const int j = e % TN, k = (e / TN) % KC, t = e / (TN * KC);
+      const int tap = (off + t / win) * 5 + off + t % win;
+      const int ci = ci0 + k, co = co0 + j;
+      s_w[t][k][j] = (ci < ci_end && co < s.ctot)
+                         ? to_f(wp[(static_cast<long long>(tap) * s.C + ci) * s.ctot + co]) : 0.f;
+    }
+    __syncthreads();
+    if (valid) {
+      for (int k = 0; k < KC && ci0 + k < ci_end; ++k) {
+        const int ci = ci0 + k;
+        for (int t = 0; t < ntaps; ++t) {
+          const int iy = oy + off + t / win - 2, ix = ox + off + t % win - 2;
+          if (iy < 0 || iy >= s.H || ix < 0 || ix >= s.W) continue;
+          const float xv = to_f(x[NHWC ? ((static_cast<long long>(n) * s.H + iy) * s.W + ix) * s.C + ci
+                                       : ((static_cast<long long>(n) * s.C + ci) * s.H + iy) * s.W + ix]);
+#pragma unroll
+          for (int j = 0; j < CPT; ++j) acc[j] = fmaf(xv, s_w[t][k][cg + CGROUPS * j], acc[j]);
+        }
+      }
+    }
+    __syncthreads();
+  }
+
+  const int tile = blockIdx.y * gridDim.x + blockIdx.x;
+  if (s.splits > 1) {
+    // Publish this split's partial sums, then let the tile's last block finish it.
+    if (valid) {
+#pragma unroll
+      for (int j = 0; j < CPT; ++j) {
+        const int co = co0 + cg + CGROUPS * j;
+        if (co < s.ctot) ws[(static_cast<long long>(blockIdx.z) * s.M + m) * s.ctot + co] = acc[j];
+      }
+    }
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) s_last = atomicAdd(&counters[tile], 1) == s.splits - 1;
+    __syncthreads();
+    if (!s_last) return;
+    __threadfence();
+    if (valid) {
+#pragma unroll
+      for (int j = 0; j < CPT; ++j) {
+        const int co = co0 + cg + CGROUPS * j;
+        if (co >= s.ctot) continue;
+        float v = 0.f;
+        for (int z = 0; z < s.splits; ++z)  // .cg: straight from L2, never a stale L1 line
+          v += __ldcg(&ws[(static_cast<long long>(z) * s.M + m) * s.ctot + co]);
+        acc[j] = v;
+      }
+    }
+    if (tid == 0) counters[tile] = 0;  // ready for the next launch (and the next graph replay)
+  }
+  if (!valid) return;
+#pragma unroll
+  for (int j = 0; j < CPT; ++j) {
+    const int co = co0 + cg + CGROUPS * j;
+    if (co >= s.ctot) continue;
+    int oc;
+    float bias;
+    if (co < s.c5) {
+      oc = s.c1 + s.c3 + co;
+      bias = to_f(b5[co]);
+    } else if (co < s.c5 + s.c3) {
+      oc = s.c1 + (co - s.c5);
+      bias = to_f(b3[co - s.c5]);
+    } else {
+      oc = co - s.c5 - s.c3;
+      bias = to_f(b1[co - s.c5 - s.c3]);
+    }
+    float v = acc[j] + bias;
+    if (s.relu) v = relu_keep_nan(v);
+    out[NHWC ? static_cast<long long>(m) * s.ctot + oc
+             : ((static_cast<long long>(n) * s.ctot + oc) * s.H + oy) * s.W + ox] = from_f<T>(v);
+  }
+}
+
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) throw std::runtime_error(std::string("fused_ms_conv (splitk): ") + what + ": " +
+                                                 cudaGetErrorString(e));
+}
+
+}  // namespace
+
+int sm_count_of(int dev) {
+  int sms = 0;
+  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
+  return sms;
+}
+
+void launch(const MsConvArgs& a, DType dtype, std::uintptr_t stream_handle, int sm_count, std::uintptr_t workspace,
+            std::uintptr_t counters) {
+  cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  const std::int64_t ctot = a.c1 + a.c3 + a.c5;
+  const Plan p = plan(a.n, a.c, a.h, a.w, ctot, sm_count);
+  if (p.splits > 1 && (!workspace || !counters))
+    throw std::invalid_argument("fused_ms_conv (splitk): this shape needs a workspace and counters "
+                                "(fer_edge.kernels allocates them from splitk_plan)");
+  if (p.m_tiles > 2147483647 || p.n_tiles > 65535 || p.splits > 65535)
+    throw std::invalid_argument("fused_ms_conv (splitk): shape too large for the small-batch kernel");
+  Shape s{};
+  s.N = static_cast<int>(a.n);
+  s.C = static_cast<int>(a.c);
+  s.H = static_cast<int>(a.h);
+  s.W = static_cast<int>(a.w);
+  s.c1 = static_cast<int>(a.c1);
+  s.c3 = static_cast<int>(a.c3);
+  s.c5 = static_cast<int>(a.c5);
+  s.ctot = static_cast<int>(ctot);
+  s.M = static_cast<int>(a.n * a.h * a.w);
+  s.splits = p.splits;
+  s.kslice = p.kslice;
+  s.relu = a.relu;
+  const dim3 grid(p.m_tiles, p.n_tiles, p.splits);
+  float* ws = reinterpret_cast<float*>(workspace);
+  int* cnt = reinterpret_cast<int*>(counters);
+  const bool nhwc = a.layout == Layout::NHWC;
+  if (dtype == DType::Float32) {
+    auto k = nhwc ? splitk_kernel<float, true> : splitk_kernel<float, false>;
+    k<<<grid, THREADS, 0, stream>>>(reinterpret_cast<const float*>(a.x), reinterpret_cast<float*>(a.out),
+                                    reinterpret_cast<const float*>(a.wp), reinterpret_cast<const float*>(a.b1),
+                                    reinterpret_cast<const float*>(a.b3), reinterpret_cast<const float*>(a.b5),
+                                    ws, cnt, s);
+  } else {
+    auto k = nhwc ? splitk_kernel<__half, true> : splitk_kernel<__half, false>;
+    k<<<grid, THREADS, 0, stream>>>(reinterpret_cast<const __half*>(a.x), reinterpret_cast<__half*>(a.out),
+                                    reinterpret_cast<const __half*>(a.wp), reinterpret_cast<const __half*>(a.b1),
+                                    reinterpret_cast<const __half*>(a.b3), reinterpret_cast<const __half*>(a.b5),
+                                    ws, cnt, s);
+  }
+  check(cudaGetLastError(), "kernel launch");
+}
+
+}  // namespace splitk
+}  // namespace fer_edge

@@ -1,0 +1,141 @@
+"""Which implementation a merged multi-scale layer runs on a CUDA tensor.
+
+One table decides, measured on the GPU by ``benchmarks/bench_msconv.py``
+and turned into ``kernel_dispatch.json`` (shipped in the package) by
+``benchmarks/make_dispatch.py``.  A row is keyed by the GPU's compute
+capability, the layer's shape (input channels, c1/c3/c5, height, width), the
+dtype and a batch bucket; its ``choice`` is ``cudnn`` (PyTorch's three
+convolutions + cat) or one of fer_edge's kernels (``KERNELS``).  A shape the
+table does not name runs ``cudnn``: our kernel is used only where a
+measurement showed it faster.
+
+``FER_EDGE_CUDA_KERNEL`` (cudnn | simt | wmma | splitk) overrides the table for
+every layer: for testing and benchmarking, not for speed.  It is read once,
+when the table is first consulted.
+
+The CPU never asks: on the CPU the fused C++ kernel always runs (it is faster
+than PyTorch's convolutions there, see the benchmarks docs).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from fer_edge import UserError
+
+TABLE_FILE = Path(__file__).resolve().parent / "kernel_dispatch.json"
+TABLE_FORMAT = "fer-edge-kernel-dispatch"
+OVERRIDE_ENV = "FER_EDGE_CUDA_KERNEL"
+CUDNN = "cudnn"
+# fer_edge's CUDA kernels, by the number the compiled extension takes (csrc/msconv_cuda.cu, Variant).
+KERNELS = {"simt": 0, "wmma": 1, "splitk": 2}
+CHOICES = (CUDNN, *KERNELS)
+# Upper bounds of the batch buckets: batch 1 is latency-bound, 2-8 is the small-batch
+# kernel's range, larger batches are throughput-bound.
+BATCH_BUCKETS = (1, 8, 64, 256)
+DTYPES = ("fp32", "fp16")
+
+
+class DispatchError(UserError):
+    """A dispatch table or override that cannot be used (one line for the user)."""
+
+
+@dataclass(frozen=True)
+class LayerKey:
+    cc: str          # compute capability "major.minor"
+    cin: int
+    c1: int
+    c3: int
+    c5: int
+    h: int
+    w: int
+    dtype: str       # fp32 | fp16
+    batch: str       # batch_bucket(n)
+
+
+def batch_bucket(n: int) -> str:
+    """The bucket of a batch size: "1", "2-8", "9-64", "65-256" or ">256"."""
+    if n < 1:
+        raise ValueError(f"batch size must be >= 1, got {n}")
+    low = 1
+    for high in BATCH_BUCKETS:
+        if n <= high:
+            return str(high) if low == high else f"{low}-{high}"
+        low = high + 1
+    return f">{BATCH_BUCKETS[-1]}"
+
+
+def key_of(row: dict) -> LayerKey:
+    """The key of a table row (and a check of its fields)."""
+    try:
+        key = LayerKey(str(row["cc"]), *(int(row[k]) for k in ("cin", "c1", "c3", "c5", "h", "w")),
+                       str(row["dtype"]), str(row["batch"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DispatchError(f"dispatch table row {row!r} is malformed ({exc})") from None
+    if key.dtype not in DTYPES:
+        raise DispatchError(f"dispatch table row {row!r}: dtype must be one of {', '.join(DTYPES)}")
+    return key
+
+
+def parse_table(doc: dict) -> dict[LayerKey, str]:
+    """{key: choice} from a table document; DispatchError for anything off."""
+    if not isinstance(doc, dict) or doc.get("format") != TABLE_FORMAT:
+        raise DispatchError(f"not a kernel dispatch table (format must be {TABLE_FORMAT!r})")
+    rows = doc.get("entries")
+    if not isinstance(rows, list):
+        raise DispatchError("kernel dispatch table: 'entries' must be a list")
+    table = {}
+    for row in rows:
+        if not isinstance(row, dict) or row.get("choice") not in CHOICES:
+            raise DispatchError(f"dispatch table row {row!r}: choice must be one of {', '.join(CHOICES)}")
+        table[key_of(row)] = row["choice"]
+    return table
+
+
+@functools.lru_cache(maxsize=None)
+def load_table(path: str = str(TABLE_FILE)) -> dict[LayerKey, str]:
+    """The table in ``path`` (the package's by default), read once per process."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise DispatchError(f"kernel dispatch table {path}: cannot be read ({exc})") from None
+    return parse_table(doc)
+
+
+@functools.lru_cache(maxsize=None)
+def override() -> str | None:
+    """FER_EDGE_CUDA_KERNEL as a choice, or None when unset (read once)."""
+    asked = os.environ.get(OVERRIDE_ENV, "").strip().lower()
+    if not asked:
+        return None
+    if asked not in CHOICES:
+        raise DispatchError(f"{OVERRIDE_ENV}={asked!r}: choose one of {', '.join(CHOICES)}")
+    return asked
+
+
+def choose(key: LayerKey, table: dict[LayerKey, str] | None = None, forced: str | None = None) -> str:
+    """The implementation for one call: the override, else the table's row, else cuDNN."""
+    if forced is not None:
+        return forced
+    return (load_table() if table is None else table).get(key, CUDNN)
+
+
+def choice_for(cc: tuple[int, int], cin: int, c1: int, c3: int, c5: int, n: int, h: int, w: int,
+               dtype: str) -> str:
+    """What a merged layer runs for this call (the module's entry point)."""
+    key = LayerKey(f"{cc[0]}.{cc[1]}", cin, c1, c3, c5, h, w, dtype, batch_bucket(n))
+    return choose(key, forced=override())
+
+
+def describe() -> dict:
+    """For `fer-edge info`: the table's rows, its provenance and the override."""
+    try:
+        doc = json.loads(TABLE_FILE.read_text())
+        parse_table(doc)
+    except (OSError, ValueError) as exc:
+        return {"file": TABLE_FILE.name, "error": str(exc)}
+    return {"file": TABLE_FILE.name, "default": CUDNN, "measured_on": doc.get("measured_on", []),
+            "override": os.environ.get(OVERRIDE_ENV) or None, "entries": doc["entries"]}

@@ -1,0 +1,142 @@
+"""Ed25519 signatures of bundle manifests (the ``cryptography`` library; no torch).
+
+manifest.json lists the sha256 of every file of a bundle, so a signature of
+its exact bytes covers the whole bundle.  ``manifest.sig`` is a small JSON
+file: the algorithm, the signing key's id (sha256 of the raw public key,
+first 16 hex digits: only to say which key signed in error messages) and the
+64-byte signature in base64.  The private key never enters a bundle.
+
+Keys are PEM files: ``PREFIX.key`` (PKCS#8 private key, mode 0600) and
+``PREFIX.pub`` (SubjectPublicKeyInfo), made by ``fer-edge keygen``.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from pathlib import Path
+
+from fer_edge.targets.bundle import SIGNATURE, BundleError
+
+ALGORITHM = "ed25519"
+
+
+def _ed25519():
+    try:
+        from cryptography.hazmat.primitives.asymmetric import ed25519
+    except ImportError:
+        raise BundleError("signed bundles need the cryptography package (pip install cryptography)") from None
+    return ed25519
+
+
+def generate_keypair() -> tuple[bytes, bytes]:
+    """(private key PEM, public key PEM) of a fresh Ed25519 key."""
+    from cryptography.hazmat.primitives import serialization as s
+
+    key = _ed25519().Ed25519PrivateKey.generate()
+    private = key.private_bytes(s.Encoding.PEM, s.PrivateFormat.PKCS8, s.NoEncryption())
+    public = key.public_key().public_bytes(s.Encoding.PEM, s.PublicFormat.SubjectPublicKeyInfo)
+    return private, public
+
+
+def raw_public(public_key) -> bytes:
+    from cryptography.hazmat.primitives import serialization as s
+
+    return public_key.public_bytes(s.Encoding.Raw, s.PublicFormat.Raw)
+
+
+def key_id(public_key) -> str:
+    return hashlib.sha256(raw_public(public_key)).hexdigest()[:16]
+
+
+def load_private_key(path):
+    """The Ed25519 private key in a PEM file; ValueError (one line) for anything else."""
+    from cryptography.hazmat.primitives import serialization as s
+
+    ed25519 = _ed25519()
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read the signing key ({exc.strerror})") from None
+    try:
+        key = s.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError):
+        raise ValueError(f"{path}: not an unencrypted PEM private key (make one with fer-edge keygen)") from None
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise ValueError(f"{path}: not an Ed25519 key (make one with fer-edge keygen)")
+    return key
+
+
+def load_public_key(trust):
+    """A public key from a ``.pub`` path, PEM bytes, 32 raw bytes or a key object.
+    A private key is refused: it belongs on the build machine, not the device."""
+    from cryptography.hazmat.primitives import serialization as s
+
+    ed25519 = _ed25519()
+    if isinstance(trust, ed25519.Ed25519PublicKey):
+        return trust
+    where = "the trusted key"
+    if isinstance(trust, (str, Path)):
+        where = str(trust)
+        try:
+            trust = Path(trust).read_bytes()
+        except OSError as exc:
+            raise BundleError(f"{where}: cannot read the trusted public key ({exc.strerror})") from None
+    if not isinstance(trust, (bytes, bytearray)):
+        raise BundleError(f"trust must be a public key file, its bytes or a key, not {type(trust).__name__}")
+    data = bytes(trust)
+    if b"PRIVATE KEY" in data:
+        raise BundleError(f"{where}: is a private key; give the device the public key (.pub)")
+    if len(data) == 32:
+        return ed25519.Ed25519PublicKey.from_public_bytes(data)
+    try:
+        key = s.load_pem_public_key(data)
+    except (ValueError, TypeError):
+        raise BundleError(f"{where}: not a PEM public key") from None
+    if not isinstance(key, ed25519.Ed25519PublicKey):
+        raise BundleError(f"{where}: not an Ed25519 public key")
+    return key
+
+
+def signature_file(private_key, manifest_bytes: bytes) -> bytes:
+    """The content of manifest.sig for these exact manifest bytes."""
+    sig = private_key.sign(manifest_bytes)
+    doc = {"algorithm": ALGORITHM, "key_id": key_id(private_key.public_key()),
+           "signature": base64.b64encode(sig).decode("ascii")}
+    return (json.dumps(doc, indent=2) + "\n").encode()
+
+
+def read_signature(path: Path) -> tuple[bytes, str | None]:
+    """(signature, key id) from a bundle's manifest.sig; BundleError when absent or malformed."""
+    f = path / SIGNATURE
+    if f.is_symlink() or not f.is_file():
+        raise BundleError(f"{path}: unsigned bundle (no {SIGNATURE}); a trusted key was given, so only a "
+                          "signed bundle runs")
+    try:
+        doc = json.loads(f.read_text(encoding="utf-8"))
+        sig = base64.b64decode(doc["signature"], validate=True)
+        algorithm = doc["algorithm"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise BundleError(f"{path}/{SIGNATURE}: malformed signature file") from None
+    if algorithm != ALGORITHM or len(sig) != 64:
+        raise BundleError(f"{path}/{SIGNATURE}: not an Ed25519 signature")
+    return sig, doc.get("key_id")
+
+
+def verify_bundle_signature(path: Path, manifest_bytes: bytes, trust) -> str:
+    """Check manifest.sig against these manifest bytes with the trusted key;
+    returns the key id, raises BundleError saying what is wrong."""
+    from cryptography.exceptions import InvalidSignature
+
+    public = load_public_key(trust)
+    sig, signer = read_signature(Path(path))
+    try:
+        public.verify(sig, manifest_bytes)
+    except InvalidSignature:
+        trusted = key_id(public)
+        if signer and signer != trusted:
+            raise BundleError(f"{path}: bad signature: signed with key {signer}, not the trusted key "
+                              f"{trusted}") from None
+        raise BundleError(f"{path}: bad signature: {SIGNATURE} does not match manifest.json "
+                          "(altered after signing)") from None
+    return key_id(public)
