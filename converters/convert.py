@@ -140,6 +140,24 @@ def _readme(fmt, meta, artifact: str, pre: dict) -> str:
     return "\n".join(lines)
 
 
+def replaceable_bundle(out: Path) -> bool:
+    """Whether --force may replace ``out``: an empty folder or a bundle (it has a
+    manifest) -- never a file or a folder of other things."""
+    from fer_edge.targets.bundle import MANIFEST
+
+    return out.is_dir() and (not any(out.iterdir()) or (out / MANIFEST).is_file())
+
+
+def remove_stale_temps(out: Path) -> None:
+    """Temp folders of an earlier convert into ``out`` that never finished (killed):
+    ``.NAME.tmp-*`` beside it, and ``.NAME.old-*`` from an interrupted swap."""
+    if not out.parent.is_dir():
+        return
+    for stale in [*out.parent.glob(f".{out.name}.tmp-*"), *out.parent.glob(f".{out.name}.old-*")]:
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 def _place_bundle(tmp: Path, out: Path, force: bool) -> None:
     """Move the finished temp bundle to --out (replacing an old one only with --force)."""
     if out.exists():
@@ -301,6 +319,10 @@ def convert(weights, target: str, precision: str, out, *, calib=None, calib_size
     out = Path(out)
     if out.exists() and not force:
         raise UserError(f"{out} exists; pass --force to replace it")
+    if out.exists() and not replaceable_bundle(out):
+        raise UserError(f"{out} is not a fer-edge bundle (no {MANIFEST}); --force replaces bundles only: "
+                        "choose another --out")
+    remove_stale_temps(out)
     if fmt.needs_calib and not calib:
         raise UserError(f"{target} {precision} needs --calib DIR: labelled face images (class folders) "
                         "to calibrate the int8 ranges")

@@ -320,8 +320,17 @@ def test_bad_convert_inputs(trained, tmp_path):
     (out / "keep.txt").write_text("mine")
     one_line_error(run(*base, "--target", "onnx", "--out", out), "--force")
     assert (out / "keep.txt").read_text() == "mine"
+    # --force replaces bundles only: a folder of other things is never removed
+    one_line_error(run(*base, "--target", "onnx", "--out", out, "--force"), "not a fer-edge bundle")
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    # a killed convert's temp folder beside --out is cleaned up by the next convert into it
+    stale = out.parent / f".{out.name}.tmp-killed"
+    stale.mkdir()
+    (stale / "model.onnx").write_bytes(b"half")
     assert run(*base, "--target", "onnx", "--out", out, "--force").returncode == 0
-    assert not (out / "keep.txt").exists() and (out / "model.onnx").is_file()
+    assert (out / "model.onnx").is_file() and not stale.exists()
+    assert run(*base, "--target", "onnx", "--out", out, "--force").returncode == 0  # a bundle: replaced
     # a calibration choice the format has no use for is said, not silently dropped
     proc = run(*base, "--target", "onnx", "--calib-method", "minmax", "--out", out, "--force")
     assert proc.returncode == 0 and "--calib-method applies to the ONNX int8 formats only" in proc.stderr

@@ -176,3 +176,20 @@ def test_bad_regularizer_flags_are_one_line_errors(tiny, tmp_path):
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and flag in lines[0], proc.stderr
         assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
+
+
+@needs_data
+def test_force_with_a_bad_input_keeps_the_old_run(tiny, tmp_path):
+    """--force clears a run only once every input is valid: a mistyped --data
+    leaves the old run's checkpoints, resume state and metrics in place."""
+    train, val = tiny
+    out = tmp_path / "run"
+    first = run("train", *TINY, "--data", train, "--val", val, "--epochs", "1", "--out", out)
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert {"best.safetensors", "resume.pt", "metrics.jsonl"} <= before.keys()
+    bad = run("train", *TINY, "--data", tmp_path / "no-such-folder", "--val", val, "--epochs", "1", "--out", out,
+              "--force")
+    lines = bad.stderr.strip().splitlines()
+    assert bad.returncode == 2 and len(lines) == 1 and "no-such-folder" in lines[0], bad.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before

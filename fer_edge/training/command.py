@@ -168,11 +168,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         distill = resolve_teacher(args)
         size = model_input_size(model_name, model_config)
         run_dir = Path(args.out)
-        prepare_run_dir(run_dir, args.resume, args.force, ctx.main)
-        if ctx.enabled:
-            import torch.distributed as dist
-
-            dist.barrier()  # rank 0 has prepared the folder
+        prepare_run_dir(run_dir, args.resume, args.force, ctx.main, clean=False)  # refusals only: nothing goes yet
         classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
         train = load_dataset(args.data, size=size, classes=classes, strict=args.strict, usage="Training",
                              progress=ctx.main and not args.no_progress)
@@ -206,6 +202,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
             OfflineTeacher([t["path"] for t in settings.teacher_logits], face_keys(train.sources, args.data),
                            settings.classes, "cpu", settings.kd_temperature)
+        # Every input is valid: only now may --force clear the old run.
+        prepare_run_dir(run_dir, args.resume, args.force, ctx.main)
+        if ctx.enabled:
+            import torch.distributed as dist
+
+            dist.barrier()  # rank 0 has prepared the folder
         if args.folds is not None:
             return _run_folds(settings, train, args.folds, run_dir, args, ctx, log)
         return _run_single(settings, train, val, run_dir, args, ctx, log)

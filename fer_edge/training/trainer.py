@@ -307,8 +307,10 @@ def validate(model, images: torch.Tensor, labels: torch.Tensor, preprocess: dict
             "val_mean_class_acc": mean_class_accuracy(cm)}
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, force: bool, main: bool) -> None:
-    """Refuse to clobber a run unless told: --resume continues it, --force starts over."""
+def prepare_run_dir(run_dir: Path, resume: bool, force: bool, main: bool, clean: bool = True) -> None:
+    """Refuse to clobber a run unless told: --resume continues it, --force starts over.
+    ``clean=False`` only checks (before the inputs are read); the files of the old
+    run go only when called again with ``clean=True``, once every input is valid."""
     exists = run_dir.exists() and any(run_dir.iterdir())
     if resume:
         if not (run_dir / RESUME_FILE).is_file() and not (run_dir / "fold01").is_dir():
@@ -317,6 +319,8 @@ def prepare_run_dir(run_dir: Path, resume: bool, force: bool, main: bool) -> Non
     if exists and not force:
         raise UserError(f"{run_dir} exists and is not empty; pass --resume to continue that run "
                         "or --force to start over")
+    if not clean:
+        return
     if exists and force and main:
         for name in RUN_FILES:
             (run_dir / name).unlink(missing_ok=True)
