@@ -18,6 +18,7 @@
 // kernel of msconv_cuda_splitk.cu.  The caller names the variant (the
 // dispatch table in fer_edge/dispatch.py); nothing here reads the environment.
 #include "msconv.h"
+#include "msconv_cuda_device.cuh"
 #include "msconv_cuda_splitk.h"
 
 #include <cuda_fp16.h>
@@ -31,6 +32,10 @@
 
 namespace fer_edge {
 namespace {
+using device::bias_and_channel;
+using device::from_f;
+using device::relu_keep_nan;
+using device::to_f;
 
 constexpr int TH = 8, TW = 8;          // output tile
 constexpr int NPIX = TH * TW;          // pixels per block
@@ -42,11 +47,6 @@ constexpr int CK = 8;                  // input channels per shared-memory stage
 constexpr int IH = TH + 4, IW = TW + 4;
 constexpr int WSTRIDE = BCO + 1;       // odd row stride: conflict-free staging writes
 
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-template <typename T> __device__ __forceinline__ T from_f(float v);
-template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
 
 struct Dims {
   int n0, C, H, W, c1, c3, c5, ctot, tiles_w;
@@ -74,23 +74,6 @@ __device__ __forceinline__ T packed_weight(const T* wp, int tap, int ci, int co,
   return wp[(static_cast<long long>(tap) * d.C + ci) * d.ctot + co];
 }
 
-// Bias of combined channel co and its channel in the concatenated output [c1 | c3 | c5].
-template <typename T>
-__device__ __forceinline__ float bias_and_channel(int co, const Dims& d, const T* b1, const T* b3, const T* b5,
-                                                  int& oc) {
-  if (co < d.c5) {
-    oc = d.c1 + d.c3 + co;
-    return to_f(b5[co]);
-  }
-  if (co < d.c5 + d.c3) {
-    oc = d.c1 + (co - d.c5);
-    return to_f(b3[co - d.c5]);
-  }
-  oc = co - d.c5 - d.c3;
-  return to_f(b1[co - d.c5 - d.c3]);
-}
-
-__device__ __forceinline__ float relu_keep_nan(float v) { return v > 0.f ? v : (v == v ? 0.f : v); }
 
 // Element idx of an input tile staged for shared memory: KC channels from
 // ci0, IH x IW pixels from (ty0 - 2, tx0 - 2), i.e. with the 2-pixel halo.

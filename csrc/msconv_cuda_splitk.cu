@@ -20,6 +20,7 @@
 //     is re-entrant and CUDA-graph safe) adds them, the bias and the ReLU,
 //     and writes its slice of the concatenated output.  One launch, no memset.
 #include "msconv.h"
+#include "msconv_cuda_device.cuh"
 #include "msconv_cuda_splitk.h"
 
 #include <cuda_fp16.h>
@@ -31,13 +32,11 @@
 namespace fer_edge {
 namespace splitk {
 namespace {
+using device::bias_and_channel;
+using device::from_f;
+using device::relu_keep_nan;
+using device::to_f;
 
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-template <typename T> __device__ __forceinline__ T from_f(float v);
-template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-__device__ __forceinline__ float relu_keep_nan(float v) { return v > 0.f ? v : (v == v ? 0.f : v); }
 
 struct Shape {
   int N, C, H, W, c1, c3, c5, ctot, M, splits, kslice;
@@ -145,17 +144,7 @@ splitk_kernel(const T* __restrict__ x, T* __restrict__ out, const T* __restrict_
     const int co = co0 + cg + CGROUPS * j;
     if (co >= s.ctot) continue;
     int oc;
-    float bias;
-    if (co < s.c5) {
-      oc = s.c1 + s.c3 + co;
-      bias = to_f(b5[co]);
-    } else if (co < s.c5 + s.c3) {
-      oc = s.c1 + (co - s.c5);
-      bias = to_f(b3[co - s.c5]);
-    } else {
-      oc = co - s.c5 - s.c3;
-      bias = to_f(b1[co - s.c5 - s.c3]);
-    }
+    const float bias = bias_and_channel(co, s, b1, b3, b5, oc);
     float v = acc[j] + bias;
     if (s.relu) v = relu_keep_nan(v);
     out[NHWC ? static_cast<long long>(m) * s.ctot + oc

@@ -331,7 +331,27 @@ def he_init(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-class HSNet(nn.Module):
+class FrozenStem:
+    """A model with a transferred ``self.stem`` that can be frozen (HSNet's
+    KTL, Eq. 19, and hsnet-lite's): no gradients, and its BatchNorm statistics
+    kept as loaded, also in train mode."""
+
+    stem_frozen = False
+
+    def freeze_stem(self):
+        for p in self.stem.parameters():
+            p.requires_grad_(False)
+        self.stem_frozen = True
+        self.stem.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.stem_frozen:
+            self.stem.eval()
+        return self
+
+
+class HSNet(FrozenStem, nn.Module):
     def __init__(self, num_classes=7, in_chans=1, input_size=224, dropout=0.0, dib=True, fgal=True, ktl=True,
                  freeze_stem=False):
         super().__init__()
@@ -360,26 +380,12 @@ class HSNet(nn.Module):
         for name, child in self.named_children():
             if name != "stem" or not ktl:
                 he_init(child)
-        self.stem_frozen = False
         if freeze_stem:
             self.freeze_stem()
 
     @property
     def has_aux_heads(self) -> bool:
         return self.config["fgal"]
-
-    def freeze_stem(self):
-        """Eq. 19: the transferred stem stays as loaded: no gradients, BatchNorm statistics kept."""
-        for p in self.stem.parameters():
-            p.requires_grad_(False)
-        self.stem_frozen = True
-        self.stem.eval()
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.stem_frozen:
-            self.stem.eval()
-        return self
 
     def load_stem(self, path, freeze: bool = True):
         """KTL: the stem from an Inception-ResNet-v1 face-recognition state dict

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fer_edge.models.hsnet import InceptionResnetV1Stem, nearest_resize, read_stem_state
+from fer_edge.models.hsnet import FrozenStem, InceptionResnetV1Stem, nearest_resize, read_stem_state
 from fer_edge.models.layers import ConvBNAct
 from fer_edge.models.registry import register_model
 
@@ -74,7 +74,7 @@ class LiteRDIB(nn.Module):
         return F.relu(x + self.project(torch.cat([b(x) for b in self.branches], dim=1)))
 
 
-class HSNetLite(nn.Module):
+class HSNetLite(FrozenStem, nn.Module):
     has_aux_heads = True  # the three ungated heads Y_j (--aux-weight)
 
     def __init__(self, num_classes=7, in_chans=1, input_size=112, width=1.0, fpn_dim=128, dropout=0.3,
@@ -93,22 +93,8 @@ class HSNetLite(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.gates = nn.ModuleList([nn.Linear(fpn_dim, 1) for _ in range(3)])
         self.heads = nn.ModuleList([nn.Linear(fpn_dim, num_classes) for _ in range(3)])
-        self.stem_frozen = False
         if freeze_stem:
             self.freeze_stem()
-
-    def freeze_stem(self):
-        """Freeze the transferred stem: no gradients, BatchNorm statistics kept."""
-        for p in self.stem.parameters():
-            p.requires_grad_(False)
-        self.stem_frozen = True
-        self.stem.eval()
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.stem_frozen:
-            self.stem.eval()
-        return self
 
     def load_stem(self, path, freeze: bool = True):
         """Load the Inception-ResNet-v1 stem from a face-recognition state dict
