@@ -275,7 +275,7 @@ def main(argv=None) -> int:
         bundle = args.bundle
         if bundle is None:
             from fer_edge.checkpoint import weights_or_default
-            from fer_edge.converters.convert import convert
+            from fer_edge.converters.pipeline import convert
 
             bundle = Path(tmp) / "android-int8"
             convert(weights_or_default(None), "android", "int8", bundle,

@@ -120,7 +120,7 @@ def main_detectors(args) -> int:
         bundle = args.bundle
         if bundle is None:
             from fer_edge.checkpoint import weights_or_default
-            from fer_edge.converters.convert import convert
+            from fer_edge.converters.pipeline import convert
 
             bundle = Path(tmp) / "android-int8"
             convert(weights_or_default(args.weights), "android", "int8", bundle,
@@ -166,7 +166,7 @@ def main(argv=None) -> int:
     if not args.weights:
         ap.error("--weights is required (or --detectors)")
 
-    from fer_edge.converters.convert import convert
+    from fer_edge.converters.pipeline import convert
     from fer_edge.predict import TorchBackend
     from fer_edge.targets import load_bundle, open_backend
 

@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     from fer_edge.data import load_dataset
     from fer_edge.evaluate import predict_probs, remap_labels
     from fer_edge.metrics import summarize
-    from fer_edge.training.command import limit_set
+    from fer_edge.training.setup import limit_set
     from fer_edge.training.distill import teacher_columns
 
     try:

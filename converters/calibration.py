@@ -16,6 +16,32 @@ import numpy as np
 
 HIST_BINS = 2048  # TensorRT's histogram resolution
 
+# How the ONNX int8 formats set activation ranges (``--calib-method``); the
+# first is the default.  TFLite int8 calibrates with litert-torch's own observers.
+CALIB_METHODS = ("entropy", "minmax", "percentile")
+
+
+class CalibReader:
+    """onnxruntime CalibrationDataReader over a fixed array, one image per call,
+    counting them on ``progress`` (a Progress) under ``what``."""
+
+    def __init__(self, inputs: np.ndarray, progress=None, what: str = "calibrating"):
+        self.inputs = inputs
+        self.i = 0
+        self.progress, self.what = progress, what
+
+    def get_next(self):
+        if self.i >= len(self.inputs):
+            return None
+        x = self.inputs[self.i:self.i + 1]
+        self.i += 1
+        if self.progress is not None:
+            self.progress.count(self.what, self.i, len(self.inputs))
+        return {"input": x}
+
+    def rewind(self):
+        self.i = 0
+
 
 def fold_histogram(hist: np.ndarray, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """A histogram over [-t, t] with an even number of equal bins -> the
@@ -120,15 +146,13 @@ def entropy_overrides(fp32_path, inputs: np.ndarray, op_types: list[str] | None,
 
     from onnxruntime.quantization import CalibrationMethod, create_calibrator
 
-    from .exporters import _CalibReader
-
     with tempfile.TemporaryDirectory(prefix="fer-edge-calib.") as tmp:
         cal = create_calibrator(Path(fp32_path), op_types or [],
                                 augmented_model_path=str(Path(tmp) / "augmented.onnx"),
                                 calibrate_method=CalibrationMethod.Entropy,
                                 providers=["CPUExecutionProvider"],
                                 extra_options={"num_bins": HIST_BINS, "num_quantized_bins": levels})
-        cal.collect_data(_CalibReader(inputs, progress, "collecting activation histograms (faces)"))
+        cal.collect_data(CalibReader(inputs, progress, "collecting activation histograms (faces)"))
         histograms = getattr(getattr(cal, "collector", None), "histogram_dict", None)
         if not histograms:
             raise RuntimeError("onnxruntime's entropy calibrator kept no histograms (its internals changed); "

@@ -128,3 +128,41 @@ def parity_subset(path, data, classes: list[str], limit: int | None, exclude: se
         how += ", none of them a calibration face (by pixel sha256)"
     return FaceSelection(faces[pool], labels[pool], [sources[i] for i in pool], str(path), how,
                          int((~keep).sum()))
+
+
+def choose_faces(fmt, calib, parity_data, size: int, classes: list[str], calib_size: int,
+                 parity_size: int | None, log=print):
+    """(calibration faces or None, parity faces or None): the parity faces are
+    class-stratified, at most parity_size of --parity-data (or of --calib), never
+    a calibration face.  None, None: no labelled faces, parity runs on noise."""
+    calib_data = read_labelled(calib, size, classes, "--calib") if calib else None
+    calib_sel = calibration_subset(calib, calib_data, classes, calib_size) if fmt.needs_calib else None
+    if calib_sel is not None:
+        log(f"calibration: {len(calib_sel)} faces from {calib}")
+    if parity_data and not (calib and Path(parity_data).resolve() == Path(calib).resolve()):
+        source, data = parity_data, read_labelled(parity_data, size, classes, "--parity-data")
+    else:
+        source, data = calib, calib_data
+    if data is None:
+        return calib_sel, None
+    exclude = set(face_digests(calib_sel.faces)) if calib_sel is not None else set()
+    check = parity_subset(source, data, classes, parity_size, exclude)
+    if len(check) == 0:
+        raise UserError(f"no faces left for the parity check: all of {source} was used for calibration; "
+                        "give --parity-data DIR (labelled faces) or a smaller --calib-size")
+    note = "" if parity_size is None or len(check) >= parity_size else \
+        f" (all that is left; fewer than {parity_size}: a coarse check, --parity-data DIR gives more)"
+    log(f"parity: {len(check)} faces from {source}, none of them a calibration face{note}")
+    return calib_sel, check
+
+
+def calibration_record(calib_sel: FaceSelection | None, calib_method: str, fmt) -> dict | None:
+    """How the int8 ranges were calibrated (the manifest's "calibration"); the
+    faces' pixel hashes let a later `fer-edge parity` leave them out."""
+    if calib_sel is None:
+        return None
+    rec = calib_sel.describe()
+    rec.pop("excluded_calibration_faces", None)
+    rec["method"] = calib_method if fmt.uses_calib_method else fmt.observers
+    rec["face_sha256"] = face_digests(calib_sel.faces)
+    return rec

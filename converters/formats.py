@@ -1,58 +1,25 @@
 """The one table of what ``fer-edge convert`` can make.
 
-Every (target, precision) pair a user may ask for is a row here: the artifact
-file it writes, the exporter that makes it, the runtime that checks it in
-``fer-edge parity`` and the parity thresholds it must meet.  Anything not in
-the table is refused with one line listing what is.
+Every (target, precision) pair a user may ask for is a row here: the
+exporter function that makes its artifact, the artifact's file name, the
+runtime that runs it (a name in fer_edge.targets.backends.BACKENDS), the parity
+thresholds it must meet and the device instructions its bundle's README.md
+gives.  The command line's choices, ``convert --list``, ``fer-edge info`` and
+the bundle text all read this table; anything not in it is refused with one
+line listing what is.  A new target is one row (``register_format``), one
+exporter function and one backend class (``register_backend``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from fer_edge import UserError
-
-
-@dataclass(frozen=True)
-class Format:
-    target: str          # onnx | jetson | android
-    precision: str       # fp32 | fp16 | int8
-    file: str            # artifact name inside the bundle
-    exporter: str        # onnx | onnx-fp16 | onnx-qdq-ort | onnx-qdq-trt | tflite | tflite-fp16 | tflite-int8
-    runtime: str         # what runs it here / on the device: onnxruntime | tflite | tensorrt
-    needs_calib: bool
-    description: str
-
-
-# How the ONNX int8 formats (exporters "onnx-qdq-*") set activation ranges;
-# the first is the default.  TFLite int8 calibrates with litert-torch's own observers.
-CALIB_METHODS = ("entropy", "minmax", "percentile")
-
-
-def uses_calib_method(fmt: Format) -> bool:
-    return fmt.exporter.startswith("onnx-qdq")
-
-
-FORMATS: tuple[Format, ...] = (
-    Format("onnx", "fp32", "model.onnx", "onnx", "onnxruntime", False,
-           "ONNX opset 17, float32"),
-    Format("onnx", "int8", "model_int8.onnx", "onnx-qdq-ort", "onnxruntime", True,
-           "ONNX Q/DQ for ONNX Runtime CPU: uint8 activations (asymmetric, per tensor), int8 weights per channel; "
-           "first layer and classifier in float"),
-    Format("jetson", "fp32", "model.onnx", "onnx", "onnxruntime", False,
-           "ONNX float32 for TensorRT (trtexec / build_engine), checked in ONNX Runtime here"),
-    Format("jetson", "fp16", "model_fp16.onnx", "onnx-fp16", "onnxruntime", False,
-           "ONNX with float16 weights and compute, float32 input/output, for a TensorRT FP16 engine"),
-    Format("jetson", "int8", "model_int8_qdq.onnx", "onnx-qdq-trt", "onnxruntime", True,
-           "explicit-quantization ONNX for TensorRT: symmetric int8 Q/DQ (per-channel weights, "
-           "per-tensor activations), no calibrator needed on the device; the full-resolution first stage and the "
-           "classifier in fp16/fp32"),
-    Format("android", "fp32", "model.tflite", "tflite", "tflite", False,
-           "TFLite float32 (litert-torch), XNNPACK"),
-    Format("android", "fp16", "model_fp16.tflite", "tflite-fp16", "tflite", False,
-           "TFLite with float16 weights (half the size; computed in fp32 or fp16 by the delegate)"),
-    Format("android", "int8", "model_int8.tflite", "tflite-int8", "tflite", True,
-           "TFLite full-integer int8 (litert-torch PT2E quantizer, per-channel weights), int8 output"),
-)
+from fer_edge.converters import guides
+from fer_edge.converters.calibration import CALIB_METHODS
+from fer_edge.converters.exporters import export_onnx, export_onnx_fp16
+from fer_edge.converters.quantize import export_onnx_qdq_ort, export_onnx_qdq_trt
+from fer_edge.converters.tflite import export_tflite, export_tflite_fp16, export_tflite_int8
 
 # Parity thresholds against the PyTorch model, per precision (fer-edge parity exits 1 beyond them),
 # each compared with a tolerance of 1e-9 (parity.TOLERANCE).
@@ -73,20 +40,95 @@ PARITY_SIZE = 1000
 # |Δlogit| relative to the largest |logit| instead (fp16 rounding is ~1e-3).
 NOISE_MAX_REL_LOGIT = {"fp16": 2e-2}
 
-TARGETS = tuple(dict.fromkeys(f.target for f in FORMATS))
-PRECISIONS = ("fp32", "fp16", "int8")
+
+@dataclass(frozen=True)
+class Format:
+    target: str                  # the device family: onnx | jetson | android
+    precision: str               # fp32 | fp16 | int8 (its parity thresholds: THRESHOLDS[precision])
+    file: str                    # artifact name inside the bundle
+    exporter: Callable           # (model, path, InputSpec) -> None: writes the artifact
+    runtime: str                 # what runs it here and on the device (fer_edge.targets.backends.BACKENDS)
+    description: str
+    device: guides.DeviceGuide   # the install lines and run commands of the bundle's README.md
+    needs_calib: bool = False    # int8: calibration faces (--calib)
+    observers: str | None = None  # int8 calibrated by the exporter's own observers (--calib-method unused)
+    tools: tuple[str, ...] = ()  # Python modules the exporter needs (fer-edge info)
+    limits: dict | None = None   # parity thresholds of this row when not its precision's
+
+    @property
+    def key(self) -> str:
+        return f"{self.target}/{self.precision}"
+
+    @property
+    def thresholds(self) -> dict:
+        return self.limits if self.limits is not None else THRESHOLDS[self.precision]
+
+    @property
+    def uses_calib_method(self) -> bool:
+        return self.needs_calib and self.observers is None
 
 
-def export_formats() -> list[Format]:
-    return list(FORMATS)
+_ONNX, _QDQ, _LITERT = ("onnx",), ("onnx", "onnxruntime"), ("litert_torch",)
+FORMATS: list[Format] = [
+    Format("onnx", "fp32", "model.onnx", export_onnx, "onnxruntime", "ONNX opset 17, float32",
+           guides.ONNX_DEVICE, tools=_ONNX),
+    Format("onnx", "int8", "model_int8.onnx", export_onnx_qdq_ort, "onnxruntime",
+           "ONNX Q/DQ for ONNX Runtime CPU: uint8 activations (asymmetric, per tensor), int8 weights per "
+           "channel; first layer and classifier in float", guides.ONNX_DEVICE, needs_calib=True, tools=_QDQ),
+    Format("jetson", "fp32", "model.onnx", export_onnx, "onnxruntime",
+           "ONNX float32 for TensorRT (trtexec / build_engine), checked in ONNX Runtime here",
+           guides.JETSON_DEVICE, tools=_ONNX),
+    Format("jetson", "fp16", "model_fp16.onnx", export_onnx_fp16, "onnxruntime",
+           "ONNX with float16 weights and compute, float32 input/output, for a TensorRT FP16 engine",
+           guides.JETSON_DEVICE, tools=_ONNX),
+    Format("jetson", "int8", "model_int8_qdq.onnx", export_onnx_qdq_trt, "onnxruntime",
+           "explicit-quantization ONNX for TensorRT: symmetric int8 Q/DQ (per-channel weights, "
+           "per-tensor activations), no calibrator needed on the device; the full-resolution first stage and "
+           "the classifier in fp16/fp32", guides.JETSON_DEVICE, needs_calib=True, tools=_QDQ),
+    Format("android", "fp32", "model.tflite", export_tflite, "tflite", "TFLite float32 (litert-torch), XNNPACK",
+           guides.ANDROID_DEVICE, tools=_LITERT),
+    Format("android", "fp16", "model_fp16.tflite", export_tflite_fp16, "tflite",
+           "TFLite with float16 weights (half the size; computed in fp32 or fp16 by the delegate)",
+           guides.ANDROID_DEVICE, tools=_LITERT),
+    Format("android", "int8", "model_int8.tflite", export_tflite_int8, "tflite",
+           "TFLite full-integer int8 (litert-torch PT2E quantizer, per-channel weights), int8 output",
+           guides.ANDROID_DEVICE, needs_calib=True, observers="litert-torch PT2E observers", tools=_LITERT),
+]
+
+
+def register_format(fmt: Format) -> None:
+    """Add a row (or replace the row of the same target and precision)."""
+    unregister_format(fmt.target, fmt.precision)
+    FORMATS.append(fmt)
+
+
+def unregister_format(target: str, precision: str) -> None:
+    FORMATS[:] = [f for f in FORMATS if (f.target, f.precision) != (target, precision)]
+
+
+def targets() -> tuple[str, ...]:
+    return tuple(dict.fromkeys(f.target for f in FORMATS))
+
+
+def precisions() -> tuple[str, ...]:
+    return tuple(dict.fromkeys(f.precision for f in FORMATS))
+
+
+def keys() -> tuple[str, ...]:
+    """target/precision of every row (benchmark --formats)."""
+    return tuple(f.key for f in FORMATS)
+
+
+def tools() -> tuple[str, ...]:
+    """Every Python module an exporter needs, in table order."""
+    return tuple(dict.fromkeys(t for f in FORMATS for t in f.tools))
 
 
 def lookup(target: str, precision: str) -> Format:
     for f in FORMATS:
         if f.target == target and f.precision == precision:
             return f
-    known = ", ".join(f"{f.target}/{f.precision}" for f in FORMATS)
-    raise UserError(f"--target {target} --precision {precision} is not supported; supported: {known}")
+    raise UserError(f"--target {target} --precision {precision} is not supported; supported: {', '.join(keys())}")
 
 
 def format_table() -> str:
@@ -96,3 +138,8 @@ def format_table() -> str:
              for f in FORMATS]
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     return "\n".join("  ".join(r[i].ljust(widths[i]) for i in range(5)) + "  " + r[5] for r in rows)
+
+
+__all__ = ["CALIB_METHODS", "Format", "FORMATS", "THRESHOLDS", "PARITY_SIZE", "NOISE_MAX_REL_LOGIT",
+           "register_format", "unregister_format", "targets", "precisions", "keys", "tools", "lookup",
+           "format_table"]

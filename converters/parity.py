@@ -13,6 +13,12 @@ import numpy as np
 
 from fer_edge.converters.formats import NOISE_MAX_REL_LOGIT, THRESHOLDS
 
+# Without labelled faces, parity runs on this many seeded noise images.
+NOISE_FACES = 64
+STATISTIC = ("thresholds compared with a tolerance of 1e-9; int8 fails when |Δaccuracy| > accuracy_drop "
+             "points and the exact two-sided McNemar test on the flips gives p < alpha: with lost/gained the "
+             "faces only the reference / only the artifact classifies right, n = lost + gained, "
+             "p = min(1, 2 * sum_{i<=min(lost,gained)} C(n, i) / 2^n)")
 
 # Threshold comparisons allow this much: Δaccuracy is a difference of float
 # means (3/300 - 0 came out as -1.0000000000000009 points, "failing" a 1.0 limit).
@@ -112,10 +118,10 @@ def accuracy_failure(r: dict, t: dict) -> str | None:
     return None
 
 
-def compare_logits(ref: np.ndarray, art: np.ndarray, labels: np.ndarray | None, precision: str) -> dict:
+def compare_logits(ref: np.ndarray, art: np.ndarray, labels: np.ndarray | None, thresholds: str | dict) -> dict:
     """Accuracy of each, Δaccuracy (points) with its paired statistics, top-1
-    agreement, max/mean |Δlogit|, and whether the precision's thresholds hold
-    (with the reasons when not)."""
+    agreement, max/mean |Δlogit|, and whether the thresholds (a dict like
+    THRESHOLDS' rows, or a precision naming one) hold, with the reasons when not."""
     ref, art = np.asarray(ref, np.float64), np.asarray(art, np.float64)
     diff = np.abs(ref - art)
     agree = float(np.mean(ref.argmax(1) == art.argmax(1)))
@@ -124,7 +130,7 @@ def compare_logits(ref: np.ndarray, art: np.ndarray, labels: np.ndarray | None, 
            "mean_abs_logit_diff": float(diff.mean()), "max_abs_logit": float(np.abs(ref).max())}
     if labels is not None:
         out.update(accuracy_change(ref.argmax(1), art.argmax(1), np.asarray(labels)))
-    t = THRESHOLDS[precision]
+    t = THRESHOLDS[thresholds] if isinstance(thresholds, str) else thresholds
     failures = []
     if t["max_logit"] is not None and exceeds(out["max_abs_logit_diff"], t["max_logit"]):
         failures.append(f"max |Δlogit| {out['max_abs_logit_diff']:.2e} > {t['max_logit']:.0e}")
@@ -176,8 +182,8 @@ def reference_logits(model, faces_u8: np.ndarray, preprocess: dict, batch: int =
 def artifact_logits(path, runtime: str, faces_u8: np.ndarray, preprocess: dict, threads: int | None = None,
                     backend=None) -> np.ndarray:
     """The artifact's logits (dequantized for int8) through its runtime."""
+    from fer_edge.contract import preprocess_faces
     from fer_edge.targets.backends import open_backend
-    from fer_edge.targets.bundle import preprocess_faces
 
     backend = backend or open_backend(path, runtime, threads)
     return backend.run(preprocess_faces(faces_u8, preprocess))
@@ -190,3 +196,34 @@ def format_row(name: str, r: dict) -> str:
     return (f"{name:<24} {'PASS' if r['passed'] else 'FAIL'}  {acc}agreement {100 * r['agreement']:6.2f}%  "
             f"max|Δlogit| {r['max_abs_logit_diff']:.2e}  mean {r['mean_abs_logit_diff']:.2e}"
             + ("" if r["passed"] else "  <- " + "; ".join(r["failures"])))
+
+
+def noise_faces(size) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (NOISE_FACES, *size), dtype=np.uint8)
+
+
+def measure(model, meta: dict, artifact, fmt, pre: dict, check, threads=None) -> dict:
+    """The artifact against PyTorch on the check faces (a FaceSelection), or on
+    seeded noise when check is None; the report names the artifact."""
+    faces = noise_faces(tuple(pre["input_size"])) if check is None else check.faces
+    ref = reference_logits(model, faces, meta["preprocess"])
+    art = artifact_logits(artifact, fmt.runtime, faces, pre, threads)
+    report = compare_logits(ref, art, None if check is None else check.labels, fmt.thresholds)
+    if check is None:
+        report = on_noise(report, fmt.precision)
+    report.update({"artifact": fmt.file, "target": fmt.target, "precision": fmt.precision, "runtime": fmt.runtime})
+    return report
+
+
+def data_record(check) -> dict:
+    """parity.json's "data": which faces were compared."""
+    if check is None:
+        return {"noise": NOISE_FACES, "selection": f"{NOISE_FACES} seeded random images (no labelled faces): "
+                                                   "logits only (fp32 also agreement)"}
+    return check.describe()
+
+
+def parity_document(reports: list[dict], data: dict) -> dict:
+    """parity.json: what was compared on which faces, how it was judged, the verdicts."""
+    return {"reference": "PyTorch, float32, CPU", "data": data, "statistic": STATISTIC,
+            "thresholds": THRESHOLDS, "artifacts": reports}

@@ -30,4 +30,14 @@ class UserError(Exception):
     """
 
 
-__all__ = ["__version__", "UserError"]
+# Notes for the user about a choice made for them (e.g. the embedded default
+# model stood in for a missing --weights): the command line prints them on
+# stderr once the command has succeeded, so that a failure stays one line.
+NOTES: list[str] = []
+
+
+def note(text: str) -> None:
+    NOTES.append(text)
+
+
+__all__ = ["__version__", "UserError", "NOTES", "note"]

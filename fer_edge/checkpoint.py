@@ -11,60 +11,36 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from fer_edge import UserError, __version__
+from fer_edge import UserError, __version__, contract, note
+from fer_edge.data.classes import FER2013_CLASSES
+from fer_edge.fileio import write_atomic, write_json_atomic
+
+# Importable from here as before: FER2013_CLASSES (fer_edge.data.classes),
+# write_atomic and write_json_atomic (fer_edge.fileio).
+__all__ = ["FER2013_CLASSES", "write_atomic", "write_json_atomic", "default_preprocess", "build_meta",
+           "save_checkpoint", "read_meta", "check_meta", "build_model", "load_checkpoint", "weights_or_default",
+           "class_output_tensors", "transfer_state", "max_relative_logit_error"]
 
 FORMAT = "fer-edge-checkpoint"
 FORMAT_VERSION = 1
 META_KEY = "fer_edge"
-
-# The seven FER2013 expressions, in FER2013's label order (0..6).
-FER2013_CLASSES = ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]
+FORMS = ("train", "merged")
+# Class names are short words; a checkpoint with longer ones is not ours.
+MAX_CLASS_NAME = 64
+# A stored softmax temperature outside this range would make every prediction certain or uniform.
+TEMPERATURE_RANGE = (1e-2, 1e2)
 
 
 def default_preprocess(arch: str, config: dict) -> dict:
-    """How a face becomes the model input: gray, resized to the model's
-    ``input_size`` (hsnet: 224, hsnet-lite: 112, else 48), x/255, then
-    (x - mean) / std.  Every model takes this one gray channel: hsnet
-    replicates it into the three channels of its RGB stem inside the network
-    (the paper's 3 x 224 x 224 input), so bundles and exports need nothing else."""
-    size = int(config.get("input_size", 48))
-    return {"input_size": [size, size], "gray": True, "scale": 1 / 255.0, "mean": 0.5, "std": 0.5,
-            "layout": "NCHW", "resize": "area-or-linear"}
-
-
-def write_atomic(path: Path, write_fn, force: bool = False) -> None:
-    """Write through a temp file in the same folder, then rename: readers never
-    see a half-written file and nothing is overwritten without force."""
-    path = Path(path)
-    if path.exists() and not force:
-        raise UserError(f"{path} exists; pass --force to overwrite it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        # mkstemp creates 0600; give the file the mode a plain open() would have.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path, data, force: bool = False) -> None:
-    """JSON (indented, UTF-8) through write_atomic."""
-    write_atomic(Path(path), lambda tmp: Path(tmp).write_text(
-        json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"), force=force)
+    """The preprocessing contract (fer_edge.contract) of a model: gray, resized
+    to its ``input_size`` (hsnet: 224, hsnet-lite: 112, else 48), x/255, then
+    (x - mean) / std."""
+    return contract.default_preprocess(int(config.get("input_size", 48)))
 
 
 def build_meta(model: nn.Module, *, classes=None, preprocess=None, form=None, extra=None) -> dict:
@@ -107,7 +83,7 @@ def save_checkpoint(path, model: nn.Module, *, classes=None, preprocess=None, ex
 
 def weights_or_default(weights, log=None) -> Path:
     """``weights`` as a Path, or the embedded default model (fer_edge.weights)
-    with a note on stderr, so that a command's own output stays clean."""
+    with a note (fer_edge.note: on stderr after the command succeeds)."""
     from fer_edge.weights import default_card, default_weights
 
     if weights:
@@ -115,14 +91,14 @@ def weights_or_default(weights, log=None) -> Path:
     card = default_card()
     path = default_weights(card)
     acc = card.get("publictest", {}).get("accuracy")
-    (log or (lambda m: print(m, file=sys.stderr)))(
-        f"note: no --weights: using the embedded default model {card['name']}"
-        + (f" ({100 * acc:.1f}% on FER2013 PublicTest)" if acc else ""))
+    (log or note)(f"note: no --weights: used the embedded default model {card['name']}"
+                  + (f" ({100 * acc:.1f}% on FER2013 PublicTest)" if acc else ""))
     return path
 
 
 def read_meta(path) -> dict:
-    """The metadata of a checkpoint, reading only its header."""
+    """The metadata of a checkpoint, reading only its header, checked by
+    ``check_meta``: every problem is one UserError line."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -132,16 +108,78 @@ def read_meta(path) -> dict:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
     except Exception as exc:  # noqa: BLE001  (safetensors raises several types)
-        raise UserError(f"{path}: not a readable safetensors checkpoint (corrupt or truncated?): {exc}") from None
+        raise UserError(f"{path}: not a readable safetensors checkpoint (corrupt or truncated?): "
+                        f"{str(exc)[:200]}") from None
     if META_KEY not in header:
         raise UserError(f"{path}: safetensors file without fer-edge metadata (not a fer-edge checkpoint)")
     try:
         meta = json.loads(header[META_KEY])
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # JSONDecodeError, a 5000-digit number, [[[[...]]]] nested too deep
         raise UserError(f"{path}: fer-edge metadata is not valid JSON") from None
-    if meta.get("format") != FORMAT:
-        raise UserError(f"{path}: unknown checkpoint format {meta.get('format')!r}")
+    try:
+        check_meta(meta)
+    except ValueError as exc:
+        raise UserError(f"{path}: bad checkpoint metadata: {exc}") from None
     return meta
+
+
+def _need(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+def _is_number(x) -> bool:
+    return contract.finite_number(x)
+
+
+def check_meta(meta) -> None:
+    """ValueError (one line) unless ``meta`` is metadata a model can be rebuilt
+    from: the right types, a known architecture, a config inside the model
+    registry's CONFIG_LIMITS, one class name per output, a sane preprocess."""
+    from fer_edge import models
+    from fer_edge.models.registry import check_config
+
+    _need(isinstance(meta, dict), "not a JSON object")
+    _need(meta.get("format") == FORMAT, f"unknown checkpoint format {meta.get('format')!r:.60}")
+    version = meta.get("format_version", FORMAT_VERSION)
+    _need(isinstance(version, int) and not isinstance(version, bool) and 1 <= version <= FORMAT_VERSION,
+          f"format_version {version!r:.40}: this fer-edge reads 1..{FORMAT_VERSION} (newer fer-edge?)")
+    arch = meta.get("arch")
+    _need(isinstance(arch, str) and arch in models.list_models(),
+          f"unknown architecture {arch!r:.40} (known: {', '.join(models.list_models())})")
+    config = meta.get("config")
+    _need(isinstance(config, dict) and "num_classes" in config and "in_chans" in config,
+          "config must be an object with num_classes and in_chans")
+    check_config(config)
+    _need(meta.get("form") in FORMS, f"form {meta.get('form')!r:.40}: must be one of {', '.join(FORMS)}")
+    classes = meta.get("classes")
+    _need(isinstance(classes, list) and len(classes) == config["num_classes"],
+          f"classes must be a list of {config['num_classes']} names (one per output)")
+    _need(all(isinstance(c, str) and 0 < len(c) <= MAX_CLASS_NAME and c.isprintable() for c in classes)
+          and len(set(classes)) == len(classes), f"classes must be distinct names of 1..{MAX_CLASS_NAME} characters")
+    check_preprocess(meta.get("preprocess"))
+    _need(isinstance(meta.get("extra", {}), dict), "extra must be an object")
+
+
+def check_preprocess(pre) -> None:
+    """The preprocessing contract's fields: input size, scale, mean, std (std not 0),
+    optional temperature, layout."""
+    from fer_edge.models.registry import CONFIG_LIMITS
+
+    _need(isinstance(pre, dict), "preprocess must be an object")
+    _, low, high, _ = CONFIG_LIMITS["input_size"]
+    size = pre.get("input_size")
+    _need(isinstance(size, list) and len(size) == 2
+          and all(isinstance(v, int) and not isinstance(v, bool) and low <= v <= high for v in size),
+          f"preprocess input_size {size!r:.40}: must be [height, width], each {low}..{high}")
+    problem = contract.normalization_problem(pre)
+    _need(problem is None, f"preprocess: {problem}")
+    t = pre.get("temperature")
+    lo, hi = TEMPERATURE_RANGE
+    _need(t is None or (_is_number(t) and lo <= t <= hi), f"preprocess temperature {t!r:.40}: must be in {lo}..{hi}")
+    _need(pre.get("layout", "NCHW") in contract.LAYOUTS,
+          f"preprocess layout {pre.get('layout')!r:.40}: must be one of {', '.join(contract.LAYOUTS)}")
+    _need(isinstance(pre.get("gray", True), bool), "preprocess gray must be true or false")
 
 
 def build_model(meta: dict, use_kernel: bool = True) -> nn.Module:
@@ -159,8 +197,38 @@ def build_model(meta: dict, use_kernel: bool = True) -> nn.Module:
     return model
 
 
+def header_shapes(path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in a safetensors file, from its header alone."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as exc:  # noqa: BLE001  (safetensors raises several types)
+        raise UserError(f"{path}: weights unreadable (corrupt or truncated?): {str(exc)[:200]}") from None
+
+
+def mismatch_line(found: dict, expected: dict) -> str:
+    """'' when ``found`` (name -> shape) has exactly the tensors of ``expected``;
+    else what differs, for one error line."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(found) if tuple(expected[k]) != tuple(found[k]))
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0][:80]})")
+    if wrong:
+        k = wrong[0]
+        parts.append(f"{len(wrong)} of another shape (e.g. {k}: {tuple(found[k])} vs {tuple(expected[k])})")
+    return ", ".join(parts)
+
+
 def load_checkpoint(path, *, expect_arch: str | None = None, use_kernel: bool = True, device="cpu"):
-    """(model in eval mode, metadata).  Every problem is a UserError with one plain line."""
+    """(model in eval mode, metadata).  Every problem is a UserError with one
+    plain line: the metadata is checked (read_meta) before the model is built,
+    and the tensor names and shapes in the header before a weight is read."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -170,30 +238,21 @@ def load_checkpoint(path, *, expect_arch: str | None = None, use_kernel: bool = 
     try:
         model = build_model(meta, use_kernel=use_kernel)
     except (ValueError, TypeError, KeyError) as exc:
-        raise UserError(f"{path}: cannot rebuild {meta.get('arch')!r} from its metadata: {exc}") from None
+        raise UserError(f"{path}: cannot rebuild {meta['arch']!r} from its metadata: {exc}") from None
+    expected = model.state_dict()
+    problem = mismatch_line(header_shapes(path), {k: v.shape for k, v in expected.items()})
+    if problem:
+        raise UserError(f"{path}: weights do not match a {meta['form']}-form {meta['arch']} with config "
+                        f"{meta['config']}: {problem}")
     try:
         state = load_file(str(path))
     except Exception as exc:  # noqa: BLE001
-        raise UserError(f"{path}: weights unreadable (corrupt or truncated?): {exc}") from None
+        raise UserError(f"{path}: weights unreadable (corrupt or truncated?): {str(exc)[:200]}") from None
     for name, t in state.items():
+        if t.is_floating_point() != expected[name].is_floating_point():
+            raise UserError(f"{path}: tensor {name} is {t.dtype}, the model's is {expected[name].dtype}")
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise UserError(f"{path}: tensor {name} contains NaN or Inf: refusing to use these weights")
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-        if wrong:
-            k = wrong[0]
-            parts.append(f"{len(wrong)} of another shape (e.g. {k}: {tuple(state[k].shape)} vs "
-                         f"{tuple(expected[k].shape)})")
-        raise UserError(f"{path}: weights do not match a {meta['form']}-form {meta['arch']} with config "
-                        f"{meta['config']}: " + ", ".join(parts))
     model.load_state_dict(state, strict=True)
     model.arch = meta["arch"]
     return model.to(device).eval(), meta

@@ -7,12 +7,10 @@ printed as one line on stderr with a non-zero exit code, never a traceback.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
-from pathlib import Path
 
-from fer_edge import UserError, __version__
+from fer_edge import NOTES, UserError, __version__
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -32,72 +30,21 @@ def _add_info(sub) -> None:
     p.set_defaults(func=cmd_info)
 
 
-def cmd_merge(args: argparse.Namespace) -> int:
-    import torch
-
-    from fer_edge.checkpoint import load_checkpoint, max_relative_logit_error, save_checkpoint
-    from fer_edge.reparam import merge
-
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        raise UserError(f"{out} exists; pass --force to overwrite it")
-    model, meta = load_checkpoint(args.weights)
-    if meta["form"] == "merged":
-        raise UserError(f"{args.weights} is already merged (nothing to do)")
-    merged = merge(model, use_kernel=True)
-    # A seeded sample in the model's normalized input space; float64 proves the
-    # algebra (should be ~1e-15), float32 through the deployed path is what ships.
-    size = meta["preprocess"]["input_size"]
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(args.samples, meta["config"]["in_chans"], *size, generator=g)
-    with torch.no_grad():
-        ref = model(x)
-        err32 = max_relative_logit_error(merged(x), ref)
-        m64 = copy.deepcopy(model).double()
-        err64 = max_relative_logit_error(merge(m64, use_kernel=False)(x.double()), m64(x.double()))
-    print(f"max |logit difference| / max |logit| on {args.samples} samples: "
-          f"{err32:.2e} (float32, deployed path), {err64:.2e} (float64)")
-    if not (err32 <= args.tolerance and err64 <= 1e-9):
-        raise UserError(f"merged model differs from the trained one by {err32:.2e} (tolerance "
-                        f"{args.tolerance:.0e}); nothing written")
-    save_checkpoint(out, merged, classes=meta["classes"], preprocess=meta["preprocess"],
-                    extra=meta.get("extra"), force=args.force)
-    n_train = sum(p.numel() for p in model.parameters())
-    n_merged = sum(p.numel() for p in merged.parameters())
-    print(f"wrote {out} ({meta['arch']}, {n_train:,} -> {n_merged:,} parameters)")
-    return 0
-
-
-def _add_merge(sub) -> None:
-    p = sub.add_parser("merge", help="merge a trained checkpoint into its deploy form (BN folded, square kernels)",
-                      description="Write the deploy form of a train-form checkpoint (BatchNorm folded, asymmetric "
-                      "kernels summed into square ones, multi-scale layers fused) after checking on a sample "
-                      "that its logits match the trained model's within --tolerance; nothing is written "
-                      "otherwise.")
-    p.add_argument("--weights", required=True, help="train-form checkpoint (.safetensors)")
-    p.add_argument("--out", required=True, help="merged checkpoint to write")
-    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
-    p.add_argument("--tolerance", type=float, default=1e-4,
-                   help="max |logit difference| / max |logit| allowed in float32 (default 1e-4)")
-    p.add_argument("--samples", type=int, default=8, help="inputs in the check (default 8)")
-    p.set_defaults(func=cmd_merge)
-
-
 # name -> function adding the sub-parser; one place lists every command.
 # name -> "module:function adding the sub-parser"; one place lists every
 # command, and a command's module (torch, onnx, ...) is imported only to build it.
 COMMANDS = {
     "info": "fer_edge.cli:_add_info",
-    "train": "fer_edge.training.command:add_train_parser",
-    "eval": "fer_edge.training.command:add_eval_parser",
-    "calibrate": "fer_edge.calibrate:add_calibrate_parser",
-    "teacher-logits": "fer_edge.training.command:add_teacher_logits_parser",
-    "merge": "fer_edge.cli:_add_merge",
-    "convert": "fer_edge.converters.convert:add_convert_parser",
-    "parity": "fer_edge.converters.convert:add_parity_parser",
-    "benchmark": "fer_edge.converters.benchmark:add_benchmark_parser",
-    "keygen": "fer_edge.converters.keys:add_keygen_parser",
-    "predict": "fer_edge.predict:add_predict_parser",
+    "train": "fer_edge.commands.train:add_train_parser",
+    "eval": "fer_edge.commands.evaluate:add_eval_parser",
+    "calibrate": "fer_edge.commands.calibrate:add_calibrate_parser",
+    "teacher-logits": "fer_edge.commands.evaluate:add_teacher_logits_parser",
+    "merge": "fer_edge.commands.merge:add_merge_parser",
+    "convert": "fer_edge.commands.convert:add_convert_parser",
+    "parity": "fer_edge.commands.convert:add_parity_parser",
+    "benchmark": "fer_edge.commands.benchmark:add_benchmark_parser",
+    "keygen": "fer_edge.commands.keygen:add_keygen_parser",
+    "predict": "fer_edge.commands.predict:add_predict_parser",
 }
 
 
@@ -123,16 +70,59 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# A missing optional dependency -> the extra that installs it.  The training and
+# conversion stack (torch, onnx, ...) comes with the extra of the command that
+# needs it; a device runtime with its own extra.
+EXTRA_FOR_COMMAND = {"train": "train", "eval": "train", "calibrate": "train", "teacher-logits": "train",
+                     "merge": "train", "predict": "train", "convert": "convert", "parity": "convert",
+                     "benchmark": "convert", "keygen": "convert"}
+STACK_MODULES = ("torch", "torchvision", "safetensors", "tqdm", "matplotlib", "onnx", "litert_torch")
+EXTRA_FOR_MODULE = {"onnxruntime": "runtime-onnx", "ai_edge_litert": "runtime-tflite", "cv2": "runtime-onnx",
+                    "cryptography": "runtime-onnx"}
+
+
+def missing_dependency_line(exc: ModuleNotFoundError, command: str = "") -> str | None:
+    """One line naming the extra to install, for a dependency fer-edge knows; None otherwise (a bug)."""
+    top = (exc.name or "").split(".")[0]
+    if top in STACK_MODULES:
+        extra = EXTRA_FOR_COMMAND.get(command, "train")
+    else:
+        extra = EXTRA_FOR_MODULE.get(top)
+    if extra is None:
+        return None
+    return f"this needs the Python package {top!r}, which is not installed: pip install \"fer-edge[{extra}]\""
+
+
+def report_bug(command: str) -> int:
+    """An error fer-edge did not foresee: the traceback, and a line saying it is a bug."""
+    import traceback
+
+    traceback.print_exc()
+    print(f"fer-edge {command}: internal error: this is a bug in fer-edge {__version__}; please report it "
+          "with the lines above and the command you ran", file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    NOTES.clear()
     try:
-        return int(args.func(args) or 0)
+        rc = int(args.func(args) or 0)
+        for line in dict.fromkeys(NOTES):
+            print(line, file=sys.stderr)
+        return rc
     except UserError as exc:
         print(f"fer-edge {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        line = missing_dependency_line(exc, args.command)
+        if line is None:
+            return report_bug(args.command)
+        print(f"fer-edge {args.command}: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"fer-edge {args.command}: interrupted", file=sys.stderr)
@@ -143,6 +133,18 @@ def main(argv: list[str] | None = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except MemoryError:
+        print(f"fer-edge {args.command}: error: out of memory (try a smaller --batch-size or --limit)",
+              file=sys.stderr)
+        return 2
+    except OSError as exc:
+        # Full disks, read-only folders, missing permissions: the user's to fix, in one line.
+        from fer_edge.fileio import os_error_line
+
+        print(f"fer-edge {args.command}: error: {os_error_line(exc, action=None)}", file=sys.stderr)
+        return 2
+    except Exception:  # noqa: BLE001 - everything else is ours to fix
+        return report_bug(args.command)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,11 @@ table does not name runs ``cudnn``: our kernel is used only where a
 measurement showed it faster.
 
 ``FER_EDGE_CUDA_KERNEL`` (cudnn | simt | wmma | splitk) overrides the table for
-every layer: for testing and benchmarking, not for speed.  It is read once,
-when the table is first consulted.
+every layer: for testing and benchmarking, not for speed.  ``override`` is the
+only reader of the environment in fer-edge's kernel code (the compiled
+extension reads none): it is read once, when the table is first consulted.
+The table file is read once too, and a merged layer keeps its answer per
+input shape, so an eager forward does not look anything up again.
 
 The CPU never asks: on the CPU the fused C++ kernel always runs (it is faster
 than PyTorch's convolutions there, see the benchmarks docs).
@@ -96,13 +99,17 @@ def parse_table(doc: dict) -> dict[LayerKey, str]:
 
 
 @functools.lru_cache(maxsize=None)
-def load_table(path: str = str(TABLE_FILE)) -> dict[LayerKey, str]:
-    """The table in ``path`` (the package's by default), read once per process."""
+def _read_document(path: str) -> dict:
     try:
-        doc = json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
         raise DispatchError(f"kernel dispatch table {path}: cannot be read ({exc})") from None
-    return parse_table(doc)
+
+
+@functools.lru_cache(maxsize=None)
+def load_table(path: str = str(TABLE_FILE)) -> dict[LayerKey, str]:
+    """The table in ``path`` (the package's by default), read once per process."""
+    return parse_table(_read_document(path))
 
 
 @functools.lru_cache(maxsize=None)
@@ -116,6 +123,13 @@ def override() -> str | None:
     return asked
 
 
+def direct_kernel() -> str:
+    """The CUDA kernel ``fused_ms_conv`` runs when its caller names none: the
+    override when it names one of ours, else simt (a direct call never asks the table)."""
+    forced = override()
+    return forced if forced in KERNELS else "simt"
+
+
 def choose(key: LayerKey, table: dict[LayerKey, str] | None = None, forced: str | None = None) -> str:
     """The implementation for one call: the override, else the table's row, else cuDNN."""
     if forced is not None:
@@ -125,7 +139,7 @@ def choose(key: LayerKey, table: dict[LayerKey, str] | None = None, forced: str 
 
 def choice_for(cc: tuple[int, int], cin: int, c1: int, c3: int, c5: int, n: int, h: int, w: int,
                dtype: str) -> str:
-    """What a merged layer runs for this call (the module's entry point)."""
+    """What a merged layer runs for this call (the module's entry point; it caches the answer per shape)."""
     key = LayerKey(f"{cc[0]}.{cc[1]}", cin, c1, c3, c5, h, w, dtype, batch_bucket(n))
     return choose(key, forced=override())
 
@@ -133,9 +147,14 @@ def choice_for(cc: tuple[int, int], cin: int, c1: int, c3: int, c5: int, n: int,
 def describe() -> dict:
     """For `fer-edge info`: the table's rows, its provenance and the override."""
     try:
-        doc = json.loads(TABLE_FILE.read_text())
-        parse_table(doc)
-    except (OSError, ValueError) as exc:
+        doc = _read_document(str(TABLE_FILE))
+        load_table()
+    except DispatchError as exc:
         return {"file": TABLE_FILE.name, "error": str(exc)}
-    return {"file": TABLE_FILE.name, "default": CUDNN, "measured_on": doc.get("measured_on", []),
-            "override": os.environ.get(OVERRIDE_ENV) or None, "entries": doc["entries"]}
+    out = {"file": TABLE_FILE.name, "default": CUDNN, "measured_on": doc.get("measured_on", []),
+           "override": None, "entries": doc["entries"]}
+    try:
+        out["override"] = override()
+    except DispatchError as exc:   # reported, not raised: `fer-edge info` must still describe the rest
+        out["override_error"] = str(exc)
+    return out

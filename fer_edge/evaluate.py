@@ -12,12 +12,14 @@ import torch
 import torch.nn.functional as F
 
 from fer_edge import UserError
+from fer_edge.contract import affine
 
 
 def normalize(images_u8: torch.Tensor, preprocess: dict) -> torch.Tensor:
-    """(N, H, W) uint8 -> (N, 1, H, W) float: x * scale, then (x - mean) / std (the checkpoint's preprocess)."""
-    x = images_u8.unsqueeze(1).float() * preprocess["scale"]
-    return (x - preprocess["mean"]) / preprocess["std"]
+    """(N, H, W) uint8 -> (N, 1, H, W) float: pixel * a - b, the checkpoint's
+    preprocess as one multiply-add (fer_edge.contract.affine)."""
+    a, b = affine(preprocess)
+    return images_u8.unsqueeze(1).float() * a - b
 
 
 def ten_crop_views(x: torch.Tensor, pad: int = 4) -> torch.Tensor:
@@ -141,7 +143,7 @@ def evaluate(model, meta: dict, dataset, device="cpu", batch_size: int = 256, tt
 def write_report(report: dict, json_path=None, plots_dir=None, metrics_jsonl=None, force: bool = True) -> list[Path]:
     """JSON (without the raw ROC points) and PNGs; returns the files written."""
     from fer_edge import plots
-    from fer_edge.checkpoint import write_json_atomic
+    from fer_edge.fileio import write_json_atomic
 
     written = []
     if json_path:
@@ -271,7 +273,8 @@ def set_checkpoint_temperature(src, temperature: float, out=None, force: bool = 
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    from fer_edge.checkpoint import META_KEY, read_meta, write_atomic
+    from fer_edge.checkpoint import META_KEY, read_meta
+    from fer_edge.fileio import write_atomic
 
     src = Path(src)
     meta = read_meta(src)

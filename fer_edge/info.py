@@ -5,8 +5,18 @@ import importlib
 import importlib.util
 import platform
 
-# Inference runtimes a bundle can run on, by import name.
-RUNTIMES = ("onnxruntime", "ai_edge_litert", "tflite_runtime", "tensorrt", "onnx", "litert_torch")
+
+
+def runtime_modules() -> tuple[str, ...]:
+    """The Python modules of every runtime a bundle can run on (the backend table)
+    and of every exporter (the formats table), by import name."""
+    from fer_edge.targets.backends import runtime_modules as backends
+
+    try:
+        from fer_edge.converters.formats import tools
+    except ImportError:  # a device install without the converters' dependencies
+        return backends()
+    return tuple(dict.fromkeys((*backends(), *tools())))
 
 
 def _module_version(name: str) -> str | None:
@@ -18,12 +28,11 @@ def _module_version(name: str) -> str | None:
         return None
     from importlib import metadata
 
-    dist = {"ai_edge_litert": "ai-edge-litert", "tflite_runtime": "tflite-runtime",
-            "litert_torch": "litert-torch"}.get(name, name)
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        pass
+    for dist in metadata.packages_distributions().get(name, [name]):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
     try:
         mod = importlib.import_module(name)
     except Exception:  # a broken install counts as absent  # noqa: BLE001
@@ -83,7 +92,7 @@ def collect() -> dict:
     from fer_edge.dispatch import describe
 
     info["kernel_dispatch"] = describe()
-    for name in RUNTIMES:
+    for name in runtime_modules():
         info["runtimes"][name] = _module_version(name)
     return info
 
@@ -97,6 +106,8 @@ def dispatch_lines(d: dict) -> list[str]:
             f"{d.get('default', 'cudnn')} elsewhere"
             + (f"; FER_EDGE_CUDA_KERNEL={d['override']} overrides it" if d.get("override") else ""))
     lines = [head]
+    if d.get("override_error"):
+        lines.append(f"  FER_EDGE_CUDA_KERNEL is ignored: {d['override_error']}")
     for r in rows:
         lines.append(f"  cc {r['cc']} {r['dtype']} batch {r['batch']:>6}  C={r['cin']} c1/c3/c5={r['c1']}/{r['c3']}/"
                      f"{r['c5']} {r['h']}x{r['w']}: {r['choice']}"

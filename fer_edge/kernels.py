@@ -20,8 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-# The compiled extension's numbers of fer_edge's CUDA kernels (csrc/msconv.h, Variant).
+# The compiled extension's numbers of fer_edge's CUDA kernels (csrc/msconv.h, Variant), and
+# the one place that reads FER_EDGE_CUDA_KERNEL (fer_edge.dispatch).
 from fer_edge.dispatch import KERNELS as KERNEL_CODES
+from fer_edge.dispatch import direct_kernel
 
 try:
     from fer_edge import _C
@@ -32,25 +34,20 @@ except ImportError as exc:  # pragma: no cover - a device install (no kernels) o
         "source folder; `pip install .` builds them"
     ) from exc
 
-__all__ = [
-    "fused_ms_conv",
-    "fused_ms_conv_reference",
-    "check_ms_conv_inputs",
-    "build_info",
-    "cuda_kernels_available",
-    "CpuPackedMsConv",
-    "pack_ms_weights",
-    "splitk_buffers",
-    "tensor_version",
-]
+__all__ = ["fused_ms_conv", "fused_ms_conv_reference", "check_ms_conv_inputs", "build_info",
+           "cuda_kernels_available", "CpuPackedMsConv", "pack_ms_weights", "splitk_buffers", "tensor_version",
+           "watch_optimizer_steps"]
 
 _LAYOUT_NCHW, _LAYOUT_NHWC = 0, 1
 
-# Bumped after every optimizer step of any optimizer in the process.  Packed
-# weight caches (CpuPackedMsConv, FusedMultiScaleConv's CUDA pack) compare it:
-# fused optimizers update parameters without bumping their in-place version
-# counters, which the caches check too.
+# Fused optimizers (SGD/Adam(W) with fused=True) update parameters in place
+# without bumping their version counters, so a packed-weight cache
+# (CpuPackedMsConv, FusedMultiScaleConv's CUDA pack) also compares a count of
+# optimizer steps.  Counting needs a process-wide torch.optim hook: it is
+# registered by the first cache that asks (watch_optimizer_steps), never on
+# import, so importing this module leaves torch.optim alone.
 _optimizer_steps = 0
+_step_hook = None
 
 
 def _count_optimizer_step(optimizer, args, kwargs) -> None:
@@ -58,11 +55,17 @@ def _count_optimizer_step(optimizer, args, kwargs) -> None:
     _optimizer_steps += 1
 
 
-register_optimizer_step_post_hook(_count_optimizer_step)
+def watch_optimizer_steps() -> int:
+    """Start counting optimizer steps (once per process) and return the count so far;
+    a cache records it when built and compares ``optimizer_steps()`` later."""
+    global _step_hook
+    if _step_hook is None:
+        _step_hook = register_optimizer_step_post_hook(_count_optimizer_step)
+    return _optimizer_steps
 
 
 def optimizer_steps() -> int:
-    """How many optimizer steps this process has taken (any optimizer)."""
+    """Optimizer steps taken since the first ``watch_optimizer_steps()`` (any optimizer)."""
     return _optimizer_steps
 
 
@@ -334,7 +337,7 @@ class CpuPackedMsConv:
         self._tensors = (w1, b1, w3, b3, w5, b5)
         self._weights_nhwc = _weights_nhwc(w3, w5)  # see _io_nhwc
         self._versions = tuple(tensor_version(t) for t in self._tensors)
-        self._steps = _optimizer_steps
+        self._steps = watch_optimizer_steps()
         ws = [t.detach().contiguous() for t in self._tensors]
         self._packed = _C.CpuPackedWeights(*(t.data_ptr() for t in ws), self.c, self.c1, self.c3, self.c5,
                                            torch.get_num_threads(), self.ALGORITHMS[algo])
@@ -363,17 +366,11 @@ class CpuPackedMsConv:
         return out
 
 
-def cuda_kernel_code(kernel: str | None) -> int:
-    """The compiled extension's number for a CUDA kernel name; None: the
-    FER_EDGE_CUDA_KERNEL override when it names one of ours, else simt."""
-    from fer_edge.dispatch import override
-
-    name = kernel if kernel is not None else override()
-    if name in (None, "cudnn"):
-        name = "simt"
-    if name not in KERNEL_CODES:
-        raise ValueError(f"fused_ms_conv: unknown CUDA kernel {name!r}; choose {', '.join(KERNEL_CODES)}")
-    return KERNEL_CODES[name]
+def cuda_kernel_code(kernel: str) -> int:
+    """The compiled extension's number for one of fer_edge's CUDA kernels."""
+    if kernel not in KERNEL_CODES:
+        raise ValueError(f"fused_ms_conv: unknown CUDA kernel {kernel!r}; choose {', '.join(KERNEL_CODES)}")
+    return KERNEL_CODES[kernel]
 
 
 def fused_ms_conv(x, w1, b1, w3, b3, w5, b5, relu: bool = True, wp=None, kernel: str | None = None,
@@ -387,13 +384,15 @@ def fused_ms_conv(x, w1, b1, w3, b3, w5, b5, relu: bool = True, wp=None, kernel:
     weights do not change so a CUDA call does not re-pack them (the CPU
     kernel does not use it: see CpuPackedMsConv).
     kernel: on CUDA, which of fer_edge's kernels: "simt", "wmma" (float16,
-    tensor cores) or "splitk" (small batches); None = simt unless
-    FER_EDGE_CUDA_KERNEL names another.  buffers: splitk_buffers(x, ctot),
+    tensor cores) or "splitk" (small batches); None = fer_edge.dispatch.direct_kernel()
+    (simt unless FER_EDGE_CUDA_KERNEL names another).  buffers: splitk_buffers(x, ctot),
     kept by callers that run one shape repeatedly (else allocated per call).
     """
     c1, c3, c5, _ = check_ms_conv_inputs(x, w1, b1, w3, b3, w5, b5)
     if wp is not None:
         check_packed_weights(wp, x, c1 + c3 + c5)
+    if kernel is None and x.device.type == "cuda":
+        kernel = direct_kernel()
+    code = 0 if kernel is None else cuda_kernel_code(kernel)   # the CPU kernel ignores it
     ws, counters = buffers if buffers is not None else (None, None)
-    return torch.ops.fer_edge.fused_ms_conv(x, w1, b1, w3, b3, w5, b5, bool(relu), wp, cuda_kernel_code(kernel),
-                                            ws, counters)
+    return torch.ops.fer_edge.fused_ms_conv(x, w1, b1, w3, b3, w5, b5, bool(relu), wp, code, ws, counters)

@@ -18,7 +18,7 @@ def _plt():
 
 
 def _save(fig, path) -> Path:
-    from fer_edge.checkpoint import write_atomic
+    from fer_edge.fileio import write_atomic
 
     path = Path(path)
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png"), force=True)
@@ -63,8 +63,16 @@ def plot_roc(rocs: dict, aucs: dict, path, title="One-vs-rest ROC") -> Path:
 
 
 def read_metrics(path) -> list[dict]:
-    lines = Path(path).read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+    """The epoch rows of a metrics.jsonl (a line that is not one, e.g. cut by a crash, is left out)."""
+    rows = []
+    for line in Path(path).read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("epoch"), int) and "train_loss" in row:
+            rows.append(row)
+    return rows
 
 
 def plot_training_curves(metrics_jsonl, path) -> Path:

@@ -3,46 +3,25 @@
     backend = open_backend(artifact_path, runtime, threads=1)
     logits = backend.run(x)          # x: the array preprocess_faces() made, any batch
 
-Each backend runs batch-1 artifacts image by image, so callers never care
-whether an artifact was exported with a fixed batch of 1 (the default for
-devices) or a dynamic one.  INT8 TFLite models get their inputs quantized and
-outputs dequantized here with the scales stored in the model.
+``BACKENDS`` is the one table of runtimes: a bundle's artifact names its
+runtime, and ``open_backend`` looks the class up here (``register_backend``
+adds one).  Each backend runs batch-1 artifacts image by image, so callers
+never care whether an artifact was exported with a fixed batch of 1 (the
+default for devices) or a dynamic one.  INT8 TFLite models get their inputs
+quantized and outputs dequantized here with the scales stored in the model.
 """
 from __future__ import annotations
 
-import contextlib
 import os
-import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-
-@contextlib.contextmanager
-def native_output_silenced(fds=(2,)):
-    """Send what C/C++ code writes straight to these file descriptors (1 = stdout,
-    2 = stderr) to /dev/null meanwhile.  Native libraries log there unasked:
-    LiteRT's "INFO: Created TensorFlow Lite XNNPACK delegate", absl/MLIR lines
-    from the converters; the user's terminal is for real problems."""
-    import sys
-
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = [os.dup(fd) for fd in fds]
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    for fd in fds:
-        os.dup2(devnull, fd)
-    try:
-        yield
-    finally:
-        for fd, s in zip(fds, saved):
-            os.dup2(s, fd)
-            os.close(s)
-        os.close(devnull)
-
-
-class BackendUnavailable(RuntimeError):
-    """The runtime this artifact needs is not installed here."""
+from fer_edge.targets.jetson import TensorRTBackend
+from fer_edge.targets.runtime import (Backend, BackendUnavailable, BundleError, first_line,  # noqa: F401
+                                      native_output_silenced)
 
 
 def import_onnxruntime():
@@ -57,37 +36,6 @@ def import_onnxruntime():
     if hasattr(ort, "disable_telemetry_events"):
         ort.disable_telemetry_events()
     return ort
-
-
-class Backend:
-    name = "base"
-
-    def run_batch(self, x: np.ndarray) -> np.ndarray:  # one call of the native runtime
-        raise NotImplementedError
-
-    @property
-    def fixed_batch(self) -> int | None:
-        return None
-
-    def run(self, x: np.ndarray) -> np.ndarray:
-        fb = self.fixed_batch
-        if fb is None or len(x) == fb:
-            return self.run_batch(x)
-        if fb != 1:
-            raise ValueError(f"artifact takes batches of exactly {fb}")
-        return np.concatenate([self.run_batch(x[i:i + 1]) for i in range(len(x))])
-
-    def latency_ms(self, sample: np.ndarray, runs: int = 100, warmup: int = 10) -> float:
-        """Median wall time of one batch-1 call, in ms."""
-        one = sample[:1]
-        for _ in range(warmup):
-            self.run_batch(one)
-        times = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            self.run_batch(one)
-            times.append(time.perf_counter() - t0)
-        return float(np.median(times) * 1e3)
 
 
 class OnnxRuntimeBackend(Backend):
@@ -119,18 +67,12 @@ class OnnxRuntimeBackend(Backend):
 
 
 def _tflite_interpreter_class():
+    """LiteRT's interpreter (ai-edge-litert: the TFLite runtime that works with numpy 2)."""
     try:
         from ai_edge_litert.interpreter import Interpreter
-
-        return Interpreter
-    except ImportError:
-        pass
-    try:  # the old standalone runtime (fails on numpy 2; kept as a fallback only)
-        from tflite_runtime.interpreter import Interpreter
-
-        return Interpreter
     except ImportError:
         raise BackendUnavailable("no TFLite runtime: pip install ai-edge-litert") from None
+    return Interpreter
 
 
 class TFLiteBackend(Backend):
@@ -163,15 +105,61 @@ class TFLiteBackend(Backend):
         return y.astype(np.float32)
 
 
-def open_backend(path, runtime: str, threads: int | None = None) -> Backend:
-    """The backend for an artifact; ``runtime`` as listed in the bundle manifest."""
-    path = Path(path)
-    if runtime == "onnxruntime":
-        return OnnxRuntimeBackend(path, threads)
-    if runtime == "tflite":
-        return TFLiteBackend(path, threads)
-    if runtime == "tensorrt":
-        from fer_edge.targets.jetson import TensorRTBackend
+def _tensorrt_backend(path, threads: int | None = None) -> Backend:
+    """TensorRT runs a serialized engine (threads do not apply)."""
+    return TensorRTBackend(path)
 
-        return TensorRTBackend(path)
-    raise BackendUnavailable(f"unknown runtime {runtime!r}")
+
+@dataclass(frozen=True)
+class Runtime:
+    opens: Callable[..., Backend]     # a Backend class (or factory) called as (path, threads)
+    modules: tuple[str, ...]          # the Python modules it needs (what `fer-edge info` reports)
+
+
+# The one table of runtimes: name (as a bundle manifest writes it) -> how to open an artifact.
+BACKENDS: dict[str, Runtime] = {
+    "onnxruntime": Runtime(OnnxRuntimeBackend, ("onnxruntime",)),
+    "tflite": Runtime(TFLiteBackend, ("ai_edge_litert",)),
+    "tensorrt": Runtime(_tensorrt_backend, ("tensorrt",)),
+}
+
+
+def register_backend(name: str, backend: Callable[..., Backend], modules: tuple[str, ...] = ()) -> None:
+    """Add (or replace) a runtime: ``backend(path, threads)`` opens an artifact."""
+    BACKENDS[name] = Runtime(backend, tuple(modules))
+
+
+def unregister_backend(name: str) -> None:
+    BACKENDS.pop(name, None)
+
+
+def runtime_names() -> tuple[str, ...]:
+    return tuple(BACKENDS)
+
+
+def runtime_modules() -> tuple[str, ...]:
+    """Every Python module a registered runtime needs, in table order."""
+    return tuple(dict.fromkeys(m for r in BACKENDS.values() for m in r.modules))
+
+
+def open_backend(path, runtime: str, threads: int | None = None) -> Backend:
+    """The backend for an artifact; ``runtime`` as listed in the bundle manifest.
+    BackendUnavailable: the runtime is not installed here; BundleError: the
+    artifact is not something the runtime can load (corrupt, truncated, another format)."""
+    entry = BACKENDS.get(runtime) if isinstance(runtime, str) else None
+    if entry is None:
+        raise BundleError(f"unknown runtime {runtime!r} (known: {', '.join(BACKENDS)})")
+    path = Path(path)
+    try:
+        found = path.is_file()
+    except OSError as exc:  # a path the OS refuses (too long, a loop of links)
+        raise BundleError(f"{str(path)[:200]}: {exc.strerror or exc}") from None
+    if not found:
+        raise BundleError(f"{path}: no such artifact file")
+    try:
+        return entry.opens(path, threads)
+    except (BackendUnavailable, BundleError, KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001  (each runtime raises its own types for a bad file)
+        raise BundleError(f"{path}: {runtime} cannot load it (corrupt or not a {runtime} model): "
+                          f"{first_line(exc)}") from None

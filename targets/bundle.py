@@ -22,38 +22,45 @@ private key (``fer-edge convert --sign``; docs/trust.md).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
+from fer_edge.contract import (LAYOUTS, artifact_preprocess, finite_number, normalization_problem,  # noqa: F401
+                               preprocess_faces, resize_face, softmax)
+from fer_edge.fileio import sha256_file
+from fer_edge.targets.backends import BundleError, runtime_names
+from fer_edge.targets.signing import SIGNATURE, verify_bundle_signature
+
+# The contract and sha256_file are re-exported: device code imports them from here.
+__all__ = ["Artifact", "Bundle", "BundleError", "load_bundle", "verify_manifest", "artifact_preprocess",
+           "preprocess_faces", "resize_face", "softmax", "sha256_file"]
 
 MANIFEST = "manifest.json"
-SIGNATURE = "manifest.sig"
 FORMAT = "fer-edge-bundle"
 FORMAT_VERSION = 2
 REQUIRED_FILES = ("labels.json", "preprocess.json", "parity.json")
 OPTIONAL_FILES = ("README.md",)
-RUNTIMES = ("onnxruntime", "tflite", "tensorrt")
 MANIFEST_KEYS = {"format", "format_version", "fer_edge_version", "target", "precision", "source_checkpoint",
                  "calibration", "artifacts", "files"}
 REQUIRED_KEYS = {"format", "format_version", "target", "precision", "artifacts", "files"}
 ARTIFACT_KEYS = {"file", "target", "precision", "runtime", "status", "input", "output"}
+STATUSES = ("passed", "failed")
+INPUT_DTYPES = ("float32", "uint8")
+# Class names are printed on frames and in events: one printable line each.
+MAX_CLASSES = 1000
+LABEL = re.compile(r"[^\x00-\x1f\x7f]{1,64}")
+MAX_JSON_BYTES = 8 << 20   # a bundle's JSON files are kilobytes; far bigger is not one of them
+MAX_INPUT_SIDE = 4096
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-class BundleError(ValueError):
-    """A bundle that is missing, incomplete or altered (one line for the user)."""
-
-
-def sha256_file(path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def __getattr__(name):
+    # RUNTIMES is the backend table's names (fer_edge.targets.backends.BACKENDS), registrations included.
+    if name == "RUNTIMES":
+        return runtime_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def is_plain_name(name) -> bool:
@@ -68,7 +75,7 @@ class Artifact:
     file: str
     target: str
     precision: str
-    runtime: str            # onnxruntime | tflite | tensorrt
+    runtime: str            # a name in fer_edge.targets.backends.BACKENDS
     status: str             # passed | failed (from parity.json)
     path: Path
     sha256: str = ""        # as listed (and checked) in the manifest
@@ -92,6 +99,10 @@ class Bundle:
         raise BundleError(f"{self.path}: no artifact with precision={precision} runtime={runtime}")
 
 
+def _short(value) -> str:
+    return repr(value)[:80]
+
+
 # ------------------------------------------------------------------ structure
 def check_structure(path: Path, manifest) -> None:
     """The manifest's schema: known keys only, every artifact a plain listed file
@@ -100,15 +111,17 @@ def check_structure(path: Path, manifest) -> None:
     if not isinstance(manifest, dict):
         raise BundleError(f"{where}: not a JSON object")
     if manifest.get("format") != FORMAT:
-        raise BundleError(f"{where}: not a fer-edge bundle manifest (format {manifest.get('format')!r})")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise BundleError(f"{where}: bundle format version {manifest.get('format_version')!r}, this fer-edge "
-                          f"reads {FORMAT_VERSION} (convert the model again)")
+        raise BundleError(f"{where}: not a fer-edge bundle manifest (format {_short(manifest.get('format'))})")
+    if type(manifest.get("format_version")) is not int or manifest["format_version"] != FORMAT_VERSION:
+        raise BundleError(f"{where}: bundle format version {_short(manifest.get('format_version'))}, this "
+                          f"fer-edge reads {FORMAT_VERSION} (convert the model again)")
     unknown = sorted(set(manifest) - MANIFEST_KEYS)
     missing = sorted(REQUIRED_KEYS - set(manifest))
     if unknown or missing:
         what = f"unknown key {unknown[0]!r}" if unknown else f"no {missing[0]!r}"
         raise BundleError(f"{where}: {what}")
+    if not all(isinstance(manifest[k], str) for k in ("target", "precision")):
+        raise BundleError(f"{where}: target and precision must be text")
     artifacts, files = manifest["artifacts"], manifest["files"]
     if not isinstance(artifacts, list) or not artifacts:
         raise BundleError(f"{where}: lists no artifacts")
@@ -119,8 +132,8 @@ def check_structure(path: Path, manifest) -> None:
     for name, entry in files.items():
         if not is_plain_name(name):
             raise BundleError(f"{where}: file name {name!r} is not a plain file name inside the bundle")
-        if not (isinstance(entry, dict) and set(entry) == {"sha256", "bytes"} and isinstance(entry["bytes"], int)
-                and isinstance(entry["sha256"], str) and _SHA256.fullmatch(entry["sha256"])):
+        if not (isinstance(entry, dict) and set(entry) == {"sha256", "bytes"} and type(entry["bytes"]) is int
+                and entry["bytes"] >= 0 and isinstance(entry["sha256"], str) and _SHA256.fullmatch(entry["sha256"])):
             raise BundleError(f"{where}: the entry of {name} is not {{sha256, bytes}}")
     known = set(REQUIRED_FILES) | set(OPTIONAL_FILES) | {a["file"] for a in artifacts}
     extra = sorted(set(files) - known)
@@ -136,11 +149,18 @@ def check_artifact_entry(where: str, a, files: dict) -> None:
             or set(a) - ARTIFACT_KEYS:
         raise BundleError(f"{where}: malformed artifact entry {str(a)[:80]}")
     if not is_plain_name(a["file"]):
-        raise BundleError(f"{where}: artifact {a['file']!r} is not a plain file name inside the bundle")
+        raise BundleError(f"{where}: artifact {_short(a['file'])} is not a plain file name inside the bundle")
     if a["file"] not in files:
         raise BundleError(f"{where}: artifact {a['file']} is not listed with its sha256 in files")
-    if a["runtime"] not in RUNTIMES:
+    if not all(isinstance(a[k], str) for k in ("target", "precision", "runtime")):
+        raise BundleError(f"{where}: the target, precision and runtime of {a['file']} must be text")
+    if a["runtime"] not in runtime_names():
         raise BundleError(f"{where}: unknown runtime {a['runtime']!r} for {a['file']}")
+    if "status" in a and a["status"] not in STATUSES:
+        raise BundleError(f"{where}: status of {a['file']} is {_short(a['status'])}, not passed or failed")
+    for io in ("input", "output"):
+        if io in a and not (isinstance(a[io], dict) and isinstance(a[io].get("shape"), list)):
+            raise BundleError(f"{where}: the {io} of {a['file']} has no shape list")
 
 
 def verify_files(path: Path, manifest: dict) -> None:
@@ -150,11 +170,15 @@ def verify_files(path: Path, manifest: dict) -> None:
         if f.is_symlink() or not f.is_file():
             what = "a link" if f.is_symlink() else "missing"
             raise BundleError(f"{path}: {name} is {what} (listed in {MANIFEST})")
-        size = f.stat().st_size
-        if size != entry["bytes"]:
-            raise BundleError(f"{path}: {name} has {size} bytes, the manifest says {entry['bytes']} "
-                              "(truncated or altered copy)")
-        if sha256_file(f) != entry["sha256"]:
+        try:
+            size = f.stat().st_size
+            if size != entry["bytes"]:
+                raise BundleError(f"{path}: {name} has {size} bytes, the manifest says {entry['bytes']} "
+                                  "(truncated or altered copy)")
+            digest = sha256_file(f)
+        except OSError as exc:
+            raise BundleError(f"{path}: {name} cannot be read ({exc.strerror or exc})") from None
+        if digest != entry["sha256"]:
             raise BundleError(f"{path}: {name} does not match its sha256 in {MANIFEST} (altered or corrupt)")
 
 
@@ -164,13 +188,93 @@ def verify_manifest(path: Path, manifest) -> None:
     verify_files(Path(path), manifest)
 
 
-def read_json(path: Path, name: str):
+# ------------------------------------------------------------------ the JSON files
+def read_bytes(path: Path, name: str) -> bytes:
+    f = path / name
     try:
-        return json.loads((path / name).read_text(encoding="utf-8"))
+        if f.is_symlink() or not f.is_file():
+            raise FileNotFoundError
+        if f.stat().st_size > MAX_JSON_BYTES:
+            raise BundleError(f"{path}/{name}: {f.stat().st_size} bytes, too big for a bundle's {name}")
+        return f.read_bytes()
     except FileNotFoundError:
         raise BundleError(f"{path}: {name} is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except OSError as exc:
+        raise BundleError(f"{path}/{name}: cannot be read ({exc.strerror or exc})") from None
+
+
+def parse_json(path: Path, name: str, data: bytes):
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError):  # JSONDecodeError is a ValueError
         raise BundleError(f"{path}/{name}: not valid JSON") from None
+
+
+def read_json(path: Path, name: str):
+    return parse_json(path, name, read_bytes(path, name))
+
+
+def read_manifest_bytes(path: Path) -> bytes:
+    f = path / MANIFEST
+    if f.is_symlink() or not f.is_file():
+        raise BundleError(f"{path}: no {MANIFEST} (not a fer-edge bundle)")
+    return read_bytes(path, MANIFEST)
+
+
+def parse_manifest(path: Path, data: bytes) -> dict:
+    return parse_json(path, MANIFEST, data)
+
+
+def check_labels(path: Path, labels) -> list[str]:
+    classes = labels.get("classes") if isinstance(labels, dict) else None
+    if not (isinstance(classes, list) and classes and all(isinstance(c, str) and c for c in classes)):
+        raise BundleError(f"{path}/labels.json: no list of class names")
+    if len(classes) > MAX_CLASSES or not all(LABEL.fullmatch(c) for c in classes):
+        raise BundleError(f"{path}/labels.json: class names must be at most {MAX_CLASSES}, each 1 to 64 "
+                          "printable characters on one line")
+    if len(set(classes)) != len(classes):
+        raise BundleError(f"{path}/labels.json: a class name is given twice")
+    return classes
+
+
+def _number(x) -> bool:
+    return finite_number(x)
+
+
+def check_preprocess(path: Path, pre) -> dict:
+    """preprocess.json: the input contract, every field of the right type and range."""
+    where = f"{path}/preprocess.json"
+    if not (isinstance(pre, dict) and {"input_size", "mean", "std", "scale"} <= set(pre)):
+        raise BundleError(f"{where}: incomplete (needs input_size, mean, std, scale)")
+    size = pre["input_size"]
+    if not (isinstance(size, list) and len(size) == 2
+            and all(type(s) is int and 1 <= s <= MAX_INPUT_SIDE for s in size)):
+        raise BundleError(f"{where}: input_size must be [height, width], whole numbers 1..{MAX_INPUT_SIDE}")
+    problem = normalization_problem(pre)
+    if problem is not None:
+        raise BundleError(f"{where}: {problem}")
+    if pre.get("layout", "NCHW") not in LAYOUTS or pre.get("input_dtype", "float32") not in INPUT_DTYPES:
+        raise BundleError(f"{where}: layout must be one of {', '.join(LAYOUTS)} and input_dtype one of "
+                          f"{', '.join(INPUT_DTYPES)}")
+    return pre
+
+
+def check_io(path: Path, a: dict, pre: dict, labels: list[str]) -> None:
+    """The artifact's input and output as the manifest lists them agree with
+    preprocess.json and with labels.json (one class name per logit)."""
+    out = a.get("output", {}).get("shape")
+    if out is not None and (len(out) != 2 or out[-1] != len(labels)):
+        raise BundleError(f"{path}/{MANIFEST}: the output of {a['file']} ({_short(out)}) does not match the "
+                          f"{len(labels)} classes of labels.json")
+    if "input" not in a:
+        return
+    h, w = pre["input_size"]
+    nhwc = pre.get("layout", "NCHW") == "NHWC"
+    shape = a["input"]["shape"]
+    if len(shape) != 4 or list(shape[1:]) != ([h, w, 1] if nhwc else [1, h, w]) \
+            or a["input"].get("dtype", pre.get("input_dtype", "float32")) != pre.get("input_dtype", "float32"):
+        raise BundleError(f"{path}/{MANIFEST}: the input of {a['file']} ({_short(shape)}) does not match "
+                          "preprocess.json")
 
 
 def parity_status(path: Path, parity, files: list[str]) -> dict[str, str]:
@@ -178,27 +282,17 @@ def parity_status(path: Path, parity, files: list[str]) -> dict[str, str]:
     reports = parity.get("artifacts") if isinstance(parity, dict) else None
     if not isinstance(reports, list):
         raise BundleError(f"{path}/parity.json: no artifact results")
-    verdict = {r.get("artifact"): r.get("passed") for r in reports if isinstance(r, dict)}
+    named = [r.get("artifact") for r in reports if isinstance(r, dict) and isinstance(r.get("artifact"), str)]
+    if len(set(named)) != len(named):
+        raise BundleError(f"{path}/parity.json: an artifact has two results")
+    verdict = {r.get("artifact"): r.get("passed") for r in reports
+               if isinstance(r, dict) and isinstance(r.get("artifact"), str)}
     out = {}
     for name in files:
         if not isinstance(verdict.get(name), bool):
             raise BundleError(f"{path}/parity.json: no parity result for {name}")
         out[name] = "passed" if verdict[name] else "failed"
     return out
-
-
-def read_manifest_bytes(path: Path) -> bytes:
-    f = path / MANIFEST
-    if f.is_symlink() or not f.is_file():
-        raise BundleError(f"{path}: no {MANIFEST} (not a fer-edge bundle)")
-    return f.read_bytes()
-
-
-def parse_manifest(path: Path, data: bytes) -> dict:
-    try:
-        return json.loads(data.decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise BundleError(f"{path}/{MANIFEST}: not valid JSON") from None
 
 
 def load_bundle(path, verify: bool = True, allow_failed: bool = False, trust=None) -> Bundle:
@@ -208,32 +302,33 @@ def load_bundle(path, verify: bool = True, allow_failed: bool = False, trust=Non
     the bundle must then carry ``manifest.sig``, a valid Ed25519 signature of
     manifest.json made with the matching private key; an unsigned bundle or a
     bad signature is refused, saying which.  verify=False skips hashing the
-    files (never with trust)."""
+    files (never with trust).  Every problem is a BundleError of one line."""
+    try:
+        return _load_bundle(Path(path), verify, allow_failed, trust)
+    except OSError as exc:  # a path the OS refuses (too long, a loop of links), an unreadable folder
+        raise BundleError(f"{str(path)[:200]}: {exc.strerror or exc}") from None
+
+
+def _load_bundle(path: Path, verify: bool, allow_failed: bool, trust) -> Bundle:
     path = Path(path)
     if not path.is_dir():
         raise BundleError(f"{path}: no such bundle folder")
     data = read_manifest_bytes(path)
     signed_by = None
     if trust is not None:
-        from fer_edge.targets.signing import verify_bundle_signature
-
         # The signature covers these exact bytes; they are parsed below, never re-read.
         signed_by = verify_bundle_signature(path, data, trust)
     manifest = parse_manifest(path, data)
     check_structure(path, manifest)
     if verify or trust is not None:
         verify_files(path, manifest)
-    labels = read_json(path, "labels.json")
-    labels = labels.get("classes") if isinstance(labels, dict) else None
-    if not (isinstance(labels, list) and labels and all(isinstance(c, str) for c in labels)):
-        raise BundleError(f"{path}/labels.json: no list of class names")
-    preprocess = read_json(path, "preprocess.json")
-    if not (isinstance(preprocess, dict) and {"input_size", "mean", "std", "scale"} <= set(preprocess)):
-        raise BundleError(f"{path}/preprocess.json: incomplete (needs input_size, mean, std, scale)")
+    labels = check_labels(path, read_json(path, "labels.json"))
+    preprocess = check_preprocess(path, read_json(path, "preprocess.json"))
     parity = read_json(path, "parity.json")
     status = parity_status(path, parity, [a["file"] for a in manifest["artifacts"]])
     artifacts = []
     for a in manifest["artifacts"]:
+        check_io(path, a, preprocess, labels)
         said = a.get("status")
         if said is not None and said != status[a["file"]]:
             raise BundleError(f"{path}/{MANIFEST}: says {a['file']} {said}, but parity.json says "
@@ -245,47 +340,3 @@ def load_bundle(path, verify: bool = True, allow_failed: bool = False, trust=Non
         raise BundleError(f"{path}: {', '.join(failed)} failed its parity check against PyTorch "
                           "(see parity.json); refusing to run it")
     return Bundle(path, manifest, labels, preprocess, artifacts, parity, signed_by)
-
-
-def artifact_preprocess(preprocess: dict, nhwc: bool = False) -> dict:
-    """A checkpoint's preprocess plus the input format of an artifact made from
-    it: NCHW float32 normalized (default), or NHWC raw uint8 pixels with the
-    normalization inside the model (``--nhwc``)."""
-    return dict(preprocess, layout="NHWC" if nhwc else "NCHW", input_dtype="uint8" if nhwc else "float32",
-                normalization_inside_model=nhwc)
-
-
-def preprocess_faces(faces_u8: np.ndarray, preprocess: dict) -> np.ndarray:
-    """(N, H, W) uint8 gray faces already at the input size -> the model's input
-    array: float32 normalized NCHW/NHWC, or raw uint8 when the model takes uint8
-    (normalization is then inside the model)."""
-    faces = np.asarray(faces_u8)
-    if faces.ndim == 2:
-        faces = faces[None]
-    h, w = preprocess["input_size"]
-    if faces.shape[1:] != (h, w):
-        raise ValueError(f"faces are {faces.shape[1:]}, the model takes {h}x{w} (resize first)")
-    if preprocess.get("input_dtype", "float32") == "uint8":
-        x = faces.astype(np.uint8)
-    else:
-        x = (faces.astype(np.float32) * np.float32(preprocess["scale"]) - np.float32(preprocess["mean"])) \
-            / np.float32(preprocess["std"])
-    return x[..., None] if preprocess.get("layout", "NCHW") == "NHWC" else x[:, None]
-
-
-def resize_face(gray: np.ndarray, size) -> np.ndarray:
-    """A gray crop resized to the model input (area when shrinking, linear when enlarging),
-    exactly as the training readers do."""
-    import cv2
-
-    h, w = size
-    if gray.shape == (h, w):
-        return gray
-    interp = cv2.INTER_AREA if max(gray.shape) > max(h, w) else cv2.INTER_LINEAR
-    return cv2.resize(gray, (w, h), interpolation=interp)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)

@@ -324,7 +324,10 @@ class YuNetDetector:
         spec = DETECTORS["yunet"]
         self.crop_margin, self.crop_shift = spec.crop_margin, spec.crop_shift
         self.score_threshold = spec.score_threshold if score_threshold is None else float(score_threshold)
-        self.det = cv2.FaceDetectorYN.create(str(onnx_path), "", (320, 320), self.score_threshold)
+        try:
+            self.det = cv2.FaceDetectorYN.create(str(onnx_path), "", (320, 320), self.score_threshold)
+        except cv2.error:
+            raise RuntimeError(f"{onnx_path}: not a YuNet model OpenCV can load") from None
         self.size, self.min_size = None, min_size
 
     def detect(self, bgr, gray=None) -> Detections:
@@ -349,11 +352,8 @@ class YuNetDetector:
 
 def make_detector(spec: str | None = None, *, score_threshold: float | None = None, min_size: int | None = None,
                   yunet_model=None, threads: int = 1):
-    """A detector by its DETECTORS name (default blazeface-full).  For backward
-    compatibility a path ending in .onnx means YuNet from that file."""
+    """A detector by its DETECTORS name (default blazeface-full); yunet runs ``yunet_model``."""
     spec = spec or DEFAULT_DETECTOR
-    if spec not in DETECTORS and str(spec).lower().endswith(".onnx"):
-        spec, yunet_model = "yunet", spec
     if spec not in DETECTORS:
         raise ValueError(f"unknown detector {spec!r} (choose from {', '.join(DETECTORS)})")
     if spec == "haar":

@@ -10,15 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from fer_edge.targets.backends import Backend, BackendUnavailable
+from fer_edge.fileio import sha256_file, write_bytes_atomic, write_json_atomic
+from fer_edge.targets.runtime import Backend, BackendUnavailable
 
 PRECISIONS = ("fp32", "fp16", "int8")
-
-
-def trtexec_command(onnx_path, precision: str, engine_path) -> str:
-    """The trtexec line equivalent to ``build_engine``."""
-    flags = {"fp32": "", "fp16": " --fp16", "int8": " --int8 --fp16"}[precision]
-    return f"trtexec --onnx={onnx_path}{flags} --saveEngine={engine_path}"
 
 
 def _tensorrt():
@@ -66,9 +61,7 @@ def build_engine(onnx_path, precision: str, out_path, workspace_mb: int = 1024) 
     if engine is None:
         raise RuntimeError(f"TensorRT failed to build a {precision} engine from {onnx_path}")
     out_path = Path(out_path)
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
-    tmp.write_bytes(bytes(engine))
-    tmp.replace(out_path)
+    write_bytes_atomic(out_path, bytes(engine), force=True)
     return out_path
 
 
@@ -154,8 +147,6 @@ def engine_paths(onnx_path, key: dict) -> tuple[Path, Path]:
 def stale_reason(engine: Path, sidecar: Path, key: dict) -> str | None:
     """Why a cached engine may not be used (None: it may): it must exist with a
     sidecar recording exactly this key and the engine's own sha256."""
-    from fer_edge.targets.bundle import sha256_file
-
     if not engine.is_file() or not sidecar.is_file():
         return "no cached engine"
     try:
@@ -170,11 +161,7 @@ def stale_reason(engine: Path, sidecar: Path, key: dict) -> str | None:
 
 
 def write_sidecar(sidecar: Path, key: dict, engine: Path) -> None:
-    from fer_edge.targets.bundle import sha256_file
-
-    tmp = sidecar.with_name(f".{sidecar.name}.tmp")
-    tmp.write_text(json.dumps(dict(key, engine_sha256=sha256_file(engine)), indent=2) + "\n")
-    tmp.replace(sidecar)
+    write_json_atomic(sidecar, dict(key, engine_sha256=sha256_file(engine)), force=True)
 
 
 def cached_engine(onnx_path, precision: str, log=print, onnx_sha256: str | None = None) -> Path:
@@ -184,8 +171,6 @@ def cached_engine(onnx_path, precision: str, log=print, onnx_sha256: str | None 
     differs.  onnx_sha256: the bundle manifest's (already verified) hash.
     This guards against stale or corrupt engines, not against someone who can
     write to the bundle folder (see docs/trust.md)."""
-    from fer_edge.targets.bundle import sha256_file
-
     trt = _tensorrt()
     onnx_path = Path(onnx_path)
     key = engine_key(onnx_sha256 or sha256_file(onnx_path), trt.__version__, _gpu_name(), precision)

@@ -13,12 +13,13 @@ milliseconds of detect / preprocess / infer / postprocess.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from fer_edge.targets.bundle import preprocess_faces, resize_face, softmax
+from fer_edge.contract import preprocess_faces, resize_face, softmax
 # The detectors live in detectors.py (one DETECTORS table); re-exported here
 # for callers of the earlier layout.
 from fer_edge.targets.detectors import (  # noqa: F401
@@ -146,6 +147,9 @@ class Tracker:
         return out
 
 
+MAX_TRACK_GAP_S = 3600   # longer gaps are typing mistakes (and at 1000 frames/s still a sane count)
+
+
 def track_gap_frames(spec, fps: float | None) -> int:
     """--track-gap as frames: "15" is 15 frames, "0.5s" half a second at the
     source's frame rate (30 frames/s when it does not say)."""
@@ -153,15 +157,15 @@ def track_gap_frames(spec, fps: float | None) -> int:
     try:
         if text.endswith("s"):
             seconds = float(text[:-1])
-            if not seconds >= 0:
+            if not (math.isfinite(seconds) and 0 <= seconds <= MAX_TRACK_GAP_S):
                 raise ValueError
             return int(round(seconds * (fps or 30.0)))
-        frames = int(text)
-        if frames < 0:
+        frames = int(text, 10)
+        if not 0 <= frames <= MAX_TRACK_GAP_S * 1000:
             raise ValueError
         return frames
     except ValueError:
-        raise ValueError(f"--track-gap {spec}: give frames (15) or seconds (0.5s), not negative") from None
+        raise ValueError(f"--track-gap {spec}: give frames (15) or seconds (0.5s), from 0 to an hour") from None
 
 
 # ------------------------------------------------------------------ the pipeline
@@ -200,8 +204,12 @@ class Pipeline:
         self.shift = getattr(self.detector, "crop_shift", 0.0)
         if self.temperature is None:
             self.temperature = float(self.preprocess.get("temperature", 1.0))
-        if not self.temperature > 0:
-            raise ValueError(f"temperature {self.temperature}: must be > 0")
+        if not 0 < self.temperature < float("inf"):
+            raise ValueError(f"temperature {self.temperature}: must be a finite number > 0")
+        if not -0.4 < self.margin < 2:
+            raise ValueError(f"margin {self.margin}: give a fraction of the face size between -0.4 and 2")
+        if not 0 <= self.min_confidence <= 1:
+            raise ValueError(f"min_confidence {self.min_confidence}: give a probability in [0, 1]")
 
     def reset(self) -> None:
         """Forget every track (a new, unrelated image: nothing carries over)."""

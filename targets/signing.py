@@ -16,7 +16,10 @@ import hashlib
 import json
 from pathlib import Path
 
-from fer_edge.targets.bundle import SIGNATURE, BundleError
+from fer_edge.fileio import json_bytes
+from fer_edge.targets.runtime import BundleError
+
+SIGNATURE = "manifest.sig"   # beside manifest.json: the Ed25519 signature of its bytes
 
 ALGORITHM = "ed25519"
 
@@ -103,7 +106,7 @@ def signature_file(private_key, manifest_bytes: bytes) -> bytes:
     sig = private_key.sign(manifest_bytes)
     doc = {"algorithm": ALGORITHM, "key_id": key_id(private_key.public_key()),
            "signature": base64.b64encode(sig).decode("ascii")}
-    return (json.dumps(doc, indent=2) + "\n").encode()
+    return json_bytes(doc)
 
 
 def read_signature(path: Path) -> tuple[bytes, str | None]:

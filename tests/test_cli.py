@@ -34,7 +34,7 @@ def test_info_json_reports_kernels_and_runtimes():
     assert info["kernels"]["cpu"] is True
     assert info["kernels"]["cuda"] is built["cuda"]
     assert info["kernels"]["cuda_archs"] == list(built["cuda_archs"])
-    assert set(info["runtimes"]) >= {"onnxruntime", "ai_edge_litert", "tflite_runtime", "tensorrt"}
+    assert set(info["runtimes"]) >= {"onnxruntime", "ai_edge_litert", "tensorrt"}
     torch = pytest.importorskip("torch")
     assert info["torch"] == torch.__version__
     try:
@@ -57,10 +57,18 @@ def test_info_json_reports_kernels_and_runtimes():
         assert info["cuda_device"] is None
 
 
-def test_help_lists_commands():
+def test_help_lists_every_command_with_its_summary():
+    from fer_edge.cli import COMMANDS, build_parser
+
     proc = run("--help")
     assert proc.returncode == 0
-    assert "info" in proc.stdout
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    summaries = {c.dest: c.help for c in sub._choices_actions}
+    assert set(summaries) == set(COMMANDS)
+    text = " ".join(proc.stdout.split())  # argparse wraps long summaries
+    for name, summary in summaries.items():
+        assert summary, f"{name} has no summary"
+        assert f"{name} {' '.join(summary.split())}" in text, f"{name} and its summary missing from --help"
 
 
 def test_unknown_command_is_one_line_error():
@@ -90,7 +98,7 @@ def test_default_model_is_embedded_and_used_without_weights(tmp_path):
 
     proc = run("convert", "--target", "jetson", "--out", tmp_path / "b")
     assert proc.returncode == 0, proc.stderr
-    assert "using the embedded default model" in proc.stderr
+    assert "used the embedded default model" in proc.stderr
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert manifest["source_checkpoint"]["sha256"] == card["sha256"]
 
@@ -112,5 +120,34 @@ def test_default_model_is_embedded_and_used_without_weights(tmp_path):
     cv2.imwrite(str(big), cv2.resize(cv2.imread(str(img)), (192, 192), interpolation=cv2.INTER_CUBIC))
     proc = run("predict", big, "--jsonl", tmp_path / "p.jsonl")
     assert proc.returncode == 0, proc.stderr
-    assert "using the embedded default model" in proc.stderr
+    assert "used the embedded default model" in proc.stderr
     shutil.rmtree(tmp_path / "b")
+
+
+def test_an_internal_error_says_it_is_a_bug(monkeypatch, capsys):
+    """What fer-edge did not foresee keeps its traceback, plus one line saying it is a bug to report."""
+    from fer_edge.cli import main
+    from fer_edge.commands import merge
+
+    def broken(args):
+        raise RuntimeError("an internal inconsistency")
+
+    monkeypatch.setattr(merge, "cmd_merge", broken)
+    assert main(["merge", "--weights", "w", "--out", "m"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "RuntimeError: an internal inconsistency" in err
+    assert err.strip().splitlines()[-1].startswith("fer-edge merge: internal error: this is a bug in fer-edge")
+
+
+def test_os_errors_are_one_line(monkeypatch, capsys):
+    import errno
+
+    from fer_edge.cli import main
+    from fer_edge.commands import merge
+
+    def full_disk(args):
+        raise OSError(errno.ENOSPC, "No space left on device", "m.safetensors")
+
+    monkeypatch.setattr(merge, "cmd_merge", full_disk)
+    assert main(["merge", "--weights", "w", "--out", "m"]) == 2
+    assert capsys.readouterr().err == "fer-edge merge: error: m.safetensors: no space left on the device\n"

@@ -273,14 +273,13 @@ def test_altered_bundle_is_refused(bundles, tmp_path):
 def test_failing_parity_marks_the_bundle_failed(trained, tmp_path, monkeypatch):
     """A threshold the artifact cannot meet: convert reports failure, the bundle
     says so, and devices refuse it."""
-    from fer_edge.converters import convert as C
-    from fer_edge.converters import formats
+    from fer_edge.converters import formats, pipeline
     from fer_edge.targets import BundleError, load_bundle
 
     weights, calib, _ = trained
     monkeypatch.setitem(formats.THRESHOLDS, "fp16", {"max_logit": 1e-9, "agreement": 1.0, "accuracy_drop": None})
     out = tmp_path / "b"
-    report = C.convert(weights, "jetson", "fp16", out, calib=calib, log=lambda *a: None)
+    report = pipeline.convert(weights, "jetson", "fp16", out, calib=calib, log=lambda *a: None)
     assert not report["passed"] and "max |Δlogit|" in report["failures"][0]
     assert json.loads((out / "manifest.json").read_text())["artifacts"][0]["status"] == "failed"
     with pytest.raises(BundleError, match="failed its parity"):
@@ -308,7 +307,7 @@ def test_bad_convert_inputs(trained, tmp_path):
         shutil.copy(f, flat / f.name)
     refused("--target", "jetson", "--precision", "int8", "--calib", flat, "--out", out, expect="no class folders")
     refused("--target", "onnx", "--precision", "fp16", "--out", out, expect="not supported")
-    refused("--target", "coreml", "--out", out, expect="not supported")
+    refused("--target", "coreml", "--out", out, expect="invalid choice")
     refused("--target", "android", "--dynamic-batch", "--out", out, expect="ONNX targets only")
     refused("--target", "jetson", "--precision", "int8", "--calib", tmp_path / "nowhere", "--out", out,
             expect="no such file")
@@ -331,6 +330,17 @@ def test_bad_convert_inputs(trained, tmp_path):
     assert run(*base, "--target", "onnx", "--out", out, "--force").returncode == 0
     assert (out / "model.onnx").is_file() and not stale.exists()
     assert run(*base, "--target", "onnx", "--out", out, "--force").returncode == 0  # a bundle: replaced
+    # a bundle with anything else in it, or any folder with a file named manifest.json, is not replaced
+    (out / "notes.txt").write_text("mine")
+    one_line_error(run(*base, "--target", "onnx", "--out", out, "--force"), "not a fer-edge bundle")
+    assert (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()
+    web = tmp_path / "webapp"
+    (web / "src").mkdir(parents=True)
+    (web / "manifest.json").write_text('{"name": "my web app"}')
+    (web / "src" / "main.js").write_text("code")
+    one_line_error(run(*base, "--target", "onnx", "--out", web, "--force"), "not a fer-edge bundle")
+    assert (web / "src" / "main.js").read_text() == "code"
     # a calibration choice the format has no use for is said, not silently dropped
     proc = run(*base, "--target", "onnx", "--calib-method", "minmax", "--out", out, "--force")
     assert proc.returncode == 0 and "--calib-method applies to the ONNX int8 formats only" in proc.stderr
@@ -378,7 +388,7 @@ def test_other_architectures_export_exactly(arch, config, tmp_path):
     upsamples 6 -> 11) through ONNX and TFLite fp32: logits within 1e-4."""
     from fer_edge import models
     from fer_edge.checkpoint import save_checkpoint
-    from fer_edge.converters.convert import convert
+    from fer_edge.converters.pipeline import convert
     from helpers import copy_subset, randomize_bn
 
     calib = copy_subset(FER / "publictest", tmp_path / "calib", 5)

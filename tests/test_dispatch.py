@@ -124,3 +124,31 @@ def test_make_dispatch_writes_a_table_the_package_reads(tmp_path):
     assert table[D.key_of(row(batch="65-256"))] == "cudnn"
     doc = json.loads(out.read_text())
     assert doc["measured_on"][0]["device"] == "a GPU" and doc["measured_on"][0]["cc"] == "9.0"
+
+
+def test_direct_kernel_and_describe_use_the_one_override(monkeypatch):
+    """fused_ms_conv called directly runs simt unless FER_EDGE_CUDA_KERNEL names one
+    of our kernels; `fer-edge info` reports a bad override instead of failing."""
+    try:
+        for asked, direct in (("", "simt"), ("cudnn", "simt"), ("wmma", "wmma"), ("splitk", "splitk")):
+            monkeypatch.setenv(D.OVERRIDE_ENV, asked)
+            D.override.cache_clear()
+            assert D.direct_kernel() == direct
+            assert D.describe()["override"] == (asked or None)
+        monkeypatch.setenv(D.OVERRIDE_ENV, "fastest")
+        D.override.cache_clear()
+        described = D.describe()
+        assert described["override"] is None and "choose one of" in described["override_error"]
+    finally:
+        monkeypatch.delenv(D.OVERRIDE_ENV, raising=False)
+        D.override.cache_clear()
+
+
+def test_only_the_dispatch_module_reads_the_kernel_environment():
+    """One reader of FER_EDGE_CUDA_KERNEL (dispatch.override): the layers, the op
+    and the compiled kernels take the choice as an argument."""
+    for path in (REPO / "fer_edge" / "kernels.py", REPO / "fer_edge" / "models" / "layers.py"):
+        text = path.read_text()
+        assert "environ" not in text and "getenv" not in text, path
+    for path in sorted((REPO / "csrc").iterdir()):
+        assert "getenv" not in path.read_text(errors="replace"), path

@@ -328,7 +328,7 @@ def test_plateau_schedule_resumes_bit_exactly_after_sigkill(tiny, tmp_path):
     common = [*TINY, "--recipe", "hsnet-paper", "--data", train, "--val", val, "--epochs", "2", "--lr", "1e-3"]
     full = run("train", *common, "--out", tmp_path / "full")
     assert full.returncode == 0, full.stderr[-3000:]
-    killed = run("train", *common, "--out", tmp_path / "cut", env={"FER_EDGE_TEST_KILL_AFTER_EPOCH": "1"})
+    killed = run("train", *common, "--out", tmp_path / "cut", hooks={"kill_after_epoch": 1})
     assert killed.returncode == -9, (killed.returncode, killed.stderr[-2000:])
     resumed = run("train", *common, "--out", tmp_path / "cut", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -402,7 +402,7 @@ def test_merge_is_exact(config):
 
 @needs_data
 def test_exports_exactly_to_onnx_and_tflite(tmp_path):
-    from fer_edge.converters.convert import convert
+    from fer_edge.converters.pipeline import convert
 
     calib = H.copy_subset(H.DATA / "fer2013" / "publictest", tmp_path / "calib", 2)
     model = small_model()

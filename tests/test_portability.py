@@ -289,10 +289,33 @@ def test_bundle_readme_gives_the_device_install(onnx_bundle):
 
 @pytest.mark.parametrize("target, extra", [("jetson", "runtime-onnx"), ("android", "runtime-tflite")])
 def test_bundle_readme_install_line_per_runtime(target, extra):
-    from fer_edge.converters.convert import _install_lines
     from fer_edge.converters.formats import FORMATS
 
     fmt = next(f for f in FORMATS if f.target == target)
-    lines = _install_lines(fmt)
+    lines = fmt.device.install
     assert f'FER_EDGE_KERNELS=0 pip install "./fer-edge[{extra}]"' in lines
     assert any("cuda-python" in x for x in lines) == (target == "jetson")
+
+
+@pytest.mark.parametrize("argv, extra", [
+    (["train", "--data", "d", "--out", "r"], "train"),
+    (["eval", "--data", "d"], "train"),
+    (["merge", "--weights", "w.safetensors", "--out", "m.safetensors"], "train"),
+    (["predict", "a.png", "--weights", "w.safetensors"], "train"),
+    (["convert", "--target", "onnx", "--out", "b"], "convert"),
+])
+def test_commands_that_need_torch_say_which_extra_without_it(tmp_path, argv, extra):
+    """A device install (no torch): a command that needs torch is one line naming the extra, exit 2."""
+    code = f"""
+        from fer_edge.cli import main
+        sys.exit(main({argv!r}))
+    """
+    (tmp_path / "d").mkdir()
+    (tmp_path / "w.safetensors").write_bytes(b"\\0" * 64)
+    cv2 = pytest.importorskip("cv2")
+    cv2.imwrite(str(tmp_path / "a.png"), np.zeros((64, 64), np.uint8))
+    proc = _without_torch_and_kernels(code, tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "'torch'" in lines[0] and f'pip install "fer-edge[{extra}]"' in lines[0], lines[0]

@@ -160,7 +160,7 @@ def test_regularized_run_saves_the_average_and_resumes_exactly(tiny, tmp_path):
 
     assert read_meta(tmp_path / "full" / "last.safetensors")["extra"]["ema"] == 0.9
     # killed after epoch 1 and resumed: the same average, bit for bit
-    killed = run("train", *common, "--out", tmp_path / "cut", env={"FER_EDGE_TEST_KILL_AFTER_EPOCH": "1"})
+    killed = run("train", *common, "--out", tmp_path / "cut", hooks={"kill_after_epoch": 1})
     assert killed.returncode == -9, killed.stderr[-2000:]
     resumed = run("train", *common, "--out", tmp_path / "cut", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -193,3 +193,49 @@ def test_force_with_a_bad_input_keeps_the_old_run(tiny, tmp_path):
     lines = bad.stderr.strip().splitlines()
     assert bad.returncode == 2 and len(lines) == 1 and "no-such-folder" in lines[0], bad.stderr
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+@needs_data
+def test_force_replaces_a_run_only_when_the_new_one_completes(tiny, tmp_path):
+    """--force sets the old run aside and drops it only when the new run completes:
+    an input read from inside the old run is refused, a new run that fails
+    before its first checkpoint puts the old one back, and a killed start
+    (config.json only) is cleared by the next run instead of blocking it."""
+    train, val = tiny
+    out = tmp_path / "run"
+    assert run("train", *TINY, "--data", train, "--val", val, "--epochs", "1", "--out", out).returncode == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    # an input inside the run --force would replace
+    bad = run("train", *TINY, "--data", train, "--val", val, "--init", out / "best.safetensors", "--out", out,
+              "--force")
+    assert bad.returncode == 2 and "lies inside --out" in bad.stderr, bad.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    # a new run that fails in its first epoch (a hook raises): the old run comes back, whole
+    script = ("import sys\nfrom fer_edge.cli import build_parser\nfrom fer_edge.commands.train import cmd_train\n"
+              "from fer_edge.training.settings import RunHooks\n"
+              "def boom(*a):\n    raise RuntimeError('power cut')\n"
+              "args = build_parser().parse_args(sys.argv[1:])\n"
+              "cmd_train(args, hooks=RunHooks(epoch_trained=boom))\n")
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", script, "train", *TINY, "--data", str(train), "--val", str(val),
+                           "--epochs", "1", "--out", str(out), "--force"], capture_output=True, text=True,
+                          timeout=600, cwd=tmp_path)  # not the repository: the installed package
+    assert proc.returncode != 0 and "power cut" in proc.stderr, proc.stderr[-2000:]
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert not (out / ".replaced").exists()
+    # a completed forced run replaces the old one, and the set-aside copy is gone
+    again = run("train", *TINY, "--data", train, "--val", val, "--epochs", "1", "--seed", "1", "--out", out,
+                "--force")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert not (out / ".replaced").exists()
+    assert json.loads((out / "config.json").read_text())["seed"] == 1
+    # a start killed before its first checkpoint leaves config.json only: the next run clears it
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    (killed / "config.json").write_text("{}")
+    resumed = run("train", *TINY, "--data", train, "--val", val, "--epochs", "1", "--out", killed, "--resume")
+    assert resumed.returncode == 2 and "before its first checkpoint" in resumed.stderr
+    fresh = run("train", *TINY, "--data", train, "--val", val, "--epochs", "1", "--out", killed)
+    assert fresh.returncode == 0, fresh.stderr[-2000:]

@@ -4,13 +4,17 @@ command; refusals of bad bundles and sources."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fer_edge.targets.pipeline import Tracker, crop_square, iou, square_box
 
@@ -215,7 +219,8 @@ def test_predict_refuses_bad_bundles_and_sources(bundles, tmp_path):
     one_line_error(run("predict", img, "--bundle", src, "--weights", img), "not both")
     one_line_error(run("predict", img, "--bundle", src, "--backend", "tflite"), "cannot run model.onnx")
     # YuNet runs from the user's .onnx (none can be fetched here; the missing file is one line)
-    one_line_error(run("predict", img, "--bundle", src, "--detector", tmp_path / "yunet.onnx"), "YuNet model")
+    one_line_error(run("predict", img, "--bundle", src, "--detector", "yunet", "--yunet-model", tmp_path / "yunet.onnx"),
+                   "not found")
 
 
 def test_tensorrt_runner_builds_and_caches_an_engine(bundles):
@@ -241,3 +246,203 @@ def test_predict_command_runs_where_torch_is_not_installed(bundles, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "a.png [0]: #1" in proc.stdout and "frames/s" in proc.stdout
+
+
+# ------------------------------------------------------------------ hostile bundles: BundleError, never a crash
+@pytest.fixture(scope="module")
+def noise_bundle(tmp_path_factory):
+    """The embedded default model as an ONNX fp32 bundle checked on seeded noise (no data needed)."""
+    from fer_edge.converters.pipeline import convert
+    from fer_edge.weights import default_weights
+
+    out = tmp_path_factory.mktemp("hostile") / "bundle"
+    assert convert(default_weights(), "onnx", "fp32", out, log=lambda *a: None)["passed"]
+    return out
+
+
+def rehash(bundle: Path, name: str) -> None:
+    """What an attacker with write access does after editing a file: fix its manifest entry."""
+    from fer_edge.fileio import sha256_file
+
+    m = json.loads((bundle / "manifest.json").read_text())
+    m["files"][name] = {"sha256": sha256_file(bundle / name), "bytes": (bundle / name).stat().st_size}
+    (bundle / "manifest.json").write_text(json.dumps(m, indent=2) + "\n")
+
+
+JSON_FILES = ("manifest.json", "preprocess.json", "labels.json", "parity.json")
+junk = st.recursive(st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=True)
+                    | st.sampled_from([10**400, -10**400, 1e-320, 2.0])
+                    | st.text(max_size=8), lambda c: st.lists(c, max_size=3)
+                    | st.dictionaries(st.text(max_size=6), c, max_size=3), max_leaves=6)
+
+
+def json_paths(doc, prefix=()):
+    """Every (key path) inside a JSON document, the root included."""
+    yield prefix
+    items = doc.items() if isinstance(doc, dict) else enumerate(doc) if isinstance(doc, list) else ()
+    for k, v in items:
+        yield from json_paths(v, prefix + (k,))
+
+
+def mutated(doc, path, action, value):
+    if not path:
+        return value if action != "stringify" else json.dumps(doc)
+    parent = doc
+    for k in path[:-1]:
+        parent = parent[k]
+    if action == "delete":
+        del parent[path[-1]]
+    elif action == "stringify":  # numbers as strings, lists as text, ...
+        parent[path[-1]] = json.dumps(parent[path[-1]])
+    else:
+        parent[path[-1]] = value
+    return doc
+
+
+def loads_or_refuses(bundle: Path) -> None:
+    """load_bundle, open_backend and a run end in success or in one BundleError line."""
+    from fer_edge.targets import BundleError, load_bundle, open_backend, preprocess_faces
+
+    try:
+        b = load_bundle(bundle)
+        a = b.artifact()
+        face = np.full((1, *b.preprocess["input_size"]), 128, np.uint8)
+        logits = open_backend(a.path, a.runtime).run(preprocess_faces(face, b.preprocess))
+        assert logits.shape == (1, len(b.labels))
+    except BundleError as exc:
+        assert str(exc) and "\n" not in str(exc)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_mutated_json_gives_bundle_error_or_a_working_bundle(noise_bundle, data):
+    name = data.draw(st.sampled_from(JSON_FILES), label="file")
+    with tempfile.TemporaryDirectory() as tmp:
+        b = Path(tmp) / "b"
+        shutil.copytree(noise_bundle, b)
+        doc = json.loads((b / name).read_text())
+        path = data.draw(st.sampled_from(list(json_paths(doc))), label="path")
+        action = data.draw(st.sampled_from(["replace", "delete", "stringify"]) if path else
+                           st.sampled_from(["replace", "stringify"]), label="action")
+        (b / name).write_text(json.dumps(mutated(doc, path, action, data.draw(junk, label="value"))))
+        if name != "manifest.json":
+            rehash(b, name)
+        loads_or_refuses(b)
+
+
+@pytest.mark.parametrize("name", JSON_FILES)
+@pytest.mark.parametrize("content", [b"\xff\xfe{\x00", b"[" * 100_000 + b"]" * 100_000, b"[1, 2]", b'"text"',
+                                     b"{" + b'"k": 1, ' * 1_500_000 + b'"z": 2}'],
+                         ids=["not-utf8", "deeply-nested", "a-list", "a-string", "huge"])
+def test_unreadable_json_is_one_bundle_error(noise_bundle, tmp_path, name, content):
+    from fer_edge.targets import BundleError, load_bundle
+
+    b = tmp_path / "b"
+    shutil.copytree(noise_bundle, b)
+    (b / name).write_bytes(content)
+    if name != "manifest.json":
+        rehash(b, name)
+    with pytest.raises(BundleError) as err:
+        load_bundle(b)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "another-model"])
+def test_corrupt_model_rehashed_into_the_manifest_is_a_bundle_error(noise_bundle, tmp_path, damage):
+    """The hashes match (whoever damaged it re-hashed it): the runtime's own
+    failure to load or run it comes out as one BundleError line."""
+    from fer_edge.targets import BundleError, load_bundle, open_backend, preprocess_faces
+
+    b = tmp_path / "b"
+    shutil.copytree(noise_bundle, b)
+    model = (b / "model.onnx").read_bytes()
+    (b / "model.onnx").write_bytes({"truncated": model[: len(model) // 2], "garbage": os.urandom(4096),
+                                    "empty": b"", "another-model": _tiny_onnx(5, 5)}[damage])
+    rehash(b, "model.onnx")
+    bundle = load_bundle(b)  # the manifest cannot tell
+    with pytest.raises(BundleError) as err:
+        backend = open_backend(bundle.artifacts[0].path, "onnxruntime")
+        backend.run(preprocess_faces(np.zeros((1, 48, 48), np.uint8), bundle.preprocess))
+    assert "\n" not in str(err.value)
+    one_line_error(run("parity", "--bundle", b, "--data", labelled_noise(tmp_path, bundle.labels), "--report-only",
+                       "--no-progress"), "model.onnx")
+
+
+def labelled_noise(tmp_path: Path, classes: list[str]) -> Path:
+    """Class folders of seeded noise images (labelled faces for a command that only needs to read some)."""
+    import cv2
+
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (tmp_path / "faces" / c).mkdir(parents=True)
+        cv2.imwrite(str(tmp_path / "faces" / c / "0.png"), rng.integers(0, 256, (48, 48), dtype=np.uint8))
+    return tmp_path / "faces"
+
+
+def _tiny_onnx(h: int, w: int) -> bytes:
+    """A valid ONNX model of another input shape than the bundle's."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["input"], ["logits"])], "g",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 1, h, w])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 1, h, w])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+def test_open_backend_refuses_unknown_runtimes_and_missing_files(noise_bundle, tmp_path):
+    from fer_edge.targets import BundleError, open_backend
+
+    for runtime in ("coreml", ["onnxruntime"], None):
+        with pytest.raises(BundleError, match="unknown runtime"):
+            open_backend(noise_bundle / "model.onnx", runtime)
+    with pytest.raises(BundleError, match="no such artifact"):
+        open_backend(tmp_path / "none.onnx", "onnxruntime")
+
+
+def _edit(doc: dict, path: tuple, value):
+    target = doc
+    for k in path[:-1]:
+        target = target[k]
+    if callable(value):
+        target[path[-1]] = value(target[path[-1]])
+    else:
+        target[path[-1]] = value
+    return doc
+
+
+@pytest.mark.parametrize("name, path, value, needle", [
+    ("preprocess.json", ("mean",), 10**400, "finite"),
+    ("preprocess.json", ("std",), 1e-320, "at least"),
+    ("preprocess.json", ("scale",), 1e-9, "at least"),
+    ("preprocess.json", ("mean",), 1e9, "at most"),
+    ("manifest.json", ("format_version",), 2.0, "format version"),
+    ("labels.json", ("classes",), lambda c: ["an\ngry"] + c[1:], "printable"),
+    ("labels.json", ("classes",), lambda c: ["x" * 65] + c[1:], "printable"),
+    ("labels.json", ("classes",), lambda c: [c[1]] + c[1:], "twice"),
+    ("parity.json", ("artifacts",), lambda a: a + a, "two results"),
+], ids=["huge-int", "tiny-std", "tiny-scale", "huge-mean", "float-version", "newline-label", "long-label",
+        "duplicate-label", "duplicate-parity"])
+def test_values_no_device_should_run_are_bundle_errors(noise_bundle, tmp_path, name, path, value, needle):
+    """Well-typed but absurd: numbers that overflow or turn every pixel into
+    infinity, a version written as a float, class names that break a line or
+    repeat, an artifact judged twice.  Each is one BundleError line."""
+    from fer_edge.targets import BundleError, load_bundle
+
+    b = tmp_path / "b"
+    shutil.copytree(noise_bundle, b)
+    (b / name).write_text(json.dumps(_edit(json.loads((b / name).read_text()), path, value)))
+    if name != "manifest.json":
+        rehash(b, name)
+    with pytest.raises(BundleError, match=needle) as err:
+        load_bundle(b)
+    assert "\n" not in str(err.value)
+
+
+def test_paths_the_os_refuses_are_bundle_errors(tmp_path):
+    from fer_edge.targets import BundleError, load_bundle, open_backend
+
+    long = tmp_path / ("x" * 300)
+    with pytest.raises(BundleError):
+        load_bundle(long)
+    with pytest.raises(BundleError):
+        open_backend(long / "model.onnx", "onnxruntime")

@@ -332,15 +332,14 @@ def test_parity_remarks_a_bundle_and_signed_ones_need_the_key(faces, keys, tmp_p
     A signed bundle is re-marked only with --sign KEY, after its current
     signature verifies with that key."""
     from fer_edge.checkpoint import weights_or_default
-    from fer_edge.converters import convert as C
-    from fer_edge.converters import formats
+    from fer_edge.converters import formats, pipeline
     from fer_edge.targets import BundleError, load_bundle
 
     weights, (calib, check) = weights_or_default(None), faces
     out = tmp_path / "b"
     with monkeypatch.context() as m:
         m.setitem(formats.THRESHOLDS, "fp16", {"max_logit": 1e-9, "agreement": 1.0, "accuracy_drop": None})
-        report = C.convert(weights, "jetson", "fp16", out, calib=calib, sign=keys / "builder.key", log=lambda *a: None)
+        report = pipeline.convert(weights, "jetson", "fp16", out, calib=calib, sign=keys / "builder.key", log=lambda *a: None)
     assert not report["passed"]
     with pytest.raises(BundleError, match="failed its parity"):
         load_bundle(out, trust=keys / "builder.pub")
@@ -440,3 +439,4 @@ def test_default_model_int8_converts_and_passes_the_new_gate(target, tmp_path):
     calib_digests = set(b.manifest["calibration"]["face_sha256"])
     assert len(calib_digests) == 256 and b.parity["data"]["excluded_calibration_faces"] >= 256
     assert sum(d in calib_digests for d in face_digests(faces)) == b.parity["data"]["excluded_calibration_faces"]
+

@@ -1,8 +1,8 @@
 """Expression data: readers for FER2013 (CSV or folders), class folders, CK+
 (with subject ids) and RAF-DB, all decoded once into one uint8 array."""
-from fer_edge.data.classes import CANONICAL_CLASSES, canonical_class, resolve_classes
+from fer_edge.data.classes import CANONICAL_CLASSES, FER2013_CLASSES, canonical_class, resolve_classes
+from fer_edge.data.faceset import FaceSet
 from fer_edge.data.readers import (
-    FaceSet,
     load_dataset,
     read_fer2013_csv,
     read_image_folder,
@@ -11,6 +11,7 @@ from fer_edge.data.readers import (
 
 __all__ = [
     "CANONICAL_CLASSES",
+    "FER2013_CLASSES",
     "canonical_class",
     "resolve_classes",
     "FaceSet",

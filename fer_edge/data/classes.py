@@ -1,10 +1,16 @@
-"""One canonical order of expression classes, and the aliases datasets use."""
+"""The expression classes: one canonical order, each dataset's label order,
+and the aliases datasets use for folder names.  The one place class names are
+spelled out in the code."""
 from __future__ import annotations
 
 from fer_edge import UserError
 
 # FER2013's label order (0..6); contempt (CK+) is the optional 8th class.
 CANONICAL_CLASSES = ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral", "contempt"]
+# The seven FER2013 expressions, in FER2013's label order (0..6): the default model's classes.
+FER2013_CLASSES = CANONICAL_CLASSES[:7]
+# RAF-DB basic's label order (its labels are 1..7).
+RAFDB_CLASSES = ["surprise", "fear", "disgust", "happy", "sad", "angry", "neutral"]
 
 ALIASES = {
     "angry": "angry", "anger": "angry", "mad": "angry",

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fer_edge.models.hsnet import FrozenStem, InceptionResnetV1Stem, nearest_resize, read_stem_state
+from fer_edge.models.stem import FrozenStem, InceptionResnetV1Stem, nearest_resize, read_stem_state
 from fer_edge.models.layers import ConvBNAct
 from fer_edge.models.registry import register_model
 

@@ -139,6 +139,7 @@ class FusedMultiScaleConv(nn.Module):
         self.cuda_kernel: str | None = None
         self._cpu_pack = None  # CpuPackedMsConv, built on first CPU inference
         self._splitk = {}  # input shape -> (workspace, counters) of the small-batch kernel
+        self._choices = {}  # (device, shape, dtype) -> the dispatch table's answer (see _kernel_for)
         self._wp_key = None  # what the CUDA pack buffer `_wp` was made from (see _cuda_packed)
 
     def __getstate__(self):
@@ -147,6 +148,7 @@ class FusedMultiScaleConv(nn.Module):
         state = self.__dict__.copy()
         state["_cpu_pack"] = None
         state["_splitk"] = {}
+        state["_choices"] = {}
         return state
 
     @property
@@ -163,13 +165,20 @@ class FusedMultiScaleConv(nn.Module):
             return None
         choice = self.cuda_kernel
         if choice is None:
-            from fer_edge.dispatch import choice_for
-
-            c1, c3, c5 = self.channels
-            n, c, h, w = x.shape
-            choice = choice_for(torch.cuda.get_device_capability(x.device), c, c1, c3, c5, n, h, w,
-                                "fp16" if x.dtype == torch.float16 else "fp32")
+            key = (x.device, tuple(x.shape), x.dtype)
+            choice = self._choices.get(key)
+            if choice is None:
+                choice = self._choices[key] = self._table_choice(x)
         return None if choice == "cudnn" else choice
+
+    def _table_choice(self, x) -> str:
+        """The dispatch table's choice for this input (looked up once per shape: see _kernel_for)."""
+        from fer_edge.dispatch import choice_for
+
+        c1, c3, c5 = self.channels
+        n, c, h, w = x.shape
+        return choice_for(torch.cuda.get_device_capability(x.device), c, c1, c3, c5, n, h, w,
+                          "fp16" if x.dtype == torch.float16 else "fp32")
 
     def _splitk_buffers(self, x):
         """The small-batch kernel's workspace and counters for this input shape,
@@ -209,10 +218,10 @@ class FusedMultiScaleConv(nn.Module):
         if (x.device.type != "cuda" or type(x) is not torch.Tensor or torch.compiler.is_compiling()
                 or self.w1.dtype != x.dtype):
             return None
-        from fer_edge.kernels import optimizer_steps, pack_ms_weights, tensor_version
+        from fer_edge.kernels import pack_ms_weights, tensor_version, watch_optimizer_steps
 
         params = (self.w1, self.w3, self.w5)
-        key = (tuple(tensor_version(p) for p in params), optimizer_steps())
+        key = (tuple(tensor_version(p) for p in params), watch_optimizer_steps())
         pack = self._buffers.get("_wp")
         current = pack is not None and pack.device == x.device and pack.dtype == x.dtype and self._wp_key == key
         if current:

@@ -176,21 +176,16 @@ def compute_teacher_logits(teacher: "Teacher", images, preprocess: dict, *, batc
 def save_teacher_logits(path, logits: torch.Tensor, keys: list[str], info: dict, *, force: bool = False) -> None:
     """logits (N, C) and their face keys and provenance, as safetensors (atomic)."""
     import json
-    import os
-    from pathlib import Path
 
     from safetensors.torch import save_file
 
-    path = Path(path)
-    if path.exists() and not force:
-        raise UserError(f"{path} exists; pass --force to overwrite it")
+    from fer_edge.fileio import write_atomic
+
     if len(keys) != len(logits) or len(set(keys)) != len(keys):
         raise ValueError("one distinct key per row of logits")
     meta = {LOGITS_META_KEY: json.dumps({**info, "keys": keys})}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({"logits": logits.float().contiguous()}, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    tensors = {"logits": logits.float().contiguous()}
+    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta), force=force)
 
 
 def read_teacher_logits(path) -> tuple[torch.Tensor, dict]:
@@ -247,3 +242,57 @@ class OfflineTeacher:
 
     def __call__(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         return self.logits[idx]
+
+
+# ---------------------------------------------------------------- a run's teacher
+def build_teacher(settings, train_set, env, announce: bool = True):
+    """The teacher of a run (checkpoints, or stored logits) and what its
+    checkpoints record of it (``distilled_from``); (None, {}) without one.
+    ``env``: the run's device, dtype, layout, pre-processing and log."""
+    if settings.teacher:
+        return _online_teacher(settings, env, announce)
+    if settings.teacher_logits:
+        return _offline_teacher(settings, train_set, env, announce)
+    return None, {}
+
+
+def _ensemble_words(n: int) -> str:
+    return (f"{n} teacher{'s' if n > 1 else ''}"
+            + (" (ensemble: mean of their softened predictions)" if n > 1 else ""))
+
+
+def _online_teacher(settings, env, announce: bool):
+    members = [Teacher(t["path"], settings.classes, env.preprocess, env.device, dtype=env.dtype,
+                       channels_last=env.channels_last, compile=settings.compile) for t in settings.teacher]
+    distilled = {"distilled_from": {
+        "teachers": [{"sha256": t["sha256"], "arch": m.meta["arch"], "config": m.meta["config"]}
+                     for t, m in zip(settings.teacher, members)],
+        "kd_weight": settings.kd_weight, "kd_temperature": settings.kd_temperature}}
+    if announce:
+        for t, m in zip(settings.teacher, members):
+            tc = m.meta["config"]
+            env.log(f"distilling from {t['path']} ({m.meta['arch']}"
+                    + (f" width {tc['width']}" if "width" in tc else "") + f", {m.meta['form']} form)")
+        env.log(f"distillation: {_ensemble_words(len(members))}, weight {settings.kd_weight}, "
+                f"temperature {settings.kd_temperature}")
+    return TeacherEnsemble(members, settings.kd_temperature), distilled
+
+
+def _offline_teacher(settings, train_set, env, announce: bool):
+    recipe = settings.recipe
+    if recipe["mixup"] > 0 or recipe["cutmix"] > 0:  # a mixed face has no stored prediction
+        raise UserError("--teacher-logits cannot be used with mixup or CutMix (use --teacher)")
+    keys = face_keys(train_set.sources, settings.data.get("train", "."))
+    teacher = OfflineTeacher([t["path"] for t in settings.teacher_logits], keys, settings.classes, env.device,
+                             settings.kd_temperature)
+    distilled = {"distilled_from": {
+        "teacher_logits": [{"sha256": t["sha256"], "teacher": m.get("teacher"), "flip": m.get("flip")}
+                           for t, m in zip(settings.teacher_logits, teacher.members)],
+        "kd_weight": settings.kd_weight, "kd_temperature": settings.kd_temperature}}
+    if announce:
+        for t, m in zip(settings.teacher_logits, teacher.members):
+            env.log(f"distilling offline from {t['path']} (stored logits of "
+                    f"{(m.get('teacher') or {}).get('arch', '?')})")
+        env.log(f"offline distillation: {_ensemble_words(len(teacher.members))}, weight {settings.kd_weight}, "
+                f"temperature {settings.kd_temperature}")
+    return teacher, distilled
