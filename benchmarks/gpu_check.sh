@@ -50,15 +50,15 @@ step() { echo; echo "== $1 ($(date +%T))"; }
   fi
   if want test; then
     step "CUDA tests"
-    timeout 150 $PYTEST tests/test_kernels.py tests/test_models.py tests/test_dispatch.py \
+    timeout 150 $PYTEST tests/test_kernels.py tests/test_kernels_cuda.py tests/test_models.py tests/test_dispatch.py \
       -k "cuda or dispatch or splitk or merge" -x 2>&1 | tail -15
   fi
   if want sanitize; then
     step "compute-sanitizer memcheck (small-batch kernel)"
-    timeout 90 compute-sanitizer --tool memcheck $PYTEST -x tests/test_kernels.py \
+    timeout 90 compute-sanitizer --tool memcheck $PYTEST -x tests/test_kernels_cuda.py \
       -k "splitk and not fuzz" 2>&1 | tail -6
     step "compute-sanitizer racecheck (small-batch kernel)"
-    timeout 60 compute-sanitizer --tool racecheck $PYTEST -x tests/test_kernels.py \
+    timeout 60 compute-sanitizer --tool racecheck $PYTEST -x tests/test_kernels_cuda.py \
       -k "splitk and fp16 and n1" 2>&1 | tail -6
   fi
   if want profile; then

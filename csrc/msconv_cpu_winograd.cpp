@@ -14,7 +14,7 @@
 //
 // Toom-Cook points 0, +-1, +-2, +-1/2, infinity (the usual, best-conditioned
 // choice for an 8-point transform); matrices derived symbolically and checked
-// against direct correlation in tests/test_kernels.py.
+// against direct correlation in tests/test_kernels_packed.py.
 #include <algorithm>
 #include <cstring>
 

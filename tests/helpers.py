@@ -91,3 +91,33 @@ def one_line_error(proc, expect):
     assert "Traceback" not in proc.stderr, proc.stderr
     lines = [x for x in proc.stderr.strip().splitlines() if x.strip()]
     assert len(lines) == 1 and expect in lines[0], proc.stderr
+
+
+# ---------------------------------------------------------------- crafted hostile images
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    import struct
+    import zlib
+
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
+    """A valid PNG of ``width`` x ``height`` gray pixels, all zero: a few kB
+    whatever the size, because zlib compresses the zero rows ~1000:1 (only
+    the first 200 rows are stored; a decoder would fail there, after
+    allocating the whole image)."""
+    import struct
+    import zlib
+
+    rows = zlib.compress(b"\x00" * ((width + 1) * min(height, 200)), 9)
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + png_chunk(b"IDAT", rows) + png_chunk(b"IEND", b""))
+
+
+def jpeg_declaring(width: int, height: int) -> bytes:
+    """A JPEG whose frame header (after an APP0 segment) declares width x height."""
+    import struct
+
+    app0 = b"\xff\xe0" + struct.pack(">H", 16) + b"JFIF\0" + bytes(9)
+    sof0 = b"\xff\xc0" + struct.pack(">HBHHB", 11, 8, height, width, 1) + b"\x01\x11\x00"
+    return b"\xff\xd8" + app0 + sof0 + b"\xff\xd9"

@@ -1,28 +1,19 @@
 """The camera pipeline: BlazeFace decoding (anchors, boxes, keypoints, weighted
 suppression) against real photographs with hand-measured faces and face-free
 scenery; composite frames of real FER2013 faces pasted at known places; eye
-alignment; tracks that never cross unrelated images and expire after a gap;
-calibrated confidence (ECE, temperature fit, the temperature carried from the
-checkpoint into a bundle and applied by the pipeline)."""
+alignment; tracks that never cross unrelated images and expire after a gap.
+The photographs and the data marker are shared with the confidence and
+`fer-edge predict` tests."""
 from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from fer_edge.metrics import (
-    cross_fitted_ece,
-    expected_calibration_error,
-    fit_temperature,
-    nll,
-    reliability_bins,
-    softmax,
-)
 from fer_edge.targets.detectors import (
     DETECTORS,
     MODELS,
@@ -48,7 +39,7 @@ from fer_edge.targets.pipeline import (
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from helpers import DATA, one_line_error  # noqa: E402
+from helpers import DATA  # noqa: E402
 from helpers import run_cli as run  # noqa: E402
 
 FER = DATA / "fer2013"
@@ -152,6 +143,12 @@ def test_table_lists_every_detector_with_its_framing():
         assert (MODELS / DETECTORS[name].model).is_file()      # shipped inside the package
     assert (MODELS / "LICENSE").is_file() and "Apache License" in (MODELS / "LICENSE").read_text()
     assert "MediaPipe" in (MODELS / "NOTICE").read_text()
+
+
+def test_detections_select_keeps_rows_together():
+    d = Detections(np.arange(8.0).reshape(2, 4), np.array([0.9, 0.7]), np.zeros((2, 6, 2)))
+    s = d.select(np.array([1]))
+    assert len(s) == 1 and s.scores[0] == 0.7 and s.keypoints.shape == (1, 6, 2)
 
 
 # ------------------------------------------------------------------ real photographs
@@ -354,318 +351,3 @@ def test_video_tracks_expire_after_track_gap(tmp_path):
     assert track_ids("--track-gap", "5") == [1, 2]
     assert track_ids("--track-gap", "0.3s") == [1, 2]      # 3 frames at 10 frames/s
     assert track_ids("--track-gap", "1s") == [1]
-
-
-# ------------------------------------------------------------------ calibration
-def test_ece_of_a_known_example():
-    probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.4, 0.6], [0.4, 0.6]])
-    y = np.array([0, 1, 1, 1])   # bin (0.867, 0.933]: 1 of 2 right at 0.9; bin (0.533, 0.6]: 2 of 2 at 0.6
-    assert expected_calibration_error(probs, y, 15) == pytest.approx(0.5 * 0.4 + 0.5 * 0.4)
-    r = reliability_bins(probs, y, 15)
-    assert r["count"].sum() == 4 and r["count"][13] == 2 and r["count"][8] == 2
-
-
-def test_temperature_fit_recovers_an_overconfident_scale():
-    rng = np.random.default_rng(0)
-    z = rng.normal(size=(20000, 7)) * 2.0
-    y = (softmax(z).cumsum(axis=1) > rng.random((len(z), 1))).argmax(axis=1)   # labels drawn from softmax(z)
-    t = fit_temperature(3.0 * z, y)
-    assert t == pytest.approx(3.0, rel=0.05)
-    assert nll(3.0 * z, y, t) <= min(nll(3.0 * z, y, t * 1.05), nll(3.0 * z, y, t / 1.05))
-    before = expected_calibration_error(softmax(3.0 * z), y)
-    after = cross_fitted_ece(3.0 * z, y)
-    assert before > 0.15 and after["ece"] < 0.02
-    assert fit_temperature(np.zeros((0, 3)), np.zeros(0, int)) == 1.0
-
-
-@needs_data
-def test_temperature_travels_from_checkpoint_to_pipeline(tmp_path):
-    """fer-edge calibrate stores T in the checkpoint's metadata (weights unchanged);
-    the bundle's preprocess is the checkpoint's plus its input format, so T
-    reaches preprocess.json; the pipeline divides the logits by it."""
-    import torch
-    from safetensors.torch import load_file
-
-    from fer_edge.checkpoint import read_meta, weights_or_default
-    from fer_edge.predict import TorchBackend
-    from fer_edge.targets.bundle import artifact_preprocess, preprocess_faces
-    from fer_edge.targets.pipeline import Pipeline
-    from helpers import copy_subset
-
-    src = weights_or_default(None)
-    data = copy_subset(FER / "publictest", tmp_path / "val", 30)
-    out = tmp_path / "cal.safetensors"
-    proc = run("calibrate", "--weights", src, "--data", data, "--out", out)
-    assert proc.returncode == 0, proc.stderr
-    t = read_meta(out)["preprocess"]["temperature"]
-    assert 0.5 < t < 3.0 and f"T = {t:.4f}" in proc.stdout
-    a, b = load_file(str(src)), load_file(str(out))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    one_line_error(run("calibrate", "--weights", src, "--data", data, "--out", out), "exists")
-    assert artifact_preprocess(read_meta(out)["preprocess"])["temperature"] == t
-
-    backend = TorchBackend(out)
-    assert backend.preprocess["temperature"] == t
-    frame = skimage_bgr("astronaut")
-    (face,) = Pipeline(backend, backend.meta["classes"], backend.preprocess)(frame)
-    pipe = Pipeline(backend, backend.meta["classes"], backend.preprocess, temperature=1.0)
-    (raw,) = pipe(frame)
-    det = pipe.detector.detect(frame)
-    logits = backend.run(preprocess_faces(pipe.crops(pipe_gray(frame), det), backend.preprocess))
-    np.testing.assert_allclose(list(face.probs.values()), softmax(logits, t)[0], atol=1e-5)
-    np.testing.assert_allclose(list(raw.probs.values()), softmax(logits, 1.0)[0], atol=1e-5)
-    assert face.confidence < raw.confidence            # T > 1 softens an overconfident model
-
-
-def pipe_gray(frame):
-    import cv2
-
-    return cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
-
-
-@needs_data
-def test_default_model_ece_improves_with_a_held_out_temperature():
-    """The embedded model on 1,256 PublicTest faces: the ECE of the raw softmax
-    (7.3% on all of PublicTest) falls when each half is scaled by the T fitted
-    on the other half (4.8%); the full-set numbers are in docs/camera.md."""
-    from fer_edge.checkpoint import weights_or_default
-    from fer_edge.data import load_dataset
-    from fer_edge.evaluate import checkpoint_logits
-    import tempfile
-
-    from helpers import copy_subset
-
-    with tempfile.TemporaryDirectory() as tmp:
-        data = load_dataset(copy_subset(FER / "publictest", Path(tmp) / "pt", 200), size=48)
-        logits, labels, _ = checkpoint_logits(weights_or_default(None), data)
-    before = expected_calibration_error(softmax(logits), labels)
-    after = cross_fitted_ece(logits, labels)
-    assert before > 0.04 and after["ece"] < before - 0.01, (before, after)
-    assert all(1.0 < t < 1.5 for t in after["temperatures"]), after
-
-
-# ------------------------------------------------------------------ the command
-@needs_data
-def test_predict_flags(tmp_path):
-    import cv2
-
-    img = tmp_path / "a.png"
-    cv2.imwrite(str(img), skimage_bgr("astronaut"))
-    proc = run("predict", img, "--min-confidence", "0.999")
-    assert proc.returncode == 0, proc.stderr
-    assert "a.png [0]: #1 uncertain" in proc.stdout and "detector blazeface-full" in proc.stdout
-    proc = run("predict", img, "--detector", "blazeface-short", "--align", "--min-face", "40")
-    assert proc.returncode == 0 and "a.png [0]: #1 " in proc.stdout and "blazeface-short" in proc.stdout
-    proc = run("predict", img, "--detector", "haar")
-    assert proc.returncode == 0 and "a.png [0]: #1 " in proc.stdout
-    one_line_error(run("predict", img, "--detector", "nope"), "invalid choice: 'nope'")
-    one_line_error(run("predict", img, "--detector", "yunet"), "needs --yunet-model")
-    one_line_error(run("predict", img, "--min-confidence", "2"), "--min-confidence")
-    one_line_error(run("predict", img, "--det-threshold", "1.5"), "--det-threshold")
-    one_line_error(run("predict", img, "--track-gap", "soon"), "--track-gap")
-    one_line_error(run("predict", img, "--min-face", "0"), "--min-face")
-
-
-def test_detections_select_keeps_rows_together():
-    d = Detections(np.arange(8.0).reshape(2, 4), np.array([0.9, 0.7]), np.zeros((2, 6, 2)))
-    s = d.select(np.array([1]))
-    assert len(s) == 1 and s.scores[0] == 0.7 and s.keypoints.shape == (1, 6, 2)
-
-
-# ------------------------------------------------------------------ hostile input
-def png_declaring(width: int, height: int) -> bytes:
-    """A PNG whose header declares width x height gray pixels, a few bytes on disk."""
-    import struct
-    import zlib
-
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 4096))
-            + chunk(b"IEND", b""))
-
-
-def jpeg_declaring(width: int, height: int) -> bytes:
-    """A JPEG whose frame header (after an APP0 segment) declares width x height."""
-    import struct
-
-    app0 = b"\xff\xe0" + struct.pack(">H", 16) + b"JFIF\0" + bytes(9)
-    sof0 = b"\xff\xc0" + struct.pack(">HBHHB", 11, 8, height, width, 1) + b"\x01\x11\x00"
-    return b"\xff\xd8" + app0 + sof0 + b"\xff\xd9"
-
-
-BAD_IMAGES = {"bomb.png": png_declaring(100_000, 100_000), "bomb.jpg": jpeg_declaring(60_000, 60_000),
-              "truncated.png": png_declaring(48, 48)[:30], "text.png": b"not an image", "empty.jpg": b""}
-
-
-@pytest.fixture(scope="module")
-def hostile(tmp_path_factory):
-    """A real photograph, a folder of unusable images beside it, and a file where a folder should be."""
-    import cv2
-
-    root = tmp_path_factory.mktemp("hostile")
-    cv2.imwrite(str(root / "a.png"), skimage_bgr("astronaut"))
-    for folder in ("bad", "mixed"):
-        (root / folder).mkdir()
-        for name, data in BAD_IMAGES.items():
-            (root / folder / name).write_bytes(data)
-    cv2.imwrite(str(root / "mixed" / "z.png"), skimage_bgr("astronaut"))
-    (root / "nothing").mkdir()
-    (root / "nothing" / "notes.txt").write_text("no images here")
-    (root / "afile").write_text("a file, not a folder")
-    for name, data in BAD_IMAGES.items():
-        (root / name).write_bytes(data)
-    return root
-
-
-def weights_args():
-    from fer_edge.checkpoint import weights_or_default
-
-    return ["--weights", str(weights_or_default(None))]   # explicit: no note about the default model
-
-
-# (arguments, what the one error line says); {r} is the fixture folder.
-HOSTILE_PREDICT = [
-    (["{r}/bomb.png"], "declares 100000 x 100000 pixels"),
-    (["{r}/bomb.jpg"], "declares 60000 x 60000 pixels"),
-    (["{r}/truncated.png"], "corrupt or truncated"),
-    (["{r}/text.png"], "not an image"),
-    (["{r}/empty.jpg"], "empty file"),
-    (["{r}/nothing"], "no images in this folder"),
-    (["{r}/missing.png"], "no such file"),
-    (["{r}/afile"], "cannot read this video"),
-    ([""], "give an image"),
-    (["/dev/zero"], "not a regular file"),
-    (["7"], "camera 7 does not open"),
-    (["99999999999"], "give an index from 0 to 1023"),
-    (["{r}/a.png", "--max-frames", "-1"], "--max-frames"),
-    (["{r}/a.png", "--max-frames", "0"], "--max-frames"),
-    (["{r}/a.png", "--margin", "nan"], "--margin"),
-    (["{r}/a.png", "--margin", "5"], "--margin"),
-    (["{r}/a.png", "--temperature", "0"], "--temperature"),
-    (["{r}/a.png", "--det-threads", "0"], "--det-threads"),
-    (["{r}/a.png", "--min-face", "99999999999"], "--min-face"),
-    (["{r}/a.png", "--min-confidence", "-0.1"], "--min-confidence"),
-    (["{r}/a.png", "--det-threshold", "inf"], "--det-threshold"),
-    (["{r}/a.png", "--track-gap", "-3"], "--track-gap"),
-    (["{r}/a.png", "--track-gap", "infs"], "--track-gap"),
-    (["{r}/a.png", "--backend", "gpu"], "invalid choice"),
-    (["{r}/a.png", "--detector", "nope"], "invalid choice"),
-    (["{r}/a.png", "--save", "{r}/out.xyz"], "no image encoder for .xyz"),
-    (["{r}/a.png", "--save", "{r}/out"], "no image encoder"),
-    (["{r}/a.png", "--save", "{r}/afile/out.png"], "is a file, not a folder"),
-    (["{r}/a.png", "--jsonl", "{r}/afile/events.jsonl"], "is a file, not a folder"),
-    (["{r}/a.png", "--jsonl", "{r}/nothing"], "is a folder"),
-    (["{r}/a.png", "--jsonl", "/dev/full", "--force"], "not a regular file"),
-    (["{r}/a.png", "--jsonl", "{r}/a.png", "--force"], "is the source"),
-    (["{r}/a.png", "--jsonl", "{r}/e.jsonl", "--save", "{r}/e.jsonl"], "name the same file"),
-    (["{r}/a.png", "--save", "{r}/afile"], "exists; pass --force"),
-    (["{r}/bad", "--save", "{r}/afile"], "a folder of images is saved into a folder"),
-    (["{r}/bad", "--save", "{r}/mixed"], "not empty; pass --force"),
-    (["{r}/a.png", "--save", "{r}/out.png", "--jsonl", "{r}/afile"], "exists; pass --force"),
-    (["{r}/a.png", "--yunet-model", "{r}/a.png"], "applies to --detector yunet"),
-    (["{r}/a.png", "--detector", "yunet", "--yunet-model", "{r}/a.png"], "not a YuNet model"),
-    (["{r}/a.png", "--detector", "yunet", "--yunet-model", "{r}/missing.onnx"], "not found"),
-    (["{r}/a.png", "--bundle", "{r}/bad"], "{r}/bad"),
-    (["{r}/a.png", "--bundle", "{r}/missing"], "{r}/missing"),
-    (["{r}/a.png", "--weights", "{r}/text.png"], "not a readable safetensors checkpoint"),
-    (["{r}/a.png", "--weights", "{r}/missing.safetensors"], "no such checkpoint file"),
-    (["{r}/a.png", "--bundle", "{r}/bad", "--weights", "{r}/a.png"], "not both"),
-    (["{r}/a.png", "--trust", "{r}/a.png"], "--trust applies to --bundle"),
-    (["{r}/a.png", "--backend", "tflite"], "--backend applies to --bundle"),
-]
-
-
-@pytest.mark.parametrize("args, expect", HOSTILE_PREDICT, ids=[" ".join(a) for a, _ in HOSTILE_PREDICT])
-def test_hostile_predict_arguments_are_one_line(hostile, args, expect):
-    """The real command: exit 2, exactly one stderr line naming the problem, no
-    traceback, and nothing written: every check runs before any frame."""
-    before = sorted(p.relative_to(hostile) for p in hostile.rglob("*"))
-    proc = run("predict", *(a.format(r=hostile) for a in args))
-    assert proc.returncode == 2, (proc.stdout, proc.stderr)
-    one_line_error(proc, expect.format(r=hostile))
-    assert proc.stdout == ""
-    assert sorted(p.relative_to(hostile) for p in hostile.rglob("*")) == before
-
-
-def test_unusable_images_of_a_folder_are_skipped_and_counted(hostile, tmp_path):
-    proc = run("predict", hostile / "mixed", "--jsonl", tmp_path / "e.jsonl", *weights_args())
-    assert proc.returncode == 0, proc.stderr
-    assert "z.png [0]: #1 " in proc.stdout and "1 frames, 1 faces" in proc.stdout
-    assert f"skipped {len(BAD_IMAGES)} image(s)" in proc.stderr and "Traceback" not in proc.stderr
-    assert [json.loads(x)["source"] for x in (tmp_path / "e.jsonl").read_text().splitlines()] == ["z.png"]
-    # a folder where no image can be used: one line, and no (empty) events file
-    proc = run("predict", hostile / "bad", "--jsonl", tmp_path / "none.jsonl", *weights_args())
-    one_line_error(proc, "no images in this folder")
-    assert not (tmp_path / "none.jsonl").exists()
-
-
-def test_image_headers_are_read_without_decoding(tmp_path):
-    """Every format the sources read gives its size from the header (a 512 x 300
-    crop: width and height are not swapped); bombs are refused undecoded."""
-    import cv2
-
-    from fer_edge.targets.images import image_problem, image_size, read_image
-
-    img = np.ascontiguousarray(skimage_bgr("astronaut")[:300])
-    for name, params in (("a.jpg", []), ("a.png", []), ("a.bmp", []), ("a.tif", []), ("a.webp", []),
-                         ("lossless.webp", [cv2.IMWRITE_WEBP_QUALITY, 101]), ("a.ppm", []), ("a.pgm", [])):
-        assert cv2.imwrite(str(tmp_path / name), img[:, :, 0] if name.endswith("pgm") else img, params)
-        assert image_size(tmp_path / name) == (512, 300), name
-        frame, problem = read_image(tmp_path / name)
-        assert problem is None and frame.shape[:2] == (300, 512), name
-    (tmp_path / "bomb.png").write_bytes(png_declaring(100_000, 100_000))
-    assert "not decoded" in image_problem(tmp_path / "bomb.png")
-    frame, problem = read_image(tmp_path / "bomb.png")
-    assert frame is None and "100000 x 100000" in problem
-
-
-@pytest.mark.parametrize("args", [["--jsonl", "events.jsonl"], ["--save", "annotated.mp4"],
-                                  ["--save", "annotated.avi"]])
-def test_a_write_that_fails_midway_is_one_line_and_leaves_nothing(tmp_path, args):
-    """A file size limit (as a full disk would) stops the events or the video
-    half-way: one line, exit 2, and neither the output nor a temp file is left."""
-    import resource
-    import subprocess
-
-    import cv2
-
-    from helpers import SCRIPT
-
-    video = tmp_path / "in" / "clip.avi"
-    video.parent.mkdir()
-    w = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (512, 512))
-    for _ in range(6):
-        w.write(skimage_bgr("astronaut"))
-    w.release()
-    out = tmp_path / "out"
-    out.mkdir()
-
-    def limit():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (300, 300))
-
-    argv = [str(SCRIPT), "predict", str(video), "--quiet", "--no-progress", *weights_args(), args[0],
-            str(out / args[1])]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, preexec_fn=limit)
-    one_line_error(proc, f"cannot write {out / args[1]}")
-    assert proc.returncode == 2 and list(out.iterdir()) == []
-
-
-def test_progress_lines_for_a_folder_unless_no_progress(hostile):
-    proc = run("predict", hostile / "mixed", "--quiet", *weights_args())
-    assert proc.returncode == 0 and "predict: image 1/1" in proc.stderr, proc.stderr
-    proc = run("predict", hostile / "mixed", "--quiet", "--no-progress", *weights_args())
-    assert proc.returncode == 0 and "predict: image" not in proc.stderr, proc.stderr
-
-
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
-def test_a_read_only_output_folder_is_refused_before_work(hostile, tmp_path):
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o555)
-    try:
-        one_line_error(run("predict", hostile / "a.png", "--save", ro / "a.png"), "cannot write into")
-        one_line_error(run("predict", hostile / "a.png", "--jsonl", ro / "e.jsonl"), "cannot write into")
-    finally:
-        ro.chmod(0o755)

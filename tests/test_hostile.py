@@ -19,7 +19,6 @@ import shutil
 import struct
 import tempfile
 import time
-import zlib
 from pathlib import Path
 
 import pytest
@@ -27,6 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fer_edge.cli import COMMANDS, build_parser, main
+from helpers import png_bomb
 
 NUMBERS = ["0", "-1", "nan", "inf", "-inf", "1e30", "abc", "", "1", "3", "0.5", "99999999999", "1e-30", "7"]
 DEVICES = ["cpu", "cuda", "cuda:7", "gpu", "auto", ""]
@@ -37,17 +37,6 @@ ANCHORS = {"train": "--data", "eval": "--data", "calibrate": "--data", "teacher-
            "predict": "source"}
 # Each example is one command; the whole test stays well under a minute or two.
 MAX_SECONDS_PER_EXAMPLE = 30
-
-
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-
-def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
-    """A valid PNG header declaring width x height gray pixels (10 gigapixels), a few bytes on disk."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(b"\0" * 4096)) \
-        + _chunk(b"IEND", b"")
 
 
 def absurd_checkpoint(src: Path, dst: Path, **config) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -24,22 +23,9 @@ _spec = importlib.util.spec_from_file_location("fer_test_helpers", Path(__file__
 H = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(H)
 
+png_bomb = H.png_bomb
 FER = H.DATA / "fer2013"
 needs_data = pytest.mark.skipif(not FER.is_dir(), reason=f"real data not found under {H.DATA} (set FER_EDGE_DATA)")
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def png_bomb(width: int, height: int) -> bytes:
-    """A valid PNG of ``width`` x ``height`` gray pixels, all zero: a few kB
-    whatever the size, because zlib compresses the zero rows ~1000:1 (only
-    the first 200 rows are stored; the decoder would fail there, after
-    allocating the whole image)."""
-    rows = zlib.compress(b"\x00" * ((width + 1) * min(height, 200)), 9)
-    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
-            + png_chunk(b"IDAT", rows) + png_chunk(b"IEND", b""))
 
 
 def real_face() -> np.ndarray:

@@ -1,0 +1,288 @@
+"""The CUDA kernels of fused_ms_conv (SIMT, tensor-core WMMA, small-batch
+split-K) against the float64 reference, on the current stream and in a CUDA
+graph; the packed weights they read; and the dispatch table that picks a
+kernel for a merged layer.  Tests that need a GPU skip without one; the
+host-side checks (weight packing, the split-K launch plan, dispatch on the
+CPU) run everywhere."""
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fer_edge import _C
+from fer_edge.kernels import fused_ms_conv, fused_ms_conv_reference
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_kernels import CASES, FP32_TOL, _id, assert_same_layout, make_inputs  # noqa: E402
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible on this machine")
+requires_cuda_kernel = pytest.mark.skipif(
+    not hasattr(_C, "msconv_cuda"), reason="fer_edge._C was built without CUDA"
+)
+
+# fp16 inputs, fp32 accumulation, fp16 output: compared with the fp32 reference
+# on the same (fp16-representable) inputs, the only error left is the final
+# rounding to fp16 (relative 2^-11 per element) -> relative norm well under 2e-3.
+FP16_REL_NORM = 2e-3
+
+
+def rel_norm(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+# ---------------------------------------------------------------------- CUDA
+CUDA_CASES = [c for i, c in enumerate(CASES) if i % 3 == 0]
+
+
+@requires_cuda
+@requires_cuda_kernel
+@pytest.mark.parametrize("kernel", ["simt", "splitk"])
+@pytest.mark.parametrize("case", CUDA_CASES, ids=[_id(c) for c in CUDA_CASES])
+def test_cuda_fp32_matches_reference(case, kernel):
+    n, cin, h, w, c1, c3, c5, nhwc, relu = case
+    args = make_inputs(n, cin, h, w, c1, c3, c5, nhwc=nhwc, device="cuda", seed=hash(case) % 2**31)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the CUDA kernel must run, not the fallback
+        y = fused_ms_conv(*args, relu=relu, kernel=kernel)
+    # Reference on the CPU in float64: cuDNN's TF32 must not loosen the check.
+    ref = fused_ms_conv_reference(*[t.cpu().double() for t in args], relu=relu)
+    torch.testing.assert_close(y.cpu().double(), ref, **FP32_TOL)
+    assert_same_layout(y, ref)
+
+
+FP16_CASES = CUDA_CASES + [(2, 64, 24, 24, 32, 48, 48, True, True), (1, 256, 6, 6, 128, 192, 192, True, True)]
+
+
+@requires_cuda
+@requires_cuda_kernel
+@pytest.mark.parametrize("kernel", ["simt", "wmma", "splitk"])
+@pytest.mark.parametrize("case", FP16_CASES, ids=[_id(c) for c in FP16_CASES])
+def test_cuda_fp16_close_to_fp32_reference(case, kernel):
+    """Every fp16 kernel: SIMT, tensor-core (WMMA) and small-batch split-K."""
+    n, cin, h, w, c1, c3, c5, nhwc, relu = case
+    args = make_inputs(n, cin, h, w, c1, c3, c5, nhwc=nhwc, device="cuda", dtype=torch.float16, seed=7)
+    y = fused_ms_conv(*args, relu=relu, kernel=kernel)
+    assert y.dtype == torch.float16
+    ref = fused_ms_conv_reference(*[t.cpu().double() for t in args], relu=relu)
+    assert rel_norm(y.cpu(), ref) <= FP16_REL_NORM
+    assert_same_layout(y, fused_ms_conv_reference(*args, relu=relu))
+
+
+@requires_cuda
+@requires_cuda_kernel
+def test_cuda_runs_on_the_current_stream_and_in_a_graph():
+    args = make_inputs(3, 64, 24, 24, 32, 48, 48, nhwc=True, device="cuda", dtype=torch.float16)
+    ref = fused_ms_conv(*args)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        y = fused_ms_conv(*args)
+    stream.synchronize()
+    torch.testing.assert_close(y, ref, atol=0, rtol=0)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        yg = fused_ms_conv(*args)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(yg, ref, atol=0, rtol=0)
+
+
+@requires_cuda
+@requires_cuda_kernel
+def test_cuda_cpp_rejects_host_pointers():
+    with pytest.raises(ValueError, match="not (a CUDA pointer|CUDA device memory)"):
+        _raw_cuda_call(wp_is_host_pointer=True)
+
+
+@requires_cuda_kernel
+def test_cuda_cpp_requires_packed_weights():
+    """Checked before any pointer is dereferenced or any device is touched: runs without a GPU."""
+    with pytest.raises(ValueError, match="need the packed weights"):
+        _raw_cuda_call(wp_is_host_pointer=False)
+
+
+def _raw_cuda_call(wp_is_host_pointer: bool):
+    """_C.msconv_cuda straight on host (CPU) tensors' pointers; wp a host pointer or null."""
+    x, w1, b1, w3, b3, w5, b5 = make_inputs(1, 2, 4, 4, 1, 1, 1)
+    out = torch.empty(1, 3, 4, 4)
+    ptrs = [t.data_ptr() for t in (x, out, w1, b1, w3, b3, w5, b5)]
+    _C.msconv_cuda(*ptrs, 1, 2, 4, 4, 1, 1, 1, 0, True, 0, 0, w1.data_ptr() if wp_is_host_pointer else 0, 0)
+
+
+@pytest.mark.parametrize("c", [1, 3, 64])
+def test_pack_ms_weights_is_the_combined_5x5_kernel(c):
+    """Unpacked, wp is one 5x5 convolution with channels [c5 | c3 | c1]: it
+    reproduces the reference layer's channels in that order (float64)."""
+    from fer_edge.kernels import pack_ms_weights
+
+    x, w1, b1, w3, b3, w5, b5 = (t.double() for t in make_inputs(2, c, 7, 6, 5, 3, 17, seed=c))
+    wp = pack_ms_weights(w1, w3, w5)
+    ctot = 5 + 3 + 17
+    assert wp.shape == (25, c, ctot) and wp.is_contiguous()
+    k = wp.reshape(5, 5, c, ctot).permute(3, 2, 0, 1)  # back to OIHW
+    y = torch.nn.functional.conv2d(x, k, torch.cat([b5, b3, b1]), padding=2).relu()
+    ref = fused_ms_conv_reference(x, w1, b1, w3, b3, w5, b5)
+    torch.testing.assert_close(y, torch.cat([ref[:, 8:], ref[:, 5:8], ref[:, :5]], dim=1), rtol=1e-12, atol=1e-12)
+
+
+def test_bad_packed_weights_raise_value_error():
+    from fer_edge.kernels import pack_ms_weights
+
+    args = make_inputs(1, 4, 5, 5, 2, 3, 4)
+    wp = pack_ms_weights(args[1], args[3], args[5])
+    with pytest.raises(ValueError, match=r"wp must have shape \(25, 4, 9\)"):
+        fused_ms_conv(*args, wp=wp[:, :, :8])
+    with pytest.raises(ValueError, match="wp is torch.float64"):
+        fused_ms_conv(*args, wp=wp.double())
+    with pytest.raises(ValueError, match="wp must be contiguous"):
+        fused_ms_conv(*args, wp=wp.transpose(0, 1).contiguous().transpose(0, 1))
+    torch.testing.assert_close(fused_ms_conv(*args, wp=wp), fused_ms_conv_reference(*args), **FP32_TOL)
+
+
+def test_merged_modules_follow_the_dispatch_table():
+    """On the CPU the fused kernel always runs; on CUDA the dispatch table
+    decides (the shipped one says cuDNN for every shape not measured faster),
+    and a module's ``cuda_kernel`` names the choice for every call."""
+    from fer_edge.models.layers import FusedMultiScaleConv
+
+    m = FusedMultiScaleConv(*make_inputs(1, 4, 6, 6, 2, 3, 4)[1:])
+    assert m._kernel_for(torch.empty(1, 4, 6, 6)) == "cpu", "the CPU kernel needs no table"
+    assert m._kernel_for(torch.empty(1, 4, 6, 6, dtype=torch.bfloat16)) is None
+    assert m._kernel_for(torch.empty(1, 4, 6, 6, device="meta")) is None
+    if torch.cuda.is_available():
+        x = torch.randn(2, 4, 6, 6, device="cuda")
+        m = m.to("cuda")
+        from fer_edge.dispatch import override
+
+        assert m._kernel_for(x) == (None if override() in (None, "cudnn") else override())
+        m.cuda_kernel = "splitk"
+        assert m._kernel_for(x) == "splitk"
+        m.cuda_kernel = "cudnn"
+        assert m._kernel_for(x) is None
+
+
+def test_unknown_cuda_kernel_is_refused():
+    from fer_edge.kernels import cuda_kernel_code
+
+    assert [cuda_kernel_code(k) for k in ("simt", "wmma", "splitk")] == [0, 1, 2]
+    with pytest.raises(ValueError, match="unknown CUDA kernel 'fast'"):
+        cuda_kernel_code("fast")
+
+
+@pytest.mark.parametrize("n,c,hw,ctot,sms", [(1, 1, 48, 64, 132), (1, 64, 24, 128, 132), (1, 256, 6, 512, 132),
+                                             (1, 512, 3, 512, 132), (8, 256, 6, 512, 132), (1, 512, 3, 512, 16),
+                                             (256, 64, 24, 128, 132), (1, 6, 5, 9, 132)])
+def test_splitk_plan_covers_every_input_channel_once(n, c, hw, ctot, sms):
+    """The small-batch kernel's launch plan (its own host code, built in every
+    variant of the extension): the slices tile the input channels exactly, in
+    multiples of the staging width; enough blocks to fill the GPU when the
+    channels allow; a workspace exactly as large as the partial sums."""
+    p = _C.splitk_plan(n, c, hw, hw, ctot, sms)
+    assert p["kslice"] % p["kc"] == 0 and p["kslice"] >= p["kc"]
+    assert (p["splits"] - 1) * p["kslice"] < c <= p["splits"] * p["kslice"]   # no empty slice, none missing
+    m = n * hw * hw
+    assert p["m_tiles"] == -(-m // p["tile_m"]) and p["n_tiles"] == -(-ctot // p["tile_n"])
+    tiles, most = p["m_tiles"] * p["n_tiles"], -(-c // p["kc"])
+    assert p["splits"] <= min(most, max(1, -(-2 * sms // tiles)))   # about two blocks per SM, no more
+    if tiles < sms and most > 1:
+        assert p["splits"] > 1, "a GPU-starving shape is split"
+    if p["splits"] > 1:
+        assert p["workspace_floats"] == p["splits"] * m * ctot and p["counters"] == p["m_tiles"] * p["n_tiles"]
+    else:
+        assert p["workspace_floats"] == 0 and p["counters"] == 0
+    with pytest.raises(ValueError, match=">= 1"):
+        _C.splitk_plan(0, c, hw, hw, ctot, sms)
+
+
+@requires_cuda
+@requires_cuda_kernel
+@pytest.mark.parametrize("seed", range(6))
+def test_every_dispatch_choice_matches_the_reference(seed):
+    """Random layers and batches, each run by every choice the dispatch table
+    can make (through the merged module, as a model runs it, and twice, so the
+    split-K counters are shown to reset), against fused_ms_conv_reference in float64."""
+    from fer_edge.dispatch import CHOICES
+    from fer_edge.models.layers import FusedMultiScaleConv
+
+    g = torch.Generator().manual_seed(seed)
+    r = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))  # noqa: E731
+    n, cin, hw = r(1, 9), r(1, 70), r(3, 30)
+    c1, c3, c5 = r(1, 40), r(1, 70), r(1, 70)
+    for dtype in (torch.float32, torch.float16):
+        x, *ws = make_inputs(n, cin, hw, hw, c1, c3, c5, nhwc=bool(seed % 2), device="cuda", dtype=dtype,
+                             seed=seed)
+        ref = fused_ms_conv_reference(*[t.cpu().double() for t in (x, *ws)])
+        m = FusedMultiScaleConv(*ws).eval()
+        for choice in CHOICES:
+            if choice == "wmma" and dtype != torch.float16:
+                continue
+            m.cuda_kernel = choice
+            with torch.no_grad():
+                for _ in range(2):
+                    y = m(x)
+            tol = FP16_REL_NORM if dtype == torch.float16 else 1e-5
+            assert rel_norm(y.cpu(), ref) <= tol, (choice, dtype, n, cin, hw, c1, c3, c5)
+
+
+@requires_cuda
+@requires_cuda_kernel
+def test_cuda_module_keeps_packed_weights_until_they_change(monkeypatch):
+    from fer_edge.models.layers import FusedMultiScaleConv
+
+    x, w1, b1, w3, b3, w5, b5 = make_inputs(2, 16, 12, 12, 8, 12, 12, nhwc=True, device="cuda")
+    m = FusedMultiScaleConv(w1, b1, w3, b3, w5, b5).eval()
+    m.cuda_kernel = "simt"  # the dispatch table would choose cuDNN for an unmeasured shape
+
+    def ref():
+        return fused_ms_conv_reference(x.to(m.w1.dtype), m.w1, m.b1, m.w3, m.b3, m.w5, m.b5)
+
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), ref(), **FP32_TOL)
+        packed = m._wp
+        m(x)
+        assert m._wp is packed  # reused, not re-packed
+        m.w5.mul_(-1.0)  # an in-place update (load_state_dict, most optimizers) must refresh it
+        torch.testing.assert_close(m(x), ref(), **FP32_TOL)
+        assert m._wp.data_ptr() == packed.data_ptr()  # refreshed in place: graphs keep a valid address
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, fused=True)  # fused: no version bump
+    m(x).square().sum().backward()
+    opt.step()
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), ref(), **FP32_TOL)
+        m.half()
+        y = m(x.half())
+        assert y.dtype == torch.float16 and m._wp.dtype == torch.float16
+        assert "_wp" not in m.state_dict()
+
+
+@requires_cuda
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 3), cin=st.integers(1, 70), h=st.integers(1, 20), w=st.integers(1, 20),
+    c1=st.integers(1, 40), c3=st.integers(1, 70), c5=st.integers(1, 70), nhwc=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_cuda_fuzz_shapes(n, cin, h, w, c1, c3, c5, nhwc, seed):
+    args = make_inputs(n, cin, h, w, c1, c3, c5, nhwc=nhwc, device="cuda", seed=seed)
+    ref = fused_ms_conv_reference(*[t.cpu().double() for t in args])
+    torch.testing.assert_close(fused_ms_conv(*args).cpu().double(), ref, **FP32_TOL)
+
+
+@requires_cuda
+def test_a_merged_layer_looks_the_table_up_once_per_shape(monkeypatch):
+    from fer_edge import dispatch
+    from fer_edge.models.layers import FusedMultiScaleConv
+
+    calls = []
+    real = dispatch.choice_for
+    monkeypatch.setattr(dispatch, "choice_for", lambda *a: calls.append(a) or real(*a))
+    m = FusedMultiScaleConv(*make_inputs(1, 4, 6, 6, 2, 3, 4)[1:]).to("cuda")
+    with torch.no_grad():
+        for n in (1, 1, 1, 2, 2, 1):
+            m(torch.randn(n, 4, 6, 6, device="cuda"))
+    assert [a[5] for a in calls] == [1, 2]   # the batch of each new shape, looked up once
