@@ -137,6 +137,9 @@ def benchmark(weights, data, calib=None, limit: int | None = None, calib_size: i
     # The faces every int8 conversion below calibrates on (same selection as convert's) stay out of the rows.
     exclude = set(face_digests(calibration_subset(calib or data, calib_all, classes, calib_size).faces))
     check = parity_subset(data, data_all, classes, limit, exclude)
+    if len(check) == 0:
+        raise UserError(f"no faces of {data} are left to score: all were used to calibrate the int8 formats; "
+                        "give --calib DIR (other labelled faces) or a smaller --calib-size")
     ref = reference_logits(model, check.faces, meta["preprocess"])
     ref_acc = float(np.mean(ref.argmax(1) == check.labels))
     cores = os.cpu_count() or 1

@@ -33,7 +33,7 @@ FORMS = ("train", "merged")
 # Class names are short words; a checkpoint with longer ones is not ours.
 MAX_CLASS_NAME = 64
 # A stored softmax temperature outside this range would make every prediction certain or uniform.
-TEMPERATURE_RANGE = (1e-2, 1e2)
+TEMPERATURE_RANGE = contract.TEMPERATURE_RANGE
 
 
 def default_preprocess(arch: str, config: dict) -> dict:

@@ -25,6 +25,19 @@ MIN_SCALE = 1e-6
 MAX_NORMALIZED = 1e6
 
 
+# A softmax temperature outside this range is a broken fit, not a calibration.
+TEMPERATURE_RANGE = (1e-2, 1e2)
+
+
+def temperature_problem(preprocess: dict) -> str | None:
+    """Why a preprocess's ``temperature`` cannot divide logits (None: absent or fine)."""
+    t = preprocess.get("temperature")
+    lo, hi = TEMPERATURE_RANGE
+    if t is None or (finite_number(t) and lo <= t <= hi):
+        return None
+    return f"temperature {str(t)[:40]} must be a number in {lo:g}..{hi:g}"
+
+
 def finite_number(x) -> bool:
     """A JSON number that is finite as a float (a 400-digit integer is not; a bool is not a number)."""
     if isinstance(x, bool) or not isinstance(x, (int, float)):

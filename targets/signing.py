@@ -112,7 +112,9 @@ def signature_file(private_key, manifest_bytes: bytes) -> bytes:
 def read_signature(path: Path) -> tuple[bytes, str | None]:
     """(signature, key id) from a bundle's manifest.sig; BundleError when absent or malformed."""
     f = path / SIGNATURE
-    if f.is_symlink() or not f.is_file():
+    if f.is_symlink() or (f.exists() and not f.is_file()):
+        raise BundleError(f"{path}/{SIGNATURE} is not a plain file (a link or a folder): refused")
+    if not f.is_file():
         raise BundleError(f"{path}: unsigned bundle (no {SIGNATURE}); a trusted key was given, so only a "
                           "signed bundle runs")
     try:

@@ -117,7 +117,11 @@ class Source:
     def _open_video(self, path: Path) -> None:
         import cv2
 
-        with opencv_silenced():
+        from fer_edge.targets.runtime import native_output_silenced
+
+        # OpenCV's AVI reader writes its complaints about a broken file to std::cerr:
+        # the one line the user gets is ours.
+        with opencv_silenced(), native_output_silenced():
             self.cap = cv2.VideoCapture(str(path))
         ok = self.cap.isOpened()
         w, h = (int(self.cap.get(p)) for p in (cv2.CAP_PROP_FRAME_WIDTH, cv2.CAP_PROP_FRAME_HEIGHT))
@@ -270,7 +274,7 @@ class Sink:
         file): read the finished file's header back before it takes its name."""
         import cv2
 
-        from fer_edge.targets.backends import native_output_silenced
+        from fer_edge.targets.runtime import native_output_silenced
 
         with opencv_silenced(), native_output_silenced():   # its AVI reader complains on std::cerr
             cap = cv2.VideoCapture(self.tmp)

@@ -260,3 +260,23 @@ def test_distillation_bad_inputs_are_one_line_errors(tiny, tmp_path):
     # resuming a distilled run without its teacher (or with another) is refused in one line
     p = run("train", *common, "--resume")
     assert p.returncode == 2 and "Traceback" not in p.stderr and "'teacher' differs" in p.stderr, p.stderr
+
+
+def test_stored_logits_must_have_one_column_per_class(tmp_path):
+    """A logits file whose columns do not match its own class list (edited, or
+    written by something else) is one line, not an index error mid-training."""
+    import json as _json
+
+    from safetensors.torch import save_file
+
+    from fer_edge import UserError
+    from fer_edge.training.distill import LOGITS_META_KEY, read_teacher_logits
+
+    info = {"keys": ["a", "b", "c"], "classes": ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]}
+    save_file({"logits": torch.zeros(3, 5)}, str(tmp_path / "t.safetensors"),
+              metadata={LOGITS_META_KEY: _json.dumps(info)})
+    with pytest.raises(UserError, match="3 keys and 7 classes"):
+        read_teacher_logits(tmp_path / "t.safetensors")
+    save_file({"logits": torch.zeros(3, 7)}, str(tmp_path / "ok.safetensors"),
+              metadata={LOGITS_META_KEY: _json.dumps(info)})
+    assert read_teacher_logits(tmp_path / "ok.safetensors")[0].shape == (3, 7)

@@ -10,6 +10,7 @@ import io
 import os
 import json
 import sys
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -178,6 +179,7 @@ def test_every_row_names_callables_and_known_runtimes():
 # ------------------------------------------------------------------ hostile options: one line, exit 2, nothing written
 def _hostile_cases(tmp: Path, weights: str):
     blocker = tmp / "a-file"
+    mine = tmp / "mine.safetensors"  # a copy of the weights, as a user's own checkpoint
     w = ["--weights", weights]
     return [
         (["convert", *w, "--target", "onnx", "--calib-size", "0", "--out", tmp / "o"], "--calib-size"),
@@ -202,6 +204,13 @@ def _hostile_cases(tmp: Path, weights: str):
         (["merge", "--weights", weights, "--out", tmp / "m.safetensors", "--tolerance", "0"], "--tolerance"),
         (["merge", "--weights", weights, "--out", tmp / "m.safetensors", "--tolerance", "inf"], "finite"),
         (["merge", "--weights", weights, "--out", blocker / "m.safetensors"], "is a file, not a folder"),
+        # an output that would overwrite an input, or land inside an input folder
+        (["merge", "--weights", mine, "--out", mine, "--force"], "which this command reads"),
+        (["benchmark", "--weights", mine, "--data", tmp, "--json", mine, "--force"], "which this command reads"),
+        (["parity", "--bundle", tmp / "b", "--data", tmp, "--report-only", "--json", tmp / "b" / "manifest.json",
+          "--force"], "lies inside --bundle"),
+        (["teacher-logits", "--weights", mine, "--data", tmp, "--out", mine, "--force"], "which this command reads"),
+        (["eval", "--weights", mine, "--data", mine, "--json", mine, "--force"], "is --weights"),
     ]
 
 
@@ -210,6 +219,7 @@ def test_hostile_options_are_one_line_before_any_work(tmp_path):
     from helpers import one_line_error, run_cli
 
     (tmp_path / "a-file").write_text("not a folder")
+    shutil.copy(default_weights(), tmp_path / "mine.safetensors")
     before = sorted(p.name for p in tmp_path.iterdir())
     for args, expect in _hostile_cases(tmp_path, str(default_weights())):
         proc = run_cli(*args, timeout=120)
@@ -233,3 +243,17 @@ def test_read_only_output_folder_is_refused_before_the_export(tmp_path):
         assert not list(ro.iterdir())
     finally:
         ro.chmod(0o755)
+
+
+def test_benchmark_with_every_face_used_for_calibration_is_one_line(tmp_path):
+    """Without --calib the int8 formats calibrate on --data; when that takes
+    every face, nothing is left to score: one line, before any conversion."""
+    from fer_edge.weights import default_weights
+    from helpers import FER_PUBLICTEST, copy_subset, one_line_error, run_cli
+
+    if not FER_PUBLICTEST.is_dir():
+        pytest.skip(f"real data not found at {FER_PUBLICTEST}")
+    data = copy_subset(FER_PUBLICTEST, tmp_path / "few", 3)
+    proc = run_cli("benchmark", "--weights", default_weights(), "--data", data, "--formats", "onnx/fp32",
+                   "--runs", "1", "--no-progress", timeout=300)
+    one_line_error(proc, "no faces of")

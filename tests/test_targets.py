@@ -420,8 +420,11 @@ def _edit(doc: dict, path: tuple, value):
     ("labels.json", ("classes",), lambda c: ["x" * 65] + c[1:], "printable"),
     ("labels.json", ("classes",), lambda c: [c[1]] + c[1:], "twice"),
     ("parity.json", ("artifacts",), lambda a: a + a, "two results"),
+    ("preprocess.json", ("temperature",), -1, "temperature"),
+    ("preprocess.json", ("temperature",), "warm", "temperature"),
+    ("preprocess.json", ("temperature",), float("nan"), "temperature"),
 ], ids=["huge-int", "tiny-std", "tiny-scale", "huge-mean", "float-version", "newline-label", "long-label",
-        "duplicate-label", "duplicate-parity"])
+        "duplicate-label", "duplicate-parity", "negative-temperature", "text-temperature", "nan-temperature"])
 def test_values_no_device_should_run_are_bundle_errors(noise_bundle, tmp_path, name, path, value, needle):
     """Well-typed but absurd: numbers that overflow or turn every pixel into
     infinity, a version written as a float, class names that break a line or

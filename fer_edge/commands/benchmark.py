@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from fer_edge.argtypes import int_in, positive_int
+from fer_edge.commands.common import check_outputs_spare_inputs
 from fer_edge.commands.convert import CALIB_SIZE, check_json_out, checkpoint_path, existing
 
 RUNS = int_in(1, 100_000)
@@ -32,6 +33,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     from fer_edge.fileio import write_json_atomic
 
     check_json_out(args.json, args.force)
+    check_outputs_spare_inputs({"--json": args.json}, {"--weights": args.weights, "--data": args.data,
+                                                       "--calib": args.calib})
     existing(args.data, "--data")
     if args.calib:
         existing(args.calib, "--calib")

@@ -74,6 +74,30 @@ def check_plots_folder(path, force: bool, what: str = "--plots") -> Path:
     return path
 
 
+def _resolved(path) -> Path | None:
+    try:
+        return Path(path).resolve()
+    except (OSError, RuntimeError, ValueError):  # a loop of links, a name the OS refuses
+        return None
+
+
+def check_outputs_spare_inputs(outputs: dict, inputs: dict, folders: tuple[str, ...] = ()) -> None:
+    """No output may overwrite an input (``--out`` equal to ``--weights``, ``--json``
+    equal to a data CSV), nor land inside an input folder of ``folders`` (a
+    bundle: ``--json BUNDLE/manifest.json``).  Flag -> path (or None)."""
+    ins = {flag: _resolved(path) for flag, path in inputs.items() if path}
+    for out_flag, out in outputs.items():
+        target = _resolved(out) if out else None
+        if target is None:
+            continue
+        for in_flag, src in ins.items():
+            inside = in_flag in folders and src is not None and src in target.parents
+            if src is not None and (target == src or inside):
+                where = "lies inside" if inside else "is"
+                raise UserError(f"{out_flag} {out} {where} {in_flag} {inputs[in_flag]}, which this command reads; "
+                                "write it somewhere else")
+
+
 def report_skipped(name, dataset, log) -> None:
     """One warning for the items the data reader skipped (unreadable images, malformed rows)."""
     if getattr(dataset, "skipped", None):

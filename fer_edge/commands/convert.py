@@ -10,6 +10,7 @@ from pathlib import Path
 
 from fer_edge import UserError
 from fer_edge.argtypes import int_in, non_negative_int, positive_int
+from fer_edge.commands.common import check_outputs_spare_inputs
 
 THREADS = int_in(1, 1024)
 CALIB_SIZE = int_in(1, 1 << 20)
@@ -58,6 +59,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     # Every refusal is the one line, before the note about the weights and the long work.
     check_out(args.out, args.force)
+    check_outputs_spare_inputs({"--out": args.out}, {"--weights": args.weights, "--calib": args.calib,
+                                                     "--parity-data": args.parity_data, "--sign": args.sign})
     pipeline.check_request(fmt, args.calib, args.dynamic_batch)
     if args.sign:
         load_signing_key(args.sign)
@@ -124,6 +127,9 @@ def cmd_parity(args: argparse.Namespace) -> int:
     from fer_edge.targets.bundle import SIGNATURE
 
     check_json_out(args.json, args.force)
+    check_outputs_spare_inputs({"--json": args.json}, {"--bundle": args.bundle, "--data": args.data,
+                                                       "--weights": args.weights, "--sign": args.sign},
+                               folders=("--bundle",))
     if args.report_only and args.sign:
         raise UserError("--sign re-signs a re-marked bundle; --report-only leaves it untouched: give one")
     existing(args.data, "--data")

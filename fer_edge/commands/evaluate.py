@@ -8,7 +8,7 @@ from pathlib import Path
 
 from fer_edge import UserError, argtypes
 from fer_edge.commands.common import (FER2013_USAGES, add_classes_option, add_device_option, add_progress_option,
-                                      add_strict_option, check_output_file,
+                                      add_strict_option, check_output_file, check_outputs_spare_inputs,
                                       check_plots_folder, report_skipped)
 
 
@@ -46,6 +46,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         check_output_file(args.json, args.force, "--json")
     if args.plots:
         check_plots_folder(args.plots, args.force)
+    check_outputs_spare_inputs({"--json": args.json, "--plots": args.plots},
+                               {"--weights": args.weights, "--data": args.data})
     device = str(torch_device(args.device))
     args.weights = weights_or_default(args.weights)
     meta = read_meta(args.weights)
@@ -101,6 +103,7 @@ def cmd_teacher_logits(args: argparse.Namespace) -> int:
     from fer_edge.training.distill import Teacher, compute_teacher_logits, face_keys, save_teacher_logits
 
     out = check_output_file(args.out, args.force)
+    check_outputs_spare_inputs({"--out": args.out}, {"--weights": args.weights, "--data": args.data})
     device = torch_device(args.device)
     args.weights = weights_or_default(args.weights)
     meta = read_meta(args.weights)

@@ -13,10 +13,11 @@ TOLERANCE = float_in(0, 1, low_open=True)
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from fer_edge.commands.common import check_output_file
+    from fer_edge.commands.common import check_output_file, check_outputs_spare_inputs
     from fer_edge.commands.convert import checkpoint_path
 
     out = check_output_file(args.out, args.force)
+    check_outputs_spare_inputs({"--out": args.out}, {"--weights": args.weights})
     weights = checkpoint_path(args.weights)
 
     import torch

@@ -56,6 +56,7 @@ def check_outputs(args: argparse.Namespace, kind: str) -> None:
     """--jsonl and --save, before the source or the model is opened: a folder that
     is a file or not writable, an existing file without --force, no encoder
     for the suffix, an output that is the input or the other output."""
+    from fer_edge.commands.common import check_outputs_spare_inputs
     from fer_edge.fileio import check_writable_parent, refuse_existing
     from fer_edge.targets.sources import check_sink
 
@@ -67,6 +68,9 @@ def check_outputs(args: argparse.Namespace, kind: str) -> None:
             raise UserError(f"{what} {path} is the source: it would overwrite the input")
     if args.jsonl and args.save and _same_file(args.jsonl, args.save):
         raise UserError("--jsonl and --save name the same file")
+    check_outputs_spare_inputs(dict(outputs), {"--bundle": args.bundle, "--weights": args.weights,
+                                               "--trust": args.trust, "--yunet-model": args.yunet_model},
+                               folders=("--bundle",))
     if args.jsonl:
         check_writable_parent(args.jsonl, "--jsonl")
         if Path(args.jsonl).exists() and not Path(args.jsonl).is_file():

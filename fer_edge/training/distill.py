@@ -204,9 +204,14 @@ def read_teacher_logits(path) -> tuple[torch.Tensor, dict]:
         info = json.loads(meta[LOGITS_META_KEY])
     except (SafetensorError, OSError, ValueError) as exc:
         raise UserError(f"--teacher-logits {path}: cannot be read ({exc})") from None
-    if logits.ndim != 2 or logits.shape[0] != len(info.get("keys", ())) or not torch.isfinite(logits).all():
-        raise UserError(f"--teacher-logits {path}: damaged (shape {tuple(logits.shape)}, "
-                        f"{len(info.get('keys', ()))} keys, or non-finite values)")
+    keys, classes = info.get("keys") if isinstance(info, dict) else None, \
+        info.get("classes") if isinstance(info, dict) else None
+    if not (isinstance(keys, list) and isinstance(classes, list) and all(isinstance(c, str) for c in classes)
+            and len(set(classes)) == len(classes)):
+        raise UserError(f"--teacher-logits {path}: damaged (no list of face keys and distinct class names)")
+    if logits.ndim != 2 or logits.shape != (len(keys), len(classes)) or not torch.isfinite(logits).all():
+        raise UserError(f"--teacher-logits {path}: damaged (logits of shape {tuple(logits.shape)} for "
+                        f"{len(keys)} keys and {len(classes)} classes, or non-finite values)")
     return logits, info
 
 
