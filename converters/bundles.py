@@ -17,8 +17,8 @@ import tempfile
 from pathlib import Path
 
 from fer_edge import UserError, __version__
-from fer_edge.fileio import (check_writable_parent, json_bytes, os_error_line, refuse_existing, sha256_file,
-                             write_bytes_atomic)
+from fer_edge.fileio import (check_writable_folder, check_writable_parent, json_bytes, os_error_line,
+                             refuse_existing, sha256_file, write_bytes_atomic)
 from fer_edge.targets.bundle import FORMAT, FORMAT_VERSION, MANIFEST, SIGNATURE
 
 
@@ -76,8 +76,7 @@ def _check_out(out: Path, force: bool) -> Path:
         if not replaceable_bundle(out):
             raise UserError(f"{out} is not a fer-edge bundle, or holds files a bundle does not list; --force "
                             "replaces bundles only: choose another --out")
-        if not os.access(out.parent, os.W_OK | os.X_OK):
-            raise UserError(f"--out {out}: cannot write into {out.parent} (permission denied or read-only)")
+        check_writable_folder(out.parent, "--out", out)
     else:
         check_writable_parent(out, "--out")
     return out

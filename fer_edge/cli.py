@@ -93,6 +93,12 @@ def missing_dependency_line(exc: ModuleNotFoundError, command: str = "") -> str 
     return f"this needs the Python package {top!r}, which is not installed: pip install \"fer-edge[{extra}]\""
 
 
+def refuse(command: str, why) -> int:
+    """A failure the user can fix: one line on stderr, exit code 2."""
+    print(f"fer-edge {command}: error: {why}", file=sys.stderr)
+    return 2
+
+
 def report_bug(command: str) -> int:
     """An error fer-edge did not foresee: the traceback, and a line saying it is a bug."""
     import traceback
@@ -116,14 +122,10 @@ def main(argv: list[str] | None = None) -> int:
             print(line, file=sys.stderr)
         return rc
     except UserError as exc:
-        print(f"fer-edge {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return refuse(args.command, exc)
     except ModuleNotFoundError as exc:
         line = missing_dependency_line(exc, args.command)
-        if line is None:
-            return report_bug(args.command)
-        print(f"fer-edge {args.command}: error: {line}", file=sys.stderr)
-        return 2
+        return report_bug(args.command) if line is None else refuse(args.command, line)
     except KeyboardInterrupt:
         print(f"fer-edge {args.command}: interrupted", file=sys.stderr)
         return 130
@@ -134,15 +136,12 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except MemoryError:
-        print(f"fer-edge {args.command}: error: out of memory (try a smaller --batch-size or --limit)",
-              file=sys.stderr)
-        return 2
+        return refuse(args.command, "out of memory (try a smaller --batch-size or --limit)")
     except OSError as exc:
         # Full disks, read-only folders, missing permissions: the user's to fix, in one line.
         from fer_edge.fileio import os_error_line
 
-        print(f"fer-edge {args.command}: error: {os_error_line(exc, action=None)}", file=sys.stderr)
-        return 2
+        return refuse(args.command, os_error_line(exc, action=None))
     except Exception:  # noqa: BLE001 - everything else is ours to fix
         return report_bug(args.command)
 

@@ -39,14 +39,19 @@ def _exists(path: Path, what: str = "--out") -> bool:
         raise UserError(f"{what} {str(path)[:200]}: {getattr(exc, 'strerror', None) or exc}") from None
 
 
+def os_error_reason(exc: OSError) -> str:
+    """Why an OS call failed, in words (ENOSPC, EROFS, EACCES, ...)."""
+    return {errno.ENOSPC: "no space left on the device", errno.EROFS: "the file system is read-only",
+            errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+            errno.ENOTDIR: "a parent of it is a file, not a folder",
+            errno.EISDIR: "it is a folder", errno.ENOENT: "no such file or folder"}.get(
+                exc.errno, exc.strerror or str(exc))
+
+
 def os_error_line(exc: OSError, path=None, action: str | None = "cannot write") -> str:
-    """One line for an OS error on a path (ENOSPC, EROFS, EACCES, ...), without a traceback."""
+    """One line for an OS error on a path, without a traceback."""
     where = path if path is not None else (exc.filename or "a file")
-    reason = {errno.ENOSPC: "no space left on the device", errno.EROFS: "the file system is read-only",
-              errno.EACCES: "permission denied", errno.EPERM: "permission denied",
-              errno.ENOTDIR: "a parent of it is a file, not a folder",
-              errno.EISDIR: "it is a folder", errno.ENOENT: "no such file or folder"}.get(
-                  exc.errno, exc.strerror or str(exc))
+    reason = os_error_reason(exc)
     return f"{action} {where}: {reason}" if action else f"{where}: {reason}"
 
 
@@ -62,21 +67,20 @@ def check_writable_parent(path, what: str = "--out") -> Path:
         probe = probe.parent
     if probe.exists() and not probe.is_dir():
         raise UserError(f"{what} {path}: {probe} is a file, not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise UserError(f"{what} {path}: cannot write into {probe} (permission denied or read-only)")
-    _try_a_file_in(probe, path, what)
+    check_writable_folder(probe, what, path)
     if path.is_dir():
         raise UserError(f"{what} {path} is a folder; give a file name")
     return path
 
 
-def _try_a_file_in(folder: Path, path: Path, what: str) -> None:
-    """Create and remove an empty hidden file in ``folder``: the only sure test
-    (root passes os.access on read-only and kernel file systems alike)."""
+def check_writable_folder(folder, what: str = "--out", path=None) -> None:
+    """Refuse an existing folder that files cannot be created in: an empty hidden
+    file is made and removed there, the only sure test (root passes os.access on
+    read-only and kernel file systems alike).  ``path``: the output named in the message."""
     try:
         fd, tmp = tempfile.mkstemp(prefix=".fer-edge-probe-", dir=folder)
     except OSError as exc:
-        raise UserError(f"{what} {path}: cannot write into {folder} ({os_error_line(exc, folder, None).split(': ', 1)[-1]})") from None
+        raise UserError(f"{what} {path or folder}: cannot write into {folder} ({os_error_reason(exc)})") from None
     os.close(fd)
     os.unlink(tmp)
 

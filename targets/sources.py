@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from fer_edge import UserError
-from fer_edge.fileio import check_writable_parent, os_error_line, refuse_existing, write_bytes_atomic
+from fer_edge.fileio import (check_writable_folder, check_writable_parent, os_error_line, refuse_existing,
+                             write_bytes_atomic)
 from fer_edge.targets.images import MAX_PIXELS, image_problem, opencv_silenced, read_image
 
 MAX_CAMERA_INDEX = 1023
@@ -178,8 +179,7 @@ def check_sink(out, kind: str, force: bool = False) -> Path:
         if out.exists() and not out.is_dir():
             raise SourceError(f"--save {out}: is a file; a folder of images is saved into a folder")
         if out.is_dir():
-            if not os.access(out, os.W_OK | os.X_OK):
-                raise SourceError(f"--save {out}: cannot write into it (permission denied or read-only)")
+            check_writable_folder(out, "--save")
             if any(out.iterdir()) and not force:
                 raise SourceError(f"{out} exists and is not empty; pass --force to write into it")
         else:

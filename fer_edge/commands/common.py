@@ -51,12 +51,10 @@ def add_progress_option(p) -> None:
 
 
 def check_output_file(path, force: bool, what: str = "--out") -> Path:
-    """An output file: refused if it exists without --force, or cannot be written (checked before any work)."""
-    try:
-        path = check_writable_parent(path, what)
-        refuse_existing(path, force, what)
-    except OSError as exc:  # a name the file system refuses (too long, ...)
-        raise UserError(os_error_line(exc, path)) from None
+    """An output file: refused if it exists without --force, or cannot be written (checked before any work;
+    names the file system refuses are one line from fer_edge.fileio already)."""
+    path = check_writable_parent(path, what)
+    refuse_existing(path, force, what)
     return path
 
 
@@ -81,21 +79,33 @@ def _resolved(path) -> Path | None:
         return None
 
 
-def check_outputs_spare_inputs(outputs: dict, inputs: dict, folders: tuple[str, ...] = ()) -> None:
-    """No output may overwrite an input (``--out`` equal to ``--weights``, ``--json``
-    equal to a data CSV), nor land inside an input folder of ``folders`` (a
-    bundle: ``--json BUNDLE/manifest.json``).  Flag -> path (or None)."""
-    ins = {flag: _resolved(path) for flag, path in inputs.items() if path}
+def _paths(value) -> list:
+    """A flag's value as a list of paths (options like --teacher repeat)."""
+    return [value] if isinstance(value, (str, Path)) else [v for v in (value or []) if v]
+
+
+def check_outputs_spare_inputs(outputs: dict, inputs: dict, folders: tuple[str, ...] = (),
+                               replaced: tuple[str, ...] = ()) -> None:
+    """No output may destroy what the command reads: overwrite an input (``--out``
+    equal to ``--weights``, ``--json`` equal to a data CSV), land inside an input
+    folder of ``folders`` (a bundle: ``--json BUNDLE/manifest.json``), or, for an
+    output folder of ``replaced`` (a run --force starts over), hold an input
+    (``--init RUN/best.safetensors``).  Flag -> path, list of paths or None."""
+    ins = [(flag, path, _resolved(path)) for flag, value in inputs.items() for path in _paths(value)]
     for out_flag, out in outputs.items():
         target = _resolved(out) if out else None
         if target is None:
             continue
-        for in_flag, src in ins.items():
-            inside = in_flag in folders and src is not None and src in target.parents
-            if src is not None and (target == src or inside):
-                where = "lies inside" if inside else "is"
-                raise UserError(f"{out_flag} {out} {where} {in_flag} {inputs[in_flag]}, which this command reads; "
-                                "write it somewhere else")
+        for in_flag, path, src in ins:
+            if src is None:
+                continue
+            if out_flag in replaced and (src == target or target in src.parents):
+                raise UserError(f"{in_flag} {path} lies inside {out_flag} {out}, which --force replaces; "
+                                "copy it elsewhere first")
+            inside = in_flag in folders and src in target.parents
+            if target == src or inside:
+                raise UserError(f"{out_flag} {out} {'lies inside' if inside else 'is'} {in_flag} {path}, which "
+                                "this command reads; write it somewhere else")
 
 
 def report_skipped(name, dataset, log) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from fer_edge import UserError
 from fer_edge.argtypes import int_in, non_negative_int, positive_int
-from fer_edge.commands.common import check_outputs_spare_inputs
+from fer_edge.commands.common import check_output_file, check_outputs_spare_inputs
 
 THREADS = int_in(1, 1024)
 CALIB_SIZE = int_in(1, 1 << 20)
@@ -34,8 +34,6 @@ def checkpoint_path(weights) -> Path:
 
 def check_json_out(path, force: bool) -> None:
     """--json: not overwritten unasked, and writable, before the work starts."""
-    from fer_edge.commands.common import check_output_file
-
     if path:
         check_output_file(path, force, "--json")
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from fer_edge import UserError, argtypes
 from fer_edge.commands.common import (FER2013_USAGES, add_classes_option, add_device_option, add_progress_option,
-                                      add_strict_option, report_skipped)
+                                      add_strict_option, check_outputs_spare_inputs, report_skipped)
 
 # The registered models (fer_edge.models.list_models(); named here so that
 # building the parser imports no torch).
@@ -102,8 +102,8 @@ def cmd_train(args: argparse.Namespace, hooks=None) -> int:
     """``hooks``: a fer_edge.training.settings.RunHooks passed to every run (tests)."""
     from fer_edge.devices import torch_device
     from fer_edge.training import distributed as dist
-    from fer_edge.training.rundir import (check_inputs_outside, check_run_dir, discard_failed_start,
-                                         finish_run_dir, has_files, prepare_run_dir)
+    from fer_edge.training.rundir import (check_run_dir, discard_failed_start, finish_run_dir, has_files,
+                                         prepare_run_dir)
     from fer_edge.training.setup import check_batches, check_teachers_fit
 
     ctx = dist.context_from_env()
@@ -112,9 +112,9 @@ def cmd_train(args: argparse.Namespace, hooks=None) -> int:
     run_dir = Path(args.out)
     check_run_dir(run_dir, args.resume, args.force)  # refusals only: nothing goes yet
     if args.force:
-        check_inputs_outside(run_dir, {"--data": args.data, "--val": args.val, "--init": args.init,
-                                       "--stem-weights": args.stem_weights, "--teacher": args.teacher,
-                                       "--teacher-logits": args.teacher_logits})
+        check_outputs_spare_inputs({"--out": run_dir}, {"--data": args.data, "--val": args.val, "--init": args.init,
+                                                        "--stem-weights": args.stem_weights, "--teacher": args.teacher,
+                                                        "--teacher-logits": args.teacher_logits}, replaced=("--out",))
     if args.resume and (run_dir / "resume.pt").is_file():
         from fer_edge.training.rundir import read_resume_state
 

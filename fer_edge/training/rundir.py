@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from fer_edge import UserError
-from fer_edge.fileio import check_writable_parent, os_error_line, write_atomic, write_json_atomic
+from fer_edge.fileio import check_writable_folder, check_writable_parent, os_error_line, write_atomic, write_json_atomic
 
 RESUME_FILE = "resume.pt"
 CONFIG_FILE = "config.json"
@@ -70,8 +70,8 @@ def _check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
         raise UserError(f"--out {run_dir} is a file, not a folder")
     if not run_dir.is_dir():
         check_writable_parent(run_dir, "--out")
-    elif not os.access(run_dir, os.W_OK | os.X_OK):
-        raise UserError(f"--out {run_dir}: cannot write into it (permission denied or read-only)")
+    else:
+        check_writable_folder(run_dir, "--out")
     if resume:
         if killed_start(run_dir):
             raise UserError(f"{run_dir}: that run stopped before its first checkpoint, so there is nothing to "
@@ -85,20 +85,6 @@ def _check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
     if has_files(run_dir) and not force and not killed_start(run_dir):
         raise UserError(f"{run_dir} exists and is not empty; pass --resume to continue that run "
                         "or --force to start over")
-
-
-def check_inputs_outside(run_dir: Path, inputs: dict) -> None:
-    """With --force the old run is set aside: an input read from inside it
-    (--init RUN/best.safetensors) would vanish under the new run.  Refused."""
-    try:
-        root = run_dir.resolve()
-        for flag, paths in inputs.items():
-            for path in [paths] if isinstance(paths, (str, Path)) else (paths or []):
-                if root == Path(path).resolve() or root in Path(path).resolve().parents:
-                    raise UserError(f"{flag} {path} lies inside --out {run_dir}, which --force replaces; "
-                                    "copy it elsewhere first")
-    except OSError as exc:
-        raise UserError(os_error_line(exc, run_dir, action="cannot use")) from None
 
 
 def run_entries(run_dir: Path) -> list[Path]:
