@@ -34,7 +34,7 @@ step() { echo; echo "== $1 ($(date +%T))"; }
   PKG=$($PY -c "import fer_edge, os; print(os.path.dirname(fer_edge.__file__))")
   if want bench; then
     step "layer benchmark"
-    timeout 150 $PY benchmarks/bench_msconv.py --device cuda --dtypes fp16 fp32 --batches 1 8 256 --repeat 50 \
+    timeout 150 $PY benchmarks/bench_msconv.py --device cuda --dtypes fp16 fp32 --batches ${BATCHES:-1 8 256} --repeat 50 \
       --json "$OUT/msconv.json" 2>/dev/null
     GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
     cp "$PKG/kernel_dispatch.json" "$OUT/kernel_dispatch.json"
@@ -58,7 +58,7 @@ step() { echo; echo "== $1 ($(date +%T))"; }
     timeout 90 compute-sanitizer --tool memcheck $PYTEST -x tests/test_kernels_cuda.py \
       -k "splitk and not fuzz" 2>&1 | tail -6
     step "compute-sanitizer racecheck (small-batch kernel)"
-    timeout 60 compute-sanitizer --tool racecheck $PYTEST -x tests/test_kernels_cuda.py \
+    timeout 120 compute-sanitizer --tool racecheck $PYTEST -x tests/test_kernels_cuda.py \
       -k "splitk and fp16 and n1" 2>&1 | tail -6
   fi
   if want profile; then

@@ -45,7 +45,8 @@ if ! python3 -P -c "import fer_edge._C" 2>/dev/null; then
     -C build-dir=build/cpu-only 2>&1 | tail -3
 fi
 D=.data
-if [ ! -d "$D/fer2013/train" ]; then (cd "$D" && python3 -c "import zipfile; zipfile.ZipFile('fer2013.zip').extractall('.')"); fi
+# the zip holds train/ and publictest/ at its top
+if [ ! -d "$D/fer2013/train" ]; then mkdir -p "$D/fer2013" && python3 -c "import zipfile; zipfile.ZipFile('$D/fer2013.zip').extractall('$D/fer2013')"; fi
 TRAIN=${TRAIN:-$D/fer2013/train}; VAL=${VAL:-$D/fer2013/publictest}
 EL=${EVAL_LIMIT:+--limit $EVAL_LIMIT}
 T="fer-edge train --device $DEV --data $TRAIN --val $VAL --no-progress --force ${EXTRA:-}"

@@ -85,6 +85,11 @@ def main(argv=None) -> int:
             "tta_ten_crop_accuracy": r4(report["tta"]["accuracy"]),
         },
     }
+    calibration = report["calibration"]
+    card["publictest"]["ece"] = r4(calibration["ece"] if calibration["temperature"] is None
+                                   else calibration["ece_scaled"])
+    if "calibration" in meta:  # fer-edge calibrate --method vector: folded into the weights
+        card["calibration"] = meta["calibration"]
     if "distilled_from" in meta.get("extra", {}):
         card["distilled_from"] = meta["extra"]["distilled_from"]
     write_json_atomic(card_out, card, force=True)

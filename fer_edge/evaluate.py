@@ -178,12 +178,15 @@ def format_report(report: dict) -> str:
                                                       if report["macro_auc"] is not None else "")]
     if "calibration" in report:
         c = report["calibration"]
-        text = f"calibration error (ECE, {c['bins']} bins, top label): {100 * c['ece']:.2f}% as trained"
+        text = f"calibration error (ECE, {c['bins']} bins, top label): {100 * c['ece']:.2f}% of the softmax as stored"
         if c["temperature"] is not None:
             text += f", {100 * c['ece_scaled']:.2f}% with the stored temperature T={c['temperature']:.3f}"
         cf = c["cross_fitted"]
         text += (f"; {100 * cf['ece']:.2f}% with T fitted on the other half of these faces "
                  f"(2-fold; T={cf['temperatures'][0]:.3f}, {cf['temperatures'][1]:.3f})")
+        if "cross_fitted_vector" in c:
+            cv = c["cross_fitted_vector"]
+            text += f"; {100 * cv['ece']:.2f}% with vector scaling, same way (accuracy {100 * cv['accuracy']:.2f}%)"
         lines.append(text)
     if "tta" in report:
         lines.append(f"with ten-crop TTA:  accuracy {100 * report['tta']['accuracy']:.2f}%, "
@@ -212,13 +215,18 @@ def calibration_report(logits: np.ndarray, labels: np.ndarray, temperature=None,
 
     raw = softmax(logits)
     crossed, temps = cross_fitted_probs(logits, labels)
+    # Vector scaling (fer-edge calibrate --method vector) can change predictions: its accuracy is reported with it.
+    vector, _ = cross_fitted_probs(logits, labels, method="vector")
     out = {"bins": bins, "kind": "top-label, equal-width confidence bins",
            "ece": expected_calibration_error(raw, labels, bins), "nll": nll(logits, labels),
            "temperature": None if temperature is None else float(temperature), "ece_scaled": None,
            "nll_scaled": None,
-           "cross_fitted": {"ece": expected_calibration_error(crossed, labels, bins), "temperatures": temps}}
-    curves = {"as trained": reliability_bins(raw, labels, bins),
-              "T fitted on the other half": reliability_bins(crossed, labels, bins)}
+           "cross_fitted": {"ece": expected_calibration_error(crossed, labels, bins), "temperatures": temps},
+           "cross_fitted_vector": {"ece": expected_calibration_error(vector, labels, bins),
+                                   "accuracy": float((vector.argmax(axis=1) == labels).mean())}}
+    curves = {"softmax as stored": reliability_bins(raw, labels, bins),
+              "T fitted on the other half": reliability_bins(crossed, labels, bins),
+              "vector scaling fitted on the other half": reliability_bins(vector, labels, bins)}
     if temperature is not None:
         scaled = softmax(logits, temperature)
         out["ece_scaled"] = expected_calibration_error(scaled, labels, bins)
@@ -284,6 +292,42 @@ def set_checkpoint_temperature(src, temperature: float, out=None, force: bool = 
     meta["preprocess"] = dict(meta["preprocess"], temperature=round(float(temperature), 4))
     header[META_KEY] = json.dumps(meta)
     write_atomic(Path(out) if out else src, lambda tmp: save_file(state, tmp, metadata=header), force=force)
+    return meta
+
+
+def set_checkpoint_vector_scaling(src, scale, shift, out, record: dict, force: bool = True) -> dict:
+    """Write ``src`` to ``out`` with vector scaling folded into its logit layer
+    (``LOGIT_LAYERS``): every runtime then computes calibrated logits with no
+    change, since the bundle's graph is made from these weights.  The stored
+    temperature becomes 1 (the scales include it); ``record`` (what was fitted,
+    on what) goes into the metadata's ``calibration``.  UserError for a model
+    without one logit layer."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from fer_edge.checkpoint import META_KEY, read_meta
+    from fer_edge.fileio import write_atomic
+    from fer_edge.models.registry import LOGIT_LAYERS
+    from fer_edge.reparam import fold_logit_affine
+
+    src = Path(src)
+    meta = read_meta(src)
+    layer = LOGIT_LAYERS.get(meta["arch"])
+    if layer is None:
+        raise UserError(f"vector scaling folds into a model's last linear layer and {meta['arch']} has no single one "
+                        f"(models that do: {', '.join(sorted(LOGIT_LAYERS))}); use --method temperature")
+    with safe_open(str(src), framework="pt") as f:
+        header = dict(f.metadata() or {})
+    state = load_file(str(src))
+    w, b = state[f"{layer}.weight"], state[f"{layer}.bias"]
+    state[f"{layer}.weight"], state[f"{layer}.bias"] = fold_logit_affine(w, b, scale, shift)
+    meta["preprocess"] = dict(meta["preprocess"], temperature=1.0)
+    meta["calibration"] = dict(record, method="vector", scale=[round(float(v), 6) for v in scale],
+                               shift=[round(float(v), 6) for v in shift])
+    header[META_KEY] = json.dumps(meta)
+    write_atomic(Path(out), lambda tmp: save_file(state, tmp, metadata=header), force=force)
     return meta
 
 

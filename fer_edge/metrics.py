@@ -161,21 +161,83 @@ def fit_temperature(logits, y_true, lo: float = 0.05, hi: float = 20.0, tol: flo
     return float(1.0 / ((a + b) / 2))
 
 
-def cross_fitted_probs(logits, y_true, seed: int = 0) -> tuple[np.ndarray, list[float]]:
-    """Temperature-scaled probabilities without scoring a face with a T fitted on
-    it: the data is split in two seeded halves; T fitted on each half scales the
-    other.  Returns (probs, [T of half 1, T of half 2])."""
+def vector_scale(logits, scale, shift) -> np.ndarray:
+    """Vector scaling's logits: each class's logit times its own scale plus its own shift."""
+    return np.asarray(logits, dtype=np.float64) * np.asarray(scale, dtype=np.float64) + np.asarray(shift, dtype=np.float64)
+
+
+def fit_vector_scaling(logits, y_true, ridge: float = 1e-4, steps: int = 50) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class (scale, shift) minimizing nll(vector_scale(logits, scale, shift))
+    (Guo et al., 2017): 2K numbers where temperature scaling has one, so it can
+    fix a model over-confident in some classes and not in others; it may change
+    a few predictions.  The NLL is convex in (scale, shift) (the logits are
+    linear in them), so damped Newton steps find its minimum; the small ridge
+    pulls towards (1/T, 0) and fixes the shifts' common offset, which softmax
+    ignores."""
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(y_true, dtype=np.int64)
+    n, k = z.shape
+    if n == 0:
+        return np.ones(k), np.zeros(k)
+    prior = np.r_[np.full(k, 1.0 / fit_temperature(z, y)), np.zeros(k)]
+    onehot = np.eye(k)[y]
+
+    def loss(theta):
+        zz = vector_scale(z, theta[:k], theta[k:])
+        zz = zz - zz.max(axis=1, keepdims=True)
+        lse = np.log(np.exp(zz).sum(axis=1))
+        return float((lse - zz[np.arange(n), y]).mean() + ridge * np.sum((theta - prior) ** 2))
+
+    theta = prior.copy()
+    current = loss(theta)
+    for _ in range(steps):
+        p = softmax(vector_scale(z, theta[:k], theta[k:]))
+        r = p - onehot                                        # dNLL/dlogit, per face
+        grad = np.r_[(r * z).mean(axis=0), r.mean(axis=0)] + 2 * ridge * (theta - prior)
+        # Hessian of the mean NLL in the scaled logits, diag(p) - p p^T, carried to
+        # (scale, shift) by the Jacobian [diag(z), I].
+        jac = np.concatenate([z[:, :, None] * np.eye(k), np.broadcast_to(np.eye(k), (n, k, k))], axis=2)
+        h = np.einsum("nai,nab,nbj->ij", jac, p[:, :, None] * np.eye(k) - p[:, :, None] * p[:, None, :], jac) / n
+        step = np.linalg.solve(h + 2 * ridge * np.eye(2 * k), grad)
+        t = 1.0
+        while t > 1e-4 and loss(theta - t * step) > current - 1e-4 * t * grad @ step:
+            t /= 2
+        if t <= 1e-4:
+            break
+        theta = theta - t * step
+        new = loss(theta)
+        if current - new < 1e-10:
+            current = new
+            break
+        current = new
+    return theta[:k], theta[k:]
+
+
+# How a calibrator is fitted on held-out logits and applied to others:
+# name -> (fit(logits, y) -> params, apply(logits, params) -> probabilities).
+CALIBRATORS = {
+    "temperature": (fit_temperature, lambda logits, t: softmax(logits, t)),
+    "vector": (fit_vector_scaling, lambda logits, st: softmax(vector_scale(logits, *st))),
+}
+
+
+def cross_fitted_probs(logits, y_true, seed: int = 0, method: str = "temperature") -> tuple[np.ndarray, list]:
+    """Calibrated probabilities without scoring a face with a calibrator fitted on
+    it: the data is split in two seeded halves; the calibrator (``CALIBRATORS``)
+    fitted on each half scales the other.  Returns (probs, [params of half 1,
+    params of half 2]): for temperature scaling, the two temperatures."""
+    fit, apply = CALIBRATORS[method]
     logits = np.asarray(logits, dtype=np.float64)
     y_true = np.asarray(y_true, dtype=np.int64)
     order = np.random.default_rng(seed).permutation(len(y_true))
     halves = (order[: len(order) // 2], order[len(order) // 2:])
     probs = np.zeros_like(logits)
-    temps = []
+    params = []
     for fit_on, score_on in (halves, halves[::-1]):
-        t = fit_temperature(logits[fit_on], y_true[fit_on])
-        temps.append(t)
-        probs[score_on] = softmax(logits[score_on], t)
-    return probs, temps
+        fitted = fit(logits[fit_on], y_true[fit_on])
+        params.append(fitted)
+        probs[score_on] = apply(logits[score_on], fitted)
+    return probs, params
 
 
 def cross_fitted_ece(logits, y_true, bins: int = 15, seed: int = 0) -> dict:

@@ -65,6 +65,16 @@ def acblock_kernel(square, bn_square, ver, bn_ver, hor, bn_hor):
     return add_to_center(add_to_center(k, kv), kh), b + bv + bh
 
 
+def fold_logit_affine(weight: torch.Tensor, bias: torch.Tensor, scale, shift) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Linear layer (weight, bias) followed by per-class ``logit * scale + shift``
+    (vector scaling) as one Linear layer: rows scaled, bias scaled and shifted."""
+    scale = torch.as_tensor(scale, dtype=torch.float64)
+    shift = torch.as_tensor(shift, dtype=torch.float64)
+    new_weight = (weight.double() * scale[:, None]).to(weight.dtype)
+    new_bias = (bias.double() * scale + shift).to(bias.dtype)
+    return new_weight, new_bias
+
+
 def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     """A new Conv2d (with bias) equal to bn(conv(x)) in eval mode."""
     kernel, bias = fuse_bn(conv.weight, bn, conv.bias)

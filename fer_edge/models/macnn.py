@@ -65,12 +65,12 @@ class MACNN(nn.Module):
         return self.fc(self.dropout(x))
 
 
-@register_model("macnn")
+@register_model("macnn", logit_layer="fc")
 def macnn(num_classes=7, in_chans=1, **config) -> MACNN:
     return MACNN(num_classes=num_classes, in_chans=in_chans, **config)
 
 
-@register_model("vgg16")
+@register_model("vgg16", logit_layer="fc")
 def vgg16(num_classes=7, in_chans=1, **config) -> MACNN:
     config = {k: v for k, v in config.items() if k not in ("maconv_stages", "split")}
     return MACNN(num_classes=num_classes, in_chans=in_chans, maconv_stages=(), **config)

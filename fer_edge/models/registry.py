@@ -61,9 +61,16 @@ def check_config(config: dict) -> None:
             _check_value(key, v, kind, low, high)
 
 
-def register_model(name: str):
+# model name -> the Linear layer whose output is the logits, for models that have
+# one: calibrations that act on each class's logit (vector scaling) fold into it.
+LOGIT_LAYERS: dict[str, str] = {}
+
+
+def register_model(name: str, logit_layer: str | None = None):
     def deco(fn):
         _MODELS[name] = fn
+        if logit_layer is not None:
+            LOGIT_LAYERS[name] = logit_layer
         return fn
 
     return deco
