@@ -3,8 +3,10 @@
 
 For the MACNN layer shapes L1-L5, batch 1 and 256, it times
   fused : our one-pass kernel with its weights packed once, as a merged model
-          runs it: fused_ms_conv(..., wp=pack_ms_weights(...)) on CUDA,
-          CpuPackedMsConv on the CPU
+          runs it: fused_ms_conv(..., wp=pack_ms_weights(...)) on CUDA, captured
+          in a CUDA graph like baseline c (so the GPU's time is measured, not
+          Python's launch), every kernel of ours timed apart; CpuPackedMsConv
+          on the CPU
   eager : three convolutions + ReLU + cat                       (baseline a)
   pad5  : one convolution with 1x1/3x3 kernels zero-padded to 5x5 (baseline b)
   graph : `eager` captured in a CUDA graph (CUDA only)            (baseline c)
@@ -156,8 +158,8 @@ def run(args) -> list[dict]:
                     packed = pack_ms_weights(fw[0], fw[2], fw[4])
                     bufs = splitk_buffers(xs[0], c1 + c3 + c5)
                     for k in cuda_kernels(dt, cin):
-                        methods[f"fused_{k}"] = (lambda k: lambda x: fused_ms_conv(
-                            x, *fw, wp=packed, kernel=k, buffers=bufs if k == "splitk" else None))(k)
+                        methods[f"fused_{k}"] = graphed((lambda k: lambda x: fused_ms_conv(
+                            x, *fw, wp=packed, kernel=k, buffers=bufs if k == "splitk" else None))(k), xs)
                     methods["graph"] = graphed(methods["eager"], xs)
                 else:
                     # What a merged model runs on the CPU: weights packed once, not per call.
