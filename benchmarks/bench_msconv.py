@@ -62,12 +62,15 @@ def make_layer(cin, hw, c1, c3, c5, n, dtype, device, layout):
     return xs, fused_w, (w1, b1, w3, b3, w5, b5), (w_pad, b_pad)
 
 
-CUDA_KERNELS = ("simt", "splitk", "wmma")
+CUDA_KERNELS = ("simt", "splitk", "mma", "wmma")
 
 
 def cuda_kernels(dtype: str, cin: int) -> list[str]:
-    """fer_edge's CUDA kernels that can run a layer: WMMA needs fp16 and 16+ input channels."""
-    return [k for k in CUDA_KERNELS if k != "wmma" or (dtype == "fp16" and cin >= 16)]
+    """fer_edge's CUDA kernels that can run a layer: the tensor-core ones (WMMA, MMA) need fp16 and
+    16+ input channels (with fewer, most of each 16-channel step is zeros; in fp32 MMA is splitk)."""
+    needs = {"wmma": (7, 0), "mma": (8, 0)}   # compute capability of their tensor-core instructions
+    cc = torch.cuda.get_device_capability()
+    return [k for k in CUDA_KERNELS if k not in needs or (dtype == "fp16" and cin >= 16 and cc >= needs[k])]
 
 
 def eager(x, w1, b1, w3, b3, w5, b5):

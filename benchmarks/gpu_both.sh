@@ -3,10 +3,10 @@
 # background while the CUDA kernels are built (into their own folder, so the training's install is
 # untouched) and their correctness checks run beside it (tests, compute-sanitizer, an Nsight
 # Compute profile: none of these is a timing); once the training is done, the layer benchmark
-# runs alone on the GPU, since timings need a quiet one.
+# runs alone on the GPU, since timings need a quiet one, then the whole merged model (ALONE_STEPS).
 #
 #   mkdir -p .data && cp ../shared/data/fer2013.zip .data/
-#   bash benchmarks/gpu_both.sh full            (TRAIN_LIMIT=430 seconds of training stage)
+#   bash benchmarks/gpu_both.sh full            (TRAIN_LIMIT=400 seconds of training stage)
 #
 # What comes back in $OUT: the training stage's files (see gpu_train.sh) and kernel.tar.gz
 # (check.log, msconv.json, kernel_dispatch.json, splitk.ncu-rep, train-console.log).
@@ -16,7 +16,7 @@ export PYTHONUNBUFFERED=1
 START=$(date +%s)
 K=/tmp/fer-edge-kernel; KPKG=/tmp/fer-edge-cuda; mkdir -p "$K"
 
-LIMIT=${TRAIN_LIMIT:-430} RESERVE=${TRAIN_RESERVE:-60} OUT=$OUT bash benchmarks/gpu_train.sh "${@:-full}" \
+LIMIT=${TRAIN_LIMIT:-400} RESERVE=${TRAIN_RESERVE:-60} OUT=$OUT bash benchmarks/gpu_train.sh "${@:-full}" \
   > "$K/train-console.log" 2>&1 &
 TRAIN=$!
 
@@ -39,7 +39,7 @@ echo "== training done after $(( $(date +%s) - START )) s"
 tail -12 "$K/train-console.log"
 
 # Alone on the GPU: the timings.
-OUT=$K STEPS="${ALONE_STEPS:-bench}" BATCHES=${BATCHES:-"1 256"} bash benchmarks/gpu_check.sh > /dev/null 2>&1
+OUT=$K STEPS="${ALONE_STEPS:-bench model}" BATCHES=${BATCHES:-"1 256"} bash benchmarks/gpu_check.sh > /dev/null 2>&1
 grep -vE "^\s*$" "$K/check.log" | tail -60
 tar czf "$OUT/kernel.tar.gz" -C "$K" .
 echo "== all done after $(( $(date +%s) - START )) s"

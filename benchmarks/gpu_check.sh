@@ -56,14 +56,14 @@ step() { echo; echo "== $1 ($(date +%T))"; }
   if want sanitize; then
     step "compute-sanitizer memcheck (small-batch kernel)"
     timeout 90 compute-sanitizer --tool memcheck $PYTEST -x tests/test_kernels_cuda.py \
-      -k "splitk and not fuzz" 2>&1 | tail -6
+      -k "(splitk or mma) and not fuzz" 2>&1 | tail -6
     step "compute-sanitizer racecheck (small-batch kernel)"
     timeout 120 compute-sanitizer --tool racecheck $PYTEST -x tests/test_kernels_cuda.py \
-      -k "splitk and fp16 and n1" 2>&1 | tail -6
+      -k "(splitk or mma) and fp16 and n1" 2>&1 | tail -6
   fi
   if want profile; then
     step "Nsight Compute: the small-batch kernel at batch 1"
-    timeout 60 ncu --clock-control none --kernel-name regex:splitk -c 4 --set basic -f -o "$OUT/splitk" \
+    timeout 60 ncu --clock-control none --kernel-name regex:splitk -c 8 --set basic -f -o "$OUT/splitk" \
       $PY benchmarks/bench_msconv.py --device cuda --dtypes fp16 --batches 1 --layers L2 L4 --repeat 1 \
       > /dev/null 2>&1
     [ -f "$OUT/splitk.ncu-rep" ] && ncu --import "$OUT/splitk.ncu-rep" --page details 2>/dev/null \

@@ -106,17 +106,20 @@ PYBIND11_MODULE(_C, m) {
   // The small-batch kernel's launch plan (host arithmetic, in every build: the CPU tests check it).
   m.def(
       "splitk_plan",
-      [](std::int64_t n, std::int64_t c, std::int64_t h, std::int64_t w, std::int64_t ctot, int sm_count) {
+      [](std::int64_t n, std::int64_t c, std::int64_t h, std::int64_t w, std::int64_t ctot, int sm_count,
+         bool tensor_cores) {
         if (n < 1 || c < 1 || h < 1 || w < 1 || ctot < 1 || sm_count < 1)
           throw std::invalid_argument("splitk_plan: every size must be >= 1");
-        const auto p = fer_edge::splitk::plan(n, c, h, w, ctot, sm_count);
+        const int kc = tensor_cores ? fer_edge::splitk::KC_MMA : fer_edge::splitk::KC;
+        const auto p = fer_edge::splitk::plan(n, c, h, w, ctot, sm_count, kc);
         py::dict d;
         d["m_tiles"] = p.m_tiles; d["n_tiles"] = p.n_tiles; d["splits"] = p.splits; d["kslice"] = p.kslice;
         d["workspace_floats"] = p.workspace_floats; d["counters"] = p.counters;
-        d["tile_m"] = fer_edge::splitk::TM; d["tile_n"] = fer_edge::splitk::TN; d["kc"] = fer_edge::splitk::KC;
+        d["tile_m"] = fer_edge::splitk::TM; d["tile_n"] = fer_edge::splitk::TN; d["kc"] = kc;
         return d;
       },
-      py::arg("n"), py::arg("c"), py::arg("h"), py::arg("w"), py::arg("ctot"), py::arg("sm_count"));
+      py::arg("n"), py::arg("c"), py::arg("h"), py::arg("w"), py::arg("ctot"), py::arg("sm_count"),
+      py::arg("tensor_cores") = false);
 
 #ifdef FER_EDGE_WITH_CUDA
   m.def(
@@ -127,8 +130,8 @@ PYBIND11_MODULE(_C, m) {
          bool relu, int dtype, std::uintptr_t stream, std::uintptr_t wp, int variant, std::uintptr_t workspace,
          std::uintptr_t counters) {
         if (dtype != 0 && dtype != 1) throw std::invalid_argument("fused_ms_conv: dtype must be 0 (float32) or 1 (float16)");
-        if (variant < 0 || variant > 2)
-          throw std::invalid_argument("fused_ms_conv: variant must be 0 (simt), 1 (wmma) or 2 (splitk)");
+        if (variant < 0 || variant > 3)
+          throw std::invalid_argument("fused_ms_conv: variant must be 0 (simt), 1 (wmma), 2 (splitk) or 3 (mma)");
         MsConvArgs a = make_args(x, out, w1, b1, w3, b3, w5, b5, n, c, h, w, c1, c3, c5, layout, relu);
         a.wp = wp;
         py::gil_scoped_release nogil;
@@ -141,7 +144,8 @@ PYBIND11_MODULE(_C, m) {
       py::arg("stream"), py::arg("wp"), py::arg("variant"), py::arg("workspace") = 0, py::arg("counters") = 0,
       "fused multi-scale conv on CUDA device pointers (dtype 0 = float32, 1 = float16) on `stream`; "
       "`wp`: the weights packed by fer_edge.kernels.pack_ms_weights (25, C, c1 + c3 + c5); `variant`: "
-      "0 simt, 1 wmma, 2 splitk (with `workspace`/`counters` sized by splitk_plan).");
+      "0 simt, 1 wmma, 2 splitk, 3 mma (splitk on tensor cores; 2 and 3 with `workspace`/`counters` sized by "
+      "splitk_plan).");
   m.def("sm_count", [](int device) { return fer_edge::splitk::sm_count_of(device); }, py::arg("device"));
   m.def("cuda_device_count", &fer_edge::cuda_device_count);
 #endif

@@ -85,7 +85,8 @@ class CpuPackedWeights {
 };
 
 // fer_edge's CUDA kernels (the caller chooses: fer_edge/dispatch.py's table).
-enum class Variant : int { Simt = 0, Wmma = 1, SplitK = 2 };
+// SplitKMma: the small-batch kernel multiplying on tensor cores (float16, sm_80+).
+enum class Variant : int { Simt = 0, Wmma = 1, SplitK = 2, SplitKMma = 3 };
 
 #ifdef FER_EDGE_WITH_CUDA
 // CUDA, float32 or float16 (float32 accumulation) on the given stream.

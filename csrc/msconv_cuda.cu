@@ -349,8 +349,16 @@ void msconv_cuda(const MsConvArgs& a, DType dtype, std::uintptr_t stream, Varian
     const bool nhwc = a.layout == Layout::NHWC;
     if (dtype != DType::Float32 && dtype != DType::Float16)
       throw std::invalid_argument("fused_ms_conv: unsupported dtype code");
-    if (variant == Variant::SplitK) {
-      splitk::launch(a, dtype, stream, splitk::sm_count_of(dev), workspace, counters);
+    if (variant == Variant::SplitK || variant == Variant::SplitKMma) {
+      const bool mma = variant == Variant::SplitKMma && dtype == DType::Float16;
+      if (mma) {
+        int major = 0;
+        check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "cudaDeviceGetAttribute");
+        if (major < 8)
+          throw std::invalid_argument("fused_ms_conv: the mma kernel needs mma.sync m16n8k16 (compute "
+                                      "capability 8.0+); choose simt, splitk or cudnn on this GPU");
+      }
+      splitk::launch(a, dtype, stream, splitk::sm_count_of(dev), workspace, counters, mma);
     } else if (dtype == DType::Float32) {
       nhwc ? launch<float, true>(a, s) : launch<float, false>(a, s);
     } else if (variant == Variant::Wmma && a.c >= wm::KC) {

@@ -210,9 +210,14 @@ def calibration_report(logits: np.ndarray, labels: np.ndarray, temperature=None,
     """(JSON part, reliability bins for the plot).  ECE of the raw softmax; with
     the checkpoint's stored temperature if it has one; and cross-fitted (T fitted
     on one half of these faces, scored on the other), which says what fitting a
-    temperature would give without scoring on the faces it was fitted on."""
+    temperature would give without scoring on the faces it was fitted on.
+    UserError when some logits are not finite (nothing to calibrate)."""
     from fer_edge.metrics import cross_fitted_probs, expected_calibration_error, nll, reliability_bins, softmax
 
+    broken = int((~np.isfinite(logits).all(axis=1)).sum())
+    if broken:
+        raise UserError(f"the model's logits of {broken} of {len(logits)} faces are not finite (NaN or inf): "
+                        f"its weights are broken")
     raw = softmax(logits)
     crossed, temps = cross_fitted_probs(logits, labels)
     # Vector scaling (fer-edge calibrate --method vector) can change predictions: its accuracy is reported with it.
@@ -300,7 +305,8 @@ def set_checkpoint_vector_scaling(src, scale, shift, out, record: dict, force: b
     (``LOGIT_LAYERS``): every runtime then computes calibrated logits with no
     change, since the bundle's graph is made from these weights.  The stored
     temperature becomes 1 (the scales include it); ``record`` (what was fitted,
-    on what) goes into the metadata's ``calibration``.  UserError for a model
+    on what) goes into the metadata's ``calibration``, relative to ``src``'s
+    logits, with ``src``'s own record as its ``previous``.  UserError for a model
     without one logit layer."""
     import json
 
@@ -323,9 +329,16 @@ def set_checkpoint_vector_scaling(src, scale, shift, out, record: dict, force: b
     state = load_file(str(src))
     w, b = state[f"{layer}.weight"], state[f"{layer}.bias"]
     state[f"{layer}.weight"], state[f"{layer}.bias"] = fold_logit_affine(w, b, scale, shift)
+    if not all(torch.isfinite(state[f"{layer}.{k}"]).all() for k in ("weight", "bias")):
+        kind = str(w.dtype).removeprefix("torch.")
+        raise UserError(f"{src}: vector scaling folded into {layer} overflows its {kind} weights; "
+                        f"use --method temperature")
     meta["preprocess"] = dict(meta["preprocess"], temperature=1.0)
+    earlier = meta.get("calibration")
     meta["calibration"] = dict(record, method="vector", scale=[round(float(v), 6) for v in scale],
                                shift=[round(float(v), 6) for v in shift])
+    if earlier:  # already folded into the weights: kept, so the record still describes them all
+        meta["calibration"]["previous"] = earlier
     header[META_KEY] = json.dumps(meta)
     write_atomic(Path(out), lambda tmp: save_file(state, tmp, metadata=header), force=force)
     return meta

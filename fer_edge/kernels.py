@@ -223,7 +223,8 @@ def splitk_buffers(x: torch.Tensor, ctot: int) -> tuple[torch.Tensor, torch.Tens
     """The small-batch kernel's float32 workspace and int32 tile counters for
     input x (CUDA) and ctot output channels, sized by the kernel's own launch
     plan.  The counters start at zero and every call leaves them at zero, so a
-    module keeps one pair per shape (and a CUDA graph can replay it)."""
+    module keeps one pair per shape (and a CUDA graph can replay it).  Sized
+    for "splitk": "mma" (16 input channels per step, never more splits) fits."""
     n, c, h, w = x.shape
     plan = _C.splitk_plan(n, c, h, w, ctot, _C.sm_count(x.device.index or 0))
     ws = torch.empty(max(1, plan["workspace_floats"]), dtype=torch.float32, device=x.device)
@@ -272,7 +273,7 @@ def _fused_ms_conv_op(
         if wp is None:  # a caller without a cached pack (FusedMultiScaleConv keeps one) packs per call
             wp = pack_ms_weights(w1, w3, w5)
         check_packed_weights(wp, x, c1 + c3 + c5)
-        if kernel == KERNEL_CODES["splitk"] and (ws is None or counters is None):
+        if kernel in (KERNEL_CODES["splitk"], KERNEL_CODES["mma"]) and (ws is None or counters is None):
             ws, counters = splitk_buffers(x, c1 + c3 + c5)
         # The CUDA kernels read only wp (and the biases); w1/w3/w5 pass for the argument checks.
         ptrs = [t.data_ptr() for t in (x, out, w1, b1, w3, b3, w5, b5)]
@@ -384,7 +385,8 @@ def fused_ms_conv(x, w1, b1, w3, b3, w5, b5, relu: bool = True, wp=None, kernel:
     weights do not change so a CUDA call does not re-pack them (the CPU
     kernel does not use it: see CpuPackedMsConv).
     kernel: on CUDA, which of fer_edge's kernels: "simt", "wmma" (float16,
-    tensor cores) or "splitk" (small batches); None = fer_edge.dispatch.direct_kernel()
+    tensor cores), "splitk" (small batches) or "mma" (splitk on tensor cores,
+    float16, sm_80+); None = fer_edge.dispatch.direct_kernel()
     (simt unless FER_EDGE_CUDA_KERNEL names another).  buffers: splitk_buffers(x, ctot),
     kept by callers that run one shape repeatedly (else allocated per call).
     """

@@ -173,10 +173,14 @@ def fit_vector_scaling(logits, y_true, ridge: float = 1e-4, steps: int = 50) -> 
     a few predictions.  The NLL is convex in (scale, shift) (the logits are
     linear in them), so damped Newton steps find its minimum; the small ridge
     pulls towards (1/T, 0) and fixes the shifts' common offset, which softmax
-    ignores."""
+    ignores.  ValueError for logits that are not finite; logits so large that a
+    Newton step cannot be taken (float64 overflow, a singular Hessian) end
+    the steps where they are."""
     z = np.asarray(logits, dtype=np.float64)
     y = np.asarray(y_true, dtype=np.int64)
     n, k = z.shape
+    if not np.isfinite(z).all():
+        raise ValueError("logits are not finite")
     if n == 0:
         return np.ones(k), np.zeros(k)
     prior = np.r_[np.full(k, 1.0 / fit_temperature(z, y)), np.zeros(k)]
@@ -189,23 +193,36 @@ def fit_vector_scaling(logits, y_true, ridge: float = 1e-4, steps: int = 50) -> 
         return float((lse - zz[np.arange(n), y]).mean() + ridge * np.sum((theta - prior) ** 2))
 
     theta = prior.copy()
-    current = loss(theta)
+    with np.errstate(all="ignore"):
+        current = loss(theta)
     for _ in range(steps):
-        p = softmax(vector_scale(z, theta[:k], theta[k:]))
-        r = p - onehot                                        # dNLL/dlogit, per face
-        grad = np.r_[(r * z).mean(axis=0), r.mean(axis=0)] + 2 * ridge * (theta - prior)
-        # Hessian of the mean NLL in the scaled logits, diag(p) - p p^T, carried to
-        # (scale, shift) by the Jacobian [diag(z), I].
-        jac = np.concatenate([z[:, :, None] * np.eye(k), np.broadcast_to(np.eye(k), (n, k, k))], axis=2)
-        h = np.einsum("nai,nab,nbj->ij", jac, p[:, :, None] * np.eye(k) - p[:, :, None] * p[:, None, :], jac) / n
-        step = np.linalg.solve(h + 2 * ridge * np.eye(2 * k), grad)
+        with np.errstate(all="ignore"):
+            p = softmax(vector_scale(z, theta[:k], theta[k:]))
+            r = p - onehot                                        # dNLL/dlogit, per face
+            grad = np.r_[(r * z).mean(axis=0), r.mean(axis=0)] + 2 * ridge * (theta - prior)
+            # Hessian of the mean NLL in the scaled logits, diag(p) - p p^T, carried to
+            # (scale, shift) by the Jacobian [diag(z), I].
+            jac = np.concatenate([z[:, :, None] * np.eye(k), np.broadcast_to(np.eye(k), (n, k, k))], axis=2)
+            h = np.einsum("nai,nab,nbj->ij", jac, p[:, :, None] * np.eye(k) - p[:, :, None] * p[:, None, :],
+                          jac) / n
+        if not (np.isfinite(current) and np.isfinite(grad).all() and np.isfinite(h).all()):
+            break
+        try:
+            step = np.linalg.solve(h + 2 * ridge * np.eye(2 * k), grad)
+        except np.linalg.LinAlgError:
+            break
+        if not np.isfinite(step).all():
+            break
         t = 1.0
-        while t > 1e-4 and loss(theta - t * step) > current - 1e-4 * t * grad @ step:
-            t /= 2
+        # "not <=" so that a NaN loss (overflow) is a failed try, never a step taken.
+        with np.errstate(all="ignore"):
+            while t > 1e-4 and not loss(theta - t * step) <= current - 1e-4 * t * grad @ step:
+                t /= 2
         if t <= 1e-4:
             break
         theta = theta - t * step
-        new = loss(theta)
+        with np.errstate(all="ignore"):
+            new = loss(theta)
         if current - new < 1e-10:
             current = new
             break

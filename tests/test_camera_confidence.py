@@ -68,6 +68,102 @@ def test_vector_scaling_recovers_per_class_scales_that_one_temperature_cannot():
     assert s0.tolist() == [1, 1, 1] and b0.tolist() == [0, 0, 0]
 
 
+def test_vector_scaling_stays_finite_on_degenerate_logits():
+    """Logits a float32 model can give (equal rows near its largest value: a
+    singular Newton system), a single face, one class, K = 1: finite scales and
+    probabilities that sum to 1, the same on every call, never a worse NLL than
+    the temperature they start from; logits that are not finite are refused."""
+    row = np.array([-1e20, -1e20, 3.4e38, 1.0, 0.0, 3.4e38, 0.0], np.float32)
+    cases = [(np.tile(row, (35, 1)), np.repeat(np.arange(7), 5)),       # np.linalg.solve: singular matrix
+             (np.array([[1e20, 1e20]]), np.array([0])),
+             (np.array([[3.0, -1.0, 0.5]] * 2), np.array([1, 1])),
+             (np.random.default_rng(2).normal(size=(3, 7)), np.array([0, 0, 0])),
+             (np.ones((4, 1)), np.zeros(4, int))]
+    for z, y in cases:
+        s, b = fit_vector_scaling(z, y)
+        assert np.isfinite(s).all() and np.isfinite(b).all(), (z, s, b)
+        again = fit_vector_scaling(z, y)
+        assert s.tolist() == again[0].tolist() and b.tolist() == again[1].tolist()
+        assert nll(vector_scale(z, s, b), y) <= nll(z, y, fit_temperature(z, y)) + 1e-9
+        probs, _ = cross_fitted_probs(z, y, method="vector")
+        assert np.isfinite(probs).all() and np.allclose(probs.sum(axis=1), 1.0)
+    s, b = fit_vector_scaling(np.tile(row, (35, 1)), np.repeat(np.arange(7), 5))
+    assert s.tolist() == pytest.approx([0.05] * 7, abs=1e-3)   # stopped at 1/T (T at its bound, 20)
+    for bad in (np.nan, np.inf, -np.inf):
+        z = np.zeros((4, 3))
+        z[2, 1] = bad
+        with pytest.raises(ValueError, match="not finite"):
+            fit_vector_scaling(z, np.arange(4) % 3)
+
+
+def test_calibration_report_refuses_logits_that_are_not_finite():
+    """eval on a model whose logits overflow: one UserError, not NaN percentages;
+    three faces (one in a half) still give finite numbers."""
+    from fer_edge import UserError
+    from fer_edge.evaluate import calibration_report, format_report
+
+    z = np.random.default_rng(3).normal(size=(6, 7)).astype(np.float32)
+    z[4, 2] = np.inf
+    with pytest.raises(UserError, match="logits of 1 of 6 faces are not finite"):
+        calibration_report(z, np.arange(6))
+    report, curves = calibration_report(z[:3], np.array([0, 1, 0]))
+    assert 0 <= report["cross_fitted_vector"]["ece"] <= 1
+    assert report["cross_fitted_vector"]["accuracy"] in (0, 1 / 3, 2 / 3, 1)
+    assert np.isfinite([report["ece"], report["nll"], report["cross_fitted"]["ece"],
+                        *report["cross_fitted"]["temperatures"]]).all()
+    text = format_report({"images": 3, "arch": "macnn", "form": "train", "accuracy": 1.0, "mean_class_accuracy": 1.0,
+                          "macro_f1": 1.0, "macro_auc": None, "per_class": {}, "calibration": report})
+    assert "nan" not in text and "with vector scaling" in text
+
+
+@needs_data
+def test_calibrate_vector_refuses_what_it_cannot_fit(tmp_path):
+    """One line each: a class with no faces (its shift would remove it), a model
+    whose logits overflow (calibrate and eval), scales that overflow the
+    layer's float32 weights (nothing written); logits that only make Newton's
+    system singular are calibrated."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from fer_edge import UserError
+    from fer_edge.checkpoint import weights_or_default
+    from fer_edge.data import load_dataset
+    from fer_edge.evaluate import checkpoint_logits, set_checkpoint_vector_scaling
+    from helpers import copy_subset
+
+    src = weights_or_default(None)
+    data = copy_subset(FER / "publictest", tmp_path / "val", 2)
+    no_disgust = copy_subset(FER / "publictest", tmp_path / "nd", 2,
+                             classes=["angry", "fear", "happy", "neutral", "sad", "surprise"])
+    one_line_error(run("calibrate", "--method", "vector", "--data", no_disgust, "--out", tmp_path / "a.safetensors",
+                       "--no-progress"), "no faces of disgust")
+    with safe_open(str(src), framework="pt") as f:
+        header = dict(f.metadata())
+    state = load_file(str(src))
+
+    def variant(name, weight, bias):
+        save_file(dict(state, **{"fc.weight": weight, "fc.bias": bias}), str(tmp_path / name), metadata=header)
+        return tmp_path / name
+
+    over = variant("over.safetensors", torch.full_like(state["fc.weight"], 3e38), state["fc.bias"])
+    for cmd in (("calibrate", "--method", "vector", "--out", tmp_path / "b.safetensors"), ("eval",)):
+        one_line_error(run(*cmd, "--weights", over, "--data", data, "--no-progress"),
+                       "logits of 14 of 14 faces are not finite")
+    assert not (tmp_path / "b.safetensors").exists()
+
+    flat = variant("flat.safetensors", torch.zeros_like(state["fc.weight"]),
+                   torch.tensor([-1e20, -1e20, 3.4e38, 1.0, 0.0, 3.4e38, 0.0]))
+    proc = run("calibrate", "--method", "vector", "--weights", flat, "--data", data,
+               "--out", tmp_path / "c.safetensors", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    logits, _, _ = checkpoint_logits(tmp_path / "c.safetensors", load_dataset(data, size=48))
+    assert np.isfinite(logits).all() and logits.max() == pytest.approx(0.05 * 3.4e38, rel=1e-3)
+    with pytest.raises(UserError, match="overflows its float32 weights"):
+        set_checkpoint_vector_scaling(flat, np.full(7, 20.0), np.zeros(7), tmp_path / "d.safetensors", {})
+    assert not (tmp_path / "d.safetensors").exists()
+
+
 @needs_data
 def test_vector_scaling_folds_into_the_last_layer(tmp_path):
     """fer-edge calibrate --method vector writes a checkpoint whose logits are the
@@ -93,6 +189,7 @@ def test_vector_scaling_folds_into_the_last_layer(tmp_path):
     after, _, _ = checkpoint_logits(out, faces)
     np.testing.assert_allclose(after, vector_scale(before, cal["scale"], cal["shift"]), atol=2e-4)
     assert nll(after, labels) < nll(before, labels, fit_temperature(before, labels))
+    assert cal["previous"] == read_meta(src)["calibration"]   # the default model's own scaling, folded before
 
     lite = tmp_path / "lite.safetensors"
     save_checkpoint(lite, models.create("hsnet-lite", width=0.25))

@@ -42,7 +42,7 @@ CUDA_CASES = [c for i, c in enumerate(CASES) if i % 3 == 0]
 
 @requires_cuda
 @requires_cuda_kernel
-@pytest.mark.parametrize("kernel", ["simt", "splitk"])
+@pytest.mark.parametrize("kernel", ["simt", "splitk", "mma"])   # mma in float32 runs splitk's multiply
 @pytest.mark.parametrize("case", CUDA_CASES, ids=[_id(c) for c in CUDA_CASES])
 def test_cuda_fp32_matches_reference(case, kernel):
     n, cin, h, w, c1, c3, c5, nhwc, relu = case
@@ -61,11 +61,13 @@ FP16_CASES = CUDA_CASES + [(2, 64, 24, 24, 32, 48, 48, True, True), (1, 256, 6, 
 
 @requires_cuda
 @requires_cuda_kernel
-@pytest.mark.parametrize("kernel", ["simt", "wmma", "splitk"])
+@pytest.mark.parametrize("kernel", ["simt", "wmma", "splitk", "mma"])
 @pytest.mark.parametrize("case", FP16_CASES, ids=[_id(c) for c in FP16_CASES])
 def test_cuda_fp16_close_to_fp32_reference(case, kernel):
-    """Every fp16 kernel: SIMT, tensor-core (WMMA) and small-batch split-K."""
+    """Every fp16 kernel: SIMT, tensor-core (WMMA), small-batch split-K, and split-K on tensor cores (MMA)."""
     n, cin, h, w, c1, c3, c5, nhwc, relu = case
+    if kernel == "mma" and torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("mma.sync m16n8k16 needs compute capability 8.0+")
     args = make_inputs(n, cin, h, w, c1, c3, c5, nhwc=nhwc, device="cuda", dtype=torch.float16, seed=7)
     y = fused_ms_conv(*args, relu=relu, kernel=kernel)
     assert y.dtype == torch.float16
@@ -169,7 +171,7 @@ def test_merged_modules_follow_the_dispatch_table():
 def test_unknown_cuda_kernel_is_refused():
     from fer_edge.kernels import cuda_kernel_code
 
-    assert [cuda_kernel_code(k) for k in ("simt", "wmma", "splitk")] == [0, 1, 2]
+    assert [cuda_kernel_code(k) for k in ("simt", "wmma", "splitk", "mma")] == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="unknown CUDA kernel 'fast'"):
         cuda_kernel_code("fast")
 
@@ -177,12 +179,18 @@ def test_unknown_cuda_kernel_is_refused():
 @pytest.mark.parametrize("n,c,hw,ctot,sms", [(1, 1, 48, 64, 132), (1, 64, 24, 128, 132), (1, 256, 6, 512, 132),
                                              (1, 512, 3, 512, 132), (8, 256, 6, 512, 132), (1, 512, 3, 512, 16),
                                              (256, 64, 24, 128, 132), (1, 6, 5, 9, 132)])
-def test_splitk_plan_covers_every_input_channel_once(n, c, hw, ctot, sms):
+@pytest.mark.parametrize("tensor_cores", [False, True])
+def test_splitk_plan_covers_every_input_channel_once(n, c, hw, ctot, sms, tensor_cores):
     """The small-batch kernel's launch plan (its own host code, built in every
     variant of the extension): the slices tile the input channels exactly, in
-    multiples of the staging width; enough blocks to fill the GPU when the
-    channels allow; a workspace exactly as large as the partial sums."""
-    p = _C.splitk_plan(n, c, hw, hw, ctot, sms)
+    multiples of the staging width (4 channels, 16 on tensor cores); enough
+    blocks to fill the GPU when the channels allow; a workspace exactly as
+    large as the partial sums, and the tensor-core plan's never larger than
+    the one splitk_buffers allocates."""
+    p = _C.splitk_plan(n, c, hw, hw, ctot, sms, tensor_cores)
+    assert p["kc"] == (16 if tensor_cores else 4)
+    simt = _C.splitk_plan(n, c, hw, hw, ctot, sms)
+    assert p["splits"] <= simt["splits"] and p["workspace_floats"] <= simt["workspace_floats"]
     assert p["kslice"] % p["kc"] == 0 and p["kslice"] >= p["kc"]
     assert (p["splits"] - 1) * p["kslice"] < c <= p["splits"] * p["kslice"]   # no empty slice, none missing
     m = n * hw * hw
@@ -220,6 +228,8 @@ def test_every_dispatch_choice_matches_the_reference(seed):
         m = FusedMultiScaleConv(*ws).eval()
         for choice in CHOICES:
             if choice == "wmma" and dtype != torch.float16:
+                continue
+            if choice == "mma" and dtype == torch.float16 and torch.cuda.get_device_capability() < (8, 0):
                 continue
             m.cuda_kernel = choice
             with torch.no_grad():

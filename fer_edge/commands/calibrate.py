@@ -12,10 +12,13 @@ from fer_edge.commands.common import (FER2013_USAGES, add_classes_option, add_de
 
 def cmd_calibrate(args) -> int:
     """Fit the calibration on held-out faces, write the checkpoint with it."""
+    import numpy as np
+
     from fer_edge.checkpoint import read_meta, weights_or_default
     from fer_edge.data import load_dataset
     from fer_edge.devices import torch_device
-    from fer_edge.evaluate import ECE_BINS, checkpoint_logits, set_checkpoint_temperature, set_checkpoint_vector_scaling
+    from fer_edge.evaluate import (ECE_BINS, checkpoint_logits, remap_labels, set_checkpoint_temperature,
+                                   set_checkpoint_vector_scaling)
     from fer_edge.metrics import CALIBRATORS, cross_fitted_probs, expected_calibration_error, softmax
     from fer_edge.models.registry import LOGIT_LAYERS
 
@@ -32,7 +35,17 @@ def cmd_calibrate(args) -> int:
                         strict=args.strict, usage=args.usage, progress=not args.no_progress)
     if len(data) == 0:
         raise UserError(f"{args.data}: no labelled faces")
+    if args.method == "vector":  # a class with no faces would get a shift that removes it
+        counts = np.bincount(remap_labels(data, meta["classes"]), minlength=len(meta["classes"]))
+        missing = [c for c, n in zip(meta["classes"], counts) if n == 0]
+        if missing:
+            raise UserError(f"--method vector fits a scale and a shift per class and {args.data} has no faces of "
+                            f"{', '.join(missing)}; use faces of every class, or --method temperature")
     logits, labels, _ = checkpoint_logits(weights, data, device)
+    broken = int((~np.isfinite(logits).all(axis=1)).sum())
+    if broken:
+        raise UserError(f"{weights}: the logits of {broken} of {len(logits)} faces are not finite "
+                        f"(NaN or inf): the checkpoint's weights are broken")
     fit, apply = CALIBRATORS[args.method]
     params = fit(logits, labels)
     before = expected_calibration_error(softmax(logits), labels, ECE_BINS)

@@ -128,7 +128,7 @@ class FusedMultiScaleConv(nn.Module):
     our kernels beats cuDNN for this shape, dtype and batch; elsewhere, and
     with use_kernel=False, three plain convolutions + cat, which every
     exporter and runtime understands.  ``cuda_kernel`` (None: the table)
-    names the choice for every call instead: "cudnn", "simt", "wmma" or "splitk".
+    names the choice for every call instead: "cudnn", "simt", "wmma", "splitk" or "mma".
     """
 
     def __init__(self, w1, b1, w3, b3, w5, b5, use_kernel: bool = True):
@@ -267,7 +267,7 @@ class FusedMultiScaleConv(nn.Module):
                 return self._cpu_pack(x)
             from fer_edge.kernels import fused_ms_conv
 
-            buffers = self._splitk_buffers(x) if kernel == "splitk" else None
+            buffers = self._splitk_buffers(x) if kernel in ("splitk", "mma") else None
             return fused_ms_conv(x, *ws, wp=self._cuda_packed(x), kernel=None if kernel == "cpu" else kernel,
                                  buffers=buffers)
         return torch.cat(
