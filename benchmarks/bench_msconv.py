@@ -31,14 +31,25 @@ import torch.nn.functional as F
 
 from fer_edge.kernels import fused_ms_conv, pack_ms_weights, splitk_buffers
 
-# name: (cin, height=width, c1, c3, c5) -- the merged MAConv layers of MACNN at 48x48.
+# name: (cin, height=width, c1, c3, c5) -- the merged MAConv layers of MACNN at 48x48 (L), and
+# its plain 3x3 convolutions + ReLU (P: the single-branch case c1 = c5 = 0, on CUDA only; P3-P5
+# stand for two layers each).
 LAYERS = {
     "L1": (1, 48, 16, 24, 24),
     "L2": (64, 24, 32, 48, 48),
     "L3": (128, 12, 64, 96, 96),
     "L4": (256, 6, 128, 192, 192),
     "L5": (512, 3, 128, 192, 192),
+    "P1": (64, 48, 0, 64, 0),
+    "P2": (128, 24, 0, 128, 0),
+    "P3": (256, 12, 0, 256, 0),
+    "P4": (512, 6, 0, 512, 0),
+    "P5": (512, 3, 0, 512, 0),
 }
+
+
+def single_branch(layer) -> bool:
+    return layer[2] == 0 and layer[4] == 0
 BASELINES = ("eager", "pad5", "graph")
 ROTATE = 4  # input sets cycled through so repeated runs do not just re-read the cache
 
@@ -74,8 +85,9 @@ def cuda_kernels(dtype: str, cin: int) -> list[str]:
 
 
 def eager(x, w1, b1, w3, b3, w5, b5):
-    return torch.cat([F.relu(F.conv2d(x, w1, b1)), F.relu(F.conv2d(x, w3, b3, padding=1)),
-                      F.relu(F.conv2d(x, w5, b5, padding=2))], dim=1)
+    parts = [F.relu(F.conv2d(x, w, b, padding=w.shape[-1] // 2)) for w, b in ((w1, b1), (w3, b3), (w5, b5))
+             if w.shape[0] > 0]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # a plain conv + ReLU needs no cat
 
 
 def time_fn(fn, inputs, device, repeat, warmup=5):
@@ -129,7 +141,7 @@ def scaled(layer, width):
     """A layer of MACNN at channel width `width` (the stem keeps its 1 input channel)."""
     cin, hw, c1, c3, c5 = layer
     return (cin if cin == 1 else max(1, round(cin * width)), hw,
-            *(max(1, round(c * width)) for c in (c1, c3, c5)))
+            *(0 if c == 0 else max(1, round(c * width)) for c in (c1, c3, c5)))
 
 
 def run(args) -> list[dict]:
@@ -154,6 +166,8 @@ def run(args) -> list[dict]:
                     "eager": lambda x: eager(x, *ws),
                     "pad5": lambda x: F.relu(F.conv2d(x, w_pad, b_pad, padding=2)),
                 }
+                if single_branch(LAYERS[name]):
+                    del methods["pad5"]  # a plain 3x3 convolution: padding it to 5x5 only adds work
                 if device == "cuda":
                     # What a merged model runs: weights packed once, split-K buffers made once
                     # (FusedMultiScaleConv keeps both); every kernel of ours, timed apart.
@@ -219,14 +233,14 @@ def print_aligned(lines, left_last: bool = False):
 def print_table(rows):
     kernels = sorted({m[:-3] for r in rows for m in r
                       if m.startswith("fused_") and m.endswith("_us") and m[6:-3] in CUDA_KERNELS})
-    methods = [m for m in ("fused", "direct", "eager", "pad5", "graph") if f"{m}_us" in rows[0]]
+    methods = [m for m in ("fused", "direct", "eager", "pad5", "graph") if any(f"{m}_us" in r for r in rows)]
     head = ["layer", "n", "dtype", "algo"] + [f"{m} us" for m in methods] + \
         [f"x{m}" for m in methods[1:]] + ["x best", "GB/s", "TFLOP/s", "rel err"]
     lines = [head]
     for r in rows:
         lines.append([r["layer"], str(r["batch"]), r["dtype"], r["algo"]]
-                     + [f"{r[f'{m}_us']:.1f}" for m in methods]
-                     + [f"{r[f'speedup_vs_{m}']:.2f}" for m in methods[1:]]
+                     + [f"{r[f'{m}_us']:.1f}" if f"{m}_us" in r else "-" for m in methods]
+                     + [f"{r[f'speedup_vs_{m}']:.2f}" if f"speedup_vs_{m}" in r else "-" for m in methods[1:]]
                      + [f"{r['speedup_vs_best']:.2f}", f"{r['fused_GBps']:.1f}", f"{r['fused_TFLOPs']:.3f}",
                         f"{r['rel_err_vs_eager']:.1e}"])
     print_aligned(lines)
@@ -246,7 +260,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", help="write the table's rows to this JSON file")
-    p.add_argument("--layers", nargs="+", default=list(LAYERS), choices=list(LAYERS))
+    p.add_argument("--layers", nargs="+", choices=list(LAYERS),
+                   help="default: all on CUDA; L1-L5 on the CPU, whose kernel needs all three branches")
     p.add_argument("--batches", nargs="+", type=int, default=[1, 256])
     p.add_argument("--dtypes", nargs="+", choices=["fp32", "fp16"])
     p.add_argument("--layout", choices=["nhwc", "nchw"], default="nhwc")
@@ -258,6 +273,11 @@ def main(argv=None):
         p.error("--device cuda: no CUDA device is visible")
     if args.repeat is None:
         args.repeat = 200 if args.device == "cuda" else 10
+    cpu_layers = [k for k, v in LAYERS.items() if not single_branch(v)]
+    if args.layers is None:
+        args.layers = list(LAYERS) if args.device == "cuda" else cpu_layers
+    elif args.device == "cpu" and set(args.layers) - set(cpu_layers):
+        p.error("the single-branch layers (P1-P5) run on CUDA only")
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = run(args)

@@ -34,7 +34,7 @@ step() { echo; echo "== $1 ($(date +%T))"; }
   PKG=$($PY -c "import fer_edge, os; print(os.path.dirname(fer_edge.__file__))")
   if want bench; then
     step "layer benchmark"
-    timeout 150 $PY benchmarks/bench_msconv.py --device cuda --dtypes fp16 fp32 --batches ${BATCHES:-1 8 256} --repeat 50 \
+    timeout 240 $PY benchmarks/bench_msconv.py --device cuda --dtypes fp16 fp32 --batches ${BATCHES:-1 8 256} --repeat 50 \
       --json "$OUT/msconv.json" 2>/dev/null
     GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
     cp "$PKG/kernel_dispatch.json" "$OUT/kernel_dispatch.json"

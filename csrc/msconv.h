@@ -35,15 +35,20 @@ struct MsConvArgs {
 };
 
 // Checks every field the kernels rely on; throws std::invalid_argument (a
-// Python ValueError through pybind11) with a plain message.
-inline void validate(const MsConvArgs& a) {
+// Python ValueError through pybind11) with a plain message.  empty_branches:
+// the CUDA kernels also run a layer with no 1x1 or no 5x5 channels (a plain
+// 3x3 convolution is c1 = c5 = 0), whose weights and bias are then never read
+// (and may be null); the CPU kernel needs all three.
+inline void validate(const MsConvArgs& a, bool empty_branches = false) {
   auto fail = [](const std::string& m) { throw std::invalid_argument("fused_ms_conv: " + m); };
-  if (!a.x || !a.out || !a.w1 || !a.b1 || !a.w3 || !a.b3 || !a.w5 || !a.b5)
+  if (!a.x || !a.out || ((a.c1 > 0 || !empty_branches) && (!a.w1 || !a.b1)) || !a.w3 || !a.b3 ||
+      ((a.c5 > 0 || !empty_branches) && (!a.w5 || !a.b5)))
     fail("null data pointer");
   if (a.n < 1 || a.c < 1 || a.h < 1 || a.w < 1)
     fail("input must be non-empty (N, C, H, W >= 1), got N=" + std::to_string(a.n) +
          " C=" + std::to_string(a.c) + " H=" + std::to_string(a.h) + " W=" + std::to_string(a.w));
-  if (a.c1 < 1 || a.c3 < 1 || a.c5 < 1) fail("c1, c3 and c5 must each be >= 1");
+  if (!empty_branches && (a.c1 < 1 || a.c3 < 1 || a.c5 < 1)) fail("c1, c3 and c5 must each be >= 1");
+  if (empty_branches && (a.c1 < 0 || a.c3 < 1 || a.c5 < 0)) fail("c3 must be >= 1, c1 and c5 >= 0");
   if (a.layout != Layout::NCHW && a.layout != Layout::NHWC) fail("unknown layout");
   // The CUDA kernel indexes with 32-bit integers; keep both paths to one rule.
   const std::int64_t lim = (std::int64_t(1) << 31) - 1;

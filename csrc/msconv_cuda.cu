@@ -333,13 +333,13 @@ void launch(const MsConvArgs& a, cudaStream_t s) {
 
 void msconv_cuda(const MsConvArgs& a, DType dtype, std::uintptr_t stream, Variant variant,
                  std::uintptr_t workspace, std::uintptr_t counters) {
-  validate(a);
+  validate(a, /*empty_branches=*/true);
   if (!a.wp) throw std::invalid_argument("fused_ms_conv: the CUDA kernels need the packed weights (wp)");
   const int dev = device_of(a.x, "x");
   const std::uintptr_t ptrs[] = {a.out, a.wp, a.b1, a.b3, a.b5};
   const char* names[] = {"out", "wp", "b1", "b3", "b5"};
   for (int i = 0; i < 5; ++i)
-    if (device_of(ptrs[i], names[i]) != dev)
+    if (ptrs[i] && device_of(ptrs[i], names[i]) != dev)  // null: an empty branch's bias (validate())
       throw std::invalid_argument(std::string("fused_ms_conv: ") + names[i] + " is on another GPU than x");
   int prev = 0;
   check(cudaGetDevice(&prev), "cudaGetDevice");

@@ -92,10 +92,11 @@ def cuda_kernels_available() -> bool:
 
 
 def fused_ms_conv_reference(x, w1, b1, w3, b3, w5, b5, relu: bool = True) -> torch.Tensor:
-    """Plain-PyTorch definition of the fused layer (three convs, ReLU, cat)."""
-    y = torch.cat(
-        [F.conv2d(x, w1, b1), F.conv2d(x, w3, b3, padding=1), F.conv2d(x, w5, b5, padding=2)], dim=1
-    )
+    """Plain-PyTorch definition of the fused layer (three convs, ReLU, cat); an
+    empty branch (no output channels: a plain 3x3 convolution) is left out,
+    since PyTorch's convolutions refuse one."""
+    y = torch.cat([F.conv2d(x, w, b, padding=w.shape[-1] // 2) for w, b in ((w1, b1), (w3, b3), (w5, b5))
+                   if w.shape[0] > 0], dim=1)
     return F.relu(y) if relu else y
 
 
@@ -183,8 +184,10 @@ def check_ms_conv_inputs(x, w1, b1, w3, b3, w5, b5) -> tuple[int, int, int, bool
                 f"fused_ms_conv: {wname} must have shape (c_out, {c}, {k}, {k}) for x with {c} channels, "
                 f"got {tuple(wt.shape)}"
             )
-        if wt.shape[0] < 1:
-            raise ValueError(f"fused_ms_conv: {wname} has no output channels")
+        if wt.shape[0] < 1 and (k == 3 or x.device.type != "cuda"):
+            # CUDA runs a layer without 1x1 or 5x5 channels (a plain 3x3 convolution: c1 = c5 = 0).
+            raise ValueError(f"fused_ms_conv: {wname} has no output channels"
+                             + ("" if k == 3 else " (only the CUDA kernels take an empty 1x1 or 5x5 branch)"))
         if bt.dim() != 1 or bt.shape[0] != wt.shape[0]:
             raise ValueError(f"fused_ms_conv: {bname} must have shape ({wt.shape[0]},), got {tuple(bt.shape)}")
         counts.append(int(wt.shape[0]))

@@ -67,7 +67,9 @@ def test_every_format_converts_and_passes_parity(fmt, trained, bundles, tmp_path
     if t["max_logit"] is not None:
         assert r["max_abs_logit_diff"] <= t["max_logit"]
     if fmt.precision == "int8":
-        assert abs(r["delta_accuracy_points"]) <= t["accuracy_drop"]
+        # The gate's rule: a drop over the limit fails only when the flips say it is no accident (McNemar);
+        # on these 376 faces one point is 4 faces net (full PublicTest: docs/model-card.md).
+        assert abs(r["delta_accuracy_points"]) <= t["accuracy_drop"] or r["mcnemar_p"] >= t["alpha"], r
         assert 0 < r["max_abs_logit_diff"] < 0.5 * r["max_abs_logit"]  # really quantized, and sane
     if fmt.precision == "fp16":
         assert 1e-5 < r["max_abs_logit_diff"] < 0.05  # really half precision, and close

@@ -296,3 +296,82 @@ def test_a_merged_layer_looks_the_table_up_once_per_shape(monkeypatch):
         for n in (1, 1, 1, 2, 2, 1):
             m(torch.randn(n, 4, 6, 6, device="cuda"))
     assert [a[5] for a in calls] == [1, 2]   # the batch of each new shape, looked up once
+
+
+# ------------------------------------------------- single branch (plain 3x3)
+def test_empty_branches_are_cuda_only():
+    """A plain 3x3 convolution is the fused layer with c1 = c5 = 0: the CUDA
+    kernels take it; the CPU kernel needs all three branches and says so."""
+    x, w1, b1, w3, b3, w5, b5 = make_inputs(1, 8, 6, 6, 0, 4, 0)
+    assert w1.shape == (0, 8, 1, 1) and w5.shape == (0, 8, 5, 5)
+    with pytest.raises(ValueError, match="only the CUDA kernels take an empty 1x1 or 5x5 branch"):
+        fused_ms_conv(x, w1, b1, w3, b3, w5, b5)
+    ref = fused_ms_conv_reference(x, w1, b1, w3, b3, w5, b5)
+    torch.testing.assert_close(ref, torch.relu(torch.nn.functional.conv2d(x, w3, b3, padding=1)))
+
+
+def test_merged_plain_convs_run_the_convolution_off_cuda():
+    """ConvAct (a merged 3x3 conv + ReLU) only consults the kernels on CUDA; on
+    the CPU, and for any other convolution, it is the convolution itself, and
+    its cache over its own parameters is never saved or copied."""
+    import copy
+
+    from fer_edge import models
+    from fer_edge.models.layers import ConvAct
+    from fer_edge.reparam import merge
+
+    model = models.create("macnn", width=0.25).eval()
+    merged = merge(model)
+    plain = [m for m in merged.modules() if isinstance(m, ConvAct)]
+    assert len(plain) == 8 and all(m._single_branch() and m.use_kernel for m in plain)
+    x = torch.randn(2, 1, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), model(x), atol=1e-4, rtol=1e-4)
+    fused = plain[0]._fused_layer()
+    assert fused.channels == (0, plain[0].conv.out_channels, 0)
+    assert not any("_fused" in k for k in merged.state_dict())
+    assert copy.deepcopy(plain[0])._fused is None
+    assert all(not m.use_kernel for m in merge(model, use_kernel=False).modules() if isinstance(m, ConvAct))
+
+
+@requires_cuda
+@requires_cuda_kernel
+@pytest.mark.parametrize("kernel", ["simt", "wmma", "splitk", "mma"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n,cin,hw,cout", [(1, 64, 48, 64), (1, 512, 3, 512), (3, 40, 7, 24)])
+def test_cuda_single_branch_matches_the_convolution(kernel, dtype, n, cin, hw, cout):
+    """Every CUDA kernel on a plain 3x3 convolution + ReLU (c1 = c5 = 0)."""
+    if kernel == "wmma" and dtype != torch.float16:
+        pytest.skip("wmma is float16")
+    if kernel == "mma" and dtype == torch.float16 and torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("mma.sync m16n8k16 needs compute capability 8.0+")
+    args = make_inputs(n, cin, hw, hw, 0, cout, 0, nhwc=True, device="cuda", dtype=dtype, seed=cin)
+    y = fused_ms_conv(*args, kernel=kernel)
+    ref = fused_ms_conv_reference(*[t.cpu().double() for t in args])
+    assert y.shape == (n, cout, hw, hw)
+    assert rel_norm(y.cpu(), ref) <= (FP16_REL_NORM if dtype == torch.float16 else 1e-5)
+
+
+@requires_cuda
+@requires_cuda_kernel
+@pytest.mark.parametrize("kernel", ["splitk", "mma"])
+def test_cuda_merged_model_with_plain_convs_on_the_kernel(kernel):
+    """The merged MACNN with every plain 3x3 convolution forced onto a kernel of
+    ours gives the logits of the plain merged model (fp16, batch 1, channels_last)."""
+    from fer_edge import models
+    from fer_edge.models.layers import ConvAct
+    from fer_edge.reparam import merge
+
+    if kernel == "mma" and torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("mma.sync m16n8k16 needs compute capability 8.0+")
+    torch.manual_seed(0)
+    model = models.create("macnn", width=0.5).eval()
+    merged = merge(model).cuda().half().to(memory_format=torch.channels_last)
+    plain = merge(model, use_kernel=False).cuda().half().to(memory_format=torch.channels_last)
+    for m in merged.modules():
+        if isinstance(m, ConvAct):
+            m.cuda_kernel = kernel
+    x = torch.randn(1, 1, 48, 48, device="cuda", dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        a, b = merged(x).float(), plain(x).float()
+    assert rel_norm(a.cpu(), b.cpu()) <= 1e-2

@@ -9,14 +9,60 @@ from fer_edge import reparam
 
 
 class ConvAct(nn.Module):
-    """Deploy form of ConvBNAct: one convolution with bias, then ReLU (or nothing)."""
+    """Deploy form of ConvBNAct: one convolution with bias, then ReLU (or nothing).
 
-    def __init__(self, conv: nn.Conv2d, act: bool = True):
+    A plain 3x3 convolution + ReLU is the fused layer's single-branch case
+    (c1 = c5 = 0): with use_kernel, on CUDA, it runs fer_edge's kernel where
+    the measured dispatch table says one beats cuDNN for its shape (through a
+    FusedMultiScaleConv over the same parameters, kept out of the state dict);
+    everywhere else, and for any other convolution, the convolution itself.
+    ``cuda_kernel`` forces a choice, as FusedMultiScaleConv's does.
+    """
+
+    def __init__(self, conv: nn.Conv2d, act: bool = True, use_kernel: bool = True):
         super().__init__()
         self.conv = conv
         self.act = nn.ReLU(inplace=True) if act else nn.Identity()
+        self.use_kernel = use_kernel
+        self.cuda_kernel: str | None = None
+        self._fused = None  # (key of the parameters it was made from, FusedMultiScaleConv)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_fused"] = None  # a cache over this module's own parameters: never copied
+        return state
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._fused = None  # new weights (inference tensors have no version counter to say so)
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def _single_branch(self) -> bool:
+        c = self.conv
+        return (isinstance(self.act, nn.ReLU) and c.kernel_size == (3, 3) and c.stride == (1, 1)
+                and c.padding == (1, 1) and c.dilation == (1, 1) and c.groups == 1 and c.bias is not None
+                and c.padding_mode == "zeros")
+
+    def _fused_layer(self):
+        """The FusedMultiScaleConv computing this layer (c1 = c5 = 0), remade when
+        the parameters are replaced or changed (.to(), .half(), load_state_dict)."""
+        from fer_edge.kernels import tensor_version
+
+        w, b = self.conv.weight, self.conv.bias
+        key = (id(w), id(b), w.data_ptr(), b.data_ptr(), w.dtype, w.device, tensor_version(w), tensor_version(b))
+        if self._fused is None or self._fused[0] != key:
+            cin = w.shape[1]
+            fused = FusedMultiScaleConv(w.new_empty((0, cin, 1, 1)), b.new_empty(0), w, b,
+                                        w.new_empty((0, cin, 5, 5)), b.new_empty(0))
+            self._fused = (key, fused)
+        fused = self._fused[1]
+        fused.cuda_kernel = self.cuda_kernel
+        return fused
 
     def forward(self, x):
+        if self.use_kernel and x.device.type == "cuda" and self._single_branch():
+            fused = self._fused_layer()
+            if fused._kernel_for(x) is not None:
+                return fused(x)
         return self.act(self.conv(x))
 
 
@@ -35,7 +81,8 @@ class ConvBNAct(nn.Module):
         return self.act(self.bn(self.conv(x)))
 
     def merged(self, use_kernel: bool = True) -> ConvAct:
-        return ConvAct(reparam.fold_conv_bn(self.conv, self.bn), act=isinstance(self.act, nn.ReLU))
+        return ConvAct(reparam.fold_conv_bn(self.conv, self.bn), act=isinstance(self.act, nn.ReLU),
+                       use_kernel=use_kernel)
 
 
 class ACBlock(nn.Module):
