@@ -31,6 +31,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <climits>
 #include <stdexcept>
 #include <string>
 
@@ -48,13 +49,11 @@ struct Shape {
   bool relu;
 };
 
-// The taps a block of combined channels [co0, co0 + TN) needs: the 1x1 part
-// uses the centre only, the 3x3 part the inner 3x3, anything with 5x5
-// channels all 25.  Returns the first tap row/column and the window size.
+// The taps a block of combined channels [co0, co0 + TN) needs (packed order
+// [c5 | c3 | c1]): the 1x1 part uses the centre only, the 3x3 part the inner
+// 3x3 (which holds the centre too), anything with 5x5 channels all 25.
 __device__ __forceinline__ int window_of(int co0, const Shape& s) {
-  const int co1 = min(co0 + TN, s.ctot);
-  if (co0 >= s.c5 + s.c3) return 1;            // 1x1 channels only
-  if (co0 >= s.c5 && co1 <= s.c5 + s.c3) return 3;
+  if (co0 >= s.c5) return co0 >= s.c5 + s.c3 ? 1 : 3;
   return 5;
 }
 
@@ -75,7 +74,8 @@ __device__ __forceinline__ void finish(float* acc, bool valid, int m, int n, int
 #pragma unroll
       for (int j = 0; j < CPT; ++j) {
         const int co = co0 + cg + CGROUPS * j;
-        if (co < s.ctot) ws[(static_cast<long long>(blockIdx.z) * s.M + m) * s.ctot + co] = acc[j];
+        // [split][channel][pixel]: a warp's 32 consecutive pixels are 128 contiguous bytes.
+        if (co < s.ctot) ws[(static_cast<long long>(blockIdx.z) * s.ctot + co) * s.M + m] = acc[j];
       }
     }
     __threadfence();
@@ -91,7 +91,7 @@ __device__ __forceinline__ void finish(float* acc, bool valid, int m, int n, int
         if (co >= s.ctot) continue;
         float v = 0.f;
         for (int z = 0; z < s.splits; ++z)  // .cg: straight from L2, never a stale L1 line
-          v += __ldcg(&ws[(static_cast<long long>(z) * s.M + m) * s.ctot + co]);
+          v += __ldcg(&ws[(static_cast<long long>(z) * s.ctot + co) * s.M + m]);
         acc[j] = v;
       }
     }
@@ -224,6 +224,8 @@ __device__ __forceinline__ void mma_16816(float* d, unsigned a0, unsigned a1, un
       "{%0,%1,%2,%3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+  __trap();  // code for an older architecture: never skip the multiply silently (launch() refuses it first)
 #endif
 }
 
@@ -362,8 +364,19 @@ void launch(const MsConvArgs& a, DType dtype, std::uintptr_t stream_handle, int 
   if (p.splits > 1 && (!workspace || !counters))
     throw std::invalid_argument("fused_ms_conv (splitk): this shape needs a workspace and counters "
                                 "(fer_edge.kernels allocates them from splitk_plan)");
-  if (p.m_tiles > 2147483647 || p.n_tiles > 65535 || p.splits > 65535)
+  // Pixel indices are 32-bit: the last tile's blockIdx.x * TM + 31 must not overflow.
+  if (a.n * a.h * a.w > static_cast<std::int64_t>(INT_MAX) - TM || p.n_tiles > 65535 || p.splits > 65535)
     throw std::invalid_argument("fused_ms_conv (splitk): shape too large for the small-batch kernel");
+  if (mma) {
+    // The device may be sm_80+ while this build only holds older code for it (the driver
+    // JIT-compiles compute_75 PTX, whose kernel has no mma.sync): refuse rather than trap.
+    cudaFuncAttributes fa{};
+    check(cudaFuncGetAttributes(&fa, a.layout == Layout::NHWC ? splitk_mma_kernel<true> : splitk_mma_kernel<false>),
+          "cudaFuncGetAttributes");
+    if (fa.ptxVersion < 80)  // the architecture the loaded code was compiled for, JIT or not
+      throw std::invalid_argument("fused_ms_conv: this build has no sm_80+ code for the mma kernel on this GPU "
+                                  "(build for its architecture); choose splitk");
+  }
   Shape s{};
   s.N = static_cast<int>(a.n);
   s.C = static_cast<int>(a.c);

@@ -235,6 +235,19 @@ def splitk_buffers(x: torch.Tensor, ctot: int) -> tuple[torch.Tensor, torch.Tens
     return ws, counters
 
 
+def check_splitk_buffers(ws, counters, x: torch.Tensor, ctot: int) -> None:
+    """Caller-kept buffers must be what splitk_buffers makes for this input: the
+    kernel writes ws and the counters with no bounds of its own."""
+    n, c, h, w = x.shape
+    plan = _C.splitk_plan(n, c, h, w, ctot, _C.sm_count(x.device.index or 0))
+    for t, name, dtype, size in ((ws, "workspace", torch.float32, plan["workspace_floats"]),
+                                 (counters, "counters", torch.int32, plan["counters"])):
+        if (not isinstance(t, torch.Tensor) or t.dtype != dtype or t.device != x.device or not t.is_contiguous()
+                or t.numel() < size):
+            raise ValueError(f"fused_ms_conv: buffers' {name} must be splitk_buffers(x, ctot)'s for this input "
+                             f"({dtype}, contiguous, on {x.device}, at least {size} elements)")
+
+
 # ws and counters are scratch: the split-K kernel writes partial sums to ws and
 # leaves every counter at zero, as it found it, so no caller can observe a
 # change.  Declared functional, which keeps the op differentiable (PyTorch
@@ -276,8 +289,11 @@ def _fused_ms_conv_op(
         if wp is None:  # a caller without a cached pack (FusedMultiScaleConv keeps one) packs per call
             wp = pack_ms_weights(w1, w3, w5)
         check_packed_weights(wp, x, c1 + c3 + c5)
-        if kernel in (KERNEL_CODES["splitk"], KERNEL_CODES["mma"]) and (ws is None or counters is None):
-            ws, counters = splitk_buffers(x, c1 + c3 + c5)
+        if kernel in (KERNEL_CODES["splitk"], KERNEL_CODES["mma"]):
+            if ws is None or counters is None:
+                ws, counters = splitk_buffers(x, c1 + c3 + c5)
+            else:
+                check_splitk_buffers(ws, counters, x, c1 + c3 + c5)
         # The CUDA kernels read only wp (and the biases); w1/w3/w5 pass for the argument checks.
         ptrs = [t.data_ptr() for t in (x, out, w1, b1, w3, b3, w5, b5)]
         stream = torch.cuda.current_stream(x.device).cuda_stream

@@ -375,3 +375,22 @@ def test_cuda_merged_model_with_plain_convs_on_the_kernel(kernel):
     with torch.no_grad():
         a, b = merged(x).float(), plain(x).float()
     assert rel_norm(a.cpu(), b.cpu()) <= 1e-2
+
+
+@requires_cuda
+@requires_cuda_kernel
+def test_cuda_refuses_buffers_made_for_another_input():
+    """The split-K kernels write their workspace and counters unchecked: buffers
+    kept by a caller must be splitk_buffers' for this very input."""
+    from fer_edge.kernels import splitk_buffers
+
+    args = make_inputs(1, 256, 6, 6, 128, 192, 192, nhwc=True, device="cuda", dtype=torch.float16)
+    small = make_inputs(1, 256, 3, 3, 128, 192, 192, nhwc=True, device="cuda", dtype=torch.float16)[0]
+    ws, counters = splitk_buffers(small, 512)
+    with pytest.raises(ValueError, match="splitk_buffers"):
+        fused_ms_conv(*args, kernel="splitk", buffers=(ws, counters))
+    ws, counters = splitk_buffers(args[0], 512)
+    with pytest.raises(ValueError, match="splitk_buffers"):
+        fused_ms_conv(*args, kernel="mma", buffers=(ws.half(), counters))
+    y = fused_ms_conv(*args, kernel="splitk", buffers=(ws, counters))
+    assert rel_norm(y.cpu(), fused_ms_conv_reference(*[t.cpu().double() for t in args])) <= FP16_REL_NORM
