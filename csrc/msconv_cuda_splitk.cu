@@ -111,6 +111,17 @@ __device__ __forceinline__ void finish(float* acc, bool valid, int m, int n, int
   }
 }
 
+// 16 bytes of packed weights at once (8 halves or 4 floats): allowed when every
+// row of wp starts 16-byte aligned (ctot a multiple of the vector, wp aligned),
+// a per-launch fact; otherwise the stages load one weight at a time.
+template <typename T>
+__host__ __device__ constexpr int vec_of() { return 16 / static_cast<int>(sizeof(T)); }
+
+template <typename T>
+__device__ __forceinline__ bool vector_weights(const T* wp, const Shape& s) {
+  return s.ctot % vec_of<T>() == 0 && reinterpret_cast<std::uintptr_t>(wp) % 16 == 0;
+}
+
 // One shared-memory stage of KC input channels [ci0, ci0 + KC) for a block whose
 // channels read a WIN x WIN window (offset OFF into the 5x5 taps): gather the
 // input its pixels read and the weights, then accumulate.
@@ -136,12 +147,27 @@ __device__ __forceinline__ void stage(const T* __restrict__ x, const T* __restri
     s_in[t][k][p] = v;
   }
   // Weights: consecutive threads read consecutive output channels (coalesced).
-  for (int e = tid; e < NT * KC * TN; e += THREADS) {
-    const int j = e % TN, k = (e / TN) % KC, t = e / (TN * KC);
-    const int tap = (OFF + t / WIN) * 5 + OFF + t % WIN;
-    const int ci = ci0 + k, co = co0 + j;
-    s_w[t][k][j] = (ci < ci_end && co < s.ctot) ? to_f(wp[(static_cast<long long>(tap) * s.C + ci) * s.ctot + co])
-                                                 : 0.f;
+  if (vector_weights(wp, s)) {
+    constexpr int V = vec_of<T>(), TNV = TN / V;
+    for (int e = tid; e < NT * KC * TNV; e += THREADS) {
+      const int jv = e % TNV, k = (e / TNV) % KC, t = e / (TNV * KC);
+      const int tap = (OFF + t / WIN) * 5 + OFF + t % WIN;
+      const int ci = ci0 + k, co = co0 + jv * V;  // co % V == 0 and ctot % V == 0: all V in or all out
+      uint4 raw = make_uint4(0, 0, 0, 0);
+      if (ci < ci_end && co < s.ctot)
+        raw = *reinterpret_cast<const uint4*>(wp + (static_cast<long long>(tap) * s.C + ci) * s.ctot + co);
+      const T* v = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int i = 0; i < V; ++i) s_w[t][k][jv * V + i] = to_f(v[i]);
+    }
+  } else {
+    for (int e = tid; e < NT * KC * TN; e += THREADS) {
+      const int j = e % TN, k = (e / TN) % KC, t = e / (TN * KC);
+      const int tap = (OFF + t / WIN) * 5 + OFF + t % WIN;
+      const int ci = ci0 + k, co = co0 + j;
+      s_w[t][k][j] = (ci < ci_end && co < s.ctot) ? to_f(wp[(static_cast<long long>(tap) * s.C + ci) * s.ctot + co])
+                                                   : 0.f;
+    }
   }
   __syncthreads();
 #pragma unroll
@@ -254,11 +280,27 @@ __device__ __forceinline__ void stage_mma(const __half* __restrict__ x, const __
                  : ((static_cast<long long>(n) * s.C + ci) * s.H + iy) * s.W + ix];
     s_a[tt][p][k] = v;
   }
-  for (int e = tid; e < nt * KC_MMA * TN; e += THREADS) {
-    const int j = e % TN, k = (e / TN) % KC_MMA, tt = e / (TN * KC_MMA), t = t0 + tt;
-    const int tap = (OFF + t / WIN) * 5 + OFF + t % WIN;
-    const int ci = ci0 + k, co = co0 + j;
-    s_b[tt][j][k] = (ci < ci_end && co < s.ctot) ? wp[(static_cast<long long>(tap) * s.C + ci) * s.ctot + co] : zero;
+  if (vector_weights(wp, s)) {  // 8 output channels per 16-byte load, stored transposed
+    constexpr int V = vec_of<__half>(), TNV = TN / V;
+    for (int e = tid; e < nt * KC_MMA * TNV; e += THREADS) {
+      const int jv = e % TNV, k = (e / TNV) % KC_MMA, tt = e / (TNV * KC_MMA), t = t0 + tt;
+      const int tap = (OFF + t / WIN) * 5 + OFF + t % WIN;
+      const int ci = ci0 + k, co = co0 + jv * V;
+      uint4 raw = make_uint4(0, 0, 0, 0);
+      if (ci < ci_end && co < s.ctot)
+        raw = *reinterpret_cast<const uint4*>(wp + (static_cast<long long>(tap) * s.C + ci) * s.ctot + co);
+      const __half* v = reinterpret_cast<const __half*>(&raw);
+#pragma unroll
+      for (int i = 0; i < V; ++i) s_b[tt][jv * V + i][k] = v[i];
+    }
+  } else {
+    for (int e = tid; e < nt * KC_MMA * TN; e += THREADS) {
+      const int j = e % TN, k = (e / TN) % KC_MMA, tt = e / (TN * KC_MMA), t = t0 + tt;
+      const int tap = (OFF + t / WIN) * 5 + OFF + t % WIN;
+      const int ci = ci0 + k, co = co0 + j;
+      s_b[tt][j][k] = (ci < ci_end && co < s.ctot) ? wp[(static_cast<long long>(tap) * s.C + ci) * s.ctot + co]
+                                                   : zero;
+    }
   }
   __syncthreads();
   const int lane = tid % 32, warp = tid / 32;
