@@ -157,8 +157,11 @@ __device__ __forceinline__ void stage(const T* __restrict__ x, const T* __restri
       if (ci < ci_end && co < s.ctot)
         raw = *reinterpret_cast<const uint4*>(wp + (static_cast<long long>(tap) * s.C + ci) * s.ctot + co);
       const T* v = reinterpret_cast<const T*>(&raw);
+      // float4 stores: scalar ones V floats apart would put V threads on one bank.
+      float4* dst = reinterpret_cast<float4*>(&s_w[t][k][jv * V]);
 #pragma unroll
-      for (int i = 0; i < V; ++i) s_w[t][k][jv * V + i] = to_f(v[i]);
+      for (int i = 0; i < V / 4; ++i)
+        dst[i] = make_float4(to_f(v[4 * i]), to_f(v[4 * i + 1]), to_f(v[4 * i + 2]), to_f(v[4 * i + 3]));
     }
   } else {
     for (int e = tid; e < NT * KC * TN; e += THREADS) {
@@ -187,7 +190,7 @@ __global__ void __launch_bounds__(THREADS)
 splitk_kernel(const T* __restrict__ x, T* __restrict__ out, const T* __restrict__ wp,
               const T* __restrict__ b1, const T* __restrict__ b3, const T* __restrict__ b5,
               float* __restrict__ ws, int* __restrict__ counters, Shape s) {
-  __shared__ float s_w[25][KC][TN];
+  __shared__ __align__(16) float s_w[25][KC][TN];
   __shared__ float s_in[25][KC][TM];
   __shared__ int s_n[TM], s_y[TM], s_x[TM];
   __shared__ int s_last;

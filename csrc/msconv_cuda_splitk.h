@@ -22,7 +22,7 @@ struct Plan {
   int m_tiles = 0, n_tiles = 0;  // grid x, y
   int splits = 1;                // grid z: slices of the input channels
   int kslice = 0;                // input channels per slice (a multiple of KC)
-  std::int64_t workspace_floats = 0;  // float32 partial sums (splits x n*h*w x ctot), 0 without split-K
+  std::int64_t workspace_floats = 0;  // float32 partial sums (splits x ctot x n*h*w), 0 without split-K
   std::int64_t counters = 0;          // int32 per-tile arrival counters, zero-initialised once
 };
 
