@@ -57,8 +57,14 @@ __device__ __forceinline__ int window_of(int co0, const Shape& s) {
   return 5;
 }
 
-// The end of a block, shared by both kernels: acc holds channels co0 + cg +
-// CGROUPS * j of pixel m.  With split-K, publish the partial sums; the tile's
+// A thread's j-th channel in its block: 8 consecutive ones per channel group,
+// so the SIMT multiply reads a thread's 8 weights as two float4s (a warp is one
+// channel group: a broadcast).
+static_assert(CPT == 8, "the multiply reads a thread's weights as two float4s");
+__device__ __forceinline__ int channel_of(int cg, int j) { return cg * CPT + j; }
+
+// The end of a block, shared by both kernels: acc holds channels co0 +
+// channel_of(cg, j) of pixel m.  With split-K, publish the partial sums; the tile's
 // last block to arrive (a counter per tile, reset by that block, so the kernel
 // is re-entrant and CUDA-graph safe) adds them all, then bias, ReLU and the
 // store into the concatenated output.  Every thread of the block calls it.
@@ -73,7 +79,7 @@ __device__ __forceinline__ void finish(float* acc, bool valid, int m, int n, int
     if (valid) {
 #pragma unroll
       for (int j = 0; j < CPT; ++j) {
-        const int co = co0 + cg + CGROUPS * j;
+        const int co = co0 + channel_of(cg, j);
         // [split][channel][pixel]: a warp's 32 consecutive pixels are 128 contiguous bytes.
         if (co < s.ctot) ws[(static_cast<long long>(blockIdx.z) * s.ctot + co) * s.M + m] = acc[j];
       }
@@ -87,7 +93,7 @@ __device__ __forceinline__ void finish(float* acc, bool valid, int m, int n, int
     if (valid) {
 #pragma unroll
       for (int j = 0; j < CPT; ++j) {
-        const int co = co0 + cg + CGROUPS * j;
+        const int co = co0 + channel_of(cg, j);
         if (co >= s.ctot) continue;
         float v = 0.f;
         for (int z = 0; z < s.splits; ++z)  // .cg: straight from L2, never a stale L1 line
@@ -100,7 +106,7 @@ __device__ __forceinline__ void finish(float* acc, bool valid, int m, int n, int
   if (!valid) return;
 #pragma unroll
   for (int j = 0; j < CPT; ++j) {
-    const int co = co0 + cg + CGROUPS * j;
+    const int co = co0 + channel_of(cg, j);
     if (co >= s.ctot) continue;
     int oc;
     const float bias = bias_and_channel(co, s, b1, b3, b5, oc);
@@ -178,8 +184,16 @@ __device__ __forceinline__ void stage(const T* __restrict__ x, const T* __restri
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
       const float xv = s_in[t][k][pm];  // a warp: 32 consecutive pixels, no bank conflict
-#pragma unroll
-      for (int j = 0; j < CPT; ++j) acc[j] = fmaf(xv, s_w[t][k][cg + CGROUPS * j], acc[j]);  // broadcast
+      const float4* w4 = reinterpret_cast<const float4*>(&s_w[t][k][channel_of(cg, 0)]);  // broadcast
+      const float4 wa = w4[0], wb = w4[1];
+      acc[0] = fmaf(xv, wa.x, acc[0]);
+      acc[1] = fmaf(xv, wa.y, acc[1]);
+      acc[2] = fmaf(xv, wa.z, acc[2]);
+      acc[3] = fmaf(xv, wa.w, acc[3]);
+      acc[4] = fmaf(xv, wb.x, acc[4]);
+      acc[5] = fmaf(xv, wb.y, acc[5]);
+      acc[6] = fmaf(xv, wb.z, acc[6]);
+      acc[7] = fmaf(xv, wb.w, acc[7]);
     }
   }
   __syncthreads();
@@ -383,7 +397,7 @@ splitk_mma_kernel(const __half* __restrict__ x, __half* __restrict__ out, const 
   __syncthreads();
   float acc[CPT];
 #pragma unroll
-  for (int j = 0; j < CPT; ++j) acc[j] = s_c[pm][cg + CGROUPS * j];
+  for (int j = 0; j < CPT; ++j) acc[j] = s_c[pm][channel_of(cg, j)];
   finish<__half, NHWC>(acc, valid, m, n, oy, ox, co0, cg, s, out, b1, b3, b5, ws, counters, &s_last);
 }
 
