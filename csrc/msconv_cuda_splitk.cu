@@ -57,6 +57,40 @@ __device__ __forceinline__ int window_of(int co0, const Shape& s) {
   return 5;
 }
 
+// What a block and each of its threads work on, the tiling both kernels share:
+// a warp is 32 pixels of one channel group; the block's pixels go to shared
+// memory for the gathers (n = -1: past the batch).
+struct Block {
+  int tid, pm, cg, m, co0, ci_begin, ci_end, win, n, oy, ox;
+  bool valid;
+};
+
+__device__ __forceinline__ Block block_of(const Shape& s, int* s_n, int* s_y, int* s_x) {
+  Block b{};
+  b.tid = threadIdx.x;
+  b.pm = b.tid % TM;
+  b.cg = b.tid / TM;
+  b.m = blockIdx.x * TM + b.pm;  // flattened output pixel (n, y, x)
+  b.co0 = blockIdx.y * TN;
+  b.ci_begin = blockIdx.z * s.kslice;
+  b.ci_end = min(s.C, b.ci_begin + s.kslice);
+  b.win = window_of(b.co0, s);
+  b.valid = b.m < s.M;
+  if (b.valid) {
+    b.n = b.m / (s.H * s.W);
+    const int p = b.m % (s.H * s.W);
+    b.oy = p / s.W;
+    b.ox = p % s.W;
+  }
+  if (b.tid < TM) {
+    s_n[b.tid] = b.valid ? b.n : -1;
+    s_y[b.tid] = b.oy;
+    s_x[b.tid] = b.ox;
+  }
+  __syncthreads();
+  return b;
+}
+
 // A thread's j-th channel in its block: 8 consecutive ones per channel group,
 // so the SIMT multiply reads a thread's 8 weights as two float4s (a warp is one
 // channel group: a broadcast).
@@ -209,28 +243,7 @@ splitk_kernel(const T* __restrict__ x, T* __restrict__ out, const T* __restrict_
   __shared__ int s_n[TM], s_y[TM], s_x[TM];
   __shared__ int s_last;
 
-  const int tid = threadIdx.x;
-  const int pm = tid % TM, cg = tid / TM;           // a warp: 32 pixels, one channel group
-  const int m = blockIdx.x * TM + pm;               // flattened output pixel (n, y, x)
-  const int co0 = blockIdx.y * TN;
-  const int ci_begin = blockIdx.z * s.kslice;
-  const int ci_end = min(s.C, ci_begin + s.kslice);
-  const int win = window_of(co0, s);
-
-  int n = 0, oy = 0, ox = 0;
-  const bool valid = m < s.M;
-  if (valid) {
-    n = m / (s.H * s.W);
-    const int p = m % (s.H * s.W);
-    oy = p / s.W;
-    ox = p % s.W;
-  }
-  if (tid < TM) {  // the block's pixels, for the gathers (n = -1: past the batch)
-    s_n[tid] = valid ? n : -1;
-    s_y[tid] = oy;
-    s_x[tid] = ox;
-  }
-  __syncthreads();
+  const auto [tid, pm, cg, m, co0, ci_begin, ci_end, win, n, oy, ox, valid] = block_of(s, s_n, s_y, s_x);
   float acc[CPT];
 #pragma unroll
   for (int j = 0; j < CPT; ++j) acc[j] = 0.f;
@@ -346,28 +359,7 @@ splitk_mma_kernel(const __half* __restrict__ x, __half* __restrict__ out, const 
   __shared__ int s_n[TM], s_y[TM], s_x[TM];
   __shared__ int s_last;
 
-  const int tid = threadIdx.x;
-  const int pm = tid % TM, cg = tid / TM;
-  const int m = blockIdx.x * TM + pm;
-  const int co0 = blockIdx.y * TN;
-  const int ci_begin = blockIdx.z * s.kslice;
-  const int ci_end = min(s.C, ci_begin + s.kslice);
-  const int win = window_of(co0, s);
-
-  int n = 0, oy = 0, ox = 0;
-  const bool valid = m < s.M;
-  if (valid) {
-    n = m / (s.H * s.W);
-    const int p = m % (s.H * s.W);
-    oy = p / s.W;
-    ox = p % s.W;
-  }
-  if (tid < TM) {
-    s_n[tid] = valid ? n : -1;
-    s_y[tid] = oy;
-    s_x[tid] = ox;
-  }
-  __syncthreads();
+  const auto [tid, pm, cg, m, co0, ci_begin, ci_end, win, n, oy, ox, valid] = block_of(s, s_n, s_y, s_x);
   float c[2][4] = {};
   const int ntaps = win * win;
   for (int ci0 = ci_begin; ci0 < ci_end; ci0 += KC_MMA) {
