@@ -12,6 +12,8 @@ Rows (each timed in the same run, same input, same weights):
                  shape, dtype and batch (cuDNN where nothing was measured faster)
   kernel+graph   `kernel` captured in one CUDA graph (CUDA only)
   splitk+graph   every MAConv forced to the small-batch split-K kernel, in a CUDA graph (CUDA only)
+  cutlass+graph  every MAConv with channels in multiples of 8 forced to the large-batch CUTLASS
+                 path, in a CUDA graph (fp16, sm_80+, builds with it)
 Columns: median milliseconds per batch, images/s, speed-up over
 `merged+compile` (x compile) and over `train`, and the relative error of the
 logits against the float32 merged model (a speed trick may not change results).
@@ -35,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_msconv import graphed, print_aligned, time_fn  # noqa: E402
 
 from fer_edge import models  # noqa: E402
+from fer_edge.kernels import build_info  # noqa: E402
 from fer_edge.reparam import merge  # noqa: E402
 
 ROTATE = 4
@@ -77,15 +80,20 @@ def variants(train, device: str, dtype, compile_mode: str, sample):
     if device == "cuda":
         out["kernel+graph"] = lambda: graphed(fused, sample)
         out["splitk+graph"] = lambda: graphed(forced(prep(merge(train, use_kernel=True)), "splitk"), sample)
+        if dtype == torch.float16 and build_info().get("cutlass") and torch.cuda.get_device_capability() >= (8, 0):
+            out["cutlass+graph"] = lambda: graphed(forced(prep(merge(train, use_kernel=True)), "cutlass"), sample)
     return out
 
 
 def forced(model, kernel: str):
-    """Every multi-scale layer of a merged model runs `kernel`, whatever the dispatch table says."""
+    """Every multi-scale layer of a merged model runs `kernel`, whatever the dispatch table says
+    (cutlass: every one whose channels it takes, in multiples of 8; the table decides the others)."""
     from fer_edge.models.layers import FusedMultiScaleConv
 
     for m in model.modules():
         if isinstance(m, FusedMultiScaleConv):
+            if kernel == "cutlass" and any(c % 8 for c in (m.w1.shape[1], *m.channels)):
+                continue
             m.cuda_kernel = kernel
     return model
 

@@ -3,7 +3,7 @@
 
 For the MACNN layer shapes L1-L5, batch 1 and 256, it times
   fused : our one-pass kernel with its weights packed once, as a merged model
-          runs it: fused_ms_conv(..., wp=pack_ms_weights(...)) on CUDA, captured
+          runs it: fused_ms_conv(..., wp=<its weight pack>) on CUDA, captured
           in a CUDA graph like baseline c (so the GPU's time is measured, not
           Python's launch), every kernel of ours timed apart; CpuPackedMsConv
           on the CPU
@@ -29,7 +29,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from fer_edge.kernels import fused_ms_conv, pack_ms_weights, splitk_buffers
+from fer_edge.kernels import PACKS, cutlass_unsupported, fused_ms_conv, pack_kind, splitk_buffers
 
 # name: (cin, height=width, c1, c3, c5) -- the merged MAConv layers of MACNN at 48x48 (L), and
 # its plain 3x3 convolutions + ReLU (P: the single-branch case c1 = c5 = 0, on CUDA only; P3-P5
@@ -73,15 +73,18 @@ def make_layer(cin, hw, c1, c3, c5, n, dtype, device, layout):
     return xs, fused_w, (w1, b1, w3, b3, w5, b5), (w_pad, b_pad)
 
 
-CUDA_KERNELS = ("simt", "splitk", "mma", "wmma")
+CUDA_KERNELS = ("simt", "splitk", "mma", "wmma", "cutlass")
 
 
-def cuda_kernels(dtype: str, cin: int) -> list[str]:
+def cuda_kernels(dtype: str, x, fw) -> list[str]:
     """fer_edge's CUDA kernels that can run a layer: the tensor-core ones (WMMA, MMA) need fp16 and
-    16+ input channels (with fewer, most of each 16-channel step is zeros; in fp32 MMA is splitk)."""
-    needs = {"wmma": (7, 0), "mma": (8, 0)}   # compute capability of their tensor-core instructions
+    16+ input channels (with fewer, most of each 16-channel step is zeros; in fp32 MMA is splitk);
+    cutlass says itself what it takes (fp16 channels_last, channels in multiples of 8, a build with it)."""
+    needs = {"wmma": (7, 0), "mma": (8, 0), "cutlass": (8, 0)}   # compute capability of their instructions
     cc = torch.cuda.get_device_capability()
-    return [k for k in CUDA_KERNELS if k not in needs or (dtype == "fp16" and cin >= 16 and cc >= needs[k])]
+    cin = x.shape[1]
+    ok = [k for k in CUDA_KERNELS if k not in needs or (dtype == "fp16" and cin >= 16 and cc >= needs[k])]
+    return [k for k in ok if k != "cutlass" or not cutlass_unsupported(x, *fw)]
 
 
 def eager(x, w1, b1, w3, b3, w5, b5):
@@ -172,11 +175,12 @@ def run(args) -> list[dict]:
                     # What a merged model runs: weights packed once, split-K buffers made once
                     # (FusedMultiScaleConv keeps both); every kernel of ours, timed apart.
                     del methods["fused"]
-                    packed = pack_ms_weights(fw[0], fw[2], fw[4])
+                    packs = {kind: PACKS[kind](fw[0], fw[2], fw[4]) for kind in PACKS}
                     bufs = splitk_buffers(xs[0], c1 + c3 + c5)
-                    for k in cuda_kernels(dt, cin):
+                    for k in cuda_kernels(dt, xs[0], fw):
                         methods[f"fused_{k}"] = graphed((lambda k: lambda x: fused_ms_conv(
-                            x, *fw, wp=packed, kernel=k, buffers=bufs if k == "splitk" else None))(k), xs)
+                            x, *fw, wp=packs[pack_kind(k)], kernel=k,
+                            buffers=bufs if k in ("splitk", "mma") else None))(k), xs)
                     methods["graph"] = graphed(methods["eager"], xs)
                 else:
                     # What a merged model runs on the CPU: weights packed once, not per call.

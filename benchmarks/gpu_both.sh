@@ -21,7 +21,8 @@ LIMIT=${TRAIN_LIMIT:-400} RESERVE=${TRAIN_RESERVE:-60} OUT=$OUT bash benchmarks/
 TRAIN=$!
 
 echo "== kernel build ($(date +%T))"
-timeout 240 python3 -m pip wheel -q --no-build-isolation --no-deps . -w /tmp/fer-edge-wheel \
+source benchmarks/cutlass_headers.sh
+timeout 300 python3 -m pip wheel -q --no-build-isolation --no-deps . -w /tmp/fer-edge-wheel \
   -C cmake.define.FER_EDGE_CUDA=ON -C cmake.define.CMAKE_CUDA_ARCHITECTURES=native \
   -C build-dir=build/native 2>&1 | tail -5
 python3 -m pip install -q --no-deps --target "$KPKG" /tmp/fer-edge-wheel/fer_edge-*.whl 2>&1 | tail -3

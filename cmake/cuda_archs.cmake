@@ -37,3 +37,27 @@ function(fer_edge_nvcc_version text out_var)
     set(${out_var} "" PARENT_SCOPE)
   endif()
 endfunction()
+
+# fer_edge_cutlass_archs(<archs> <out_var>): the architectures to build the
+# CUTLASS path (SM80 mma.sync kernels) for, from the extension's list.  Its
+# sm_80 code runs on every 8.x GPU (86, 87 Jetson Orin, 89), so those share
+# one 80-real build; 9.0 and newer get their own.  Older entries get none (the
+# path needs 8.0).  A symbolic list (native, all, all-major) is kept as is:
+# the host code checks the compute capability before any launch.
+function(fer_edge_cutlass_archs archs out_var)
+  set(result "")
+  foreach(arch IN LISTS archs)
+    if(NOT arch MATCHES "^([0-9]+)")
+      set(${out_var} "${archs}" PARENT_SCOPE)
+      return()
+    endif()
+    set(num "${CMAKE_MATCH_1}")
+    if(num GREATER_EQUAL 90)
+      list(APPEND result "${num}-real")
+    elseif(num GREATER_EQUAL 80)
+      list(APPEND result "80-real")
+    endif()
+  endforeach()
+  list(REMOVE_DUPLICATES result)
+  set(${out_var} "${result}" PARENT_SCOPE)
+endfunction()

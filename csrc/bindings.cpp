@@ -6,6 +6,7 @@
 #include <pybind11/stl.h>
 
 #include "msconv.h"
+#include "msconv_cuda_igemm.h"
 #include "msconv_cuda_splitk.h"
 
 namespace py = pybind11;
@@ -121,6 +122,31 @@ PYBIND11_MODULE(_C, m) {
       py::arg("n"), py::arg("c"), py::arg("h"), py::arg("w"), py::arg("ctot"), py::arg("sm_count"),
       py::arg("tensor_cores") = false);
 
+  // The large-batch path's tile per branch and its input rules (host code, in every build).
+  m.def(
+      "igemm_tile",
+      [](std::int64_t m, std::int64_t cout, int sm_count) {
+        if (m < 1 || cout < 1 || sm_count < 1) throw std::invalid_argument("igemm_tile: every size must be >= 1");
+        const auto& t = fer_edge::igemm::TILES[fer_edge::igemm::pick_tile(m, cout, sm_count)];
+        return py::make_tuple(t.m, t.n, t.k);
+      },
+      py::arg("m"), py::arg("cout"), py::arg("sm_count"),
+      "the (pixels, channels, k) tile the cutlass path uses for one branch of m output pixels and cout channels");
+  m.def(
+      "igemm_unsupported",
+      [](std::int64_t c, std::int64_t c1, std::int64_t c3, std::int64_t c5, int layout, int dtype,
+         std::vector<std::uintptr_t> ptrs) {
+        if (ptrs.size() != 6) throw std::invalid_argument("igemm_unsupported: 6 pointers (x, out, wp, b1, b3, b5)");
+        MsConvArgs a;
+        a.c = c; a.c1 = c1; a.c3 = c3; a.c5 = c5;
+        a.layout = static_cast<Layout>(layout);
+        a.x = ptrs[0]; a.out = ptrs[1]; a.wp = ptrs[2]; a.b1 = ptrs[3]; a.b3 = ptrs[4]; a.b5 = ptrs[5];
+        return fer_edge::igemm::unsupported(a, static_cast<fer_edge::DType>(dtype));
+      },
+      py::arg("c"), py::arg("c1"), py::arg("c3"), py::arg("c5"), py::arg("layout"), py::arg("dtype"),
+      py::arg("ptrs"),
+      "why the cutlass path cannot run a layer (\"\" when it can); ptrs: x, out, wp, b1, b3, b5");
+
 #ifdef FER_EDGE_WITH_CUDA
   m.def(
       "msconv_cuda",
@@ -130,8 +156,9 @@ PYBIND11_MODULE(_C, m) {
          bool relu, int dtype, std::uintptr_t stream, std::uintptr_t wp, int variant, std::uintptr_t workspace,
          std::uintptr_t counters) {
         if (dtype != 0 && dtype != 1) throw std::invalid_argument("fused_ms_conv: dtype must be 0 (float32) or 1 (float16)");
-        if (variant < 0 || variant > 3)
-          throw std::invalid_argument("fused_ms_conv: variant must be 0 (simt), 1 (wmma), 2 (splitk) or 3 (mma)");
+        if (variant < 0 || variant > 4)
+          throw std::invalid_argument(
+              "fused_ms_conv: variant must be 0 (simt), 1 (wmma), 2 (splitk), 3 (mma) or 4 (cutlass)");
         MsConvArgs a = make_args(x, out, w1, b1, w3, b3, w5, b5, n, c, h, w, c1, c3, c5, layout, relu);
         a.wp = wp;
         py::gil_scoped_release nogil;
@@ -145,7 +172,7 @@ PYBIND11_MODULE(_C, m) {
       "fused multi-scale conv on CUDA device pointers (dtype 0 = float32, 1 = float16) on `stream`; "
       "`wp`: the weights packed by fer_edge.kernels.pack_ms_weights (25, C, c1 + c3 + c5); `variant`: "
       "0 simt, 1 wmma, 2 splitk, 3 mma (splitk on tensor cores; 2 and 3 with `workspace`/`counters` sized by "
-      "splitk_plan).");
+      "splitk_plan), 4 cutlass (one implicit GEMM per branch; `wp` from pack_krsc_weights).");
   m.def("sm_count", [](int device) { return fer_edge::splitk::sm_count_of(device); }, py::arg("device"));
   m.def("cuda_device_count", &fer_edge::cuda_device_count);
 #endif
@@ -163,9 +190,15 @@ PYBIND11_MODULE(_C, m) {
     d["cuda"] = true;
     d["cuda_archs"] = split_archs(FER_EDGE_CUDA_ARCHS);
     d["cuda_runtime_version"] = fer_edge::cuda_runtime_version();
+#ifdef FER_EDGE_WITH_CUTLASS
+    d["cutlass"] = true;
+#else
+    d["cutlass"] = false;
+#endif
 #else
     d["cuda"] = false;
     d["cuda_archs"] = std::vector<std::string>{};
+    d["cutlass"] = false;
 #endif
     return d;
   });

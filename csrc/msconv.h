@@ -91,12 +91,14 @@ class CpuPackedWeights {
 
 // fer_edge's CUDA kernels (the caller chooses: fer_edge/dispatch.py's table).
 // SplitKMma: the small-batch kernel multiplying on tensor cores (float16, sm_80+).
-enum class Variant : int { Simt = 0, Wmma = 1, SplitK = 2, SplitKMma = 3 };
+// Cutlass: the large-batch path, one implicit GEMM per branch (float16 NHWC,
+// sm_80+, builds that found CUTLASS's headers: msconv_cuda_igemm.h).
+enum class Variant : int { Simt = 0, Wmma = 1, SplitK = 2, SplitKMma = 3, Cutlass = 4 };
 
 #ifdef FER_EDGE_WITH_CUDA
 // CUDA, float32 or float16 (float32 accumulation) on the given stream.
-// Reads the weights from `wp` (required; w1/w3/w5 are not read) and the
-// biases from b1/b3/b5.  SplitK reads and writes `workspace` (float32) and
+// Reads the weights from `wp` (required; w1/w3/w5 are not read: pack_ms_weights's
+// layout, or pack_krsc_weights's for Cutlass) and the biases from b1/b3/b5.  SplitK reads and writes `workspace` (float32) and
 // `counters` (int32, zero before the first call, left zero by every call),
 // sized by splitk::plan.
 void msconv_cuda(const MsConvArgs& a, DType dtype, std::uintptr_t stream, Variant variant,

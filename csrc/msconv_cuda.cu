@@ -19,6 +19,7 @@
 // dispatch table in fer_edge/dispatch.py); nothing here reads the environment.
 #include "msconv.h"
 #include "msconv_cuda_device.cuh"
+#include "msconv_cuda_igemm.h"
 #include "msconv_cuda_splitk.h"
 
 #include <cuda_fp16.h>
@@ -349,7 +350,21 @@ void msconv_cuda(const MsConvArgs& a, DType dtype, std::uintptr_t stream, Varian
     const bool nhwc = a.layout == Layout::NHWC;
     if (dtype != DType::Float32 && dtype != DType::Float16)
       throw std::invalid_argument("fused_ms_conv: unsupported dtype code");
-    if (variant == Variant::SplitK || variant == Variant::SplitKMma) {
+    if (variant == Variant::Cutlass) {
+#ifdef FER_EDGE_WITH_CUTLASS
+      const std::string why = igemm::unsupported(a, dtype);
+      if (!why.empty()) throw std::invalid_argument("fused_ms_conv: the cutlass kernel cannot run this layer: " + why);
+      int major = 0;
+      check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "cudaDeviceGetAttribute");
+      if (major < 8)
+        throw std::invalid_argument("fused_ms_conv: the cutlass kernel needs compute capability 8.0+; "
+                                    "choose simt, splitk or cudnn on this GPU");
+      igemm::launch(a, stream, splitk::sm_count_of(dev));
+#else
+      throw std::invalid_argument("fused_ms_conv: this build has no cutlass kernel (CUTLASS's headers were not "
+                                  "found when it was compiled: pip install nvidia-cutlass, then reinstall)");
+#endif
+    } else if (variant == Variant::SplitK || variant == Variant::SplitKMma) {
       const bool mma = variant == Variant::SplitKMma && dtype == DType::Float16;
       if (mma) {
         int major = 0;

@@ -72,6 +72,7 @@ def collect() -> dict:
             "cuda": bool(built["cuda"]),
             "cuda_archs": list(built["cuda_archs"]),
             "openmp": bool(built["openmp"]),
+            "cutlass": bool(built.get("cutlass")),
         }
         if built["cuda"]:
             info["kernels"]["cuda_devices_visible"] = int(_C.cuda_device_count())
@@ -122,7 +123,8 @@ def format_text(info: dict) -> str:
         f"torch: {info['torch'] or 'not installed'}",
         f"kernels: cpu={'yes' if k['cpu'] else 'no'} (openmp={'yes' if k.get('openmp') else 'no'}), "
         f"cuda={'yes' if k['cuda'] else 'no'}"
-        + (f" for sm_{', sm_'.join(k['cuda_archs'])}" if k["cuda_archs"] else ""),
+        + (f" for sm_{', sm_'.join(k['cuda_archs'])}" if k["cuda_archs"] else "")
+        + (" (with the large-batch cutlass path)" if k.get("cutlass") else ""),
         f"cuda device: {info['cuda_device'] or 'none'}"
         + (f" (compute capability {info['cuda_capability']})" if info.get("cuda_capability") else ""),
         *dispatch_lines(info.get("kernel_dispatch") or {}),

@@ -35,8 +35,8 @@ except ImportError as exc:  # pragma: no cover - a device install (no kernels) o
     ) from exc
 
 __all__ = ["fused_ms_conv", "fused_ms_conv_reference", "check_ms_conv_inputs", "build_info",
-           "cuda_kernels_available", "CpuPackedMsConv", "pack_ms_weights", "splitk_buffers", "tensor_version",
-           "watch_optimizer_steps"]
+           "cuda_kernels_available", "cutlass_unsupported", "CpuPackedMsConv", "pack_ms_weights",
+           "pack_krsc_weights", "splitk_buffers", "tensor_version", "watch_optimizer_steps"]
 
 _LAYOUT_NCHW, _LAYOUT_NHWC = 0, 1
 
@@ -110,13 +110,36 @@ def pack_ms_weights(w1: torch.Tensor, w3: torch.Tensor, w5: torch.Tensor) -> tor
     return k.permute(2, 3, 1, 0).reshape(25, k.shape[1], k.shape[0]).contiguous()
 
 
-def check_packed_weights(wp, x: torch.Tensor, ctot: int) -> None:
-    """``wp`` must be what pack_ms_weights returns for this layer (shape, dtype, device, contiguity)."""
+def pack_krsc_weights(w1: torch.Tensor, w3: torch.Tensor, w5: torch.Tensor) -> torch.Tensor:
+    """The "cutlass" kernel's weight layout: each branch's kernel as KRSC
+    (output channel, row, column, input channel: channels_last of OIHW), the
+    three one after another in one flat tensor [w1 | w3 | w5].  Same dtype and
+    device as the weights."""
+    return torch.cat([w.permute(0, 2, 3, 1).reshape(-1) for w in (w1, w3, w5)])
+
+
+# Which weight layout each CUDA kernel reads (one pack per layout).
+PACKS = {"tap": pack_ms_weights, "krsc": pack_krsc_weights}
+
+
+def pack_kind(kernel: str | None) -> str:
+    """The PACKS entry a CUDA kernel reads: "krsc" for cutlass, "tap" for the others."""
+    return "krsc" if kernel == "cutlass" else "tap"
+
+
+def packed_shape(kind: str, c: int, c1: int, c3: int, c5: int) -> tuple[int, ...]:
+    """The shape of PACKS[kind]'s result for a layer with c input channels."""
+    return (25, c, c1 + c3 + c5) if kind == "tap" else (c * (c1 + 9 * c3 + 25 * c5),)
+
+
+def check_packed_weights(wp, x: torch.Tensor, c1: int, c3: int, c5: int, kind: str = "tap") -> None:
+    """``wp`` must be what PACKS[kind] returns for this layer (shape, dtype, device, contiguity)."""
     if not isinstance(wp, torch.Tensor):
         raise ValueError(f"fused_ms_conv: wp must be a torch.Tensor, got {type(wp).__name__}")
-    expect = (25, x.shape[1], ctot)
+    expect = packed_shape(kind, x.shape[1], c1, c3, c5)
     if tuple(wp.shape) != expect:
-        raise ValueError(f"fused_ms_conv: wp must have shape {expect} (pack_ms_weights), got {tuple(wp.shape)}")
+        raise ValueError(f"fused_ms_conv: wp must have shape {expect} ({PACKS[kind].__name__}), "
+                         f"got {tuple(wp.shape)}")
     if wp.dtype != x.dtype or wp.device != x.device:
         raise ValueError(f"fused_ms_conv: wp is {wp.dtype} on {wp.device}, x is {x.dtype} on {x.device}")
     if not wp.is_contiguous():
@@ -286,9 +309,10 @@ def _fused_ms_conv_op(
         ptrs = [t.data_ptr() for t in (x, out, w1, b1, w3, b3, w5, b5)]
         _C.msconv_cpu(*ptrs, n, c, h, w, c1, c3, c5, layout, bool(relu), torch.get_num_threads())
     else:
+        kind = "krsc" if kernel == KERNEL_CODES["cutlass"] else "tap"
         if wp is None:  # a caller without a cached pack (FusedMultiScaleConv keeps one) packs per call
-            wp = pack_ms_weights(w1, w3, w5)
-        check_packed_weights(wp, x, c1 + c3 + c5)
+            wp = PACKS[kind](w1, w3, w5)
+        check_packed_weights(wp, x, c1, c3, c5, kind)
         if kernel in (KERNEL_CODES["splitk"], KERNEL_CODES["mma"]):
             if ws is None or counters is None:
                 ws, counters = splitk_buffers(x, c1 + c3 + c5)
@@ -386,6 +410,19 @@ class CpuPackedMsConv:
         return out
 
 
+def cutlass_unsupported(x: torch.Tensor, w1, b1, w3, b3, w5, b5) -> str:
+    """Why the "cutlass" kernel cannot run this layer on x ("" when it can):
+    float16, channels_last, channel counts that are multiples of 8, 16-byte
+    aligned data (the compiled extension's own rule; the output and the pack
+    are fresh allocations, always aligned), a build that found CUTLASS."""
+    if not build_info().get("cutlass"):
+        return "this build has no cutlass kernel (CUTLASS's headers were not found when it was compiled)"
+    nhwc = _io_nhwc(x, _weights_nhwc(w3, w5))
+    ptrs = [x.data_ptr(), 0, 0, *(b.data_ptr() if b.numel() else 0 for b in (b1, b3, b5))]
+    return _C.igemm_unsupported(x.shape[1], w1.shape[0], w3.shape[0], w5.shape[0],
+                                _LAYOUT_NHWC if nhwc else _LAYOUT_NCHW, _CUDA_DTYPES.get(x.dtype, 0), ptrs)
+
+
 def cuda_kernel_code(kernel: str) -> int:
     """The compiled extension's number for one of fer_edge's CUDA kernels."""
     if kernel not in KERNEL_CODES:
@@ -404,16 +441,18 @@ def fused_ms_conv(x, w1, b1, w3, b3, w5, b5, relu: bool = True, wp=None, kernel:
     weights do not change so a CUDA call does not re-pack them (the CPU
     kernel does not use it: see CpuPackedMsConv).
     kernel: on CUDA, which of fer_edge's kernels: "simt", "wmma" (float16,
-    tensor cores), "splitk" (small batches) or "mma" (splitk on tensor cores,
-    float16, sm_80+); None = fer_edge.dispatch.direct_kernel()
+    tensor cores), "splitk" (small batches), "mma" (splitk on tensor cores,
+    float16, sm_80+) or "cutlass" (large batches: one implicit GEMM per branch,
+    float16 channels_last, sm_80+, see ``cutlass_unsupported``; its ``wp`` is
+    ``pack_krsc_weights``'s); None = fer_edge.dispatch.direct_kernel()
     (simt unless FER_EDGE_CUDA_KERNEL names another).  buffers: splitk_buffers(x, ctot),
     kept by callers that run one shape repeatedly (else allocated per call).
     """
     c1, c3, c5, _ = check_ms_conv_inputs(x, w1, b1, w3, b3, w5, b5)
-    if wp is not None:
-        check_packed_weights(wp, x, c1 + c3 + c5)
     if kernel is None and x.device.type == "cuda":
         kernel = direct_kernel()
+    if wp is not None:
+        check_packed_weights(wp, x, c1, c3, c5, pack_kind(kernel))
     code = 0 if kernel is None else cuda_kernel_code(kernel)   # the CPU kernel ignores it
     ws, counters = buffers if buffers is not None else (None, None)
     return torch.ops.fer_edge.fused_ms_conv(x, w1, b1, w3, b3, w5, b5, bool(relu), wp, code, ws, counters)

@@ -161,3 +161,30 @@ def test_promote_default_writes_weights_and_a_card_that_matches_eval(trained, tm
     save_checkpoint(merged, merge(model, use_kernel=False), classes=meta["classes"], preprocess=meta["preprocess"])
     bad = subprocess.run([*script, str(merged), *common, "--force"], capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "train-form" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+
+
+def test_cutlass_headers_packs_the_include_folders_of_a_wheel(tmp_path):
+    """The headers for a GPU machine without internet: cutlass/ and cute/ out of
+    an nvidia-cutlass wheel's include folder, nothing else; a file that is not
+    a wheel is one line on stderr and exit 2, and leaves no archive."""
+    import tarfile
+    import zipfile
+
+    wheel = tmp_path / "nvidia_cutlass-0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        for name in ("cutlass/cutlass.h", "cute/tensor.hpp", "other/skip.h"):
+            z.writestr(f"cutlass_library/source/include/{name}", f"// {name}\n")
+        z.writestr("cutlass_library/__init__.py", "")
+    out = tmp_path / "headers.tar.xz"
+    script = str(BENCH / "cutlass_headers.py")
+    proc = subprocess.run([sys.executable, script, str(wheel), "--all", "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    with tarfile.open(out) as tar:
+        assert sorted(tar.getnames()) == ["cute/tensor.hpp", "cutlass/cutlass.h"]
+        assert tar.extractfile("cutlass/cutlass.h").read() == b"// cutlass/cutlass.h\n"
+    bad = tmp_path / "bad.tar.xz"
+    proc = subprocess.run([sys.executable, script, str(BENCH.parent / "README.md"), "--out", str(bad)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "not a zip file" in proc.stderr and len(proc.stderr.splitlines()) == 1
+    assert not bad.exists() and not list(tmp_path.glob("*.part"))

@@ -171,7 +171,7 @@ def test_merged_modules_follow_the_dispatch_table():
 def test_unknown_cuda_kernel_is_refused():
     from fer_edge.kernels import cuda_kernel_code
 
-    assert [cuda_kernel_code(k) for k in ("simt", "wmma", "splitk", "mma")] == [0, 1, 2, 3]
+    assert [cuda_kernel_code(k) for k in ("simt", "wmma", "splitk", "mma", "cutlass")] == [0, 1, 2, 3, 4]
     with pytest.raises(ValueError, match="unknown CUDA kernel 'fast'"):
         cuda_kernel_code("fast")
 
@@ -217,10 +217,14 @@ def test_every_dispatch_choice_matches_the_reference(seed):
     from fer_edge.dispatch import CHOICES
     from fer_edge.models.layers import FusedMultiScaleConv
 
+    from fer_edge.kernels import cutlass_unsupported
+
     g = torch.Generator().manual_seed(seed)
     r = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))  # noqa: E731
     n, cin, hw = r(1, 9), r(1, 70), r(3, 30)
     c1, c3, c5 = r(1, 40), r(1, 70), r(1, 70)
+    if seed % 2:  # channels_last, channels in multiples of 8: what the cutlass kernel takes
+        n, cin, c1, c3, c5 = r(1, 300), 8 * r(1, 9), 8 * r(1, 5), 8 * r(1, 9), 8 * r(1, 9)
     for dtype in (torch.float32, torch.float16):
         x, *ws = make_inputs(n, cin, hw, hw, c1, c3, c5, nhwc=bool(seed % 2), device="cuda", dtype=dtype,
                              seed=seed)
@@ -230,6 +234,8 @@ def test_every_dispatch_choice_matches_the_reference(seed):
             if choice == "wmma" and dtype != torch.float16:
                 continue
             if choice == "mma" and dtype == torch.float16 and torch.cuda.get_device_capability() < (8, 0):
+                continue
+            if choice == "cutlass" and (cutlass_unsupported(x, *ws) or torch.cuda.get_device_capability() < (8, 0)):
                 continue
             m.cuda_kernel = choice
             with torch.no_grad():
@@ -394,3 +400,185 @@ def test_cuda_refuses_buffers_made_for_another_input():
         fused_ms_conv(*args, kernel="mma", buffers=(ws.half(), counters))
     y = fused_ms_conv(*args, kernel="splitk", buffers=(ws, counters))
     assert rel_norm(y.cpu(), fused_ms_conv_reference(*[t.cpu().double() for t in args])) <= FP16_REL_NORM
+
+
+# ------------------------------------------------- large batches: the cutlass kernel
+requires_cutlass = pytest.mark.skipif(not _C.build_info().get("cutlass"),
+                                      reason="fer_edge._C was built without CUTLASS's headers (no cutlass kernel)")
+
+# The merged MACNN layers L2-L5 at full width (L1 has one input channel: not this kernel's),
+# a narrow layer with an odd spatial size, and the single-branch case.
+CUTLASS_CASES = [(n, cin, hw, c1, c3, c5) for n in (1, 3, 64) for cin, hw, c1, c3, c5 in
+                 ((64, 24, 32, 48, 48), (128, 12, 64, 96, 96), (256, 6, 128, 192, 192), (512, 3, 128, 192, 192))]
+CUTLASS_CASES += [(5, 8, 7, 8, 16, 8), (2, 64, 11, 0, 64, 0), (256, 64, 24, 32, 48, 48)]
+
+
+def _needs_sm80():
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("the cutlass kernel needs compute capability 8.0+")
+
+
+@requires_cuda
+@requires_cutlass
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("case", CUTLASS_CASES, ids=[f"n{c[0]}-c{c[1]}-{c[2]}px-{c[3]}.{c[4]}.{c[5]}"
+                                                     for c in CUTLASS_CASES])
+def test_cutlass_matches_the_reference(case, relu):
+    """One implicit GEMM per branch, each writing its slice of the output; fp16
+    against the float64 reference, bias and ReLU (or none) in the epilogue."""
+    _needs_sm80()
+    n, cin, hw, c1, c3, c5 = case
+    args = make_inputs(n, cin, hw, hw, c1, c3, c5, nhwc=True, device="cuda", dtype=torch.float16, seed=n + cin)
+    y = fused_ms_conv(*args, relu=relu, kernel="cutlass")
+    ref = fused_ms_conv_reference(*[t.cpu().double() for t in args], relu=relu)
+    assert y.shape == ref.shape and y.is_contiguous(memory_format=torch.channels_last)
+    assert rel_norm(y.cpu(), ref) <= FP16_REL_NORM
+    # Every output channel was written: no slice left as uninitialised memory.
+    assert torch.isfinite(y).all()
+
+
+@requires_cuda
+@requires_cutlass
+def test_cutlass_in_a_cuda_graph_and_on_the_current_stream():
+    _needs_sm80()
+    from fer_edge.kernels import pack_krsc_weights
+
+    args = make_inputs(32, 64, 24, 24, 32, 48, 48, nhwc=True, device="cuda", dtype=torch.float16)
+    wp = pack_krsc_weights(args[1], args[3], args[5])
+    ref = fused_ms_conv(*args, kernel="cutlass", wp=wp)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        y = fused_ms_conv(*args, kernel="cutlass", wp=wp)
+    stream.synchronize()
+    torch.testing.assert_close(y, ref, atol=0, rtol=0)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        yg = fused_ms_conv(*args, kernel="cutlass", wp=wp)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(yg, ref, atol=0, rtol=0)
+
+
+@requires_cuda
+@requires_cutlass
+def test_cutlass_refuses_what_it_cannot_run_and_a_module_falls_back():
+    """Named, it says why it cannot run a layer (one ValueError, never a launch);
+    chosen by the dispatch table, a layer it cannot run (here a misaligned view)
+    runs cuDNN instead."""
+    _needs_sm80()
+    from fer_edge.models.layers import FusedMultiScaleConv
+
+    args = make_inputs(2, 64, 12, 12, 32, 48, 48, nhwc=True, device="cuda", dtype=torch.float16)
+    with pytest.raises(ValueError, match="float16 only"):
+        fused_ms_conv(*[t.float() for t in args], kernel="cutlass")
+    with pytest.raises(ValueError, match="channels_last"):
+        fused_ms_conv(args[0].contiguous(), *args[1:], kernel="cutlass")
+    odd = make_inputs(2, 12, 12, 12, 8, 8, 8, nhwc=True, device="cuda", dtype=torch.float16)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        fused_ms_conv(*odd, kernel="cutlass")
+    big = torch.randn(2 * 64 * 12 * 12 + 4, device="cuda", dtype=torch.float16)
+    shifted = big[4:].view(2, 12, 12, 64).permute(0, 3, 1, 2)   # channels_last, 8 bytes off
+    assert shifted.is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        fused_ms_conv(shifted, *args[1:], kernel="cutlass")
+    m = FusedMultiScaleConv(*args[1:]).eval()
+    m._choices[(shifted.device, tuple(shifted.shape), shifted.dtype)] = "cutlass"   # as a table row would say
+    with torch.no_grad():
+        y = m(shifted)
+    ref = fused_ms_conv_reference(*[t.cpu().double() for t in (shifted, *args[1:])])
+    assert rel_norm(y.cpu(), ref) <= FP16_REL_NORM
+
+
+@requires_cuda
+@requires_cutlass
+def test_cuda_module_keeps_one_pack_per_weight_layout():
+    """A merged layer that runs the small-batch kernel at batch 1 and cutlass at
+    batch 64 keeps both packs, each refreshed in place when the weights change."""
+    _needs_sm80()
+    from fer_edge.models.layers import FusedMultiScaleConv
+
+    x, *ws = make_inputs(64, 64, 12, 12, 32, 48, 48, nhwc=True, device="cuda", dtype=torch.float16)
+    m = FusedMultiScaleConv(*ws).eval()
+    with torch.no_grad():
+        m.cuda_kernel = "cutlass"
+        a = m(x)
+        m.cuda_kernel = "mma"
+        b = m(x[:1])
+        krsc, tap = m._wp_krsc, m._wp
+        assert krsc.shape == (64 * (32 + 9 * 48 + 25 * 48),) and tap.shape == (25, 64, 128)
+        m.w3.mul_(-1.0)
+        m.cuda_kernel = "cutlass"
+        c = m(x)
+        assert m._wp_krsc.data_ptr() == krsc.data_ptr()
+    ref = lambda t: fused_ms_conv_reference(*[u.cpu().double() for u in (t, m.w1, m.b1, m.w3, m.b3, m.w5, m.b5)])  # noqa: E731
+    assert rel_norm(c.cpu(), ref(x)) <= FP16_REL_NORM
+    assert rel_norm(a[:1].cpu(), b.cpu().double()) <= FP16_REL_NORM
+    assert "_wp_krsc" not in m.state_dict()
+
+
+# Host side of the cutlass kernel: runs in every build.
+@pytest.mark.parametrize("m,cout,sms", [(256 * 576, 48, 132), (256 * 576, 192, 132), (256 * 9, 192, 132),
+                                        (576, 48, 132), (64 * 144, 96, 16), (1, 8, 1), (10**7, 512, 132)])
+def test_igemm_tile_keeps_the_gpu_busy_without_wasted_columns(m, cout, sms):
+    """The tile the cutlass kernel picks per branch is one of its compiled tiles,
+    and no other of them would keep more of the multiply-adds useful per wave."""
+    tiles = [(128, 128, 32), (128, 64, 32), (64, 64, 32)]
+
+    def score(t):
+        mt, nt = -(-m // t[0]), -(-cout // t[1])
+        waves = -(-(mt * nt) // sms)
+        return (m * cout) / (mt * t[0] * nt * t[1]) * (mt * nt) / (waves * sms)
+
+    got = tuple(_C.igemm_tile(m, cout, sms))
+    assert got in tiles
+    assert score(got) >= max(score(t) for t in tiles) / 1.0001
+    if cout <= 64:
+        assert got[1] == 64, "a branch of 64 channels or fewer never runs a 128-wide tile"
+    with pytest.raises(ValueError, match=">= 1"):
+        _C.igemm_tile(0, cout, sms)
+
+
+def test_igemm_input_rules():
+    """What the cutlass kernel takes, in the extension's own words: float16,
+    channels_last, channels in multiples of 8, 16-byte aligned pointers
+    (an empty branch's null bias included)."""
+    ok = [256, 512, 1024, 2048, 0, 4096]
+    assert _C.igemm_unsupported(64, 32, 48, 48, 1, 1, ok) == ""
+    assert _C.igemm_unsupported(64, 0, 64, 0, 1, 1, ok) == ""
+    assert "float16" in _C.igemm_unsupported(64, 32, 48, 48, 1, 0, ok)
+    assert "channels_last" in _C.igemm_unsupported(64, 32, 48, 48, 0, 1, ok)
+    for bad in ((12, 32, 48, 48), (64, 4, 48, 48), (64, 32, 44, 48), (64, 32, 48, 52)):
+        assert "multiples of 8" in _C.igemm_unsupported(*bad, 1, 1, ok)
+    for i in range(6):
+        ptrs = list(ok)
+        ptrs[i] += 8
+        assert "16-byte aligned" in _C.igemm_unsupported(64, 32, 48, 48, 1, 1, ptrs)
+
+
+@pytest.mark.parametrize("c", [1, 8, 64])
+def test_pack_krsc_weights_is_each_branch_channels_last(c):
+    from fer_edge.kernels import check_packed_weights, pack_krsc_weights
+
+    x, w1, _, w3, _, w5, _ = make_inputs(1, c, 5, 5, 8, 16, 24)
+    wp = pack_krsc_weights(w1, w3, w5)
+    sizes = [w.numel() for w in (w1, w3, w5)]
+    assert wp.shape == (sum(sizes),) == (c * (8 + 9 * 16 + 25 * 24),)
+    for part, w in zip(wp.split(sizes), (w1, w3, w5)):
+        # KRSC: output channel, row, column, then input channel fastest
+        torch.testing.assert_close(part.view(w.shape[0], w.shape[2], w.shape[3], c), w.permute(0, 2, 3, 1),
+                                   atol=0, rtol=0)
+    check_packed_weights(wp, x, 8, 16, 24, "krsc")
+    with pytest.raises(ValueError, match="pack_krsc_weights"):
+        check_packed_weights(wp[1:], x, 8, 16, 24, "krsc")
+
+
+def test_cutlass_says_when_the_build_has_none():
+    from fer_edge.kernels import cutlass_unsupported
+
+    args = make_inputs(1, 8, 4, 4, 8, 8, 8, nhwc=True)
+    why = cutlass_unsupported(*args)
+    if _C.build_info().get("cutlass"):
+        assert "float16 only" in why   # a CPU float32 tensor: its next reason
+    else:
+        assert "no cutlass kernel" in why

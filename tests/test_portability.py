@@ -129,6 +129,52 @@ def test_cuda_version_is_read_from_nvcc(tmp_path):
     assert proc.returncode != 0 and "not a CUDA version" in proc.stderr
 
 
+@needs_cmake
+def test_cutlass_path_builds_once_per_major_architecture(tmp_path):
+    """The CUTLASS path's SM80 code runs on every 8.x GPU: one 80-real build
+    serves 80/86/87/89, 9.0+ get their own, older entries none, and a symbolic
+    list (native) is kept."""
+    lists = {"75;80;86;87;89;90": "80-real;90-real", "60;61;70;75;80;86;87;89;90": "80-real;90-real",
+             "87": "80-real", "90-real;100": "90-real;100-real", "75": "", "native": "native"}
+    body = "".join(f'fer_edge_cutlass_archs("{k}" a)\nmessage(STATUS "{k}=${{a}}")\n' for k in lists)
+    proc = _cmake_script(tmp_path, body)
+    assert proc.returncode == 0, proc.stderr
+    got = dict(line.removeprefix("-- ").split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
+    assert got == lists
+
+
+def _build_backend():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fer_edge_build_backend", REPO / "cmake" / "build_backend.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_build_asks_for_cutlass_only_when_it_compiles_cuda(monkeypatch, tmp_path):
+    """CUTLASS's headers (and their package's large dependencies) are a build
+    requirement only of builds that compile CUDA without headers of their own."""
+    backend = _build_backend()
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())["build-system"]
+    assert pyproject["build-backend"] == "build_backend" and pyproject["backend-path"] == ["cmake"]
+    nvcc = tmp_path / "nvcc"
+    nvcc.write_text("")
+    for name in ("FER_EDGE_KERNELS", "FER_EDGE_CUDA", "FER_EDGE_CUTLASS", "FER_EDGE_CUTLASS_INCLUDE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CUDACXX", str(nvcc))
+    assert backend.wants_cutlass() and backend.wants_cutlass({})
+    assert not backend.wants_cutlass({"cmake.define.FER_EDGE_CUDA": "OFF"})
+    assert not backend.wants_cutlass({"cmake.define.FER_EDGE_KERNELS": ["ON", "0"]})   # the last -C wins
+    assert not backend.wants_cutlass({"cmake.define.FER_EDGE_CUTLASS_INCLUDE": "/opt/cutlass/include"})
+    monkeypatch.setenv("FER_EDGE_KERNELS", "0")   # the device install
+    assert not backend.wants_cutlass()
+    monkeypatch.delenv("FER_EDGE_KERNELS")
+    monkeypatch.setenv("CUDACXX", str(tmp_path / "missing-nvcc"))
+    assert not backend.wants_cutlass()
+    assert backend.CUTLASS_REQUIREMENT.startswith("nvidia-cutlass==")
+
+
 # ---------------------------------------------------------------- the device install
 def _configure(tmp_path, *args, env_kernels=None):
     env = {k: v for k, v in os.environ.items() if k not in ("FER_EDGE_KERNELS", "CUDAARCHS")}

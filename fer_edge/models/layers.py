@@ -177,7 +177,7 @@ class FusedMultiScaleConv(nn.Module):
     our kernels beats cuDNN for this shape, dtype and batch; elsewhere, and
     with use_kernel=False, three plain convolutions + cat, which every
     exporter and runtime understands.  ``cuda_kernel`` (None: the table)
-    names the choice for every call instead: "cudnn", "simt", "wmma", "splitk" or "mma".
+    names the choice for every call instead: "cudnn", "simt", "wmma", "splitk", "mma" or "cutlass".
     """
 
     def __init__(self, w1, b1, w3, b3, w5, b5, use_kernel: bool = True):
@@ -189,7 +189,7 @@ class FusedMultiScaleConv(nn.Module):
         self._cpu_pack = None  # CpuPackedMsConv, built on first CPU inference
         self._splitk = {}  # input shape -> (workspace, counters) of the small-batch kernel
         self._choices = {}  # (device, shape, dtype) -> the dispatch table's answer (see _kernel_for)
-        self._wp_key = None  # what the CUDA pack buffer `_wp` was made from (see _cuda_packed)
+        self._wp_keys = {}  # pack kind -> what its buffer was made from (see _cuda_packed)
 
     def __getstate__(self):
         # The packed copy is a cache of compiled-extension memory: never copied
@@ -254,12 +254,16 @@ class FusedMultiScaleConv(nn.Module):
             and not (torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in ws)))
         )
 
-    def _cuda_packed(self, x):
-        """pack_ms_weights of the weights, kept as the non-persistent buffer
-        ``_wp`` (so ``.half()``/``.to()`` convert it with the weights and it is
-        never saved) and refreshed in place when they change (in-place version
-        counters, optimizer steps), so that its address stays valid for CUDA
-        graphs captured earlier.  A captured graph reads the pack as of its
+    # The non-persistent buffer holding each weight layout (fer_edge.kernels.PACKS).
+    _PACK_BUFFERS = {"tap": "_wp", "krsc": "_wp_krsc"}
+
+    def _cuda_packed(self, x, kernel: str | None = None):
+        """The weights packed for a CUDA kernel (kernels.pack_kind: "krsc" for
+        cutlass, "tap" for the others), kept as a non-persistent buffer
+        (``_wp``, ``_wp_krsc``: ``.half()``/``.to()`` convert it with the weights
+        and it is never saved) and refreshed in place when they change (in-place
+        version counters, optimizer steps), so that its address stays valid for
+        CUDA graphs captured earlier.  A captured graph reads the pack as of its
         last refresh: after changing weights, run the module once eagerly
         before replaying.  None (the op packs per call) under torch.compile
         tracing, under autocast (weights cast per call), and while a CUDA
@@ -267,30 +271,32 @@ class FusedMultiScaleConv(nn.Module):
         if (x.device.type != "cuda" or type(x) is not torch.Tensor or torch.compiler.is_compiling()
                 or self.w1.dtype != x.dtype):
             return None
-        from fer_edge.kernels import pack_ms_weights, tensor_version, watch_optimizer_steps
+        from fer_edge.kernels import PACKS, pack_kind, tensor_version, watch_optimizer_steps
 
+        kind = pack_kind(kernel)
+        name = self._PACK_BUFFERS[kind]
         params = (self.w1, self.w3, self.w5)
         key = (tuple(tensor_version(p) for p in params), watch_optimizer_steps())
-        pack = self._buffers.get("_wp")
-        current = pack is not None and pack.device == x.device and pack.dtype == x.dtype and self._wp_key == key
-        if current:
+        pack = self._buffers.get(name)
+        same = pack is not None and pack.device == x.device and pack.dtype == x.dtype
+        if same and self._wp_keys.get(kind) == key:
             return pack
         if torch.cuda.is_current_stream_capturing():
             return None
         with torch.no_grad():
-            fresh = pack_ms_weights(*(p.detach() for p in params))
-            if pack is not None and pack.device == x.device and pack.dtype == x.dtype and pack.shape == fresh.shape:
+            fresh = PACKS[kind](*(p.detach() for p in params))
+            if same and pack.shape == fresh.shape:
                 pack.copy_(fresh)
             else:
-                self.register_buffer("_wp", fresh, persistent=False)
-        self._wp_key = key
-        return self._buffers["_wp"]
+                self.register_buffer(name, fresh, persistent=False)
+        self._wp_keys[kind] = key
+        return self._buffers[name]
 
     def _load_from_state_dict(self, *args, **kwargs):
         # New weights: both packs are stale.  Version counters would say so too,
         # except for inference tensors (made under torch.inference_mode), which have none.
         self._cpu_pack = None
-        self._wp_key = None
+        self._wp_keys = {}
         return super()._load_from_state_dict(*args, **kwargs)
 
     def _apply(self, fn, recurse=True):
@@ -304,6 +310,11 @@ class FusedMultiScaleConv(nn.Module):
             ws = tuple(t.to(x.dtype) for t in ws)
         w1, b1, w3, b3, w5, b5 = ws
         kernel = self._kernel_for(x) if self.use_kernel else None
+        if kernel == "cutlass" and self.cuda_kernel is None:
+            from fer_edge.kernels import cutlass_unsupported
+
+            if cutlass_unsupported(x, *ws):  # the table keys shapes; a view may still be misaligned
+                kernel = None
         if kernel is not None:
             # The kernels read NCHW or NHWC; any other strides become NCHW.
             if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
@@ -317,7 +328,7 @@ class FusedMultiScaleConv(nn.Module):
             from fer_edge.kernels import fused_ms_conv
 
             buffers = self._splitk_buffers(x) if kernel in ("splitk", "mma") else None
-            return fused_ms_conv(x, *ws, wp=self._cuda_packed(x), kernel=None if kernel == "cpu" else kernel,
+            return fused_ms_conv(x, *ws, wp=self._cuda_packed(x, kernel), kernel=None if kernel == "cpu" else kernel,
                                  buffers=buffers)
         return torch.cat(
             [

@@ -1,0 +1,80 @@
+"""PEP 517 build backend: scikit-build-core's, asking for CUTLASS's headers
+(the ``nvidia-cutlass`` package) only for builds that will compile the CUDA
+kernels.
+
+The large-batch CUDA path (csrc/msconv_cuda_cutlass.cu) needs CUTLASS's C++
+headers at build time, and nothing of it at run time.  The package that ships
+them pulls large Python dependencies, so a build that compiles no CUDA (the
+device install with FER_EDGE_KERNELS=0, -C cmake.define.FER_EDGE_CUDA=OFF, a
+machine without nvcc) does not ask for it.  CMakeLists.txt finds the headers
+in the build environment, or in FER_EDGE_CUTLASS_INCLUDE.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+CUTLASS_REQUIREMENT = "nvidia-cutlass==4.2.0.0"
+_OFF = {"0", "off", "no", "false", "n"}
+
+
+def _switched_off(name: str, config_settings: dict | None) -> bool:
+    """Whether -C cmake.define.NAME=... or the environment turns NAME off."""
+    value = (config_settings or {}).get(f"cmake.define.{name}")
+    if value is None:
+        value = os.environ.get(name, "")
+    if isinstance(value, list):  # pip passes a repeated -C key as a list: the last one wins, as in CMake
+        value = value[-1] if value else ""
+    return str(value).strip().lower() in _OFF
+
+
+def _cuda_compiler() -> str | None:
+    """The CUDA compiler CMake's check_language(CUDA) would find, roughly: CUDACXX,
+    nvcc on PATH, then the usual toolkit folders."""
+    given = os.environ.get("CUDACXX")
+    if given:
+        return given if Path(given).exists() else None
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if root and (Path(root) / "bin" / "nvcc").exists():
+            return str(Path(root) / "bin" / "nvcc")
+    return None
+
+
+def wants_cutlass(config_settings: dict | None = None) -> bool:
+    """Whether this build compiles the CUTLASS path and has no headers of its own for it."""
+    if any(_switched_off(name, config_settings) for name in ("FER_EDGE_KERNELS", "FER_EDGE_CUDA", "FER_EDGE_CUTLASS")):
+        return False
+    if (config_settings or {}).get("cmake.define.FER_EDGE_CUTLASS_INCLUDE") or os.environ.get("FER_EDGE_CUTLASS_INCLUDE"):
+        return False
+    return _cuda_compiler() is not None
+
+
+def _backend():
+    # Imported when a hook runs (in the build environment), not on import: the
+    # rule above is then testable where scikit-build-core is not installed.
+    from scikit_build_core import build
+
+    return build
+
+
+def get_requires_for_build_wheel(config_settings=None):
+    extra = [CUTLASS_REQUIREMENT] if wants_cutlass(config_settings) else []
+    return [*_backend().get_requires_for_build_wheel(config_settings), *extra]
+
+
+def get_requires_for_build_editable(config_settings=None):
+    extra = [CUTLASS_REQUIREMENT] if wants_cutlass(config_settings) else []
+    return [*_backend().get_requires_for_build_editable(config_settings), *extra]
+
+
+def __getattr__(name: str):
+    """Every other hook (build_wheel, build_sdist, prepare_metadata_..., ...) is
+    scikit-build-core's own; a hook it lacks stays missing (AttributeError), as
+    PEP 517 frontends expect of optional hooks."""
+    if name.startswith("__"):
+        raise AttributeError(name)
+    return getattr(_backend(), name)

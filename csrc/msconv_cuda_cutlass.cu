@@ -1,0 +1,132 @@
+// The large-batch CUDA path of the fused multi-scale convolution, built on
+// CUTLASS's implicit-GEMM convolution (its 2.x conv API: SM80 mma.sync
+// m16n8k16, a multistage cp.async pipeline, the "optimized" NHWC iterators).
+// See msconv_cuda_igemm.h for what it computes and which inputs it takes.
+//
+// Each branch is one launch: GEMM M = N*H*W pixels, N = the branch's output
+// channels, K = taps x input channels.  The epilogue reads the bias as a
+// "C" tensor whose strides are all zero (every pixel sees the same channel
+// vector) and writes D into the output with its row stride set to the
+// layer's total channels, starting at the branch's channel offset: the
+// concatenation costs nothing.
+//
+// Compiled only when CMake finds CUTLASS's headers (FER_EDGE_WITH_CUTLASS);
+// for sm_80 and up (the SM80 kernels also run on sm_86/87/89 and on sm_90).
+#include "msconv_cuda_igemm.h"
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+#include "cutlass/conv/conv2d_problem_size.h"
+#include "cutlass/conv/device/implicit_gemm_convolution.h"
+#include "cutlass/conv/kernel/default_conv2d_fprop.h"
+#include "cutlass/cutlass.h"
+#include "cutlass/epilogue/thread/linear_combination_relu.h"
+#include "cutlass/gemm/threadblock/threadblock_swizzle.h"
+
+namespace fer_edge {
+namespace igemm {
+namespace {
+
+using Half = cutlass::half_t;
+using NHWC = cutlass::layout::TensorNHWC;
+
+// ReLU, or identity with threshold -inf, as a runtime parameter: one
+// instantiation per tile serves both.  (CUTLASS's serial split-K would reset
+// the threshold of partial sums; this path never splits K.)
+using Epilogue = cutlass::epilogue::thread::LinearCombinationRelu<Half, 128 / cutlass::sizeof_bits<Half>::value,
+                                                                  float, float>;
+
+template <int TM, int TN, int TK, int WM, int WN, int Stages>
+struct Conv {
+  using Kernel = typename cutlass::conv::kernel::DefaultConv2dFprop<
+      Half, NHWC, Half, NHWC, Half, NHWC, float, cutlass::arch::OpClassTensorOp, cutlass::arch::Sm80,
+      cutlass::gemm::GemmShape<TM, TN, TK>, cutlass::gemm::GemmShape<WM, WN, TK>,
+      cutlass::gemm::GemmShape<16, 8, 16>, Epilogue, cutlass::gemm::threadblock::GemmIdentityThreadblockSwizzle<>,
+      Stages, cutlass::arch::OpMultiplyAdd, cutlass::conv::IteratorAlgorithm::kOptimized,
+      cutlass::conv::StrideSupport::kUnity>::Kernel;
+  using Op = cutlass::conv::device::ImplicitGemmConvolution<Kernel>;
+  static_assert(TM == Op::ThreadblockShape::kM && TN == Op::ThreadblockShape::kN, "tile table out of step");
+};
+
+// The instantiations behind igemm::TILES, in the same order (4 warps each;
+// stages sized to about 48 KB of shared memory).
+using Tile0 = Conv<128, 128, 32, 64, 64, 3>;
+using Tile1 = Conv<128, 64, 32, 64, 32, 4>;
+using Tile2 = Conv<64, 64, 32, 32, 32, 5>;
+static_assert(TILES[0].m == 128 && TILES[0].n == 128 && TILES[0].k == 32, "tile 0 out of step");
+static_assert(TILES[1].m == 128 && TILES[1].n == 64 && TILES[1].k == 32, "tile 1 out of step");
+static_assert(TILES[2].m == 64 && TILES[2].n == 64 && TILES[2].k == 32, "tile 2 out of step");
+
+struct Branch {
+  int k;                    // window (1, 3, 5)
+  int cout;                 // its output channels
+  int offset;               // its first channel in the output
+  const Half* weights;      // KRSC
+  const Half* bias;
+};
+
+const char* status_text(cutlass::Status s) { return cutlass::cutlassGetStatusString(s); }
+
+template <typename C>
+void run_branch(const MsConvArgs& a, const Branch& b, int ctot, cudaStream_t stream) {
+  using Op = typename C::Op;
+  const int n = int(a.n), h = int(a.h), w = int(a.w), c = int(a.c);
+  cutlass::conv::Conv2dProblemSize problem(
+      cutlass::Tensor4DCoord(n, h, w, c), cutlass::Tensor4DCoord(b.cout, b.k, b.k, c),
+      cutlass::Tensor4DCoord(b.k / 2, b.k / 2, b.k / 2, b.k / 2), cutlass::MatrixCoord(1, 1),
+      cutlass::MatrixCoord(1, 1), cutlass::Tensor4DCoord(n, h, w, b.cout),
+      cutlass::conv::Mode::kCrossCorrelation, /*split_k_slices=*/1);
+  const NHWC x_layout = NHWC::packed(cutlass::Tensor4DCoord(n, h, w, c));
+  const NHWC w_layout = NHWC::packed(cutlass::Tensor4DCoord(b.cout, b.k, b.k, c));
+  // The output slice: pixel rows ctot apart.  The bias: every stride zero.
+  const NHWC out_layout(ctot, w * ctot, h * w * ctot);
+  const NHWC bias_layout(0, 0, 0);
+  Half* out = reinterpret_cast<Half*>(a.out) + b.offset;
+  typename Op::Arguments args(
+      problem, {const_cast<Half*>(reinterpret_cast<const Half*>(a.x)), x_layout},
+      {const_cast<Half*>(b.weights), w_layout}, {const_cast<Half*>(b.bias), bias_layout}, {out, out_layout},
+      {1.0f, 1.0f, a.relu ? 0.0f : -INFINITY});
+  cutlass::Status s = Op::can_implement(args);
+  if (s != cutlass::Status::kSuccess)
+    throw std::invalid_argument(std::string("fused_ms_conv: the cutlass kernel cannot run this layer (") +
+                                status_text(s) + ")");
+  Op op;
+  s = op.initialize(args, nullptr, stream);
+  if (s == cutlass::Status::kSuccess) s = op.run(stream);
+  if (s != cutlass::Status::kSuccess)
+    throw std::runtime_error(std::string("fused_ms_conv: cutlass kernel launch failed (") + status_text(s) +
+                             "): " + cudaGetErrorString(cudaGetLastError()));
+}
+
+}  // namespace
+
+void launch(const MsConvArgs& a, std::uintptr_t stream, int sm_count) {
+  const std::string why = unsupported(a, DType::Float16);
+  if (!why.empty()) throw std::invalid_argument("fused_ms_conv: the cutlass kernel cannot run this layer: " + why);
+  const int c = int(a.c), c1 = int(a.c1), c3 = int(a.c3), c5 = int(a.c5), ctot = c1 + c3 + c5;
+  const Half* wp = reinterpret_cast<const Half*>(a.wp);
+  const Branch branches[] = {
+      {1, c1, 0, wp, reinterpret_cast<const Half*>(a.b1)},
+      {3, c3, c1, wp + std::int64_t(c1) * c, reinterpret_cast<const Half*>(a.b3)},
+      {5, c5, c1 + c3, wp + std::int64_t(c1) * c + std::int64_t(c3) * 9 * c, reinterpret_cast<const Half*>(a.b5)},
+  };
+  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  const std::int64_t m = a.n * a.h * a.w;
+  // Heaviest first: the 5x5 launch has 25 taps per pixel, the 1x1 one.
+  for (int i = 2; i >= 0; --i) {
+    const Branch& b = branches[i];
+    if (b.cout == 0) continue;  // the single-branch case (c1 = c5 = 0)
+    switch (pick_tile(m, b.cout, sm_count)) {
+      case 0: run_branch<Tile0>(a, b, ctot, s); break;
+      case 1: run_branch<Tile1>(a, b, ctot, s); break;
+      default: run_branch<Tile2>(a, b, ctot, s); break;
+    }
+  }
+}
+
+}  // namespace igemm
+}  // namespace fer_edge

@@ -1,0 +1,79 @@
+// The large-batch ("cutlass") CUDA path's tile choice and its input rules:
+// plain host code, so that every build (CPU-only too) exposes them and the
+// CPU tests check their arithmetic.
+//
+// The path runs each branch of the fused layer (1x1, 3x3, 5x5) as its own
+// implicit-GEMM convolution on tensor cores (CUTLASS's SM80 mma.sync
+// pipeline, float16 in, float32 accumulation), with bias and ReLU in the
+// epilogue, written straight into the branch's channel slice of the NHWC
+// output.  One launch per branch: no launch multiplies the zero taps that a
+// merged 5x5 window carries for the 3x3 and 1x1 kernels.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "msconv.h"
+
+namespace fer_edge {
+namespace igemm {
+
+// The compiled tile shapes (msconv_cuda_cutlass.cu instantiates exactly these,
+// in this order).  m: output pixels (N*H*W flattened), n: output channels,
+// k: input channels x taps per pipeline step.
+struct Tile {
+  int m, n, k;
+};
+constexpr int NUM_TILES = 3;
+constexpr Tile TILES[NUM_TILES] = {{128, 128, 32}, {128, 64, 32}, {64, 64, 32}};
+// Every pointer, the input channels, each branch's channels and the output's
+// channel offsets are multiples of 8 halves: 16-byte vector loads and stores.
+constexpr int ALIGN = 8;
+
+// The tile for one branch: GEMM M = m pixels, N = cout channels, on a GPU with
+// sm_count SMs.  A tile wider than the branch wastes its extra columns, and a
+// grid of fewer blocks than SMs leaves SMs idle: pick the tile that keeps the
+// most multiply-adds useful per wave, the larger one on a tie (fewer blocks
+// re-read the same input).
+inline int pick_tile(std::int64_t m, std::int64_t cout, int sm_count) {
+  int best = NUM_TILES - 1;
+  double best_score = -1.0;
+  for (int i = 0; i < NUM_TILES; ++i) {
+    const Tile& t = TILES[i];
+    const std::int64_t mt = (m + t.m - 1) / t.m, nt = (cout + t.n - 1) / t.n;
+    const std::int64_t blocks = mt * nt;
+    const double useful = double(m) * double(cout) / (double(mt * t.m) * double(nt * t.n));
+    const std::int64_t waves = (blocks + sm_count - 1) / sm_count;
+    const double busy = double(blocks) / double(waves * sm_count);  // SMs busy, averaged over the waves
+    const double score = useful * busy;
+    if (score > best_score * 1.0001) {  // strictly better (tiles are in decreasing size)
+      best = i;
+      best_score = score;
+    }
+  }
+  return best;
+}
+
+// Why this layer cannot run the path, or "" when it can.  Pointers are checked
+// for 16-byte alignment (a view into a larger tensor may not be).
+inline std::string unsupported(const MsConvArgs& a, DType dtype) {
+  if (dtype != DType::Float16) return "it computes float16 only";
+  if (a.layout != Layout::NHWC) return "it reads and writes channels_last (NHWC) tensors only";
+  if (a.c % ALIGN || a.c1 % ALIGN || a.c3 % ALIGN || a.c5 % ALIGN)
+    return "it needs input channels and c1, c3, c5 that are multiples of 8";
+  const std::uintptr_t ptrs[] = {a.x, a.out, a.wp, a.b1, a.b3, a.b5};
+  for (std::uintptr_t p : ptrs)
+    if (p % 16) return "it needs 16-byte aligned tensors (no offset views)";
+  return "";
+}
+
+#ifdef FER_EDGE_WITH_CUTLASS
+// The three launches on `stream` (the caller checked unsupported() and the
+// compute capability, 8.0+).  Weights: `wp` holds the branches' KRSC kernels
+// one after another, [w1 (c1,1,1,C) | w3 (c3,3,3,C) | w5 (c5,5,5,C)]
+// (fer_edge.kernels.pack_krsc_weights).
+void launch(const MsConvArgs& a, std::uintptr_t stream, int sm_count);
+#endif
+
+}  // namespace igemm
+}  // namespace fer_edge
