@@ -93,7 +93,8 @@ class CpuPackedWeights {
 // SplitKMma: the small-batch kernel multiplying on tensor cores (float16, sm_80+).
 // Cutlass: the large-batch path, one implicit GEMM per branch (float16 NHWC,
 // sm_80+, builds that found CUTLASS's headers: msconv_cuda_igemm.h).
-enum class Variant : int { Simt = 0, Wmma = 1, SplitK = 2, SplitKMma = 3, Cutlass = 4 };
+// Stem: inputs of at most 4 channels (MACNN's first layer: msconv_cuda_stem.h).
+enum class Variant : int { Simt = 0, Wmma = 1, SplitK = 2, SplitKMma = 3, Cutlass = 4, Stem = 5 };
 
 #ifdef FER_EDGE_WITH_CUDA
 // CUDA, float32 or float16 (float32 accumulation) on the given stream.

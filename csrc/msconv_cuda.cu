@@ -21,6 +21,7 @@
 #include "msconv_cuda_device.cuh"
 #include "msconv_cuda_igemm.h"
 #include "msconv_cuda_splitk.h"
+#include "msconv_cuda_stem.h"
 
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -350,7 +351,9 @@ void msconv_cuda(const MsConvArgs& a, DType dtype, std::uintptr_t stream, Varian
     const bool nhwc = a.layout == Layout::NHWC;
     if (dtype != DType::Float32 && dtype != DType::Float16)
       throw std::invalid_argument("fused_ms_conv: unsupported dtype code");
-    if (variant == Variant::Cutlass) {
+    if (variant == Variant::Stem) {
+      stem::launch(a, dtype, stream);
+    } else if (variant == Variant::Cutlass) {
 #ifdef FER_EDGE_WITH_CUTLASS
       const std::string why = igemm::unsupported(a, dtype);
       if (!why.empty()) throw std::invalid_argument("fused_ms_conv: the cutlass kernel cannot run this layer: " + why);

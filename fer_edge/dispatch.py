@@ -9,7 +9,7 @@ convolutions + cat) or one of fer_edge's kernels (``KERNELS``).  A shape the
 table does not name runs ``cudnn``: our kernel is used only where a
 measurement showed it faster.
 
-``FER_EDGE_CUDA_KERNEL`` (cudnn | simt | wmma | splitk | mma | cutlass) overrides the table for
+``FER_EDGE_CUDA_KERNEL`` (cudnn | simt | wmma | splitk | mma | cutlass | stem) overrides the table for
 every layer: for testing and benchmarking, not for speed.  ``override`` is the
 only reader of the environment in fer-edge's kernel code (the compiled
 extension reads none): it is read once, when the table is first consulted.
@@ -37,7 +37,8 @@ CUDNN = "cudnn"
 # mma: splitk multiplying on tensor cores (float16, sm_80+; float32 runs splitk).
 # cutlass: the large-batch path, one implicit GEMM per branch on tensor cores (float16
 # channels_last, sm_80+, builds that found CUTLASS's headers).
-KERNELS = {"simt": 0, "wmma": 1, "splitk": 2, "mma": 3, "cutlass": 4}
+# stem: inputs of at most 4 channels (MACNN's first layer reads one), bound by its output writes.
+KERNELS = {"simt": 0, "wmma": 1, "splitk": 2, "mma": 3, "cutlass": 4, "stem": 5}
 CHOICES = (CUDNN, *KERNELS)
 # Upper bounds of the batch buckets: batch 1 is latency-bound, 2-8 is the small-batch
 # kernel's range, larger batches are throughput-bound.

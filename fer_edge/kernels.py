@@ -444,7 +444,8 @@ def fused_ms_conv(x, w1, b1, w3, b3, w5, b5, relu: bool = True, wp=None, kernel:
     tensor cores), "splitk" (small batches), "mma" (splitk on tensor cores,
     float16, sm_80+) or "cutlass" (large batches: one implicit GEMM per branch,
     float16 channels_last, sm_80+, see ``cutlass_unsupported``; its ``wp`` is
-    ``pack_krsc_weights``'s); None = fer_edge.dispatch.direct_kernel()
+    ``pack_krsc_weights``'s) or "stem" (inputs of at most 4 channels);
+    None = fer_edge.dispatch.direct_kernel()
     (simt unless FER_EDGE_CUDA_KERNEL names another).  buffers: splitk_buffers(x, ctot),
     kept by callers that run one shape repeatedly (else allocated per call).
     """

@@ -171,7 +171,7 @@ def test_merged_modules_follow_the_dispatch_table():
 def test_unknown_cuda_kernel_is_refused():
     from fer_edge.kernels import cuda_kernel_code
 
-    assert [cuda_kernel_code(k) for k in ("simt", "wmma", "splitk", "mma", "cutlass")] == [0, 1, 2, 3, 4]
+    assert [cuda_kernel_code(k) for k in ("simt", "wmma", "splitk", "mma", "cutlass", "stem")] == [0, 1, 2, 3, 4, 5]
     with pytest.raises(ValueError, match="unknown CUDA kernel 'fast'"):
         cuda_kernel_code("fast")
 
@@ -225,6 +225,8 @@ def test_every_dispatch_choice_matches_the_reference(seed):
     c1, c3, c5 = r(1, 40), r(1, 70), r(1, 70)
     if seed % 2:  # channels_last, channels in multiples of 8: what the cutlass kernel takes
         n, cin, c1, c3, c5 = r(1, 300), 8 * r(1, 9), 8 * r(1, 5), 8 * r(1, 9), 8 * r(1, 9)
+    elif seed % 4 == 0:  # a first layer: what the stem kernel takes
+        cin = r(1, 4)
     for dtype in (torch.float32, torch.float16):
         x, *ws = make_inputs(n, cin, hw, hw, c1, c3, c5, nhwc=bool(seed % 2), device="cuda", dtype=dtype,
                              seed=seed)
@@ -236,6 +238,8 @@ def test_every_dispatch_choice_matches_the_reference(seed):
             if choice == "mma" and dtype == torch.float16 and torch.cuda.get_device_capability() < (8, 0):
                 continue
             if choice == "cutlass" and (cutlass_unsupported(x, *ws) or torch.cuda.get_device_capability() < (8, 0)):
+                continue
+            if choice == "stem" and cin > 4:
                 continue
             m.cuda_kernel = choice
             with torch.no_grad():
@@ -582,3 +586,38 @@ def test_cutlass_says_when_the_build_has_none():
         assert "float16 only" in why   # a CPU float32 tensor: its next reason
     else:
         assert "no cutlass kernel" in why
+
+
+# ------------------------------------------------- the first layer: the stem kernel
+STEM_CASES = [(1, 1, 48, 48, 16, 24, 24), (256, 1, 48, 48, 16, 24, 24), (2, 1, 48, 48, 4, 6, 6),
+              (3, 3, 17, 23, 5, 70, 9), (1, 4, 5, 3, 0, 8, 0), (2, 2, 1, 1, 8, 16, 40), (1, 1, 33, 16, 8, 8, 8)]
+
+
+@requires_cuda
+@requires_cuda_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("nhwc", [True, False])
+@pytest.mark.parametrize("case", STEM_CASES, ids=[f"n{c[0]}-cin{c[1]}-{c[2]}x{c[3]}-{c[4]}.{c[5]}.{c[6]}"
+                                                  for c in STEM_CASES])
+def test_stem_matches_the_reference(case, nhwc, dtype):
+    """At most 4 input channels (MACNN's gray first layer at full and quarter
+    width, odd sizes, a partial last tile, more than one block of channels,
+    a single branch), both layouts, against the float64 reference."""
+    n, cin, h, w, c1, c3, c5 = case
+    args = make_inputs(n, cin, h, w, c1, c3, c5, nhwc=nhwc, device="cuda", dtype=dtype, seed=n + c3)
+    for relu in (True, False):
+        y = fused_ms_conv(*args, relu=relu, kernel="stem")
+        ref = fused_ms_conv_reference(*[t.cpu().double() for t in args], relu=relu)
+        if dtype == torch.float16:
+            assert rel_norm(y.cpu(), ref) <= FP16_REL_NORM
+        else:
+            torch.testing.assert_close(y.cpu().double(), ref, **FP32_TOL)
+        assert_same_layout(y, fused_ms_conv_reference(*args, relu=relu))
+
+
+@requires_cuda
+@requires_cuda_kernel
+def test_stem_refuses_more_than_four_input_channels():
+    args = make_inputs(1, 5, 8, 8, 8, 8, 8, device="cuda")
+    with pytest.raises(ValueError, match="at most 4 input channels"):
+        fused_ms_conv(*args, kernel="stem")

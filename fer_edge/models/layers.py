@@ -177,7 +177,7 @@ class FusedMultiScaleConv(nn.Module):
     our kernels beats cuDNN for this shape, dtype and batch; elsewhere, and
     with use_kernel=False, three plain convolutions + cat, which every
     exporter and runtime understands.  ``cuda_kernel`` (None: the table)
-    names the choice for every call instead: "cudnn", "simt", "wmma", "splitk", "mma" or "cutlass".
+    names the choice for every call instead: "cudnn", "simt", "wmma", "splitk", "mma", "cutlass" or "stem".
     """
 
     def __init__(self, w1, b1, w3, b3, w5, b5, use_kernel: bool = True):
