@@ -9,7 +9,7 @@
 #      -> kernel_dispatch.json (copy it to fer_edge/ to ship it), installed for what follows
 #   3. the whole merged model at batch 1 and 1024, following that table -> model.json
 #   4. the CUDA tests: kernels, dispatch choices against the reference, merged models
-#   5. compute-sanitizer memcheck and racecheck on the small-batch kernel's tests
+#   5. compute-sanitizer memcheck and racecheck on the small-batch, cutlass and stem kernels' tests
 #   6. an Nsight Compute profile of the small-batch kernel at batch 1 (L2 and L4, fp16)
 # Everything printed goes to check.log; what comes back: check.log, msconv.json, model.json,
 # kernel_dispatch.json, splitk.ncu-rep.  STEPS="bench model" runs a subset.
@@ -55,15 +55,15 @@ step() { echo; echo "== $1 ($(date +%T))"; }
   if want test; then
     step "CUDA tests"
     timeout 150 $PYTEST tests/test_kernels.py tests/test_kernels_cuda.py tests/test_models.py tests/test_dispatch.py \
-      -k "cuda or dispatch or splitk or merge or cutlass" 2>&1 | tail -15
+      -k "cuda or dispatch or splitk or merge or cutlass or stem" 2>&1 | tail -15
   fi
   if want sanitize; then
-    step "compute-sanitizer memcheck (small-batch kernel, cutlass path)"
+    step "compute-sanitizer memcheck (small-batch, cutlass and stem kernels)"
     timeout 90 compute-sanitizer --tool memcheck $PYTEST -x tests/test_kernels_cuda.py \
-      -k "(splitk or mma or cutlass_matches) and not fuzz and not n64" 2>&1 | tail -6
-    step "compute-sanitizer racecheck (small-batch kernel)"
+      -k "(splitk or mma or cutlass_matches or stem) and not fuzz and not n64 and not n256" 2>&1 | tail -6
+    step "compute-sanitizer racecheck (small-batch and stem kernels)"
     timeout 120 compute-sanitizer --tool racecheck $PYTEST -x tests/test_kernels_cuda.py \
-      -k "fp16_close_to_fp32_reference and (splitk or mma)" 2>&1 | tail -6
+      -k "(fp16_close_to_fp32_reference and (splitk or mma)) or (stem_matches and n1-cin1-48x48)" 2>&1 | tail -6
   fi
   if want profile; then
     step "Nsight Compute: the small-batch kernel at batch 1"
