@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -149,7 +150,8 @@ def scaled(layer, width):
             *(0 if c == 0 else max(1, round(c * width)) for c in (c1, c3, c5)))
 
 
-def run(args) -> list[dict]:
+def run(args, on_rows=lambda rows: None) -> list[dict]:
+    """The benchmark's rows; on_rows(rows so far) after each one (a time limit then keeps what was measured)."""
     device = args.device
     dtypes = ["fp32"] + (["fp16"] if device == "cuda" else [])
     if args.dtypes:
@@ -219,6 +221,7 @@ def run(args) -> list[dict]:
                     "rel_err_vs_eager": float(f"{err:.2e}"),
                 }
                 rows.append(row)
+                on_rows(rows)
                 print(f"{name} n={n} {dt}: " + ", ".join(f"{m} {v:.1f} us" for m, v in us.items()), file=sys.stderr)
     return rows
 
@@ -286,16 +289,21 @@ def main(argv=None):
         p.error("the single-branch layers (P1-P5) run on CUDA only")
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = run(args)
     meta = {
         "date": time.strftime("%Y-%m-%d"),
         "device": torch.cuda.get_device_name(0) if args.device == "cuda" else f"cpu x{torch.get_num_threads()}",
         "torch": torch.__version__,
         "command": " ".join(sys.argv),
     }
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+
+    def save(rows):
+        if args.json:  # rewritten whole after every row, atomically (a reader never sees half a file)
+            tmp = f"{args.json}.part"
+            with open(tmp, "w") as f:
+                json.dump({"meta": meta, "rows": rows}, f, indent=2)
+            os.replace(tmp, args.json)
+
+    rows = run(args, on_rows=save)
     print(f"\n{meta['date']}  {meta['device']}  torch {meta['torch']}  layout {args.layout}  width {args.width}")
     print_table(rows)
 

@@ -40,7 +40,7 @@ echo "== training done after $(( $(date +%s) - START )) s"
 tail -12 "$K/train-console.log"
 
 # Alone on the GPU: the timings.
-OUT=$K STEPS="${ALONE_STEPS:-bench model}" BATCHES=${BATCHES:-"1 256"} bash benchmarks/gpu_check.sh > /dev/null 2>&1
+OUT=$K STEPS="${ALONE_STEPS:-bench model}" BATCHES=${BATCHES:-"1 256 1024"} bash benchmarks/gpu_check.sh > /dev/null 2>&1
 grep -vE "^\s*$" "$K/check.log" | tail -60
 tar czf "$OUT/kernel.tar.gz" -C "$K" .
 echo "== all done after $(( $(date +%s) - START )) s"

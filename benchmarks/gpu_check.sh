@@ -5,7 +5,7 @@
 #      CUTLASS path when .data/cutlass-include.tar.xz is there (benchmarks/cutlass_headers.py
 #      makes it: the machine has no internet to fetch nvidia-cutlass)
 #   2. the layer benchmark (every kernel of ours against cuDNN's best way, fp16 and fp32,
-#      batch 1, 8 and 256) -> msconv.json, and from it the measured dispatch table
+#      batch 1, 8, 256 and 1024: the whole-model benchmark runs 1024) -> msconv.json, and from it the measured dispatch table
 #      -> kernel_dispatch.json (copy it to fer_edge/ to ship it), installed for what follows
 #   3. the whole merged model at batch 1 and 1024, following that table -> model.json
 #   4. the CUDA tests: kernels, dispatch choices against the reference, merged models
@@ -38,7 +38,7 @@ step() { echo; echo "== $1 ($(date +%T))"; }
   PKG=$($PY -c "import fer_edge, os; print(os.path.dirname(fer_edge.__file__))")
   if want bench; then
     step "layer benchmark"
-    timeout 240 $PY benchmarks/bench_msconv.py --device cuda --dtypes fp16 fp32 --batches ${BATCHES:-1 8 256} --repeat 50 \
+    timeout 300 $PY benchmarks/bench_msconv.py --device cuda --dtypes fp16 fp32 --batches ${BATCHES:-1 8 256 1024} --repeat 50 \
       --json "$OUT/msconv.json" 2>/dev/null
     GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
     cp "$PKG/kernel_dispatch.json" "$OUT/kernel_dispatch.json"
