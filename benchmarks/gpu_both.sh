@@ -7,6 +7,7 @@
 #
 #   mkdir -p .data && cp ../shared/data/fer2013.zip .data/
 #   bash benchmarks/gpu_both.sh full            (TRAIN_LIMIT=400 seconds of training stage)
+#   TRAIN_LIMIT=300 bash benchmarks/gpu_both.sh compact   (more of the call left for the timings)
 #
 # What comes back in $OUT: the training stage's files (see gpu_train.sh) and kernel.tar.gz
 # (check.log, msconv.json, kernel_dispatch.json, splitk.ncu-rep, train-console.log).
@@ -39,8 +40,14 @@ wait $TRAIN
 echo "== training done after $(( $(date +%s) - START )) s"
 tail -12 "$K/train-console.log"
 
-# Alone on the GPU: the timings.
-OUT=$K STEPS="${ALONE_STEPS:-bench model}" BATCHES=${BATCHES:-"1 256 1024"} bash benchmarks/gpu_check.sh > /dev/null 2>&1
+# Alone on the GPU: the timings, in what is left of the call (CALL_LIMIT seconds, 580): the whole-model
+# benchmark gets MODEL_LIMIT (100), the layer benchmark the rest (at most 300; it keeps what it measured).
+MODEL_LIMIT=${MODEL_LIMIT:-100}
+LEFT=$(( ${CALL_LIMIT:-580} - ($(date +%s) - START) - MODEL_LIMIT - 15 ))
+BENCH_LIMIT=$(( LEFT > 300 ? 300 : (LEFT < 30 ? 30 : LEFT) ))
+echo "== timings alone: layer benchmark ${BENCH_LIMIT} s, whole model ${MODEL_LIMIT} s"
+OUT=$K STEPS="${ALONE_STEPS:-bench model}" BATCHES=${BATCHES:-"1 256 1024"} BENCH_LIMIT=$BENCH_LIMIT \
+  MODEL_LIMIT=$MODEL_LIMIT bash benchmarks/gpu_check.sh > /dev/null 2>&1
 grep -vE "^\s*$" "$K/check.log" | tail -60
 tar czf "$OUT/kernel.tar.gz" -C "$K" .
 echo "== all done after $(( $(date +%s) - START )) s"

@@ -15,6 +15,8 @@
 # kernel_dispatch.json, splitk.ncu-rep.  STEPS="bench model" runs a subset.
 #   bash benchmarks/gpu_check.sh            (about 8 minutes on an H100)
 #   STEPS=model COMPILE=1 bash benchmarks/gpu_check.sh   (adds torch.compile max-autotune: minutes)
+# BENCH_LIMIT / MODEL_LIMIT (300 / 120 s) bound the two benchmarks; the layer benchmark keeps the
+# rows it measured before its limit (fp16 at batch 1 first).
 # `python3 -P`: never the source folder (it has no compiled _C), always the installed package.
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
@@ -38,7 +40,7 @@ step() { echo; echo "== $1 ($(date +%T))"; }
   PKG=$($PY -c "import fer_edge, os; print(os.path.dirname(fer_edge.__file__))")
   if want bench; then
     step "layer benchmark"
-    timeout 300 $PY benchmarks/bench_msconv.py --device cuda --dtypes fp16 fp32 --batches ${BATCHES:-1 8 256 1024} --repeat 50 \
+    timeout ${BENCH_LIMIT:-300} $PY benchmarks/bench_msconv.py --device cuda --dtypes fp16 fp32 --batches ${BATCHES:-1 8 256 1024} --repeat 50 \
       --json "$OUT/msconv.json" 2>/dev/null
     GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
     cp "$PKG/kernel_dispatch.json" "$OUT/kernel_dispatch.json"
@@ -49,7 +51,7 @@ step() { echo; echo "== $1 ($(date +%T))"; }
   if want model; then
     step "whole model (fp16, channels_last)"
     skip="merged+compile"; [ -n "${COMPILE:-}" ] && skip=""
-    timeout 120 $PY benchmarks/bench_model.py --device cuda --dtype fp16 --batches 1 1024 --repeat 100 \
+    timeout ${MODEL_LIMIT:-120} $PY benchmarks/bench_model.py --device cuda --dtype fp16 --batches 1 1024 --repeat 100 \
       ${skip:+--skip $skip} --json "$OUT/model.json"
   fi
   if want test; then

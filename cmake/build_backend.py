@@ -6,8 +6,10 @@ The large-batch CUDA path (csrc/msconv_cuda_cutlass.cu) needs CUTLASS's C++
 headers at build time, and nothing of it at run time.  The package that ships
 them pulls large Python dependencies, so a build that compiles no CUDA (the
 device install with FER_EDGE_KERNELS=0, -C cmake.define.FER_EDGE_CUDA=OFF, a
-machine without nvcc) does not ask for it.  CMakeLists.txt finds the headers
-in the build environment, or in FER_EDGE_CUTLASS_INCLUDE.
+machine without nvcc, architectures all older than 8.0) does not ask for it.
+CMakeLists.txt finds the headers in the build environment, or in
+FER_EDGE_CUTLASS_INCLUDE.  Offline, with an index that lacks nvidia-cutlass:
+-C cmake.define.FER_EDGE_CUTLASS=OFF, or FER_EDGE_CUTLASS_INCLUDE=DIR.
 """
 from __future__ import annotations
 
@@ -44,11 +46,25 @@ def _cuda_compiler() -> str | None:
     return None
 
 
+def _archs_below_80(config_settings: dict | None) -> bool:
+    """Whether the CUDA architectures asked for (-C cmake.define.CMAKE_CUDA_ARCHITECTURES or
+    CUDAARCHS) are all numbers below 80: the CUTLASS path is then not built."""
+    value = (config_settings or {}).get("cmake.define.CMAKE_CUDA_ARCHITECTURES") or os.environ.get("CUDAARCHS", "")
+    if isinstance(value, list):
+        value = value[-1] if value else ""
+    archs = [a.strip() for a in str(value).replace(",", ";").split(";") if a.strip()]
+    numbers = [a.split("-")[0] for a in archs]
+    return bool(numbers) and all(n.isdigit() and int(n) < 80 for n in numbers)
+
+
 def wants_cutlass(config_settings: dict | None = None) -> bool:
     """Whether this build compiles the CUTLASS path and has no headers of its own for it."""
     if any(_switched_off(name, config_settings) for name in ("FER_EDGE_KERNELS", "FER_EDGE_CUDA", "FER_EDGE_CUTLASS")):
         return False
-    if (config_settings or {}).get("cmake.define.FER_EDGE_CUTLASS_INCLUDE") or os.environ.get("FER_EDGE_CUTLASS_INCLUDE"):
+    if _archs_below_80(config_settings):
+        return False
+    own_headers = (config_settings or {}).get("cmake.define.FER_EDGE_CUTLASS_INCLUDE")
+    if own_headers or os.environ.get("FER_EDGE_CUTLASS_INCLUDE"):
         return False
     return _cuda_compiler() is not None
 

@@ -41,9 +41,11 @@ endfunction()
 # fer_edge_cutlass_archs(<archs> <out_var>): the architectures to build the
 # CUTLASS path (SM80 mma.sync kernels) for, from the extension's list.  Its
 # sm_80 code runs on every 8.x GPU (86, 87 Jetson Orin, 89), so those share
-# one 80-real build; 9.0 and newer get their own.  Older entries get none (the
-# path needs 8.0).  A symbolic list (native, all, all-major) is kept as is:
-# the host code checks the compute capability before any launch.
+# one 80-real build; 9.0 and newer get their own.  The highest also gets PTX
+# (a bare number), as the extension's own list does, so a GPU newer than the
+# list JIT-compiles it.  Older entries get none (the path needs 8.0).  A
+# symbolic list (native, all, all-major) is kept as is: the host code checks
+# the compute capability before any launch.
 function(fer_edge_cutlass_archs archs out_var)
   set(result "")
   foreach(arch IN LISTS archs)
@@ -59,5 +61,13 @@ function(fer_edge_cutlass_archs archs out_var)
     endif()
   endforeach()
   list(REMOVE_DUPLICATES result)
+  list(LENGTH result count)
+  if(count GREATER 0)
+    math(EXPR last "${count} - 1")
+    list(GET result ${last} highest)
+    string(REPLACE "-real" "" highest_ptx "${highest}")
+    list(REMOVE_AT result ${last})
+    list(APPEND result "${highest_ptx}")
+  endif()
   set(${out_var} "${result}" PARENT_SCOPE)
 endfunction()

@@ -16,6 +16,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <stdexcept>
 #include <string>
@@ -115,15 +116,26 @@ void launch(const MsConvArgs& a, std::uintptr_t stream, int sm_count) {
       {5, c5, c1 + c3, wp + std::int64_t(c1) * c + std::int64_t(c3) * 9 * c, reinterpret_cast<const Half*>(a.b5)},
   };
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  const std::int64_t m = a.n * a.h * a.w;
-  // Heaviest first: the 5x5 launch has 25 taps per pixel, the 1x1 one.
-  for (int i = 2; i >= 0; --i) {
-    const Branch& b = branches[i];
-    if (b.cout == 0) continue;  // the single-branch case (c1 = c5 = 0)
-    switch (pick_tile(m, b.cout, sm_count)) {
-      case 0: run_branch<Tile0>(a, b, ctot, s); break;
-      case 1: run_branch<Tile1>(a, b, ctot, s); break;
-      default: run_branch<Tile2>(a, b, ctot, s); break;
+  // CUTLASS refuses an input or a branch output of 2 GiB or more: run such a
+  // batch in chunks of whole images (offsets keep 16-byte alignment: c and
+  // ctot are multiples of 8).
+  const std::int64_t image = a.h * a.w * std::max<std::int64_t>(a.c, ctot) * std::int64_t(sizeof(Half));
+  const std::int64_t chunk = std::max<std::int64_t>(1, ((std::int64_t(1) << 31) - 1) / image);
+  for (std::int64_t n0 = 0; n0 < a.n; n0 += chunk) {
+    MsConvArgs part = a;
+    part.n = std::min(chunk, a.n - n0);
+    part.x = a.x + std::uintptr_t(n0 * a.h * a.w * a.c) * sizeof(Half);
+    part.out = a.out + std::uintptr_t(n0 * a.h * a.w * ctot) * sizeof(Half);
+    const std::int64_t m = part.n * a.h * a.w;
+    // Heaviest first: the 5x5 launch has 25 taps per pixel, the 1x1 one.
+    for (int i = 2; i >= 0; --i) {
+      const Branch& b = branches[i];
+      if (b.cout == 0) continue;  // the single-branch case (c1 = c5 = 0)
+      switch (pick_tile(m, b.cout, sm_count)) {
+        case 0: run_branch<Tile0>(part, b, ctot, s); break;
+        case 1: run_branch<Tile1>(part, b, ctot, s); break;
+        default: run_branch<Tile2>(part, b, ctot, s); break;
+      }
     }
   }
 }

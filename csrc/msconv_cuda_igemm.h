@@ -10,6 +10,7 @@
 // merged 5x5 window carries for the 3x3 and 1x1 kernels.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <string>
 
@@ -30,11 +31,20 @@ constexpr Tile TILES[NUM_TILES] = {{128, 128, 32}, {128, 64, 32}, {64, 64, 32}};
 // channel offsets are multiples of 8 halves: 16-byte vector loads and stores.
 constexpr int ALIGN = 8;
 
+// How fast a tile multiplies, relative to the largest: a block loads m + n
+// values per k for m * n multiply-adds, so its rate grows with the tile's
+// arithmetic intensity m*n/(m+n) (taken as its square root: loads overlap the
+// multiplies in the pipeline).  128x128: 1, 128x64: 0.82, 64x64: 0.71.
+inline double tile_rate(const Tile& t) {
+  const double big = 128.0 * 128.0 / 256.0;
+  return std::sqrt((double(t.m) * t.n / (t.m + t.n)) / big);
+}
+
 // The tile for one branch: GEMM M = m pixels, N = cout channels, on a GPU with
-// sm_count SMs.  A tile wider than the branch wastes its extra columns, and a
-// grid of fewer blocks than SMs leaves SMs idle: pick the tile that keeps the
-// most multiply-adds useful per wave, the larger one on a tie (fewer blocks
-// re-read the same input).
+// sm_count SMs.  A tile wider than the branch wastes its extra columns, a
+// grid that ends in a partial wave leaves SMs idle, and a smaller tile
+// multiplies more slowly (tile_rate): pick the best product, the larger tile
+// on a tie.
 inline int pick_tile(std::int64_t m, std::int64_t cout, int sm_count) {
   int best = NUM_TILES - 1;
   double best_score = -1.0;
@@ -45,7 +55,7 @@ inline int pick_tile(std::int64_t m, std::int64_t cout, int sm_count) {
     const double useful = double(m) * double(cout) / (double(mt * t.m) * double(nt * t.n));
     const std::int64_t waves = (blocks + sm_count - 1) / sm_count;
     const double busy = double(blocks) / double(waves * sm_count);  // SMs busy, averaged over the waves
-    const double score = useful * busy;
+    const double score = useful * busy * tile_rate(t);
     if (score > best_score * 1.0001) {  // strictly better (tiles are in decreasing size)
       best = i;
       best_score = score;
@@ -61,7 +71,8 @@ inline std::string unsupported(const MsConvArgs& a, DType dtype) {
   if (a.layout != Layout::NHWC) return "it reads and writes channels_last (NHWC) tensors only";
   if (a.c % ALIGN || a.c1 % ALIGN || a.c3 % ALIGN || a.c5 % ALIGN)
     return "it needs input channels and c1, c3, c5 that are multiples of 8";
-  const std::uintptr_t ptrs[] = {a.x, a.out, a.wp, a.b1, a.b3, a.b5};
+  // An empty branch's bias is never read: its address does not matter.
+  const std::uintptr_t ptrs[] = {a.x, a.out, a.wp, a.c1 ? a.b1 : 0, a.c3 ? a.b3 : 0, a.c5 ? a.b5 : 0};
   for (std::uintptr_t p : ptrs)
     if (p % 16) return "it needs 16-byte aligned tensors (no offset views)";
   return "";

@@ -417,8 +417,11 @@ def cutlass_unsupported(x: torch.Tensor, w1, b1, w3, b3, w5, b5) -> str:
     are fresh allocations, always aligned), a build that found CUTLASS."""
     if not build_info().get("cutlass"):
         return "this build has no cutlass kernel (CUTLASS's headers were not found when it was compiled)"
+    if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (8, 0):
+        return "it needs compute capability 8.0+ (mma.sync, cp.async)"
     nhwc = _io_nhwc(x, _weights_nhwc(w3, w5))
-    ptrs = [x.data_ptr(), 0, 0, *(b.data_ptr() if b.numel() else 0 for b in (b1, b3, b5))]
+    # The pointers the op passes: biases made contiguous (an empty one too: its address is checked).
+    ptrs = [x.data_ptr(), 0, 0, *(b.contiguous().data_ptr() for b in (b1, b3, b5))]
     return _C.igemm_unsupported(x.shape[1], w1.shape[0], w3.shape[0], w5.shape[0],
                                 _LAYOUT_NHWC if nhwc else _LAYOUT_NCHW, _CUDA_DTYPES.get(x.dtype, 0), ptrs)
 

@@ -132,10 +132,10 @@ def test_cuda_version_is_read_from_nvcc(tmp_path):
 @needs_cmake
 def test_cutlass_path_builds_once_per_major_architecture(tmp_path):
     """The CUTLASS path's SM80 code runs on every 8.x GPU: one 80-real build
-    serves 80/86/87/89, 9.0+ get their own, older entries none, and a symbolic
-    list (native) is kept."""
-    lists = {"75;80;86;87;89;90": "80-real;90-real", "60;61;70;75;80;86;87;89;90": "80-real;90-real",
-             "87": "80-real", "90-real;100": "90-real;100-real", "75": "", "native": "native"}
+    serves 80/86/87/89, 9.0+ get their own, the highest also PTX (for newer
+    GPUs), older entries none, and a symbolic list (native) is kept."""
+    lists = {"75;80;86;87;89;90": "80-real;90", "60;61;70;75;80;86;87;89;90": "80-real;90",
+             "87": "80", "86;87": "80", "90-real;100": "90-real;100", "75": "", "native": "native"}
     body = "".join(f'fer_edge_cutlass_archs("{k}" a)\nmessage(STATUS "{k}=${{a}}")\n' for k in lists)
     proc = _cmake_script(tmp_path, body)
     assert proc.returncode == 0, proc.stderr
@@ -167,6 +167,9 @@ def test_build_asks_for_cutlass_only_when_it_compiles_cuda(monkeypatch, tmp_path
     assert not backend.wants_cutlass({"cmake.define.FER_EDGE_CUDA": "OFF"})
     assert not backend.wants_cutlass({"cmake.define.FER_EDGE_KERNELS": ["ON", "0"]})   # the last -C wins
     assert not backend.wants_cutlass({"cmake.define.FER_EDGE_CUTLASS_INCLUDE": "/opt/cutlass/include"})
+    assert not backend.wants_cutlass({"cmake.define.CMAKE_CUDA_ARCHITECTURES": "60;75"})   # none is 8.0+
+    assert backend.wants_cutlass({"cmake.define.CMAKE_CUDA_ARCHITECTURES": "75;87"})
+    assert backend.wants_cutlass({"cmake.define.CMAKE_CUDA_ARCHITECTURES": "native"})
     monkeypatch.setenv("FER_EDGE_KERNELS", "0")   # the device install
     assert not backend.wants_cutlass()
     monkeypatch.delenv("FER_EDGE_KERNELS")
