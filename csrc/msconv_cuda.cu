@@ -35,7 +35,9 @@
 namespace fer_edge {
 namespace {
 using device::bias_and_channel;
+using device::Dims;
 using device::from_f;
+using device::make_dims;
 using device::relu_keep_nan;
 using device::to_f;
 
@@ -49,25 +51,6 @@ constexpr int CK = 8;                  // input channels per shared-memory stage
 constexpr int IH = TH + 4, IW = TW + 4;
 constexpr int WSTRIDE = BCO + 1;       // odd row stride: conflict-free staging writes
 
-
-struct Dims {
-  int n0, C, H, W, c1, c3, c5, ctot, tiles_w;
-  bool relu;
-};
-
-Dims make_dims(const MsConvArgs& a, int tile_w) {
-  Dims d{};
-  d.C = static_cast<int>(a.c);
-  d.H = static_cast<int>(a.h);
-  d.W = static_cast<int>(a.w);
-  d.c1 = static_cast<int>(a.c1);
-  d.c3 = static_cast<int>(a.c3);
-  d.c5 = static_cast<int>(a.c5);
-  d.ctot = d.c1 + d.c3 + d.c5;
-  d.tiles_w = (d.W + tile_w - 1) / tile_w;
-  d.relu = a.relu;
-  return d;
-}
 
 // Packed weight (MsConvArgs::wp) of combined channel co for input channel ci
 // at 5x5 tap index `tap` (ky * 5 + kx).

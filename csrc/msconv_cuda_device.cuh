@@ -5,8 +5,31 @@
 
 #include <cuda_fp16.h>
 
+#include "msconv.h"
+
 namespace fer_edge {
 namespace device {
+
+// A launch's shapes, as the tiled kernels read them: n0 = the first image of
+// this launch (gridDim.z is limited to 65535), tiles_w = output tiles per row.
+struct Dims {
+  int n0, C, H, W, c1, c3, c5, ctot, tiles_w;
+  bool relu;
+};
+
+inline Dims make_dims(const MsConvArgs& a, int tile_w) {
+  Dims d{};
+  d.C = static_cast<int>(a.c);
+  d.H = static_cast<int>(a.h);
+  d.W = static_cast<int>(a.w);
+  d.c1 = static_cast<int>(a.c1);
+  d.c3 = static_cast<int>(a.c3);
+  d.c5 = static_cast<int>(a.c5);
+  d.ctot = d.c1 + d.c3 + d.c5;
+  d.tiles_w = (d.W + tile_w - 1) / tile_w;
+  d.relu = a.relu;
+  return d;
+}
 
 __device__ __forceinline__ float to_f(float v) { return v; }
 __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }

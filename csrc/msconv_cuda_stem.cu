@@ -21,7 +21,9 @@ namespace fer_edge {
 namespace stem {
 namespace {
 using device::bias_and_channel;
+using device::Dims;
 using device::from_f;
+using device::make_dims;
 using device::relu_keep_nan;
 using device::to_f;
 
@@ -33,11 +35,6 @@ constexpr int CB = 64;                   // combined channels per block
 constexpr int GROUPS = CB / CPT;
 constexpr int THREADS = 256;
 constexpr int ITEMS = NPIX * GROUPS;     // (pixel, channel group) pairs per block
-
-struct Dims {
-  int n0, C, H, W, c1, c3, c5, ctot, tiles_w;
-  bool relu;
-};
 
 void check(cudaError_t e, const char* what) {
   if (e != cudaSuccess) throw std::runtime_error(std::string("fused_ms_conv (stem): ") + what + ": " +
@@ -164,16 +161,7 @@ stem_kernel(const T* __restrict__ x, T* __restrict__ out, const T* __restrict__ 
 
 template <typename T, bool NHWC>
 void launch_typed(const MsConvArgs& a, cudaStream_t s) {
-  Dims d{};
-  d.C = static_cast<int>(a.c);
-  d.H = static_cast<int>(a.h);
-  d.W = static_cast<int>(a.w);
-  d.c1 = static_cast<int>(a.c1);
-  d.c3 = static_cast<int>(a.c3);
-  d.c5 = static_cast<int>(a.c5);
-  d.ctot = d.c1 + d.c3 + d.c5;
-  d.tiles_w = (d.W + TW - 1) / TW;
-  d.relu = a.relu;
+  Dims d = make_dims(a, TW);
   const int tiles = d.tiles_w * ((d.H + TH - 1) / TH);
   const unsigned cblocks = static_cast<unsigned>((d.ctot + CB - 1) / CB);
   const size_t smem = sizeof(float) * (25 * d.C * CB + d.C * IH * IW);  // <= 32 KB for C <= 4
