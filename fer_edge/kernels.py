@@ -14,6 +14,7 @@ CUDA (a warning is issued once; it never happens silently).
 """
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -410,12 +411,17 @@ class CpuPackedMsConv:
         return out
 
 
+@functools.lru_cache(maxsize=None)
+def _has_cutlass() -> bool:
+    return bool(_C.build_info().get("cutlass"))
+
+
 def cutlass_unsupported(x: torch.Tensor, w1, b1, w3, b3, w5, b5) -> str:
     """Why the "cutlass" kernel cannot run this layer on x ("" when it can):
     float16, channels_last, channel counts that are multiples of 8, 16-byte
     aligned data (the compiled extension's own rule; the output and the pack
     are fresh allocations, always aligned), a build that found CUTLASS."""
-    if not build_info().get("cutlass"):
+    if not _has_cutlass():
         return "this build has no cutlass kernel (CUTLASS's headers were not found when it was compiled)"
     if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (8, 0):
         return "it needs compute capability 8.0+ (mma.sync, cp.async)"
