@@ -335,7 +335,7 @@ void msconv_cuda(const MsConvArgs& a, DType dtype, std::uintptr_t stream, Varian
     if (dtype != DType::Float32 && dtype != DType::Float16)
       throw std::invalid_argument("fused_ms_conv: unsupported dtype code");
     if (variant == Variant::Stem) {
-      stem::launch(a, dtype, stream);
+      stem::launch(a, dtype, stream, splitk::sm_count_of(dev));
     } else if (variant == Variant::Cutlass) {
 #ifdef FER_EDGE_WITH_CUTLASS
       const std::string why = igemm::unsupported(a, dtype);

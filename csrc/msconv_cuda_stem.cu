@@ -1,5 +1,6 @@
 // The "stem" kernel (see msconv_cuda_stem.h): a block owns a 16x16 tile of
-// output pixels and 64 combined output channels.  It stages the input tile
+// output pixels (16x4 when 16x16 tiles would leave most SMs idle, as at
+// batch 1) and 64 combined output channels.  It stages the input tile
 // with its 2-pixel halo and the block's weights (all taps, every input
 // channel) in shared memory once, then each thread computes 8 consecutive
 // combined channels of one pixel at a time, only over the taps of their
@@ -27,14 +28,12 @@ using device::make_dims;
 using device::relu_keep_nan;
 using device::to_f;
 
-constexpr int TH = 16, TW = 16;          // output pixels per block
-constexpr int NPIX = TH * TW;
-constexpr int IH = TH + 4, IW = TW + 4;  // with the 5x5 window's halo
+constexpr int TW = 16;                   // output tile width; height TH: 16 or 4 (template)
+constexpr int IW = TW + 4;               // with the 5x5 window's halo
 constexpr int CPT = 8;                   // channels per thread
 constexpr int CB = 64;                   // combined channels per block
 constexpr int GROUPS = CB / CPT;
 constexpr int THREADS = 256;
-constexpr int ITEMS = NPIX * GROUPS;     // (pixel, channel group) pairs per block
 
 void check(cudaError_t e, const char* what) {
   if (e != cudaSuccess) throw std::runtime_error(std::string("fused_ms_conv (stem): ") + what + ": " +
@@ -43,7 +42,7 @@ void check(cudaError_t e, const char* what) {
 
 // acc[j] += the window of radius R around (py, px) of every input channel times
 // the weights of the thread's 8 channels (the packed 5x5 taps of that window).
-template <int R>
+template <int R, int IH>
 __device__ __forceinline__ void accumulate(float (&acc)[CPT], const float* s_in, const float* s_w, int C,
                                            int py, int px, int g) {
   for (int c = 0; c < C; ++c) {
@@ -78,12 +77,14 @@ template <> struct Pack8<float> {
   }
 };
 
-template <typename T, bool NHWC>
+template <typename T, bool NHWC, int TH>
 __global__ void __launch_bounds__(THREADS)
 stem_kernel(const T* __restrict__ x, T* __restrict__ out, const T* __restrict__ wp, const T* __restrict__ b1,
             const T* __restrict__ b3, const T* __restrict__ b5, Dims d) {
   extern __shared__ float4 smem4[];  // float4: the weight rows are read as float4
   float* s_w = reinterpret_cast<float*>(smem4);  // [25][C][CB]
+  constexpr int NPIX = TH * TW, IH = TH + 4;
+  constexpr int ITEMS = NPIX * GROUPS;           // (pixel, channel group) pairs per block
   float* s_in = s_w + 25 * d.C * CB;             // [C][IH][IW]
 
   const int tid = threadIdx.x;
@@ -133,9 +134,9 @@ stem_kernel(const T* __restrict__ x, T* __restrict__ out, const T* __restrict__ 
 #pragma unroll
     for (int j = 0; j < CPT; ++j) acc[j] = 0.f;
     // Combined channels run [c5 | c3 | c1]: the group's first channel has the widest window.
-    if (co0 < d.c5) accumulate<2>(acc, s_in, s_w, C, py, px, g);
-    else if (co0 < d.c5 + d.c3) accumulate<1>(acc, s_in, s_w, C, py, px, g);
-    else accumulate<0>(acc, s_in, s_w, C, py, px, g);
+    if (co0 < d.c5) accumulate<2, IH>(acc, s_in, s_w, C, py, px, g);
+    else if (co0 < d.c5 + d.c3) accumulate<1, IH>(acc, s_in, s_w, C, py, px, g);
+    else accumulate<0, IH>(acc, s_in, s_w, C, py, px, g);
 
     int oc[CPT];
     bool contiguous = vector_ok && co0 + CPT <= d.ctot;
@@ -159,34 +160,44 @@ stem_kernel(const T* __restrict__ x, T* __restrict__ out, const T* __restrict__ 
   }
 }
 
-template <typename T, bool NHWC>
-void launch_typed(const MsConvArgs& a, cudaStream_t s) {
+template <typename T, bool NHWC, int TH>
+void launch_tiles(const MsConvArgs& a, cudaStream_t s) {
   Dims d = make_dims(a, TW);
   const int tiles = d.tiles_w * ((d.H + TH - 1) / TH);
   const unsigned cblocks = static_cast<unsigned>((d.ctot + CB - 1) / CB);
-  const size_t smem = sizeof(float) * (25 * d.C * CB + d.C * IH * IW);  // <= 32 KB for C <= 4
+  const size_t smem = sizeof(float) * (25 * d.C * CB + d.C * (TH + 4) * IW);  // <= 32 KB for C <= 4
   for (long long n0 = 0; n0 < a.n; n0 += 65535) {  // gridDim.z is limited to 65535
     d.n0 = static_cast<int>(n0);
     const unsigned nz = static_cast<unsigned>(std::min<long long>(65535, a.n - n0));
-    stem_kernel<T, NHWC><<<dim3(tiles, cblocks, nz), THREADS, smem, s>>>(
+    stem_kernel<T, NHWC, TH><<<dim3(tiles, cblocks, nz), THREADS, smem, s>>>(
         reinterpret_cast<const T*>(a.x), reinterpret_cast<T*>(a.out), reinterpret_cast<const T*>(a.wp),
         reinterpret_cast<const T*>(a.b1), reinterpret_cast<const T*>(a.b3), reinterpret_cast<const T*>(a.b5), d);
     check(cudaGetLastError(), "kernel launch");
   }
 }
 
+// 16x16 tiles, or 16x4 where 16x16 ones would give fewer than two blocks per SM.
+template <typename T, bool NHWC>
+void launch_typed(const MsConvArgs& a, cudaStream_t s, int sm_count) {
+  const long long blocks16 = ((a.w + TW - 1) / TW) * ((a.h + 15) / 16) * ((a.c1 + a.c3 + a.c5 + CB - 1) / CB) * a.n;
+  if (blocks16 < 2LL * sm_count)
+    launch_tiles<T, NHWC, 4>(a, s);
+  else
+    launch_tiles<T, NHWC, 16>(a, s);
+}
+
 }  // namespace
 
-void launch(const MsConvArgs& a, DType dtype, std::uintptr_t stream) {
+void launch(const MsConvArgs& a, DType dtype, std::uintptr_t stream, int sm_count) {
   if (a.c > MAX_C)
     throw std::invalid_argument("fused_ms_conv: the stem kernel takes at most " + std::to_string(MAX_C) +
                                 " input channels, got " + std::to_string(a.c));
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   const bool nhwc = a.layout == Layout::NHWC;
   if (dtype == DType::Float16)
-    nhwc ? launch_typed<__half, true>(a, s) : launch_typed<__half, false>(a, s);
+    nhwc ? launch_typed<__half, true>(a, s, sm_count) : launch_typed<__half, false>(a, s, sm_count);
   else
-    nhwc ? launch_typed<float, true>(a, s) : launch_typed<float, false>(a, s);
+    nhwc ? launch_typed<float, true>(a, s, sm_count) : launch_typed<float, false>(a, s, sm_count);
 }
 
 }  // namespace stem

@@ -14,8 +14,8 @@ namespace stem {
 constexpr int MAX_C = 4;
 
 #ifdef FER_EDGE_WITH_CUDA
-// One launch on `stream` (fp32 or fp16, NCHW or NHWC).  The caller checked c <= MAX_C.
-void launch(const MsConvArgs& a, DType dtype, std::uintptr_t stream);
+// One launch on `stream` (fp32 or fp16, NCHW or NHWC); sm_count picks the tile height.
+void launch(const MsConvArgs& a, DType dtype, std::uintptr_t stream, int sm_count);
 #endif
 
 }  // namespace stem
