@@ -31,7 +31,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from fer_edge.kernels import PACKS, cutlass_unsupported, fused_ms_conv, pack_kind, splitk_buffers
+from fer_edge.kernels import PACKS, cutlass_unsupported, fused_ms_conv, kernel_buffers, pack_kind
 
 # name: (cin, height=width, c1, c3, c5) -- the merged MAConv layers of MACNN at 48x48 (L), and
 # its plain 3x3 convolutions + ReLU (P: the single-branch case c1 = c5 = 0, on CUDA only; P3-P5
@@ -181,11 +181,10 @@ def run(args, on_rows=lambda rows: None) -> list[dict]:
             # (FusedMultiScaleConv keeps both); every kernel of ours, timed apart.
             del methods["fused"]
             packs = {kind: PACKS[kind](fw[0], fw[2], fw[4]) for kind in PACKS}
-            bufs = splitk_buffers(xs[0], c1 + c3 + c5)
             for k in cuda_kernels(dt, xs[0], fw):
-                methods[f"fused_{k}"] = graphed((lambda k: lambda x: fused_ms_conv(
-                    x, *fw, wp=packs[pack_kind(k)], kernel=k,
-                    buffers=bufs if k in ("splitk", "mma") else None))(k), xs)
+                bufs = kernel_buffers(k, xs[0], c1, c3, c5)   # made once, before the capture
+                methods[f"fused_{k}"] = graphed((lambda k, bufs: lambda x: fused_ms_conv(
+                    x, *fw, wp=packs[pack_kind(k)], kernel=k, buffers=bufs))(k, bufs), xs)
             methods["graph"] = graphed(methods["eager"], xs)
         else:
             # What a merged model runs on the CPU: weights packed once, not per call.

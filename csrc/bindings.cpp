@@ -133,6 +133,25 @@ PYBIND11_MODULE(_C, m) {
       py::arg("m"), py::arg("cout"), py::arg("sm_count"),
       "the (pixels, channels, k) tile the cutlass path uses for one branch of m output pixels and cout channels");
   m.def(
+      "igemm_semaphores",
+      [](std::int64_t n, std::int64_t c, std::int64_t h, std::int64_t w, std::int64_t c1, std::int64_t c3,
+         std::int64_t c5, int sm_count) {
+        if (n < 1 || c < 1 || h < 1 || w < 1 || c1 < 0 || c3 < 0 || c5 < 0 || sm_count < 1)
+          throw std::invalid_argument("igemm_semaphores: sizes must be >= 1 (channels >= 0)");
+        return fer_edge::igemm::semaphores(n, c, h, w, c1, c3, c5, sm_count);
+      },
+      py::arg("n"), py::arg("c"), py::arg("h"), py::arg("w"), py::arg("c1"), py::arg("c3"), py::arg("c5"),
+      py::arg("sm_count"), "int32 split-K semaphores the cutlass path needs for this layer (0: none)");
+  m.def(
+      "igemm_splits",
+      [](std::int64_t m, std::int64_t cout, std::int64_t c, int sm_count) {
+        if (m < 1 || cout < 1 || c < 1 || sm_count < 1) throw std::invalid_argument("igemm_splits: sizes must be >= 1");
+        const int tile = fer_edge::igemm::pick_tile(m, cout, sm_count);
+        return fer_edge::igemm::pick_splits(m, cout, c, fer_edge::igemm::TILES[tile], sm_count);
+      },
+      py::arg("m"), py::arg("cout"), py::arg("c"), py::arg("sm_count"),
+      "how many slices the cutlass path cuts one branch's input channels into (1: not split)");
+  m.def(
       "igemm_unsupported",
       [](std::int64_t c, std::int64_t c1, std::int64_t c3, std::int64_t c5, int layout, int dtype,
          std::vector<std::uintptr_t> ptrs) {

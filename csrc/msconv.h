@@ -99,9 +99,11 @@ enum class Variant : int { Simt = 0, Wmma = 1, SplitK = 2, SplitKMma = 3, Cutlas
 #ifdef FER_EDGE_WITH_CUDA
 // CUDA, float32 or float16 (float32 accumulation) on the given stream.
 // Reads the weights from `wp` (required; w1/w3/w5 are not read: pack_ms_weights's
-// layout, or pack_krsc_weights's for Cutlass) and the biases from b1/b3/b5.  SplitK reads and writes `workspace` (float32) and
-// `counters` (int32, zero before the first call, left zero by every call),
-// sized by splitk::plan.
+// layout, or pack_krsc_weights's for Cutlass) and the biases from b1/b3/b5.
+// SplitK reads and writes `workspace` (float32) and `counters` (int32, zero
+// before the first call, left zero by every call), sized by splitk::plan;
+// Cutlass uses `counters` as its split-K semaphores, sized by
+// igemm::semaphores (it clears them itself).
 void msconv_cuda(const MsConvArgs& a, DType dtype, std::uintptr_t stream, Variant variant,
                  std::uintptr_t workspace = 0, std::uintptr_t counters = 0);
 int cuda_device_count();

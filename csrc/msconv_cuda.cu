@@ -345,7 +345,7 @@ void msconv_cuda(const MsConvArgs& a, DType dtype, std::uintptr_t stream, Varian
       if (major < 8)
         throw std::invalid_argument("fused_ms_conv: the cutlass kernel needs compute capability 8.0+; "
                                     "choose simt, splitk or cudnn on this GPU");
-      igemm::launch(a, stream, splitk::sm_count_of(dev));
+      igemm::launch(a, stream, splitk::sm_count_of(dev), counters);
 #else
       throw std::invalid_argument("fused_ms_conv: this build has no cutlass kernel (CUTLASS's headers were not "
                                   "found when it was compiled: pip install nvidia-cutlass, then reinstall)");

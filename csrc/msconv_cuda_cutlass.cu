@@ -25,7 +25,8 @@
 #include "cutlass/conv/device/implicit_gemm_convolution.h"
 #include "cutlass/conv/kernel/default_conv2d_fprop.h"
 #include "cutlass/cutlass.h"
-#include "cutlass/epilogue/thread/linear_combination_relu.h"
+#include "cutlass/epilogue/thread/activation.h"
+#include "cutlass/epilogue/thread/linear_combination_generic.h"
 #include "cutlass/gemm/threadblock/threadblock_swizzle.h"
 
 namespace fer_edge {
@@ -35,11 +36,13 @@ namespace {
 using Half = cutlass::half_t;
 using NHWC = cutlass::layout::TensorNHWC;
 
-// ReLU, or identity with threshold -inf, as a runtime parameter: one
-// instantiation per tile serves both.  (CUTLASS's serial split-K would reset
-// the threshold of partial sums; this path never splits K.)
-using Epilogue = cutlass::epilogue::thread::LinearCombinationRelu<Half, 128 / cutlass::sizeof_bits<Half>::value,
-                                                                  float, float>;
+// max(x, lower_bound): ReLU with 0, the identity with -inf, a runtime
+// parameter, so one instantiation per tile serves both.  The generic
+// combination leaves partial sums alone under serial split-K (it skips the
+// activation but for the last slice); LinearCombinationRelu would turn them
+// into NaN there (its threshold for partial slices is a NaN bit pattern).
+using Epilogue = cutlass::epilogue::thread::LinearCombinationGeneric<
+    cutlass::epilogue::thread::LowerBound, Half, 128 / cutlass::sizeof_bits<Half>::value, float, float>;
 
 template <int TM, int TN, int TK, int WM, int WN, int Stages>
 struct Conv {
@@ -73,30 +76,35 @@ struct Branch {
 const char* status_text(cutlass::Status s) { return cutlass::cutlassGetStatusString(s); }
 
 template <typename C>
-void run_branch(const MsConvArgs& a, const Branch& b, int ctot, cudaStream_t stream) {
+void run_branch(const MsConvArgs& a, const Branch& b, int ctot, int splits, int* semaphores, cudaStream_t stream) {
   using Op = typename C::Op;
   const int n = int(a.n), h = int(a.h), w = int(a.w), c = int(a.c);
   cutlass::conv::Conv2dProblemSize problem(
       cutlass::Tensor4DCoord(n, h, w, c), cutlass::Tensor4DCoord(b.cout, b.k, b.k, c),
       cutlass::Tensor4DCoord(b.k / 2, b.k / 2, b.k / 2, b.k / 2), cutlass::MatrixCoord(1, 1),
       cutlass::MatrixCoord(1, 1), cutlass::Tensor4DCoord(n, h, w, b.cout),
-      cutlass::conv::Mode::kCrossCorrelation, /*split_k_slices=*/1);
+      cutlass::conv::Mode::kCrossCorrelation, splits);
   const NHWC x_layout = NHWC::packed(cutlass::Tensor4DCoord(n, h, w, c));
   const NHWC w_layout = NHWC::packed(cutlass::Tensor4DCoord(b.cout, b.k, b.k, c));
   // The output slice: pixel rows ctot apart.  The bias: every stride zero.
   const NHWC out_layout(ctot, w * ctot, h * w * ctot);
   const NHWC bias_layout(0, 0, 0);
   Half* out = reinterpret_cast<Half*>(a.out) + b.offset;
+  typename Epilogue::Params epilogue(1.0f, 1.0f);  // alpha * accumulator + beta * bias
+  epilogue.lower_bound = a.relu ? 0.0f : -INFINITY;
   typename Op::Arguments args(
       problem, {const_cast<Half*>(reinterpret_cast<const Half*>(a.x)), x_layout},
       {const_cast<Half*>(b.weights), w_layout}, {const_cast<Half*>(b.bias), bias_layout}, {out, out_layout},
-      {1.0f, 1.0f, a.relu ? 0.0f : -INFINITY});
+      epilogue, cutlass::conv::SplitKMode::kSerial);
   cutlass::Status s = Op::can_implement(args);
   if (s != cutlass::Status::kSuccess)
     throw std::invalid_argument(std::string("fused_ms_conv: the cutlass kernel cannot run this layer (") +
                                 status_text(s) + ")");
+  if (splits > 1 && !semaphores)
+    throw std::invalid_argument("fused_ms_conv: the cutlass kernel splits this layer and needs its semaphores "
+                                "(cutlass_buffers)");
   Op op;
-  s = op.initialize(args, nullptr, stream);
+  s = op.initialize(args, splits > 1 ? semaphores : nullptr, stream);  // clears the semaphores first
   if (s == cutlass::Status::kSuccess) s = op.run(stream);
   if (s != cutlass::Status::kSuccess)
     throw std::runtime_error(std::string("fused_ms_conv: cutlass kernel launch failed (") + status_text(s) +
@@ -105,7 +113,7 @@ void run_branch(const MsConvArgs& a, const Branch& b, int ctot, cudaStream_t str
 
 }  // namespace
 
-void launch(const MsConvArgs& a, std::uintptr_t stream, int sm_count) {
+void launch(const MsConvArgs& a, std::uintptr_t stream, int sm_count, std::uintptr_t semaphores) {
   const std::string why = unsupported(a, DType::Float16);
   if (!why.empty()) throw std::invalid_argument("fused_ms_conv: the cutlass kernel cannot run this layer: " + why);
   const int c = int(a.c), c1 = int(a.c1), c3 = int(a.c3), c5 = int(a.c5), ctot = c1 + c3 + c5;
@@ -131,10 +139,13 @@ void launch(const MsConvArgs& a, std::uintptr_t stream, int sm_count) {
     for (int i = 2; i >= 0; --i) {
       const Branch& b = branches[i];
       if (b.cout == 0) continue;  // the single-branch case (c1 = c5 = 0)
-      switch (pick_tile(m, b.cout, sm_count)) {
-        case 0: run_branch<Tile0>(part, b, ctot, s); break;
-        case 1: run_branch<Tile1>(part, b, ctot, s); break;
-        default: run_branch<Tile2>(part, b, ctot, s); break;
+      const int tile = pick_tile(m, b.cout, sm_count);
+      const int splits = pick_splits(m, b.cout, a.c, TILES[tile], sm_count);
+      int* sem = reinterpret_cast<int*>(semaphores);
+      switch (tile) {
+        case 0: run_branch<Tile0>(part, b, ctot, splits, sem, s); break;
+        case 1: run_branch<Tile1>(part, b, ctot, splits, sem, s); break;
+        default: run_branch<Tile2>(part, b, ctot, splits, sem, s); break;
       }
     }
   }

@@ -10,6 +10,7 @@
 // merged 5x5 window carries for the 3x3 and 1x1 kernels.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -64,6 +65,37 @@ inline int pick_tile(std::int64_t m, std::int64_t cout, int sm_count) {
   return best;
 }
 
+// Serial split-K for a branch whose grid would leave most SMs idle (small
+// batches): its input channels are cut into `splits` slices that run in
+// parallel, and their partial sums meet in the output one slice after another
+// (a per-tile semaphore, the last slice applying the ReLU).  A slice is whole
+// pipeline steps (k channels), there are at most MAX_SPLITS (each slice
+// waits for the one before it to finish its epilogue), and a grid that
+// already fills half the GPU is not split.
+constexpr int MAX_SPLITS = 4;
+inline int pick_splits(std::int64_t m, std::int64_t cout, std::int64_t c, const Tile& t, int sm_count) {
+  const std::int64_t blocks = ((m + t.m - 1) / t.m) * ((cout + t.n - 1) / t.n);
+  if (2 * blocks >= sm_count) return 1;
+  const std::int64_t by_channels = (c + t.k - 1) / t.k, by_sms = (sm_count + blocks - 1) / blocks;
+  return static_cast<int>(std::max<std::int64_t>(1, std::min<std::int64_t>({MAX_SPLITS, by_channels, by_sms})));
+}
+
+// The int32 semaphores the split branches need: one per output tile of the
+// largest split branch (the branches run one after another and each clears
+// them first), 0 when no branch is split.
+inline std::int64_t semaphores(std::int64_t n, std::int64_t c, std::int64_t h, std::int64_t w, std::int64_t c1,
+                               std::int64_t c3, std::int64_t c5, int sm_count) {
+  const std::int64_t m = n * h * w;
+  std::int64_t most = 0;
+  for (std::int64_t cout : {c1, c3, c5}) {
+    if (cout == 0) continue;
+    const Tile& t = TILES[pick_tile(m, cout, sm_count)];
+    if (pick_splits(m, cout, c, t, sm_count) > 1)
+      most = std::max(most, ((m + t.m - 1) / t.m) * ((cout + t.n - 1) / t.n));
+  }
+  return most;
+}
+
 // Why this layer cannot run the path, or "" when it can.  Pointers are checked
 // for 16-byte alignment (a view into a larger tensor may not be).
 inline std::string unsupported(const MsConvArgs& a, DType dtype) {
@@ -82,8 +114,9 @@ inline std::string unsupported(const MsConvArgs& a, DType dtype) {
 // The three launches on `stream` (the caller checked unsupported() and the
 // compute capability, 8.0+).  Weights: `wp` holds the branches' KRSC kernels
 // one after another, [w1 (c1,1,1,C) | w3 (c3,3,3,C) | w5 (c5,5,5,C)]
-// (fer_edge.kernels.pack_krsc_weights).
-void launch(const MsConvArgs& a, std::uintptr_t stream, int sm_count);
+// (fer_edge.kernels.pack_krsc_weights).  `semaphores`: at least semaphores()
+// int32s of device memory (unused, and may be 0, when that is 0).
+void launch(const MsConvArgs& a, std::uintptr_t stream, int sm_count, std::uintptr_t semaphores);
 #endif
 
 }  // namespace igemm

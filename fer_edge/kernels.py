@@ -37,7 +37,8 @@ except ImportError as exc:  # pragma: no cover - a device install (no kernels) o
 
 __all__ = ["fused_ms_conv", "fused_ms_conv_reference", "check_ms_conv_inputs", "build_info",
            "cuda_kernels_available", "cutlass_unsupported", "CpuPackedMsConv", "pack_ms_weights",
-           "pack_krsc_weights", "splitk_buffers", "tensor_version", "watch_optimizer_steps"]
+           "pack_krsc_weights", "splitk_buffers", "cutlass_buffers", "kernel_buffers", "tensor_version",
+           "watch_optimizer_steps"]
 
 _LAYOUT_NCHW, _LAYOUT_NHWC = 0, 1
 
@@ -264,11 +265,43 @@ def check_splitk_buffers(ws, counters, x: torch.Tensor, ctot: int) -> None:
     kernel writes ws and the counters with no bounds of its own."""
     n, c, h, w = x.shape
     plan = _C.splitk_plan(n, c, h, w, ctot, _C.sm_count(x.device.index or 0))
-    for t, name, dtype, size in ((ws, "workspace", torch.float32, plan["workspace_floats"]),
-                                 (counters, "counters", torch.int32, plan["counters"])):
+    _check_buffers(((ws, "workspace", torch.float32, plan["workspace_floats"]),
+                    (counters, "counters", torch.int32, plan["counters"])), x, "splitk_buffers(x, ctot)")
+
+
+def kernel_buffers(kernel: str, x: torch.Tensor, c1: int, c3: int, c5: int):
+    """The buffers a CUDA kernel keeps between calls for input x (splitk_buffers or
+    cutlass_buffers), or None for a kernel that needs none."""
+    if kernel in ("splitk", "mma"):
+        return splitk_buffers(x, c1 + c3 + c5)
+    if kernel == "cutlass":
+        return cutlass_buffers(x, c1, c3, c5)
+    return None
+
+
+def cutlass_buffers(x: torch.Tensor, c1: int, c3: int, c5: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The "cutlass" kernel's buffers for input x (CUDA) and branches of c1, c3,
+    c5 channels: an unused float32 workspace and the int32 split-K semaphores
+    of its small-batch launches (the kernel clears them itself), as a pair
+    like splitk_buffers'."""
+    n, c, h, w = x.shape
+    sems = _C.igemm_semaphores(n, c, h, w, c1, c3, c5, _C.sm_count(x.device.index or 0))
+    return (torch.empty(1, dtype=torch.float32, device=x.device),
+            torch.zeros(max(1, sems), dtype=torch.int32, device=x.device))
+
+
+def check_cutlass_buffers(ws, counters, x: torch.Tensor, c1: int, c3: int, c5: int) -> None:
+    n, c, h, w = x.shape
+    sems = _C.igemm_semaphores(n, c, h, w, c1, c3, c5, _C.sm_count(x.device.index or 0))
+    _check_buffers(((ws, "workspace", torch.float32, 0), (counters, "semaphores", torch.int32, sems)), x,
+                   "cutlass_buffers(x, c1, c3, c5)")
+
+
+def _check_buffers(expected, x: torch.Tensor, maker: str) -> None:
+    for t, name, dtype, size in expected:
         if (not isinstance(t, torch.Tensor) or t.dtype != dtype or t.device != x.device or not t.is_contiguous()
                 or t.numel() < size):
-            raise ValueError(f"fused_ms_conv: buffers' {name} must be splitk_buffers(x, ctot)'s for this input "
+            raise ValueError(f"fused_ms_conv: buffers' {name} must be {maker}'s for this input "
                              f"({dtype}, contiguous, on {x.device}, at least {size} elements)")
 
 
@@ -319,6 +352,11 @@ def _fused_ms_conv_op(
                 ws, counters = splitk_buffers(x, c1 + c3 + c5)
             else:
                 check_splitk_buffers(ws, counters, x, c1 + c3 + c5)
+        elif kernel == KERNEL_CODES["cutlass"]:
+            if ws is None or counters is None:
+                ws, counters = cutlass_buffers(x, c1, c3, c5)
+            else:
+                check_cutlass_buffers(ws, counters, x, c1, c3, c5)
         # The CUDA kernels read only wp (and the biases); w1/w3/w5 pass for the argument checks.
         ptrs = [t.data_ptr() for t in (x, out, w1, b1, w3, b3, w5, b5)]
         stream = torch.cuda.current_stream(x.device).cuda_stream
@@ -455,8 +493,9 @@ def fused_ms_conv(x, w1, b1, w3, b3, w5, b5, relu: bool = True, wp=None, kernel:
     float16 channels_last, sm_80+, see ``cutlass_unsupported``; its ``wp`` is
     ``pack_krsc_weights``'s) or "stem" (inputs of at most 4 channels);
     None = fer_edge.dispatch.direct_kernel()
-    (simt unless FER_EDGE_CUDA_KERNEL names another).  buffers: splitk_buffers(x, ctot),
-    kept by callers that run one shape repeatedly (else allocated per call).
+    (simt unless FER_EDGE_CUDA_KERNEL names another).  buffers: kernel_buffers(kernel, x, c1, c3, c5)
+    (splitk_buffers or cutlass_buffers), kept by callers that run one shape
+    repeatedly (else allocated per call).
     """
     c1, c3, c5, _ = check_ms_conv_inputs(x, w1, b1, w3, b3, w5, b5)
     if kernel is None and x.device.type == "cuda":

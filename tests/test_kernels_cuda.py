@@ -443,6 +443,34 @@ def test_cutlass_matches_the_reference(case, relu):
 
 @requires_cuda
 @requires_cutlass
+def test_cutlass_split_k_keeps_partial_sums_and_its_semaphores():
+    """Batch 1 of MACNN's L4 splits each branch's 256 input channels into slices
+    whose partial sums meet in the output: ReLU only on the total (negative
+    partial sums must survive), and the semaphores, cleared by every call,
+    serve a graph replayed many times."""
+    _needs_sm80()
+    from fer_edge.kernels import cutlass_buffers, pack_krsc_weights
+
+    args = make_inputs(1, 256, 6, 6, 128, 192, 192, nhwc=True, device="cuda", dtype=torch.float16, seed=3)
+    assert _C.igemm_splits(36, 192, 256, _C.sm_count(0)) > 1
+    ref = fused_ms_conv_reference(*[t.cpu().double() for t in args])
+    wp = pack_krsc_weights(args[1], args[3], args[5])
+    bufs = cutlass_buffers(args[0], 128, 192, 192)
+    assert bufs[1].numel() >= 1
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = fused_ms_conv(*args, kernel="cutlass", wp=wp, buffers=bufs)
+    for _ in range(5):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_norm(y.cpu(), ref) <= FP16_REL_NORM
+    assert int(bufs[1].abs().sum()) == 0, "the last slice leaves every semaphore at zero"
+    with pytest.raises(ValueError, match="cutlass_buffers"):
+        fused_ms_conv(*args, kernel="cutlass", wp=wp, buffers=(bufs[0], bufs[1][:0]))
+
+
+@requires_cuda
+@requires_cutlass
 def test_cutlass_in_a_cuda_graph_and_on_the_current_stream():
     _needs_sm80()
     from fer_edge.kernels import pack_krsc_weights
@@ -546,6 +574,31 @@ def test_igemm_tile_keeps_the_gpu_busy_without_wasted_columns(m, cout, sms):
         assert got == (128, 128, 32), "many waves of a 128-multiple branch: the largest tile"
     with pytest.raises(ValueError, match=">= 1"):
         _C.igemm_tile(0, cout, sms)
+
+
+@pytest.mark.parametrize("n,c,hw,c1,c3,c5", [(1, 64, 24, 32, 48, 48), (1, 256, 6, 128, 192, 192),
+                                            (1, 512, 3, 128, 192, 192), (8, 128, 12, 64, 96, 96),
+                                            (256, 64, 24, 32, 48, 48), (1, 8, 7, 8, 16, 8)])
+def test_igemm_splits_small_grids_in_whole_steps(n, c, hw, c1, c3, c5):
+    """Small batches split a branch's input channels (serial split-K) only where
+    its grid would leave most SMs idle, into at most 4 slices of whole 32-channel
+    steps; the semaphores cover the largest split branch's tiles."""
+    sms, m = 132, n * hw * hw
+    sems = 0
+    for cout in (c1, c3, c5):
+        tm, tn, tk = _C.igemm_tile(m, cout, sms)
+        blocks = -(-m // tm) * -(-cout // tn)
+        s = _C.igemm_splits(m, cout, c, sms)
+        assert 1 <= s <= min(4, -(-c // tk))
+        if 2 * blocks >= sms:
+            assert s == 1
+        elif c >= 2 * tk:
+            assert s > 1, "a GPU-starving branch with channels to split is split"
+        if s > 1:
+            sems = max(sems, blocks)
+    assert _C.igemm_semaphores(n, c, hw, hw, c1, c3, c5, sms) == sems
+    if n == 256:
+        assert sems == 0, "a large batch fills the GPU without splitting"
 
 
 def test_igemm_input_rules():

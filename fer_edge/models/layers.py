@@ -187,7 +187,7 @@ class FusedMultiScaleConv(nn.Module):
         self.use_kernel = use_kernel
         self.cuda_kernel: str | None = None
         self._cpu_pack = None  # CpuPackedMsConv, built on first CPU inference
-        self._splitk = {}  # input shape -> (workspace, counters) of the small-batch kernel
+        self._splitk = {}  # (input shape, device, kind) -> a kernel's buffers (see _kernel_buffers)
         self._choices = {}  # (device, shape, dtype) -> the dispatch table's answer (see _kernel_for)
         self._wp_keys = {}  # pack kind -> what its buffer was made from (see _cuda_packed)
 
@@ -229,17 +229,19 @@ class FusedMultiScaleConv(nn.Module):
         return choice_for(torch.cuda.get_device_capability(x.device), c, c1, c3, c5, n, h, w,
                           "fp16" if x.dtype == torch.float16 else "fp32")
 
-    def _splitk_buffers(self, x):
-        """The small-batch kernel's workspace and counters for this input shape,
-        made once (outside any CUDA graph capture) and kept; None lets the op
+    def _kernel_buffers(self, x, kernel: str):
+        """A kernel's buffers for this input shape (the small-batch kernels'
+        workspace and counters, the cutlass kernel's split-K semaphores), made
+        once (outside any CUDA graph capture) and kept; None lets the op
         allocate per call (under torch.compile tracing, or in a capture)."""
-        key = (tuple(x.shape), x.device)
+        kind = "cutlass" if kernel == "cutlass" else "splitk"   # splitk and mma share theirs
+        key = (tuple(x.shape), x.device, kind)
         if key not in self._splitk:
             if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
                 return None
-            from fer_edge.kernels import splitk_buffers
+            from fer_edge.kernels import kernel_buffers
 
-            self._splitk[key] = splitk_buffers(x, sum(self.channels))
+            self._splitk[key] = kernel_buffers(kind, x, *self.channels)
         return self._splitk[key]
 
     @staticmethod
@@ -327,7 +329,7 @@ class FusedMultiScaleConv(nn.Module):
                 return self._cpu_pack(x)
             from fer_edge.kernels import fused_ms_conv
 
-            buffers = self._splitk_buffers(x) if kernel in ("splitk", "mma") else None
+            buffers = self._kernel_buffers(x, kernel) if kernel in ("splitk", "mma", "cutlass") else None
             return fused_ms_conv(x, *ws, wp=self._cuda_packed(x, kernel), kernel=None if kernel == "cpu" else kernel,
                                  buffers=buffers)
         return torch.cat(
