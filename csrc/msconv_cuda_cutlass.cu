@@ -140,7 +140,8 @@ void launch(const MsConvArgs& a, std::uintptr_t stream, int sm_count, std::uintp
       const Branch& b = branches[i];
       if (b.cout == 0) continue;  // the single-branch case (c1 = c5 = 0)
       const int tile = pick_tile(m, b.cout, sm_count);
-      const int splits = pick_splits(m, b.cout, a.c, TILES[tile], sm_count);
+      // A chunked batch never splits: semaphores() sizes the buffer for the whole batch, which does not.
+      const int splits = chunk < a.n ? 1 : pick_splits(m, b.cout, a.c, TILES[tile], sm_count);
       int* sem = reinterpret_cast<int*>(semaphores);
       switch (tile) {
         case 0: run_branch<Tile0>(part, b, ctot, splits, sem, s); break;

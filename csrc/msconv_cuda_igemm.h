@@ -66,12 +66,13 @@ inline int pick_tile(std::int64_t m, std::int64_t cout, int sm_count) {
 }
 
 // Serial split-K for a branch whose grid would leave most SMs idle (small
-// batches): its input channels are cut into `splits` slices that run in
-// parallel, and their partial sums meet in the output one slice after another
-// (a per-tile semaphore, the last slice applying the ReLU).  A slice is whole
-// pipeline steps (k channels), there are at most MAX_SPLITS (each slice
-// waits for the one before it to finish its epilogue), and a grid that
-// already fills half the GPU is not split.
+// batches): its input channels are dealt out to `splits` slices that run in
+// parallel (in CUTLASS's order: slice k takes the 32-channel steps k, k + S,
+// k + 2S, ...), and their partial sums meet in the output one slice after
+// another (a per-tile semaphore, the last slice applying the ReLU).  No more
+// slices than 32-channel steps, at most MAX_SPLITS (each slice waits for the
+// one before it to finish its epilogue), and a grid that already fills half
+// the GPU is not split.
 constexpr int MAX_SPLITS = 4;
 inline int pick_splits(std::int64_t m, std::int64_t cout, std::int64_t c, const Tile& t, int sm_count) {
   const std::int64_t blocks = ((m + t.m - 1) / t.m) * ((cout + t.n - 1) / t.n);

@@ -178,6 +178,8 @@ class FusedMultiScaleConv(nn.Module):
     with use_kernel=False, three plain convolutions + cat, which every
     exporter and runtime understands.  ``cuda_kernel`` (None: the table)
     names the choice for every call instead: "cudnn", "simt", "wmma", "splitk", "mma", "cutlass" or "stem".
+    The split-K kernels' scratch buffers are kept per input shape: run one
+    module on one CUDA stream at a time (another stream: a copy of the model).
     """
 
     def __init__(self, w1, b1, w3, b3, w5, b5, use_kernel: bool = True):
