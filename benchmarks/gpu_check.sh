@@ -56,7 +56,7 @@ step() { echo; echo "== $1 ($(date +%T))"; }
   fi
   if want test; then
     step "CUDA tests"
-    timeout 150 $PYTEST tests/test_kernels.py tests/test_kernels_cuda.py tests/test_models.py tests/test_dispatch.py \
+    timeout 200 $PYTEST tests/test_kernels.py tests/test_kernels_cuda.py tests/test_models.py tests/test_dispatch.py \
       -k "cuda or dispatch or splitk or merge or cutlass or stem" 2>&1 | tail -15
   fi
   if want sanitize; then
