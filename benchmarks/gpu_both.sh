@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # Both GPU checks in one call of about 9 minutes: a training stage of gpu_train.sh runs in the
 # background while the CUDA kernels are built (into their own folder, so the training's install is
-# untouched) and their correctness checks run beside it (tests, compute-sanitizer, an Nsight
-# Compute profile: none of these is a timing); once the training is done, the layer benchmark
-# runs alone on the GPU, since timings need a quiet one, then the whole merged model (ALONE_STEPS).
+# untouched) and their correctness checks run beside it (the CUDA tests and compute-sanitizer
+# memcheck: none of these is a timing); once the training is done, the layer benchmark runs alone
+# on the GPU, since timings need a quiet one, then the whole merged model (ALONE_STEPS).
 #
 #   mkdir -p .data && cp ../shared/data/fer2013.zip .data/
 #   bash benchmarks/gpu_both.sh full            (TRAIN_LIMIT=400 seconds of training stage)
 #   TRAIN_LIMIT=300 bash benchmarks/gpu_both.sh compact   (more of the call left for the timings)
 #
 # What comes back in $OUT: the training stage's files (see gpu_train.sh) and kernel.tar.gz
-# (check.log, msconv.json, kernel_dispatch.json, splitk.ncu-rep, train-console.log).
+# (check.log, check-beside-training.log, msconv.json, kernel_dispatch.json, model.json,
+# train-console.log).
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -30,8 +31,10 @@ python3 -m pip install -q --no-deps --target "$KPKG" /tmp/fer-edge-wheel/fer_edg
 export PYTHONPATH=$KPKG   # the kernels' build for everything below; the training keeps its own
 echo "   built after $(( $(date +%s) - START )) s"
 
-# Beside the training: correctness, not speed.
-OUT=$K STEPS="test sanitize profile" bash benchmarks/gpu_check.sh > /dev/null 2>&1
+# Beside the training: correctness, not speed (bounded so that the timings below keep most of
+# what is left of the call: racecheck and the profile only with BESIDE_STEPS="test sanitize profile").
+OUT=$K STEPS="${BESIDE_STEPS:-test sanitize}" TEST_LIMIT=${TEST_LIMIT:-180} MEMCHECK_LIMIT=${MEMCHECK_LIMIT:-60} \
+  RACECHECK_LIMIT=${RACECHECK_LIMIT:-0} bash benchmarks/gpu_check.sh > /dev/null 2>&1
 mv "$K/check.log" "$K/check-beside-training.log"
 echo "== kernel checks done after $(( $(date +%s) - START )) s; waiting for the training"
 grep -E "passed|failed|error|ERROR SUMMARY|RACECHECK SUMMARY" "$K/check-beside-training.log" | head -8

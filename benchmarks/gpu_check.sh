@@ -16,7 +16,8 @@
 #   bash benchmarks/gpu_check.sh            (about 8 minutes on an H100)
 #   STEPS=model COMPILE=1 bash benchmarks/gpu_check.sh   (adds torch.compile max-autotune: minutes)
 # BENCH_LIMIT / MODEL_LIMIT (300 / 120 s) bound the two benchmarks; the layer benchmark keeps the
-# rows it measured before its limit (fp16 at batch 1 first).
+# rows it measured before its limit (fp16 at batch 1 first).  TEST_LIMIT, MEMCHECK_LIMIT and
+# RACECHECK_LIMIT (200 / 90 / 120 s; 0 skips racecheck) bound the checks.
 # `python3 -P`: never the source folder (it has no compiled _C), always the installed package.
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
@@ -56,16 +57,18 @@ step() { echo; echo "== $1 ($(date +%T))"; }
   fi
   if want test; then
     step "CUDA tests"
-    timeout 200 $PYTEST tests/test_kernels.py tests/test_kernels_cuda.py tests/test_models.py tests/test_dispatch.py \
+    timeout ${TEST_LIMIT:-200} $PYTEST tests/test_kernels.py tests/test_kernels_cuda.py tests/test_models.py tests/test_dispatch.py \
       -k "cuda or dispatch or splitk or merge or cutlass or stem" 2>&1 | tail -15
   fi
   if want sanitize; then
     step "compute-sanitizer memcheck (small-batch, cutlass and stem kernels)"
-    timeout 90 compute-sanitizer --tool memcheck $PYTEST -x tests/test_kernels_cuda.py \
+    timeout ${MEMCHECK_LIMIT:-90} compute-sanitizer --tool memcheck $PYTEST -x tests/test_kernels_cuda.py \
       -k "(splitk or mma or cutlass_matches or stem) and not fuzz and not n64 and not n256" 2>&1 | tail -6
-    step "compute-sanitizer racecheck (small-batch and stem kernels)"
-    timeout 120 compute-sanitizer --tool racecheck $PYTEST -x tests/test_kernels_cuda.py \
-      -k "(fp16_close_to_fp32_reference and (splitk or mma)) or (stem_matches and n1-cin1-48x48)" 2>&1 | tail -6
+    if [ "${RACECHECK_LIMIT:-120}" -gt 0 ]; then
+      step "compute-sanitizer racecheck (small-batch and stem kernels)"
+      timeout ${RACECHECK_LIMIT:-120} compute-sanitizer --tool racecheck $PYTEST -x tests/test_kernels_cuda.py \
+        -k "(fp16_close_to_fp32_reference and (splitk or mma)) or (stem_matches and n1-cin1-48x48)" 2>&1 | tail -6
+    fi
   fi
   if want profile; then
     step "Nsight Compute: the small-batch kernel at batch 1"
