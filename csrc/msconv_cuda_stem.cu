@@ -3,10 +3,11 @@
 // batch 1) and 64 combined output channels.  It stages the input tile
 // with its 2-pixel halo and the block's weights (all taps, every input
 // channel) in shared memory once, then each thread computes 8 consecutive
-// combined channels of one pixel at a time, only over the taps of their
-// branch's window, and writes them out: 16 contiguous bytes per thread in
-// NHWC (a warp covers 4 neighbouring pixels' 64 channels), or 8 stores that
-// are each coalesced across a warp's 32 pixels in NCHW.
+// combined channels of 4 neighbouring pixels of a row, only over the taps of
+// their branch's window (one weight load serves 4 pixels: shared-memory
+// loads, not multiplies, bound such a thin layer), and writes them out: 16
+// contiguous bytes per pixel in NHWC, scalar stores that neighbouring
+// threads complete into whole lines in NCHW.
 #include "msconv_cuda_stem.h"
 
 #include <cuda_fp16.h>
@@ -31,31 +32,43 @@ using device::to_f;
 constexpr int TW = 16;                   // output tile width; height TH: 16 or 4 (template)
 constexpr int IW = TW + 4;               // with the 5x5 window's halo
 constexpr int CPT = 8;                   // channels per thread
+constexpr int PX = 4;                    // neighbouring pixels of one row per thread
+constexpr int QW = TW / PX;              // such runs per tile row
 constexpr int CB = 64;                   // combined channels per block
 constexpr int GROUPS = CB / CPT;
-constexpr int THREADS = 256;
+// One (run of PX pixels, channel group) per thread and pass: 256 threads, fewer for a small tile.
+__host__ __device__ constexpr int threads_for(int th) { return th * QW * GROUPS < 256 ? th * QW * GROUPS : 256; }
 
 void check(cudaError_t e, const char* what) {
   if (e != cudaSuccess) throw std::runtime_error(std::string("fused_ms_conv (stem): ") + what + ": " +
                                                  cudaGetErrorString(e));
 }
 
-// acc[j] += the window of radius R around (py, px) of every input channel times
-// the weights of the thread's 8 channels (the packed 5x5 taps of that window).
+// acc[p][j] += the window of radius R around pixel (py, px0 + p) of every
+// input channel times the weight of the thread's channel j (the packed 5x5
+// taps of that window).  Each weight pair is loaded once for PX pixels, and
+// each input row segment once for the 2R + 1 taps along it.
 template <int R, int IH>
-__device__ __forceinline__ void accumulate(float (&acc)[CPT], const float* s_in, const float* s_w, int C,
-                                           int py, int px, int g) {
+__device__ __forceinline__ void accumulate(float (&acc)[PX][CPT], const float* s_in, const float* s_w, int C,
+                                           int py, int px0, int g) {
   for (int c = 0; c < C; ++c) {
 #pragma unroll
     for (int dy = -R; dy <= R; ++dy) {
+      float row[PX + 2 * R];  // columns px0 - R .. px0 + PX - 1 + R of the staged tile
+      const float* src = s_in + (c * IH + py + 2 + dy) * IW + px0 + 2 - R;
+#pragma unroll
+      for (int i = 0; i < PX + 2 * R; ++i) row[i] = src[i];
 #pragma unroll
       for (int dx = -R; dx <= R; ++dx) {
-        const float v = s_in[(c * IH + py + 2 + dy) * IW + px + 2 + dx];
         const int tap = (2 + dy) * 5 + (2 + dx);
         const float4* w = reinterpret_cast<const float4*>(s_w + ((tap * C + c) * CB + g * CPT));
         const float4 a = w[0], b = w[1];
-        acc[0] += v * a.x; acc[1] += v * a.y; acc[2] += v * a.z; acc[3] += v * a.w;
-        acc[4] += v * b.x; acc[5] += v * b.y; acc[6] += v * b.z; acc[7] += v * b.w;
+        const float wv[CPT] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+        for (int p = 0; p < PX; ++p) {
+#pragma unroll
+          for (int j = 0; j < CPT; ++j) acc[p][j] += row[p + dx + R] * wv[j];
+        }
       }
     }
   }
@@ -78,13 +91,13 @@ template <> struct Pack8<float> {
 };
 
 template <typename T, bool NHWC, int TH>
-__global__ void __launch_bounds__(THREADS)
+__global__ void __launch_bounds__(threads_for(TH))
 stem_kernel(const T* __restrict__ x, T* __restrict__ out, const T* __restrict__ wp, const T* __restrict__ b1,
             const T* __restrict__ b3, const T* __restrict__ b5, Dims d) {
   extern __shared__ float4 smem4[];  // float4: the weight rows are read as float4
   float* s_w = reinterpret_cast<float*>(smem4);  // [25][C][CB]
-  constexpr int NPIX = TH * TW, IH = TH + 4;
-  constexpr int ITEMS = NPIX * GROUPS;           // (pixel, channel group) pairs per block
+  constexpr int IH = TH + 4, THREADS = threads_for(TH);
+  constexpr int QUADS = TH * QW, ITEMS = QUADS * GROUPS;  // (PX pixels of a row, channel group) pairs
   float* s_in = s_w + 25 * d.C * CB;             // [C][IH][IW]
 
   const int tid = threadIdx.x;
@@ -122,39 +135,52 @@ stem_kernel(const T* __restrict__ x, T* __restrict__ out, const T* __restrict__ 
 
   const bool vector_ok = NHWC && (d.ctot % CPT == 0);
   for (int item = tid; item < ITEMS; item += THREADS) {
-    // NHWC: channel groups fastest (a warp writes 4 pixels' channels contiguously);
-    // NCHW: pixels fastest (each channel's store is coalesced over 32 pixels).
-    const int g = NHWC ? item % GROUPS : item / NPIX;
-    const int p = NHWC ? item / GROUPS : item % NPIX;
-    const int py = p / TW, px = p % TW;
-    const int oh = ty0 + py, ow = tx0 + px;
+    // NHWC: channel groups fastest (a warp writes whole 128-byte lines of 4 pixels' channels);
+    // NCHW: pixel runs fastest (a channel's stores of a warp cover 128 neighbouring pixels).
+    const int g = NHWC ? item % GROUPS : item / QUADS;
+    const int q = NHWC ? item / GROUPS : item % QUADS;
+    const int py = q / QW, px0 = (q % QW) * PX;
+    const int oh = ty0 + py, ow0 = tx0 + px0;
     const int co0 = cb0 + g * CPT;
-    if (oh >= H || ow >= W || co0 >= d.ctot) continue;
-    float acc[CPT];
+    if (oh >= H || ow0 >= W || co0 >= d.ctot) continue;
+    float acc[PX][CPT];
 #pragma unroll
-    for (int j = 0; j < CPT; ++j) acc[j] = 0.f;
+    for (int p = 0; p < PX; ++p)
+#pragma unroll
+      for (int j = 0; j < CPT; ++j) acc[p][j] = 0.f;
     // Combined channels run [c5 | c3 | c1]: the group's first channel has the widest window.
-    if (co0 < d.c5) accumulate<2, IH>(acc, s_in, s_w, C, py, px, g);
-    else if (co0 < d.c5 + d.c3) accumulate<1, IH>(acc, s_in, s_w, C, py, px, g);
-    else accumulate<0, IH>(acc, s_in, s_w, C, py, px, g);
+    if (co0 < d.c5) accumulate<2, IH>(acc, s_in, s_w, C, py, px0, g);
+    else if (co0 < d.c5 + d.c3) accumulate<1, IH>(acc, s_in, s_w, C, py, px0, g);
+    else accumulate<0, IH>(acc, s_in, s_w, C, py, px0, g);
 
     int oc[CPT];
+    float bias[CPT];
     bool contiguous = vector_ok && co0 + CPT <= d.ctot;
 #pragma unroll
     for (int j = 0; j < CPT; ++j) {
-      const int co = min(co0 + j, d.ctot - 1);
-      const float v = acc[j] + bias_and_channel(co, d, b1, b3, b5, oc[j]);
-      acc[j] = d.relu ? relu_keep_nan(v) : v;
+      bias[j] = bias_and_channel(min(co0 + j, d.ctot - 1), d, b1, b3, b5, oc[j]);
       contiguous = contiguous && oc[j] == oc[0] + j;
     }
-    const long long pix = (static_cast<long long>(n) * H + oh) * W + ow;
-    if (contiguous && oc[0] % CPT == 0) {
-      Pack8<T>::store(out + pix * d.ctot + oc[0], acc);
-    } else {
-      for (int j = 0; j < CPT && co0 + j < d.ctot; ++j) {
-        const long long at = NHWC ? pix * d.ctot + oc[j]
-                                  : ((static_cast<long long>(n) * d.ctot + oc[j]) * H + oh) * W + ow;
-        out[at] = from_f<T>(acc[j]);
+    contiguous = contiguous && oc[0] % CPT == 0;
+#pragma unroll
+    for (int p = 0; p < PX; ++p) {
+      const int ow = ow0 + p;
+      if (ow >= W) break;  // a partial run at the right edge (its extra columns read the zero halo)
+      float v[CPT];
+#pragma unroll
+      for (int j = 0; j < CPT; ++j) {
+        const float t = acc[p][j] + bias[j];
+        v[j] = d.relu ? relu_keep_nan(t) : t;
+      }
+      const long long pix = (static_cast<long long>(n) * H + oh) * W + ow;
+      if (contiguous) {
+        Pack8<T>::store(out + pix * d.ctot + oc[0], v);
+      } else {
+        for (int j = 0; j < CPT && co0 + j < d.ctot; ++j) {
+          const long long at = NHWC ? pix * d.ctot + oc[j]
+                                    : ((static_cast<long long>(n) * d.ctot + oc[j]) * H + oh) * W + ow;
+          out[at] = from_f<T>(v[j]);
+        }
       }
     }
   }
@@ -169,7 +195,7 @@ void launch_tiles(const MsConvArgs& a, cudaStream_t s) {
   for (long long n0 = 0; n0 < a.n; n0 += 65535) {  // gridDim.z is limited to 65535
     d.n0 = static_cast<int>(n0);
     const unsigned nz = static_cast<unsigned>(std::min<long long>(65535, a.n - n0));
-    stem_kernel<T, NHWC, TH><<<dim3(tiles, cblocks, nz), THREADS, smem, s>>>(
+    stem_kernel<T, NHWC, TH><<<dim3(tiles, cblocks, nz), threads_for(TH), smem, s>>>(
         reinterpret_cast<const T*>(a.x), reinterpret_cast<T*>(a.out), reinterpret_cast<const T*>(a.wp),
         reinterpret_cast<const T*>(a.b1), reinterpret_cast<const T*>(a.b3), reinterpret_cast<const T*>(a.b5), d);
     check(cudaGetLastError(), "kernel launch");
