@@ -321,6 +321,18 @@ def test_empty_branches_are_cuda_only():
     torch.testing.assert_close(ref, torch.relu(torch.nn.functional.conv2d(x, w3, b3, padding=1)))
 
 
+def test_a_single_branch_layer_runs_plain_when_no_kernel_takes_it():
+    """A plain 3x3 convolution as a fused layer (c1 = c5 = 0) whose kernel is off,
+    or falls back (a table choice the input cannot run), is the convolution +
+    ReLU itself: the empty branches are left out, not handed to PyTorch."""
+    from fer_edge.models.layers import FusedMultiScaleConv
+
+    x, w1, b1, w3, b3, w5, b5 = make_inputs(2, 8, 6, 6, 0, 4, 0)
+    m = FusedMultiScaleConv(w1, b1, w3, b3, w5, b5, use_kernel=False).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), torch.relu(torch.nn.functional.conv2d(x, w3, b3, padding=1)))
+
+
 def test_merged_plain_convs_run_the_convolution_off_cuda():
     """ConvAct (a merged 3x3 conv + ReLU) only consults the kernels on CUDA; on
     the CPU, and for any other convolution, it is the convolution itself, and

@@ -334,14 +334,11 @@ class FusedMultiScaleConv(nn.Module):
             buffers = self._kernel_buffers(x, kernel) if kernel in ("splitk", "mma", "cutlass") else None
             return fused_ms_conv(x, *ws, wp=self._cuda_packed(x, kernel), kernel=None if kernel == "cpu" else kernel,
                                  buffers=buffers)
-        return torch.cat(
-            [
-                F.relu(F.conv2d(x, w1, b1)),
-                F.relu(F.conv2d(x, w3, b3, padding=1)),
-                F.relu(F.conv2d(x, w5, b5, padding=2)),
-            ],
-            dim=1,
-        )
+        # An empty branch (the single-branch case, c1 = c5 = 0) is left out: PyTorch's
+        # convolutions refuse one.
+        parts = [F.relu(F.conv2d(x, w, b, padding=w.shape[-1] // 2))
+                 for w, b in ((w1, b1), (w3, b3), (w5, b5)) if w.shape[0] > 0]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def extra_repr(self):
         c1, c3, c5 = self.channels
