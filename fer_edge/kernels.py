@@ -464,8 +464,10 @@ def cutlass_unsupported(x: torch.Tensor, w1, b1, w3, b3, w5, b5) -> str:
     if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (8, 0):
         return "it needs compute capability 8.0+ (mma.sync, cp.async)"
     nhwc = _io_nhwc(x, _weights_nhwc(w3, w5))
-    # The pointers the op passes: biases made contiguous (an empty one too: its address is checked).
-    ptrs = [x.data_ptr(), 0, 0, *(b.contiguous().data_ptr() for b in (b1, b3, b5))]
+    # The pointers the op passes (biases made contiguous).  A traced tensor (torch.compile)
+    # has none: its alignment is the compiled extension's to check when it runs.
+    traced = torch.compiler.is_compiling() or type(x) is not torch.Tensor
+    ptrs = [0] * 6 if traced else [x.data_ptr(), 0, 0, *(b.contiguous().data_ptr() for b in (b1, b3, b5))]
     return _C.igemm_unsupported(x.shape[1], w1.shape[0], w3.shape[0], w5.shape[0],
                                 _LAYOUT_NHWC if nhwc else _LAYOUT_NCHW, _CUDA_DTYPES.get(x.dtype, 0), ptrs)
 
