@@ -14,6 +14,7 @@ Rows (each timed in the same run, same input, same weights):
   splitk+graph   every MAConv forced to the small-batch split-K kernel, in a CUDA graph (CUDA only)
   cutlass+graph  every MAConv with channels in multiples of 8 forced to the large-batch CUTLASS
                  path, in a CUDA graph (fp16, sm_80+, builds with it)
+  cutlass90+graph  the same on Hopper's wgmma and TMA (compute capability 9.0)
 Columns: median milliseconds per batch, images/s, speed-up over
 `merged+compile` (x compile) and over `train`, and the relative error of the
 logits against the float32 merged model (a speed trick may not change results).
@@ -82,6 +83,9 @@ def variants(train, device: str, dtype, compile_mode: str, sample):
         out["splitk+graph"] = lambda: graphed(forced(prep(merge(train, use_kernel=True)), "splitk"), sample)
         if dtype == torch.float16 and build_info().get("cutlass") and torch.cuda.get_device_capability() >= (8, 0):
             out["cutlass+graph"] = lambda: graphed(forced(prep(merge(train, use_kernel=True)), "cutlass"), sample)
+        if dtype == torch.float16 and build_info().get("cutlass_sm90") and torch.cuda.get_device_capability() == (9, 0):
+            out["cutlass90+graph"] = lambda: graphed(forced(prep(merge(train, use_kernel=True)), "cutlass90"),
+                                                     sample)
     return out
 
 
@@ -92,7 +96,7 @@ def forced(model, kernel: str):
 
     for m in model.modules():
         if isinstance(m, FusedMultiScaleConv):
-            if kernel == "cutlass" and any(c % 8 for c in (m.w1.shape[1], *m.channels)):
+            if kernel.startswith("cutlass") and any(c % 8 for c in (m.w1.shape[1], *m.channels)):
                 continue
             m.cuda_kernel = kernel
     return model

@@ -75,20 +75,21 @@ def make_layer(cin, hw, c1, c3, c5, n, dtype, device, layout):
     return xs, fused_w, (w1, b1, w3, b3, w5, b5), (w_pad, b_pad)
 
 
-CUDA_KERNELS = ("simt", "splitk", "mma", "wmma", "cutlass", "stem")
+CUDA_KERNELS = ("simt", "splitk", "mma", "wmma", "cutlass", "cutlass90", "stem")
 
 
 def cuda_kernels(dtype: str, x, fw) -> list[str]:
     """fer_edge's CUDA kernels that can run a layer: the tensor-core ones (WMMA, MMA) need fp16 and
     16+ input channels (with fewer, most of each 16-channel step is zeros; in fp32 MMA is splitk);
-    cutlass says itself what it takes (fp16 channels_last, channels in multiples of 8, a build with it);
+    cutlass and cutlass90 say themselves what they take (fp16 channels_last, channels in multiples of 8,
+    a build with them, cutlass90 a 9.0 GPU);
     stem takes at most 4 input channels."""
-    needs = {"wmma": (7, 0), "mma": (8, 0), "cutlass": (8, 0)}   # compute capability of their instructions
+    needs = {"wmma": (7, 0), "mma": (8, 0), "cutlass": (8, 0), "cutlass90": (9, 0)}   # their instructions' GPUs
     cc = torch.cuda.get_device_capability()
     cin = x.shape[1]
     ok = [k for k in CUDA_KERNELS if k not in needs or (dtype == "fp16" and cin >= 16 and cc >= needs[k])]
     ok = [k for k in ok if k != "stem" or cin <= 4]   # the stem kernel: at most 4 input channels
-    return [k for k in ok if k != "cutlass" or not cutlass_unsupported(x, *fw)]
+    return [k for k in ok if k not in ("cutlass", "cutlass90") or not cutlass_unsupported(x, *fw, kernel=k)]
 
 
 def eager(x, w1, b1, w3, b3, w5, b5):

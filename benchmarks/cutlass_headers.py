@@ -8,10 +8,11 @@
 writes .data/cutlass-include.tar.xz; `bash benchmarks/gpu_check.sh` unpacks it
 and builds the large-batch path against it (FER_EDGE_CUTLASS_INCLUDE).
 Without a wheel argument it packs the headers of an installed nvidia-cutlass.
-Where nvcc is found, only the headers csrc/msconv_cuda_cutlass.cu includes
-(for sm_80 and sm_90, as `nvcc -M` lists them) are packed: about 0.3 MB
-instead of 1 MB, which matters next to a training set in a size-limited
-transfer; --all packs every header of cutlass/ and cute/.
+Where nvcc is found, only the headers the CUTLASS sources include (for the
+architectures they are built for, as `nvcc -M` lists them) are packed: a
+fraction of the 1 MB, which matters next to a training set in a size-limited
+transfer; --all packs every header of cutlass/ and cute/ (with CUTLASS's
+tools/util/include merged into the same tree).
 """
 from __future__ import annotations
 
@@ -27,7 +28,9 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-PREFIX = "cutlass_library/source/include/"
+# The wheel's include folder, and CUTLASS's tools/util/include (cutlass/util/..., which the
+# Hopper collectives include), packed into one tree.
+PREFIXES = ("cutlass_library/source/include/", "cutlass_library/source/tools/util/include/")
 TOPS = ("cutlass/", "cute/")
 
 
@@ -36,26 +39,31 @@ def header_files(wheel: Path | None):
     if wheel is not None:
         with zipfile.ZipFile(wheel) as z:
             for name in z.namelist():
-                rel = name[len(PREFIX):] if name.startswith(PREFIX) else ""
-                if rel.startswith(TOPS) and not name.endswith("/"):
-                    yield rel, z.read(name)
+                for prefix in PREFIXES:
+                    rel = name[len(prefix):] if name.startswith(prefix) else ""
+                    if rel.startswith(TOPS) and not name.endswith("/"):
+                        yield rel, z.read(name)
         return
     spec = importlib.util.find_spec("cutlass_library")
     if spec is None:
         raise FileNotFoundError("nvidia-cutlass is not installed; pass its wheel")
-    root = Path(list(spec.submodule_search_locations)[0], "source", "include")
-    for top in TOPS:
-        for path in sorted((root / top).rglob("*")):
-            if path.is_file():
-                yield path.relative_to(root).as_posix(), path.read_bytes()
+    package = Path(list(spec.submodule_search_locations)[0])
+    for prefix in PREFIXES:
+        root = package / Path(prefix).relative_to("cutlass_library")
+        for top in TOPS:
+            for path in sorted((root / top).rglob("*")):
+                if path.is_file():
+                    yield path.relative_to(root).as_posix(), path.read_bytes()
 
 
-SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "msconv_cuda_cutlass.cu"
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+# The CUTLASS sources and the architectures each is built for.
+SOURCES = ((CSRC / "msconv_cuda_cutlass.cu", ("80", "90")), (CSRC / "msconv_cuda_cutlass_sm90.cu", ("90a",)))
 
 
 def used_headers(files: dict[str, bytes]) -> set[str] | None:
-    """The headers SOURCE includes, for sm_80 and sm_90 (nvcc -M against these
-    files unpacked), or None without nvcc."""
+    """The headers the CUTLASS sources include, for the architectures they are built
+    for (nvcc -M against these files unpacked), or None without nvcc."""
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         return None
@@ -65,11 +73,12 @@ def used_headers(files: dict[str, bytes]) -> set[str] | None:
         for rel, data in files.items():
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
             (root / rel).write_bytes(data)
-        for arch in ("80", "90"):
+        for source, arch in ((s, a) for s, archs in SOURCES for a in archs):
             proc = subprocess.run(
-                [nvcc, "-std=c++17", "-M", str(SOURCE), f"-I{SOURCE.parent}", "-isystem", str(root),
-                 "-DFER_EDGE_WITH_CUDA", "-DFER_EDGE_WITH_CUTLASS", "--expt-relaxed-constexpr",
-                 "-gencode", f"arch=compute_{arch},code=sm_{arch}"], capture_output=True, text=True)
+                [nvcc, "-std=c++17", "-M", str(source), f"-I{CSRC}", "-isystem", str(root),
+                 "-DFER_EDGE_WITH_CUDA", "-DFER_EDGE_WITH_CUTLASS", "-DFER_EDGE_WITH_CUTLASS_SM90", "-DNDEBUG",
+                 "--expt-relaxed-constexpr", "-gencode", f"arch=compute_{arch},code=sm_{arch}"],
+                capture_output=True, text=True)
             if proc.returncode != 0:
                 raise OSError(f"nvcc -M failed: {proc.stderr.strip()[-500:]}")
             for word in proc.stdout.replace("\\\n", " ").split():

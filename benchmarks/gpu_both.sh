@@ -25,7 +25,7 @@ TRAIN=$!
 echo "== kernel build ($(date +%T))"
 source benchmarks/cutlass_headers.sh
 timeout 300 python3 -m pip wheel -q --no-build-isolation --no-deps . -w /tmp/fer-edge-wheel \
-  -C cmake.define.FER_EDGE_CUDA=ON -C cmake.define.CMAKE_CUDA_ARCHITECTURES=native \
+  -C cmake.define.FER_EDGE_CUDA=ON -C cmake.define.CMAKE_CUDA_ARCHITECTURES=$GPU_ARCH \
   -C build-dir=build/native 2>&1 | tail -5
 python3 -m pip install -q --no-deps --target "$KPKG" /tmp/fer-edge-wheel/fer_edge-*.whl 2>&1 | tail -3
 export PYTHONPATH=$KPKG   # the kernels' build for everything below; the training keeps its own

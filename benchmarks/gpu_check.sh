@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The fused kernels on a GPU machine, in one call of at most 9 minutes (each step has its own
 # time limit, so a slow step costs its own result, not the call's):
-#   1. build for the local GPU (CMAKE_CUDA_ARCHITECTURES=native), with the large-batch
+#   1. build for the local GPU (its architecture, e.g. CMAKE_CUDA_ARCHITECTURES=90), with the large-batch
 #      CUTLASS path when .data/cutlass-include.tar.xz is there (benchmarks/cutlass_headers.py
 #      makes it: the machine has no internet to fetch nvidia-cutlass)
 #   2. the layer benchmark (every kernel of ours against cuDNN's best way, fp16 and fp32,
@@ -34,7 +34,7 @@ step() { echo; echo "== $1 ($(date +%T))"; }
     step build
     source benchmarks/cutlass_headers.sh
     timeout 300 python3 -m pip install -q --no-build-isolation --no-deps . -C cmake.define.FER_EDGE_CUDA=ON \
-      -C cmake.define.CMAKE_CUDA_ARCHITECTURES=native -C build-dir=build/native 2>&1 | tail -5
+      -C cmake.define.CMAKE_CUDA_ARCHITECTURES=$GPU_ARCH -C build-dir=build/native 2>&1 | tail -5
     $PY -c "from fer_edge import _C; print('cutlass path built:', _C.build_info()['cutlass'])"
   fi
   fer-edge info

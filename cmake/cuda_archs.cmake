@@ -71,3 +71,17 @@ function(fer_edge_cutlass_archs archs out_var)
   endif()
   set(${out_var} "${result}" PARENT_SCOPE)
 endfunction()
+
+# fer_edge_cutlass_sm90_archs(<archs> <out_var>): "90a-real" when the list
+# builds for compute capability 9.0 (H100, H200), else "": the Hopper path
+# uses wgmma and the TMA, which only sm_90a code has (and which no other GPU
+# runs).  A symbolic list (native, all) gets none: name the architecture.
+function(fer_edge_cutlass_sm90_archs archs out_var)
+  set(result "")
+  foreach(arch IN LISTS archs)
+    if(arch MATCHES "^90(a)?(-real|-virtual)?$")
+      set(result "90a-real")
+    endif()
+  endforeach()
+  set(${out_var} "${result}" PARENT_SCOPE)
+endfunction()

@@ -175,9 +175,9 @@ PYBIND11_MODULE(_C, m) {
          bool relu, int dtype, std::uintptr_t stream, std::uintptr_t wp, int variant, std::uintptr_t workspace,
          std::uintptr_t counters) {
         if (dtype != 0 && dtype != 1) throw std::invalid_argument("fused_ms_conv: dtype must be 0 (float32) or 1 (float16)");
-        if (variant < 0 || variant > 5)
-          throw std::invalid_argument(
-              "fused_ms_conv: variant must be 0 (simt), 1 (wmma), 2 (splitk), 3 (mma), 4 (cutlass) or 5 (stem)");
+        if (variant < 0 || variant > 6)
+          throw std::invalid_argument("fused_ms_conv: variant must be 0 (simt), 1 (wmma), 2 (splitk), 3 (mma), "
+                                      "4 (cutlass), 5 (stem) or 6 (cutlass90)");
         MsConvArgs a = make_args(x, out, w1, b1, w3, b3, w5, b5, n, c, h, w, c1, c3, c5, layout, relu);
         a.wp = wp;
         py::gil_scoped_release nogil;
@@ -192,7 +192,7 @@ PYBIND11_MODULE(_C, m) {
       "`wp`: the weights packed by fer_edge.kernels.pack_ms_weights (25, C, c1 + c3 + c5); `variant`: "
       "0 simt, 1 wmma, 2 splitk, 3 mma (splitk on tensor cores; 2 and 3 with `workspace`/`counters` sized by "
       "splitk_plan), 4 cutlass (one implicit GEMM per branch; `wp` from pack_krsc_weights), 5 stem (at most 4 "
-      "input channels).");
+      "input channels), 6 cutlass90 (cutlass on Hopper's wgmma and TMA).");
   m.def("sm_count", [](int device) { return fer_edge::splitk::sm_count_of(device); }, py::arg("device"));
   m.def("cuda_device_count", &fer_edge::cuda_device_count);
 #endif
@@ -215,10 +215,16 @@ PYBIND11_MODULE(_C, m) {
 #else
     d["cutlass"] = false;
 #endif
+#ifdef FER_EDGE_WITH_CUTLASS_SM90
+    d["cutlass_sm90"] = true;
+#else
+    d["cutlass_sm90"] = false;
+#endif
 #else
     d["cuda"] = false;
     d["cuda_archs"] = std::vector<std::string>{};
     d["cutlass"] = false;
+    d["cutlass_sm90"] = false;
 #endif
     return d;
   });

@@ -94,7 +94,8 @@ class CpuPackedWeights {
 // Cutlass: the large-batch path, one implicit GEMM per branch (float16 NHWC,
 // sm_80+, builds that found CUTLASS's headers: msconv_cuda_igemm.h).
 // Stem: inputs of at most 4 channels (MACNN's first layer: msconv_cuda_stem.h).
-enum class Variant : int { Simt = 0, Wmma = 1, SplitK = 2, SplitKMma = 3, Cutlass = 4, Stem = 5 };
+// CutlassSm90: Cutlass on Hopper's wgmma and TMA (compute capability 9.0, builds for sm_90).
+enum class Variant : int { Simt = 0, Wmma = 1, SplitK = 2, SplitKMma = 3, Cutlass = 4, Stem = 5, CutlassSm90 = 6 };
 
 #ifdef FER_EDGE_WITH_CUDA
 // CUDA, float32 or float16 (float32 accumulation) on the given stream.

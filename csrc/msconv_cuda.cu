@@ -334,7 +334,21 @@ void msconv_cuda(const MsConvArgs& a, DType dtype, std::uintptr_t stream, Varian
     const bool nhwc = a.layout == Layout::NHWC;
     if (dtype != DType::Float32 && dtype != DType::Float16)
       throw std::invalid_argument("fused_ms_conv: unsupported dtype code");
-    if (variant == Variant::Stem) {
+    if (variant == Variant::CutlassSm90) {
+#ifdef FER_EDGE_WITH_CUTLASS_SM90
+      int major = 0, minor = 0;
+      check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "cudaDeviceGetAttribute");
+      check(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev), "cudaDeviceGetAttribute");
+      if (major != 9 || minor != 0)
+        throw std::invalid_argument("fused_ms_conv: the cutlass90 kernel runs on compute capability 9.0 only "
+                                    "(sm_90a code); choose cutlass on this GPU");
+      if (dtype != DType::Float16) throw std::invalid_argument("fused_ms_conv: the cutlass90 kernel computes float16 only");
+      igemm90::launch(a, stream);
+#else
+      throw std::invalid_argument("fused_ms_conv: this build has no cutlass90 kernel (built without CUTLASS's "
+                                  "headers or without sm_90 in its architectures)");
+#endif
+    } else if (variant == Variant::Stem) {
       stem::launch(a, dtype, stream, splitk::sm_count_of(dev));
     } else if (variant == Variant::Cutlass) {
 #ifdef FER_EDGE_WITH_CUTLASS

@@ -121,4 +121,12 @@ void launch(const MsConvArgs& a, std::uintptr_t stream, int sm_count, std::uintp
 #endif
 
 }  // namespace igemm
+
+#ifdef FER_EDGE_WITH_CUTLASS_SM90
+namespace igemm90 {
+// The same three launches on Hopper's wgmma and TMA (msconv_cuda_cutlass_sm90.cu;
+// compute capability 9.0 exactly, the caller checks), no split-K and no buffers.
+void launch(const MsConvArgs& a, std::uintptr_t stream);
+}  // namespace igemm90
+#endif
 }  // namespace fer_edge

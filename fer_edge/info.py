@@ -73,6 +73,7 @@ def collect() -> dict:
             "cuda_archs": list(built["cuda_archs"]),
             "openmp": bool(built["openmp"]),
             "cutlass": bool(built.get("cutlass")),
+            "cutlass_sm90": bool(built.get("cutlass_sm90")),
         }
         if built["cuda"]:
             info["kernels"]["cuda_devices_visible"] = int(_C.cuda_device_count())
@@ -124,7 +125,8 @@ def format_text(info: dict) -> str:
         f"kernels: cpu={'yes' if k['cpu'] else 'no'} (openmp={'yes' if k.get('openmp') else 'no'}), "
         f"cuda={'yes' if k['cuda'] else 'no'}"
         + (f" for sm_{', sm_'.join(k['cuda_archs'])}" if k["cuda_archs"] else "")
-        + (" (with the large-batch cutlass path)" if k.get("cutlass") else ""),
+        + (" (with the large-batch cutlass path" + (", and its Hopper version)" if k.get("cutlass_sm90") else ")")
+           if k.get("cutlass") else ""),
         f"cuda device: {info['cuda_device'] or 'none'}"
         + (f" (compute capability {info['cuda_capability']})" if info.get("cuda_capability") else ""),
         *dispatch_lines(info.get("kernel_dispatch") or {}),

@@ -124,9 +124,13 @@ def pack_krsc_weights(w1: torch.Tensor, w3: torch.Tensor, w5: torch.Tensor) -> t
 PACKS = {"tap": pack_ms_weights, "krsc": pack_krsc_weights}
 
 
+# The kernels built on CUTLASS: they take the same inputs and read the "krsc" pack.
+CUTLASS_KERNELS = ("cutlass", "cutlass90")
+
+
 def pack_kind(kernel: str | None) -> str:
-    """The PACKS entry a CUDA kernel reads: "krsc" for cutlass, "tap" for the others."""
-    return "krsc" if kernel == "cutlass" else "tap"
+    """The PACKS entry a CUDA kernel reads: "krsc" for the CUTLASS ones, "tap" for the others."""
+    return "krsc" if kernel in CUTLASS_KERNELS else "tap"
 
 
 def packed_shape(kind: str, c: int, c1: int, c3: int, c5: int) -> tuple[int, ...]:
@@ -343,7 +347,7 @@ def _fused_ms_conv_op(
         ptrs = [t.data_ptr() for t in (x, out, w1, b1, w3, b3, w5, b5)]
         _C.msconv_cpu(*ptrs, n, c, h, w, c1, c3, c5, layout, bool(relu), torch.get_num_threads())
     else:
-        kind = "krsc" if kernel == KERNEL_CODES["cutlass"] else "tap"
+        kind = "krsc" if kernel in (KERNEL_CODES[k] for k in CUTLASS_KERNELS) else "tap"
         if wp is None:  # a caller without a cached pack (FusedMultiScaleConv keeps one) packs per call
             wp = PACKS[kind](w1, w3, w5)
         check_packed_weights(wp, x, c1, c3, c5, kind)
@@ -450,18 +454,24 @@ class CpuPackedMsConv:
 
 
 @functools.lru_cache(maxsize=None)
-def _has_cutlass() -> bool:
-    return bool(_C.build_info().get("cutlass"))
+def _built(flag: str) -> bool:
+    return bool(_C.build_info().get(flag))
 
 
-def cutlass_unsupported(x: torch.Tensor, w1, b1, w3, b3, w5, b5) -> str:
-    """Why the "cutlass" kernel cannot run this layer on x ("" when it can):
-    float16, channels_last, channel counts that are multiples of 8, 16-byte
-    aligned data (the compiled extension's own rule; the output and the pack
-    are fresh allocations, always aligned), a build that found CUTLASS."""
-    if not _has_cutlass():
+def cutlass_unsupported(x: torch.Tensor, w1, b1, w3, b3, w5, b5, kernel: str = "cutlass") -> str:
+    """Why a CUTLASS kernel ("cutlass", or "cutlass90" on Hopper) cannot run this
+    layer on x ("" when it can): float16, channels_last, channel counts that
+    are multiples of 8, 16-byte aligned data (the compiled extension's own
+    rule; the output and the pack are fresh allocations, always aligned), a
+    build with the kernel, a GPU it runs on."""
+    if kernel == "cutlass90":
+        if not _built("cutlass_sm90"):
+            return "this build has no cutlass90 kernel (no CUTLASS headers, or no sm_90 in its architectures)"
+        if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) != (9, 0):
+            return "it runs on compute capability 9.0 only (sm_90a: wgmma, TMA)"
+    elif not _built("cutlass"):
         return "this build has no cutlass kernel (CUTLASS's headers were not found when it was compiled)"
-    if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (8, 0):
+    elif x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (8, 0):
         return "it needs compute capability 8.0+ (mma.sync, cp.async)"
     nhwc = _io_nhwc(x, _weights_nhwc(w3, w5))
     # The pointers the op passes (biases made contiguous).  A traced tensor (torch.compile)
@@ -491,9 +501,10 @@ def fused_ms_conv(x, w1, b1, w3, b3, w5, b5, relu: bool = True, wp=None, kernel:
     kernel does not use it: see CpuPackedMsConv).
     kernel: on CUDA, which of fer_edge's kernels: "simt", "wmma" (float16,
     tensor cores), "splitk" (small batches), "mma" (splitk on tensor cores,
-    float16, sm_80+) or "cutlass" (large batches: one implicit GEMM per branch,
+    float16, sm_80+), "cutlass" (large batches: one implicit GEMM per branch,
     float16 channels_last, sm_80+, see ``cutlass_unsupported``; its ``wp`` is
-    ``pack_krsc_weights``'s) or "stem" (inputs of at most 4 channels);
+    ``pack_krsc_weights``'s), "cutlass90" (the same on Hopper's wgmma and TMA,
+    compute capability 9.0) or "stem" (inputs of at most 4 channels);
     None = fer_edge.dispatch.direct_kernel()
     (simt unless FER_EDGE_CUDA_KERNEL names another).  buffers: kernel_buffers(kernel, x, c1, c3, c5)
     (splitk_buffers or cutlass_buffers), kept by callers that run one shape

@@ -172,7 +172,8 @@ def test_merged_modules_follow_the_dispatch_table():
 def test_unknown_cuda_kernel_is_refused():
     from fer_edge.kernels import cuda_kernel_code
 
-    assert [cuda_kernel_code(k) for k in ("simt", "wmma", "splitk", "mma", "cutlass", "stem")] == [0, 1, 2, 3, 4, 5]
+    names = ("simt", "wmma", "splitk", "mma", "cutlass", "stem", "cutlass90")
+    assert [cuda_kernel_code(k) for k in names] == [0, 1, 2, 3, 4, 5, 6]
     with pytest.raises(ValueError, match="unknown CUDA kernel 'fast'"):
         cuda_kernel_code("fast")
 
@@ -238,7 +239,7 @@ def test_every_dispatch_choice_matches_the_reference(seed):
                 continue
             if choice == "mma" and dtype == torch.float16 and torch.cuda.get_device_capability() < (8, 0):
                 continue
-            if choice == "cutlass" and (cutlass_unsupported(x, *ws) or torch.cuda.get_device_capability() < (8, 0)):
+            if choice in ("cutlass", "cutlass90") and cutlass_unsupported(x, *ws, kernel=choice):
                 continue
             if choice == "stem" and cin > 4:
                 continue
@@ -430,23 +431,28 @@ CUTLASS_CASES = [(n, cin, hw, c1, c3, c5) for n in (1, 3, 64) for cin, hw, c1, c
 CUTLASS_CASES += [(5, 8, 7, 8, 16, 8), (2, 64, 11, 0, 64, 0), (256, 64, 24, 32, 48, 48)]
 
 
-def _needs_sm80():
+def _needs_sm80(kernel="cutlass"):
     if torch.cuda.get_device_capability() < (8, 0):
         pytest.skip("the cutlass kernel needs compute capability 8.0+")
+    if kernel == "cutlass90" and (torch.cuda.get_device_capability() != (9, 0)
+                                  or not _C.build_info().get("cutlass_sm90")):
+        pytest.skip("the cutlass90 kernel needs compute capability 9.0 and a build for sm_90")
 
 
 @requires_cuda
 @requires_cutlass
+@pytest.mark.parametrize("kernel", ["cutlass", "cutlass90"])
 @pytest.mark.parametrize("relu", [True, False])
 @pytest.mark.parametrize("case", CUTLASS_CASES, ids=[f"n{c[0]}-c{c[1]}-{c[2]}px-{c[3]}.{c[4]}.{c[5]}"
                                                      for c in CUTLASS_CASES])
-def test_cutlass_matches_the_reference(case, relu):
-    """One implicit GEMM per branch, each writing its slice of the output; fp16
-    against the float64 reference, bias and ReLU (or none) in the epilogue."""
-    _needs_sm80()
+def test_cutlass_matches_the_reference(case, relu, kernel):
+    """One implicit GEMM per branch, each writing its slice of the output (on
+    mma.sync, or Hopper's wgmma and TMA); fp16 against the float64 reference,
+    bias and ReLU (or none) in the epilogue."""
+    _needs_sm80(kernel)
     n, cin, hw, c1, c3, c5 = case
     args = make_inputs(n, cin, hw, hw, c1, c3, c5, nhwc=True, device="cuda", dtype=torch.float16, seed=n + cin)
-    y = fused_ms_conv(*args, relu=relu, kernel="cutlass")
+    y = fused_ms_conv(*args, relu=relu, kernel=kernel)
     ref = fused_ms_conv_reference(*[t.cpu().double() for t in args], relu=relu)
     assert y.shape == ref.shape and y.is_contiguous(memory_format=torch.channels_last)
     assert rel_norm(y.cpu(), ref) <= FP16_REL_NORM
@@ -484,22 +490,23 @@ def test_cutlass_split_k_keeps_partial_sums_and_its_semaphores():
 
 @requires_cuda
 @requires_cutlass
-def test_cutlass_in_a_cuda_graph_and_on_the_current_stream():
-    _needs_sm80()
+@pytest.mark.parametrize("kernel", ["cutlass", "cutlass90"])
+def test_cutlass_in_a_cuda_graph_and_on_the_current_stream(kernel):
+    _needs_sm80(kernel)
     from fer_edge.kernels import pack_krsc_weights
 
     args = make_inputs(32, 64, 24, 24, 32, 48, 48, nhwc=True, device="cuda", dtype=torch.float16)
     wp = pack_krsc_weights(args[1], args[3], args[5])
-    ref = fused_ms_conv(*args, kernel="cutlass", wp=wp)
+    ref = fused_ms_conv(*args, kernel=kernel, wp=wp)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        y = fused_ms_conv(*args, kernel="cutlass", wp=wp)
+        y = fused_ms_conv(*args, kernel=kernel, wp=wp)
     stream.synchronize()
     torch.testing.assert_close(y, ref, atol=0, rtol=0)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        yg = fused_ms_conv(*args, kernel="cutlass", wp=wp)
+        yg = fused_ms_conv(*args, kernel=kernel, wp=wp)
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(yg, ref, atol=0, rtol=0)

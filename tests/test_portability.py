@@ -141,6 +141,13 @@ def test_cutlass_path_builds_once_per_major_architecture(tmp_path):
     assert proc.returncode == 0, proc.stderr
     got = dict(line.removeprefix("-- ").split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
     assert got == lists
+    # The Hopper path: sm_90a code, only when the list builds for 9.0.
+    hopper = {"75;80;86;87;89;90": "90a-real", "90-real": "90a-real", "90a": "90a-real", "80;100": "",
+              "native": "", "87": ""}
+    body = "".join(f'fer_edge_cutlass_sm90_archs("{k}" a)\nmessage(STATUS "{k}=${{a}}")\n' for k in hopper)
+    proc = _cmake_script(tmp_path, body)
+    assert proc.returncode == 0, proc.stderr
+    assert dict(line.removeprefix("-- ").split("=", 1) for line in proc.stdout.splitlines() if "=" in line) == hopper
 
 
 def _build_backend():

@@ -177,7 +177,7 @@ class FusedMultiScaleConv(nn.Module):
     our kernels beats cuDNN for this shape, dtype and batch; elsewhere, and
     with use_kernel=False, three plain convolutions + cat, which every
     exporter and runtime understands.  ``cuda_kernel`` (None: the table)
-    names the choice for every call instead: "cudnn", "simt", "wmma", "splitk", "mma", "cutlass" or "stem".
+    names the choice for every call instead: "cudnn", "simt", "wmma", "splitk", "mma", "cutlass", "cutlass90" or "stem".
     The split-K kernels' scratch buffers are kept per input shape: run one
     module on one CUDA stream at a time (another stream: a copy of the model).
     """
@@ -314,10 +314,10 @@ class FusedMultiScaleConv(nn.Module):
             ws = tuple(t.to(x.dtype) for t in ws)
         w1, b1, w3, b3, w5, b5 = ws
         kernel = self._kernel_for(x) if self.use_kernel else None
-        if kernel == "cutlass" and self.cuda_kernel is None:
+        if kernel in ("cutlass", "cutlass90") and self.cuda_kernel is None:
             from fer_edge.kernels import cutlass_unsupported
 
-            if cutlass_unsupported(x, *ws):  # the table keys shapes; a view may still be misaligned
+            if cutlass_unsupported(x, *ws, kernel=kernel):  # the table keys shapes; a view may be misaligned
                 kernel = None
         if kernel is not None:
             # The kernels read NCHW or NHWC; any other strides become NCHW.
