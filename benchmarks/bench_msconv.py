@@ -78,6 +78,11 @@ def make_layer(cin, hw, c1, c3, c5, n, dtype, device, layout):
 CUDA_KERNELS = ("simt", "splitk", "mma", "wmma", "cutlass", "cutlass90", "stem")
 
 
+# Above batch 256 only the kernels made for large batches are timed: the others measured
+# 0.01-0.6x cuDNN at batch 256 already, and at 1024 one of their rows costs seconds.
+LARGE_BATCH_KERNELS = ("cutlass", "cutlass90", "stem")
+
+
 def cuda_kernels(dtype: str, x, fw) -> list[str]:
     """fer_edge's CUDA kernels that can run a layer: the tensor-core ones (WMMA, MMA) need fp16 and
     16+ input channels (with fewer, most of each 16-channel step is zeros; in fp32 MMA is splitk);
@@ -89,6 +94,8 @@ def cuda_kernels(dtype: str, x, fw) -> list[str]:
     cin = x.shape[1]
     ok = [k for k in CUDA_KERNELS if k not in needs or (dtype == "fp16" and cin >= 16 and cc >= needs[k])]
     ok = [k for k in ok if k != "stem" or cin <= 4]   # the stem kernel: at most 4 input channels
+    if x.shape[0] > 256:
+        ok = [k for k in ok if k in LARGE_BATCH_KERNELS]
     return [k for k in ok if k not in ("cutlass", "cutlass90") or not cutlass_unsupported(x, *fw, kernel=k)]
 
 
