@@ -20,6 +20,7 @@ import argparse
 import importlib.util
 import io
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -67,13 +68,16 @@ def used_headers(files: dict[str, bytes]) -> set[str] | None:
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         return None
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    found = re.search(r"release (\d+)\.", version)
+    hopper = found is not None and int(found.group(1)) >= 12   # sm_90a: nvcc 12.0+, as CMakeLists.txt asks
     used = set()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         for rel, data in files.items():
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
             (root / rel).write_bytes(data)
-        for source, arch in ((s, a) for s, archs in SOURCES for a in archs):
+        for source, arch in ((s, a) for s, archs in SOURCES for a in archs if hopper or a != "90a"):
             proc = subprocess.run(
                 [nvcc, "-std=c++17", "-M", str(source), f"-I{CSRC}", "-isystem", str(root),
                  "-DFER_EDGE_WITH_CUDA", "-DFER_EDGE_WITH_CUTLASS", "-DFER_EDGE_WITH_CUTLASS_SM90", "-DNDEBUG",

@@ -90,9 +90,9 @@ void run_branch(const MsConvArgs& a, int k, int cout, int offset, const Half* we
   Conv op;  // no workspace: a plain (non-persistent) kernel, no split-K
   s = op.initialize(args, nullptr, stream);  // host work only: the TMA descriptors, the shared-memory size
   if (s == cutlass::Status::kSuccess) s = op.run(stream);
-  if (s != cutlass::Status::kSuccess)
+  if (s != cutlass::Status::kSuccess)  // (run() has already read and cleared the CUDA error)
     throw std::runtime_error(std::string("fused_ms_conv: cutlass90 kernel launch failed (") +
-                             cutlass::cutlassGetStatusString(s) + "): " + cudaGetErrorString(cudaGetLastError()));
+                             cutlass::cutlassGetStatusString(s) + ")");
 }
 
 }  // namespace
