@@ -9,24 +9,21 @@
 #   bash benchmarks/gpu_both.sh full            (TRAIN_LIMIT=400 seconds of training stage)
 #   TRAIN_LIMIT=300 bash benchmarks/gpu_both.sh compact   (more of the call left for the timings)
 #
-# What comes back in $OUT: the training stage's files (see gpu_train.sh) and kernel.tar.gz
-# (check.log, check-beside-training.log, msconv.json, kernel_dispatch.json, model.json,
-# train-console.log).
+# What comes back in $OUT: the training stage's files (see gpu_train.sh) and kernel/ (check.log,
+# check-beside-training.log, msconv.json, kernel_dispatch.json, model.json, train-console.log).
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 START=$(date +%s)
-K=/tmp/fer-edge-kernel; KPKG=/tmp/fer-edge-cuda; mkdir -p "$K"
+K=$OUT/kernel; KPKG=/tmp/fer-edge-cuda; mkdir -p "$K"   # under $OUT: it comes back even if the call is cut
 
 LIMIT=${TRAIN_LIMIT:-400} RESERVE=${TRAIN_RESERVE:-60} OUT=$OUT bash benchmarks/gpu_train.sh "${@:-full}" \
   > "$K/train-console.log" 2>&1 &
 TRAIN=$!
 
 echo "== kernel build ($(date +%T))"
-source benchmarks/cutlass_headers.sh
-timeout 300 python3 -m pip wheel -q --no-build-isolation --no-deps . -w /tmp/fer-edge-wheel \
-  -C cmake.define.FER_EDGE_CUDA=ON -C cmake.define.CMAKE_CUDA_ARCHITECTURES=$GPU_ARCH \
-  -C build-dir=build/native 2>&1 | tail -5
+source benchmarks/gpu_build.sh
+gpu_build wheel -v . -w /tmp/fer-edge-wheel
 python3 -m pip install -q --no-deps --target "$KPKG" /tmp/fer-edge-wheel/fer_edge-*.whl 2>&1 | tail -3
 export PYTHONPATH=$KPKG   # the kernels' build for everything below; the training keeps its own
 echo "   built after $(( $(date +%s) - START )) s"
@@ -43,15 +40,19 @@ wait $TRAIN
 echo "== training done after $(( $(date +%s) - START )) s"
 tail -12 "$K/train-console.log"
 
-# Alone on the GPU: the timings, in what is left of the call (CALL_LIMIT seconds, 580): the whole-model
-# benchmark gets MODEL_LIMIT (100), the layer benchmark the rest (at most 300; it keeps what it measured).
-MODEL_LIMIT=${MODEL_LIMIT:-100}
-LEFT=$(( ${CALL_LIMIT:-580} - ($(date +%s) - START) - MODEL_LIMIT - 15 ))
-BENCH_LIMIT=$(( LEFT > 300 ? 300 : (LEFT < 30 ? 30 : LEFT) ))
-echo "== timings alone: layer benchmark ${BENCH_LIMIT} s, whole model ${MODEL_LIMIT} s"
-OUT=$K STEPS="${ALONE_STEPS:-bench model}" BATCHES=${BATCHES:-"1 256 1024"} BENCH_LIMIT=$BENCH_LIMIT \
-  MODEL_LIMIT=$MODEL_LIMIT bash benchmarks/gpu_check.sh > /dev/null 2>&1
-grep -vE "^\s*$" "$K/check.log" | tail -60
-tar czf "$OUT/kernel.tar.gz" -C "$K" .
+# Alone on the GPU: the timings, in what is left of the call (CALL_LIMIT seconds, 580): a third for
+# the whole-model benchmark (at most 100 s), the rest for the layer benchmark (at most 300 s; it keeps
+# what it measured); none under a minute left.
+LEFT=$(( ${CALL_LIMIT:-580} - ($(date +%s) - START) - 15 ))
+if [ "$LEFT" -ge 60 ]; then
+  MODEL_LIMIT=$(( LEFT / 3 > 100 ? 100 : LEFT / 3 ))
+  BENCH_LIMIT=$(( LEFT - MODEL_LIMIT > 300 ? 300 : LEFT - MODEL_LIMIT ))
+  echo "== timings alone: layer benchmark ${BENCH_LIMIT} s, whole model ${MODEL_LIMIT} s"
+  OUT=$K STEPS="${ALONE_STEPS:-bench model}" BATCHES=${BATCHES:-"1 256 1024"} BENCH_LIMIT=$BENCH_LIMIT \
+    MODEL_LIMIT=$MODEL_LIMIT bash benchmarks/gpu_check.sh > /dev/null 2>&1
+  grep -vE "^\s*$" "$K/check.log" | tail -60
+else
+  echo "== no time left for the timings ($LEFT s)"
+fi
 echo "== all done after $(( $(date +%s) - START )) s"
 ls -la "$OUT"

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The fused kernels on a GPU machine, in one call of at most 9 minutes (each step has its own
-# time limit, so a slow step costs its own result, not the call's):
-#   1. build for the local GPU (its architecture, e.g. CMAKE_CUDA_ARCHITECTURES=90), with the large-batch
-#      CUTLASS path when .data/cutlass-include.tar.xz is there (benchmarks/cutlass_headers.py
-#      makes it: the machine has no internet to fetch nvidia-cutlass)
+# The fused kernels on a GPU machine.  Each step has its own time limit, so a slow step costs its
+# own result, not the call's; all of them together may take longer than one 10-minute call, so
+# pick STEPS (or use gpu_both.sh, which bounds them to its call):
+#   1. build for the local GPU (benchmarks/gpu_build.sh: its architecture by number, with the
+#      CUTLASS paths when .data/cutlass-include.tar.xz is there, which benchmarks/cutlass_headers.py
+#      makes: the machine has no internet to fetch nvidia-cutlass)
 #   2. the layer benchmark (every kernel of ours against cuDNN's best way, fp16 and fp32,
 #      batch 1, 8, 256 and 1024: the whole-model benchmark runs 1024) -> msconv.json, and from it the measured dispatch table
 #      -> kernel_dispatch.json (copy it to fer_edge/ to ship it), installed for what follows
@@ -13,7 +14,7 @@
 #   6. an Nsight Compute profile of the small-batch kernel at batch 1 (L2 and L4, fp16)
 # Everything printed goes to check.log; what comes back: check.log, msconv.json, model.json,
 # kernel_dispatch.json, splitk.ncu-rep.  STEPS="bench model" runs a subset.
-#   bash benchmarks/gpu_check.sh            (about 8 minutes on an H100)
+#   STEPS="build bench model" bash benchmarks/gpu_check.sh   (the timings: about 8 minutes)
 #   STEPS=model COMPILE=1 bash benchmarks/gpu_check.sh   (adds torch.compile max-autotune: minutes)
 # BENCH_LIMIT / MODEL_LIMIT (300 / 120 s) bound the two benchmarks; the layer benchmark keeps the
 # rows it measured before its limit (fp16 at batch 1 first).  TEST_LIMIT, MEMCHECK_LIMIT and
@@ -32,10 +33,8 @@ step() { echo; echo "== $1 ($(date +%T))"; }
   nvidia-smi --query-gpu=name,driver_version,compute_cap --format=csv
   if want build; then
     step build
-    source benchmarks/cutlass_headers.sh
-    timeout 300 python3 -m pip install -q --no-build-isolation --no-deps . -C cmake.define.FER_EDGE_CUDA=ON \
-      -C cmake.define.CMAKE_CUDA_ARCHITECTURES=$GPU_ARCH -C build-dir=build/native 2>&1 | tail -5
-    $PY -c "from fer_edge import _C; print('cutlass path built:', _C.build_info()['cutlass'])"
+    source benchmarks/gpu_build.sh
+    gpu_build install -v .
   fi
   fer-edge info
   PKG=$($PY -c "import fer_edge, os; print(os.path.dirname(fer_edge.__file__))")
@@ -61,9 +60,16 @@ step() { echo; echo "== $1 ($(date +%T))"; }
       -k "cuda or dispatch or splitk or merge or cutlass or stem" 2>&1 | tail -15
   fi
   if want sanitize; then
-    step "compute-sanitizer memcheck (small-batch, cutlass and stem kernels)"
-    timeout ${MEMCHECK_LIMIT:-90} compute-sanitizer --tool memcheck $PYTEST -x tests/test_kernels_cuda.py \
-      -k "(splitk or mma or cutlass_matches or stem) and not fuzz and not n64 and not n256" 2>&1 | tail -6
+    # The newest kernels first, on a few small cases each, then the small-batch kernels' tests
+    # (in the time left of MEMCHECK_LIMIT).
+    SAN_START=$(date +%s)
+    step "compute-sanitizer memcheck (cutlass, cutlass90 and stem kernels, small cases)"
+    timeout $(( ${MEMCHECK_LIMIT:-90} / 2 )) compute-sanitizer --tool memcheck $PYTEST -x tests/test_kernels_cuda.py \
+      -k "(cutlass_matches and (n1- or n5-)) or cutlass_split or (stem_matches and n1-cin1) or stem_refuses" 2>&1 | tail -6
+    step "compute-sanitizer memcheck (small-batch kernels)"
+    timeout $(( ${MEMCHECK_LIMIT:-90} - ($(date +%s) - SAN_START) > 10 ? ${MEMCHECK_LIMIT:-90} - ($(date +%s) - SAN_START) : 10 )) \
+      compute-sanitizer --tool memcheck $PYTEST -x tests/test_kernels_cuda.py \
+      -k "(splitk or fp16_close_to_fp32_reference) and not fuzz and not n64 and not n256" 2>&1 | tail -6
     if [ "${RACECHECK_LIMIT:-120}" -gt 0 ]; then
       step "compute-sanitizer racecheck (small-batch and stem kernels)"
       timeout ${RACECHECK_LIMIT:-120} compute-sanitizer --tool racecheck $PYTEST -x tests/test_kernels_cuda.py \

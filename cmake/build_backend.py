@@ -21,11 +21,12 @@ CUTLASS_REQUIREMENT = "nvidia-cutlass==4.2.0.0"
 _OFF = {"0", "off", "no", "false", "n"}
 
 
-def _switched_off(name: str, config_settings: dict | None) -> bool:
-    """Whether -C cmake.define.NAME=... or the environment turns NAME off."""
+def _switched_off(name: str, config_settings: dict | None, from_env: bool = False) -> bool:
+    """Whether -C cmake.define.NAME=... (or, for a switch CMake reads from the
+    environment, the environment) turns NAME off."""
     value = (config_settings or {}).get(f"cmake.define.{name}")
     if value is None:
-        value = os.environ.get(name, "")
+        value = os.environ.get(name, "") if from_env else ""
     if isinstance(value, list):  # pip passes a repeated -C key as a list: the last one wins, as in CMake
         value = value[-1] if value else ""
     return str(value).strip().lower() in _OFF
@@ -59,7 +60,9 @@ def _archs_below_80(config_settings: dict | None) -> bool:
 
 def wants_cutlass(config_settings: dict | None = None) -> bool:
     """Whether this build compiles the CUTLASS path and has no headers of its own for it."""
-    if any(_switched_off(name, config_settings) for name in ("FER_EDGE_KERNELS", "FER_EDGE_CUDA", "FER_EDGE_CUTLASS")):
+    # FER_EDGE_KERNELS is also an environment switch (pyproject.toml, CMakeLists.txt); the others are -C only.
+    if _switched_off("FER_EDGE_KERNELS", config_settings, from_env=True) or any(
+            _switched_off(name, config_settings) for name in ("FER_EDGE_CUDA", "FER_EDGE_CUTLASS")):
         return False
     if _archs_below_80(config_settings):
         return False

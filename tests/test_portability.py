@@ -167,7 +167,7 @@ def test_build_asks_for_cutlass_only_when_it_compiles_cuda(monkeypatch, tmp_path
     assert pyproject["build-backend"] == "build_backend" and pyproject["backend-path"] == ["cmake"]
     nvcc = tmp_path / "nvcc"
     nvcc.write_text("")
-    for name in ("FER_EDGE_KERNELS", "FER_EDGE_CUDA", "FER_EDGE_CUTLASS", "FER_EDGE_CUTLASS_INCLUDE"):
+    for name in ("FER_EDGE_KERNELS", "FER_EDGE_CUDA", "FER_EDGE_CUTLASS", "FER_EDGE_CUTLASS_INCLUDE", "CUDAARCHS"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("CUDACXX", str(nvcc))
     assert backend.wants_cutlass() and backend.wants_cutlass({})

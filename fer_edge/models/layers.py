@@ -200,11 +200,26 @@ class FusedMultiScaleConv(nn.Module):
         state["_cpu_pack"] = None
         state["_splitk"] = {}
         state["_choices"] = {}
+        state["_wp_keys"] = {}  # a copy's weights start new version counters: its packs are remade
         return state
 
     @property
     def channels(self):
         return self.w1.shape[0], self.w3.shape[0], self.w5.shape[0]
+
+    @staticmethod
+    def _takes(kernel: str, x, ws) -> bool:
+        """Whether a kernel picked by shape can run this very input.  The table keys
+        shapes, so a view may still be misaligned for a CUTLASS kernel, and the
+        override names one kernel for every layer, the stem one for a first layer only.
+        Under torch.compile the extension checks when it runs (nothing is read here)."""
+        if kernel == "stem":
+            return x.shape[1] <= 4
+        if kernel in ("cutlass", "cutlass90") and not torch.compiler.is_compiling():
+            from fer_edge.kernels import cutlass_unsupported
+
+            return not cutlass_unsupported(x, *ws, kernel=kernel)
+        return True
 
     def _kernel_for(self, x) -> str | None:
         """Which compiled kernel this call runs: "cpu", a CUDA kernel's name,
@@ -280,7 +295,9 @@ class FusedMultiScaleConv(nn.Module):
         kind = pack_kind(kernel)
         name = self._PACK_BUFFERS[kind]
         params = (self.w1, self.w3, self.w5)
-        key = (tuple(tensor_version(p) for p in params), watch_optimizer_steps())
+        # Which tensors (a parameter replaced by another of the same shape), their in-place
+        # versions, and the optimizer steps taken (fused optimizers bump no version).
+        key = (tuple((p.data_ptr(), tensor_version(p)) for p in params), watch_optimizer_steps())
         pack = self._buffers.get(name)
         same = pack is not None and pack.device == x.device and pack.dtype == x.dtype
         if same and self._wp_keys.get(kind) == key:
@@ -314,11 +331,8 @@ class FusedMultiScaleConv(nn.Module):
             ws = tuple(t.to(x.dtype) for t in ws)
         w1, b1, w3, b3, w5, b5 = ws
         kernel = self._kernel_for(x) if self.use_kernel else None
-        if kernel in ("cutlass", "cutlass90") and self.cuda_kernel is None:
-            from fer_edge.kernels import cutlass_unsupported
-
-            if cutlass_unsupported(x, *ws, kernel=kernel):  # the table keys shapes; a view may be misaligned
-                kernel = None
+        if kernel is not None and self.cuda_kernel is None and not self._takes(kernel, x, ws):
+            kernel = None  # the table's (or the override's) choice cannot run this input: cuDNN
         if kernel is not None:
             # The kernels read NCHW or NHWC; any other strides become NCHW.
             if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
