@@ -322,6 +322,23 @@ def test_empty_branches_are_cuda_only():
     torch.testing.assert_close(ref, torch.relu(torch.nn.functional.conv2d(x, w3, b3, padding=1)))
 
 
+def test_a_kernel_picked_by_shape_must_take_the_very_input():
+    """The table keys shapes and the override names one kernel for every layer:
+    a merged layer runs such a choice only where it can (the stem kernel on at
+    most 4 input channels, a CUTLASS kernel on what cutlass_unsupported allows,
+    e.g. nothing in a build without it); everything else goes to cuDNN."""
+    from fer_edge.kernels import cutlass_unsupported
+    from fer_edge.models.layers import FusedMultiScaleConv
+
+    gray, *ws1 = make_inputs(1, 1, 6, 6, 8, 8, 8)
+    wide, *ws8 = make_inputs(1, 8, 6, 6, 8, 8, 8, nhwc=True, dtype=torch.float16)
+    assert FusedMultiScaleConv._takes("stem", gray, ws1)
+    assert not FusedMultiScaleConv._takes("stem", wide, ws8)
+    for kernel in ("cutlass", "cutlass90"):
+        assert FusedMultiScaleConv._takes(kernel, wide, ws8) == (not cutlass_unsupported(wide, *ws8, kernel=kernel))
+    assert FusedMultiScaleConv._takes("splitk", wide, ws8)
+
+
 def test_a_single_branch_layer_runs_plain_when_no_kernel_takes_it():
     """A plain 3x3 convolution as a fused layer (c1 = c5 = 0) whose kernel is off,
     or falls back (a table choice the input cannot run), is the convolution +
