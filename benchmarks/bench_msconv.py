@@ -31,7 +31,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from fer_edge.kernels import PACKS, cutlass_unsupported, fused_ms_conv, kernel_buffers, pack_kind
+from fer_edge.kernels import CUTLASS_KERNELS, PACKS, cutlass_unsupported, fused_ms_conv, kernel_buffers, pack_kind
 
 # name: (cin, height=width, c1, c3, c5) -- the merged MAConv layers of MACNN at 48x48 (L), and
 # its plain 3x3 convolutions + ReLU (P: the single-branch case c1 = c5 = 0, on CUDA only; P3-P5
@@ -96,7 +96,7 @@ def cuda_kernels(dtype: str, x, fw) -> list[str]:
     ok = [k for k in ok if k != "stem" or cin <= 4]   # the stem kernel: at most 4 input channels
     if x.shape[0] > 256:
         ok = [k for k in ok if k in LARGE_BATCH_KERNELS]
-    return [k for k in ok if k not in ("cutlass", "cutlass90") or not cutlass_unsupported(x, *fw, kernel=k)]
+    return [k for k in ok if k not in CUTLASS_KERNELS or not cutlass_unsupported(x, *fw, kernel=k)]
 
 
 def eager(x, w1, b1, w3, b3, w5, b5):
@@ -177,7 +177,8 @@ def run(args, on_rows=lambda rows: None) -> list[dict]:
     for dt, n, name in itertools.product(dtypes, args.batches, args.layers):
         cin, hw, c1, c3, c5 = scaled(LAYERS[name], args.width)
         xs, fw, ws, (w_pad, b_pad) = make_layer(cin, hw, c1, c3, c5, n, torch_dtype[dt], device, args.layout)
-        if device == "cuda" and not cuda_kernels(dt, xs[0], fw):
+        ours = cuda_kernels(dt, xs[0], fw) if device == "cuda" else []
+        if device == "cuda" and not ours:
             print(f"{name} n={n} {dt}: no kernel of ours takes it, not timed", file=sys.stderr)
             continue
         methods = {
@@ -192,7 +193,7 @@ def run(args, on_rows=lambda rows: None) -> list[dict]:
             # (FusedMultiScaleConv keeps both); every kernel of ours, timed apart.
             del methods["fused"]
             packs = {kind: PACKS[kind](fw[0], fw[2], fw[4]) for kind in PACKS}
-            for k in cuda_kernels(dt, xs[0], fw):
+            for k in ours:
                 bufs = kernel_buffers(k, xs[0], c1, c3, c5)   # made once, before the capture
                 methods[f"fused_{k}"] = graphed((lambda k, bufs: lambda x: fused_ms_conv(
                     x, *fw, wp=packs[pack_kind(k)], kernel=k, buffers=bufs))(k, bufs), xs)

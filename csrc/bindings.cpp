@@ -210,6 +210,11 @@ PYBIND11_MODULE(_C, m) {
     d["cuda"] = true;
     d["cuda_archs"] = split_archs(FER_EDGE_CUDA_ARCHS);
     d["cuda_runtime_version"] = fer_edge::cuda_runtime_version();
+#else
+    d["cuda"] = false;
+    d["cuda_archs"] = std::vector<std::string>{};
+#endif
+    // The CUTLASS paths (only ever built with CUDA).
 #ifdef FER_EDGE_WITH_CUTLASS
     d["cutlass"] = true;
 #else
@@ -218,12 +223,6 @@ PYBIND11_MODULE(_C, m) {
 #ifdef FER_EDGE_WITH_CUTLASS_SM90
     d["cutlass_sm90"] = true;
 #else
-    d["cutlass_sm90"] = false;
-#endif
-#else
-    d["cuda"] = false;
-    d["cuda_archs"] = std::vector<std::string>{};
-    d["cutlass"] = false;
     d["cutlass_sm90"] = false;
 #endif
     return d;

@@ -314,6 +314,38 @@ void launch(const MsConvArgs& a, cudaStream_t s) {
   }
 }
 
+// The CUTLASS kernels: the build must have the one asked for, the layer must be one
+// it takes (igemm::unsupported, for both), the GPU one it runs on.
+void launch_cutlass(const MsConvArgs& a, DType dtype, std::uintptr_t stream, bool hopper, int dev,
+                    std::uintptr_t semaphores) {
+  const std::string name = hopper ? "cutlass90" : "cutlass";
+#ifndef FER_EDGE_WITH_CUTLASS
+  throw std::invalid_argument("fused_ms_conv: this build has no " + name + " kernel (CUTLASS's headers were not "
+                              "found when it was compiled: pip install nvidia-cutlass, then reinstall)");
+#else
+#ifndef FER_EDGE_WITH_CUTLASS_SM90
+  if (hopper)
+    throw std::invalid_argument("fused_ms_conv: this build has no cutlass90 kernel (built without sm_90 in its "
+                                "architectures, or with nvcc older than 12.0)");
+#endif
+  const std::string why = igemm::unsupported(a, dtype);
+  if (!why.empty()) throw std::invalid_argument("fused_ms_conv: the " + name + " kernel cannot run this layer: " + why);
+  int major = 0, minor = 0;
+  check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "cudaDeviceGetAttribute");
+  check(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev), "cudaDeviceGetAttribute");
+  if (hopper && (major != 9 || minor != 0))
+    throw std::invalid_argument("fused_ms_conv: the cutlass90 kernel runs on compute capability 9.0 only "
+                                "(sm_90a code); choose cutlass on this GPU");
+  if (!hopper && major < 8)
+    throw std::invalid_argument("fused_ms_conv: the cutlass kernel needs compute capability 8.0+; "
+                                "choose simt, splitk or cudnn on this GPU");
+#ifdef FER_EDGE_WITH_CUTLASS_SM90
+  if (hopper) return igemm90::launch(a, stream);
+#endif
+  igemm::launch(a, stream, splitk::sm_count_of(dev), semaphores);
+#endif
+}
+
 }  // namespace
 
 void msconv_cuda(const MsConvArgs& a, DType dtype, std::uintptr_t stream, Variant variant,
@@ -334,36 +366,10 @@ void msconv_cuda(const MsConvArgs& a, DType dtype, std::uintptr_t stream, Varian
     const bool nhwc = a.layout == Layout::NHWC;
     if (dtype != DType::Float32 && dtype != DType::Float16)
       throw std::invalid_argument("fused_ms_conv: unsupported dtype code");
-    if (variant == Variant::CutlassSm90) {
-#ifdef FER_EDGE_WITH_CUTLASS_SM90
-      int major = 0, minor = 0;
-      check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "cudaDeviceGetAttribute");
-      check(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev), "cudaDeviceGetAttribute");
-      if (major != 9 || minor != 0)
-        throw std::invalid_argument("fused_ms_conv: the cutlass90 kernel runs on compute capability 9.0 only "
-                                    "(sm_90a code); choose cutlass on this GPU");
-      if (dtype != DType::Float16) throw std::invalid_argument("fused_ms_conv: the cutlass90 kernel computes float16 only");
-      igemm90::launch(a, stream);
-#else
-      throw std::invalid_argument("fused_ms_conv: this build has no cutlass90 kernel (built without CUTLASS's "
-                                  "headers or without sm_90 in its architectures)");
-#endif
+    if (variant == Variant::Cutlass || variant == Variant::CutlassSm90) {
+      launch_cutlass(a, dtype, stream, variant == Variant::CutlassSm90, dev, counters);
     } else if (variant == Variant::Stem) {
       stem::launch(a, dtype, stream, splitk::sm_count_of(dev));
-    } else if (variant == Variant::Cutlass) {
-#ifdef FER_EDGE_WITH_CUTLASS
-      const std::string why = igemm::unsupported(a, dtype);
-      if (!why.empty()) throw std::invalid_argument("fused_ms_conv: the cutlass kernel cannot run this layer: " + why);
-      int major = 0;
-      check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "cudaDeviceGetAttribute");
-      if (major < 8)
-        throw std::invalid_argument("fused_ms_conv: the cutlass kernel needs compute capability 8.0+; "
-                                    "choose simt, splitk or cudnn on this GPU");
-      igemm::launch(a, stream, splitk::sm_count_of(dev), counters);
-#else
-      throw std::invalid_argument("fused_ms_conv: this build has no cutlass kernel (CUTLASS's headers were not "
-                                  "found when it was compiled: pip install nvidia-cutlass, then reinstall)");
-#endif
     } else if (variant == Variant::SplitK || variant == Variant::SplitKMma) {
       const bool mma = variant == Variant::SplitKMma && dtype == DType::Float16;
       if (mma) {

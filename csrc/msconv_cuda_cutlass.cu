@@ -65,14 +65,6 @@ static_assert(TILES[0].m == 128 && TILES[0].n == 128 && TILES[0].k == 32, "tile 
 static_assert(TILES[1].m == 128 && TILES[1].n == 64 && TILES[1].k == 32, "tile 1 out of step");
 static_assert(TILES[2].m == 64 && TILES[2].n == 64 && TILES[2].k == 32, "tile 2 out of step");
 
-struct Branch {
-  int k;                    // window (1, 3, 5)
-  int cout;                 // its output channels
-  int offset;               // its first channel in the output
-  const Half* weights;      // KRSC
-  const Half* bias;
-};
-
 const char* status_text(cutlass::Status s) { return cutlass::cutlassGetStatusString(s); }
 
 template <typename C>
@@ -90,11 +82,12 @@ void run_branch(const MsConvArgs& a, const Branch& b, int ctot, int splits, int*
   const NHWC out_layout(ctot, w * ctot, h * w * ctot);
   const NHWC bias_layout(0, 0, 0);
   Half* out = reinterpret_cast<Half*>(a.out) + b.offset;
+  Half* weights = const_cast<Half*>(reinterpret_cast<const Half*>(a.wp)) + b.weights;
   typename Epilogue::Params epilogue(1.0f, 1.0f);  // alpha * accumulator + beta * bias
   epilogue.lower_bound = a.relu ? 0.0f : -INFINITY;
   typename Op::Arguments args(
       problem, {const_cast<Half*>(reinterpret_cast<const Half*>(a.x)), x_layout},
-      {const_cast<Half*>(b.weights), w_layout}, {const_cast<Half*>(b.bias), bias_layout}, {out, out_layout},
+      {weights, w_layout}, {reinterpret_cast<Half*>(b.bias), bias_layout}, {out, out_layout},
       epilogue, cutlass::conv::SplitKMode::kSerial);
   cutlass::Status s = Op::can_implement(args);
   if (s != cutlass::Status::kSuccess)
@@ -113,15 +106,7 @@ void run_branch(const MsConvArgs& a, const Branch& b, int ctot, int splits, int*
 }  // namespace
 
 void launch(const MsConvArgs& a, std::uintptr_t stream, int sm_count, std::uintptr_t semaphores) {
-  const std::string why = unsupported(a, DType::Float16);
-  if (!why.empty()) throw std::invalid_argument("fused_ms_conv: the cutlass kernel cannot run this layer: " + why);
-  const int c = int(a.c), c1 = int(a.c1), c3 = int(a.c3), c5 = int(a.c5), ctot = c1 + c3 + c5;
-  const Half* wp = reinterpret_cast<const Half*>(a.wp);
-  const Branch branches[] = {
-      {1, c1, 0, wp, reinterpret_cast<const Half*>(a.b1)},
-      {3, c3, c1, wp + std::int64_t(c1) * c, reinterpret_cast<const Half*>(a.b3)},
-      {5, c5, c1 + c3, wp + std::int64_t(c1) * c + std::int64_t(c3) * 9 * c, reinterpret_cast<const Half*>(a.b5)},
-  };
+  const int ctot = int(a.c1 + a.c3 + a.c5);
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   // CUTLASS refuses an input or a branch output of 2 GiB or more: run such a
   // batch in chunks of whole images (offsets keep 16-byte alignment: c and
@@ -134,9 +119,7 @@ void launch(const MsConvArgs& a, std::uintptr_t stream, int sm_count, std::uintp
     part.x = a.x + std::uintptr_t(n0 * a.h * a.w * a.c) * sizeof(Half);
     part.out = a.out + std::uintptr_t(n0 * a.h * a.w * ctot) * sizeof(Half);
     const std::int64_t m = part.n * a.h * a.w;
-    // Heaviest first: the 5x5 launch has 25 taps per pixel, the 1x1 one.
-    for (int i = 2; i >= 0; --i) {
-      const Branch& b = branches[i];
+    for (const Branch& b : branches(a)) {
       if (b.cout == 0) continue;  // the single-branch case (c1 = c5 = 0)
       const int tile = pick_tile(m, b.cout, sm_count);
       // A chunked batch never splits: semaphores() sizes the buffer for the whole batch, which does not.

@@ -60,9 +60,8 @@ using Kernel = cutlass::conv::kernel::ConvUniversal<Problem, Mainloop, Epilogue>
 using Conv = cutlass::conv::device::ConvUniversalAdapter<Kernel>;
 using StrideD = typename Kernel::StrideD;  // ((pixel q, row p, image n), channel = 1, batch = 0)
 
-void run_branch(const MsConvArgs& a, int k, int cout, int offset, const Half* weights, const Half* bias, int ctot,
-                cudaStream_t stream) {
-  const int n = int(a.n), h = int(a.h), w = int(a.w), c = int(a.c), pad = k / 2;
+void run_branch(const MsConvArgs& a, const igemm::Branch& b, int ctot, cudaStream_t stream) {
+  const int n = int(a.n), h = int(a.h), w = int(a.w), c = int(a.c), k = b.k, cout = b.cout, pad = k / 2;
   const int64_t row = int64_t(w) * ctot, image = int64_t(h) * row;
   Problem problem(cutlass::conv::Mode::kCrossCorrelation,
                   {n, h, w, c}, {int64_t(h) * w * c, int64_t(w) * c, int64_t(c), int64_t(1)},
@@ -74,12 +73,12 @@ void run_branch(const MsConvArgs& a, int k, int cout, int offset, const Half* we
   get<0, 2>(out_stride) = image;
   typename Conv::Arguments args{
       problem,
-      {reinterpret_cast<const Half*>(a.x), weights},
-      {{}, nullptr, StrideD{}, reinterpret_cast<Half*>(a.out) + offset, out_stride}};
+      {reinterpret_cast<const Half*>(a.x), reinterpret_cast<const Half*>(a.wp) + b.weights},
+      {{}, nullptr, StrideD{}, reinterpret_cast<Half*>(a.out) + b.offset, out_stride}};
   auto& fusion = args.epilogue.thread;
   fusion.alpha = 1.0f;
   fusion.beta = 0.0f;
-  fusion.bias_ptr = bias;
+  fusion.bias_ptr = reinterpret_cast<const Half*>(b.bias);
   fusion.activation.lower_bound = a.relu ? 0.0f : -INFINITY;
   // can_implement checks the sizes; the strides and pointers it does not see are
   // unsupported()'s (16-byte aligned, channel counts and offsets in multiples of 8).
@@ -98,17 +97,11 @@ void run_branch(const MsConvArgs& a, int k, int cout, int offset, const Half* we
 }  // namespace
 
 void launch(const MsConvArgs& a, std::uintptr_t stream) {
-  const std::string why = igemm::unsupported(a, DType::Float16);
-  if (!why.empty()) throw std::invalid_argument("fused_ms_conv: the cutlass90 kernel cannot run this layer: " + why);
   if (a.n * a.h * a.w > INT32_MAX) throw std::invalid_argument("fused_ms_conv: cutlass90: more than 2^31 pixels");
-  const int c = int(a.c), c1 = int(a.c1), ctot = int(a.c1 + a.c3 + a.c5);
-  const Half* wp = reinterpret_cast<const Half*>(a.wp);
+  const int ctot = int(a.c1 + a.c3 + a.c5);
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  // Heaviest first; an empty branch (the single-branch case) is skipped.
-  if (a.c5) run_branch(a, 5, int(a.c5), c1 + int(a.c3), wp + int64_t(c1) * c + int64_t(a.c3) * 9 * c,
-                       reinterpret_cast<const Half*>(a.b5), ctot, s);
-  run_branch(a, 3, int(a.c3), c1, wp + int64_t(c1) * c, reinterpret_cast<const Half*>(a.b3), ctot, s);
-  if (c1) run_branch(a, 1, c1, 0, wp, reinterpret_cast<const Half*>(a.b1), ctot, s);
+  for (const igemm::Branch& b : igemm::branches(a))
+    if (b.cout) run_branch(a, b, ctot, s);  // an empty branch (the single-branch case) is skipped
 }
 
 }  // namespace igemm90

@@ -11,6 +11,7 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -97,6 +98,22 @@ inline std::int64_t semaphores(std::int64_t n, std::int64_t c, std::int64_t h, s
   return most;
 }
 
+// One branch's convolution: its window, output channels, first channel in the
+// output, where its KRSC kernel starts in the pack (in elements: the pack is
+// [w1 (c1,1,1,C) | w3 (c3,3,3,C) | w5 (c5,5,5,C)], fer_edge.kernels.pack_krsc_weights)
+// and its bias.  In launch order, heaviest first: the 5x5 has 25 taps per pixel.
+struct Branch {
+  int k, cout, offset;
+  std::int64_t weights;
+  std::uintptr_t bias;
+};
+inline std::array<Branch, 3> branches(const MsConvArgs& a) {
+  const int c1 = int(a.c1), c3 = int(a.c3), c5 = int(a.c5);
+  return {{{5, c5, c1 + c3, a.c * (c1 + 9 * std::int64_t(c3)), a.b5},
+           {3, c3, c1, a.c * c1, a.b3},
+           {1, c1, 0, 0, a.b1}}};
+}
+
 // Why this layer cannot run the path, or "" when it can.  Pointers are checked
 // for 16-byte alignment (a view into a larger tensor may not be).
 inline std::string unsupported(const MsConvArgs& a, DType dtype) {
@@ -113,10 +130,9 @@ inline std::string unsupported(const MsConvArgs& a, DType dtype) {
 
 #ifdef FER_EDGE_WITH_CUTLASS
 // The three launches on `stream` (the caller checked unsupported() and the
-// compute capability, 8.0+).  Weights: `wp` holds the branches' KRSC kernels
-// one after another, [w1 (c1,1,1,C) | w3 (c3,3,3,C) | w5 (c5,5,5,C)]
-// (fer_edge.kernels.pack_krsc_weights).  `semaphores`: at least semaphores()
-// int32s of device memory (unused, and may be 0, when that is 0).
+// compute capability, 8.0+), weights from `wp` as branches() reads them.
+// `semaphores`: at least semaphores() int32s of device memory (unused, and
+// may be 0, when that is 0).
 void launch(const MsConvArgs& a, std::uintptr_t stream, int sm_count, std::uintptr_t semaphores);
 #endif
 
@@ -125,7 +141,7 @@ void launch(const MsConvArgs& a, std::uintptr_t stream, int sm_count, std::uintp
 #ifdef FER_EDGE_WITH_CUTLASS_SM90
 namespace igemm90 {
 // The same three launches on Hopper's wgmma and TMA (msconv_cuda_cutlass_sm90.cu;
-// compute capability 9.0 exactly, the caller checks), no split-K and no buffers.
+// the caller checked unsupported() and compute capability 9.0 exactly), no split-K, no buffers.
 void launch(const MsConvArgs& a, std::uintptr_t stream);
 }  // namespace igemm90
 #endif

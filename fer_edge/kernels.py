@@ -41,6 +41,7 @@ __all__ = ["fused_ms_conv", "fused_ms_conv_reference", "check_ms_conv_inputs", "
            "watch_optimizer_steps"]
 
 _LAYOUT_NCHW, _LAYOUT_NHWC = 0, 1
+_KERNEL_NAMES = {code: name for name, code in KERNEL_CODES.items()}  # the op takes the code
 
 # Fused optimizers (SGD/Adam(W) with fused=True) update parameters in place
 # without bumping their version counters, so a packed-weight cache
@@ -273,6 +274,10 @@ def check_splitk_buffers(ws, counters, x: torch.Tensor, ctot: int) -> None:
                     (counters, "counters", torch.int32, plan["counters"])), x, "splitk_buffers(x, ctot)")
 
 
+# The kernels that keep scratch buffers between calls (splitk and mma share theirs).
+BUFFERED_KERNELS = ("splitk", "mma", "cutlass")
+
+
 def kernel_buffers(kernel: str, x: torch.Tensor, c1: int, c3: int, c5: int):
     """The buffers a CUDA kernel keeps between calls for input x (splitk_buffers or
     cutlass_buffers), or None for a kernel that needs none."""
@@ -281,6 +286,14 @@ def kernel_buffers(kernel: str, x: torch.Tensor, c1: int, c3: int, c5: int):
     if kernel == "cutlass":
         return cutlass_buffers(x, c1, c3, c5)
     return None
+
+
+def check_kernel_buffers(kernel: str, ws, counters, x: torch.Tensor, c1: int, c3: int, c5: int) -> None:
+    """Caller-kept buffers must be what kernel_buffers makes for this input."""
+    if kernel == "cutlass":
+        check_cutlass_buffers(ws, counters, x, c1, c3, c5)
+    else:
+        check_splitk_buffers(ws, counters, x, c1 + c3 + c5)
 
 
 def cutlass_buffers(x: torch.Tensor, c1: int, c3: int, c5: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -347,20 +360,16 @@ def _fused_ms_conv_op(
         ptrs = [t.data_ptr() for t in (x, out, w1, b1, w3, b3, w5, b5)]
         _C.msconv_cpu(*ptrs, n, c, h, w, c1, c3, c5, layout, bool(relu), torch.get_num_threads())
     else:
-        kind = "krsc" if kernel in (KERNEL_CODES[k] for k in CUTLASS_KERNELS) else "tap"
+        name = _KERNEL_NAMES.get(kernel)
+        kind = pack_kind(name)
         if wp is None:  # a caller without a cached pack (FusedMultiScaleConv keeps one) packs per call
             wp = PACKS[kind](w1, w3, w5)
         check_packed_weights(wp, x, c1, c3, c5, kind)
-        if kernel in (KERNEL_CODES["splitk"], KERNEL_CODES["mma"]):
+        if name in BUFFERED_KERNELS:
             if ws is None or counters is None:
-                ws, counters = splitk_buffers(x, c1 + c3 + c5)
+                ws, counters = kernel_buffers(name, x, c1, c3, c5)
             else:
-                check_splitk_buffers(ws, counters, x, c1 + c3 + c5)
-        elif kernel == KERNEL_CODES["cutlass"]:
-            if ws is None or counters is None:
-                ws, counters = cutlass_buffers(x, c1, c3, c5)
-            else:
-                check_cutlass_buffers(ws, counters, x, c1, c3, c5)
+                check_kernel_buffers(name, ws, counters, x, c1, c3, c5)
         # The CUDA kernels read only wp (and the biases); w1/w3/w5 pass for the argument checks.
         ptrs = [t.data_ptr() for t in (x, out, w1, b1, w3, b3, w5, b5)]
         stream = torch.cuda.current_stream(x.device).cuda_stream

@@ -215,11 +215,11 @@ class FusedMultiScaleConv(nn.Module):
         Under torch.compile the extension checks when it runs (nothing is read here)."""
         if kernel == "stem":
             return x.shape[1] <= 4
-        if kernel in ("cutlass", "cutlass90") and not torch.compiler.is_compiling():
-            from fer_edge.kernels import cutlass_unsupported
+        if kernel == "cpu" or torch.compiler.is_compiling():
+            return True
+        from fer_edge.kernels import CUTLASS_KERNELS, cutlass_unsupported
 
-            return not cutlass_unsupported(x, *ws, kernel=kernel)
-        return True
+        return kernel not in CUTLASS_KERNELS or not cutlass_unsupported(x, *ws, kernel=kernel)
 
     def _kernel_for(self, x) -> str | None:
         """Which compiled kernel this call runs: "cpu", a CUDA kernel's name,
@@ -252,7 +252,7 @@ class FusedMultiScaleConv(nn.Module):
         once (outside any CUDA graph capture) and kept; None lets the op
         allocate per call (under torch.compile tracing, or in a capture)."""
         kind = "cutlass" if kernel == "cutlass" else "splitk"   # splitk and mma share theirs
-        key = (tuple(x.shape), x.device, kind)
+        key = (tuple(x.shape), x.device, kind)   # (the kernel is one of kernels.BUFFERED_KERNELS)
         if key not in self._splitk:
             if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
                 return None
@@ -343,9 +343,9 @@ class FusedMultiScaleConv(nn.Module):
                 if self._cpu_pack is None or not self._cpu_pack.is_current(*ws):
                     self._cpu_pack = CpuPackedMsConv(*ws)
                 return self._cpu_pack(x)
-            from fer_edge.kernels import fused_ms_conv
+            from fer_edge.kernels import BUFFERED_KERNELS, fused_ms_conv
 
-            buffers = self._kernel_buffers(x, kernel) if kernel in ("splitk", "mma", "cutlass") else None
+            buffers = self._kernel_buffers(x, kernel) if kernel in BUFFERED_KERNELS else None
             return fused_ms_conv(x, *ws, wp=self._cuda_packed(x, kernel), kernel=None if kernel == "cpu" else kernel,
                                  buffers=buffers)
         # An empty branch (the single-branch case, c1 = c5 = 0) is left out: PyTorch's
