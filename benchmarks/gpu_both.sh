@@ -5,7 +5,7 @@
 # memcheck: none of these is a timing); once the training is done, the layer benchmark runs alone
 # on the GPU, since timings need a quiet one, then the whole merged model (ALONE_STEPS).
 #
-#   mkdir -p .data && cp ../shared/data/fer2013.zip .data/
+#   mkdir -p .data && tar -C ../shared/data/fer2013 -cJf .data/fer2013.tar.xz train publictest
 #   bash benchmarks/gpu_both.sh full            (TRAIN_LIMIT=400 seconds of training stage)
 #   TRAIN_LIMIT=300 bash benchmarks/gpu_both.sh compact   (more of the call left for the timings)
 #
