@@ -31,7 +31,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from fer_edge.kernels import CUTLASS_KERNELS, PACKS, cutlass_unsupported, fused_ms_conv, kernel_buffers, pack_kind
+from fer_edge.kernels import (CUTLASS_KERNELS, PACKS, cutlass_unsupported, fused_ms_conv, kernel_buffers, make_pack,
+                              pack_kind)
 
 # name: (cin, height=width, c1, c3, c5) -- the merged MAConv layers of MACNN at 48x48 (L), and
 # its plain 3x3 convolutions + ReLU (P: the single-branch case c1 = c5 = 0, on CUDA only; P3-P5
@@ -75,21 +76,22 @@ def make_layer(cin, hw, c1, c3, c5, n, dtype, device, layout):
     return xs, fused_w, (w1, b1, w3, b3, w5, b5), (w_pad, b_pad)
 
 
-CUDA_KERNELS = ("simt", "splitk", "mma", "wmma", "cutlass", "cutlass90", "stem")
+CUDA_KERNELS = ("simt", "splitk", "mma", "wmma", "cutlass", "cutlass90", "cutlass_window", "cutlass90_window", "stem")
 
 
 # Above batch 256 only the kernels made for large batches are timed: the others measured
 # 0.01-0.6x cuDNN at batch 256 already, and at 1024 one of their rows costs seconds.
-LARGE_BATCH_KERNELS = ("cutlass", "cutlass90", "stem")
+LARGE_BATCH_KERNELS = ("cutlass", "cutlass90", "cutlass_window", "cutlass90_window", "stem")
 
 
 def cuda_kernels(dtype: str, x, fw) -> list[str]:
     """fer_edge's CUDA kernels that can run a layer: the tensor-core ones (WMMA, MMA) need fp16 and
     16+ input channels (with fewer, most of each 16-channel step is zeros; in fp32 MMA is splitk);
-    cutlass and cutlass90 say themselves what they take (fp16 channels_last, channels in multiples of 8,
-    a build with them, cutlass90 a 9.0 GPU);
+    the CUTLASS ones say themselves what they take (fp16 channels_last, channels in multiples of 8,
+    a build with them, cutlass90* a 9.0 GPU);
     stem takes at most 4 input channels."""
-    needs = {"wmma": (7, 0), "mma": (8, 0), "cutlass": (8, 0), "cutlass90": (9, 0)}   # their instructions' GPUs
+    needs = {"wmma": (7, 0), "mma": (8, 0), "cutlass": (8, 0), "cutlass90": (9, 0),   # their instructions' GPUs
+             "cutlass_window": (8, 0), "cutlass90_window": (9, 0)}
     cc = torch.cuda.get_device_capability()
     cin = x.shape[1]
     ok = [k for k in CUDA_KERNELS if k not in needs or (dtype == "fp16" and cin >= 16 and cc >= needs[k])]
@@ -192,7 +194,7 @@ def run(args, on_rows=lambda rows: None) -> list[dict]:
             # What a merged model runs: weights packed once, split-K buffers made once
             # (FusedMultiScaleConv keeps both); every kernel of ours, timed apart.
             del methods["fused"]
-            packs = {kind: PACKS[kind](fw[0], fw[2], fw[4]) for kind in PACKS}
+            packs = {kind: make_pack(kind, *fw) for kind in PACKS}
             for k in ours:
                 bufs = kernel_buffers(k, xs[0], c1, c3, c5)   # made once, before the capture
                 methods[f"fused_{k}"] = graphed((lambda k, bufs: lambda x: fused_ms_conv(

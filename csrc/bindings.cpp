@@ -29,6 +29,10 @@ MsConvArgs make_args(std::uintptr_t x, std::uintptr_t out, std::uintptr_t w1, st
   return a;
 }
 
+fer_edge::igemm::Form form_of(bool window) {
+  return window ? fer_edge::igemm::Form::Window : fer_edge::igemm::Form::PerBranch;
+}
+
 std::vector<std::string> split_archs(const std::string& s) {
   std::vector<std::string> out;
   std::string cur;
@@ -135,13 +139,15 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "igemm_semaphores",
       [](std::int64_t n, std::int64_t c, std::int64_t h, std::int64_t w, std::int64_t c1, std::int64_t c3,
-         std::int64_t c5, int sm_count) {
+         std::int64_t c5, int sm_count, bool window) {
         if (n < 1 || c < 1 || h < 1 || w < 1 || c1 < 0 || c3 < 0 || c5 < 0 || sm_count < 1)
           throw std::invalid_argument("igemm_semaphores: sizes must be >= 1 (channels >= 0)");
-        return fer_edge::igemm::semaphores(n, c, h, w, c1, c3, c5, sm_count);
+        return fer_edge::igemm::semaphores(n, c, h, w, c1, c3, c5, sm_count, form_of(window));
       },
       py::arg("n"), py::arg("c"), py::arg("h"), py::arg("w"), py::arg("c1"), py::arg("c3"), py::arg("c5"),
-      py::arg("sm_count"), "int32 split-K semaphores the cutlass path needs for this layer (0: none)");
+      py::arg("sm_count"), py::arg("window") = false,
+      "int32 split-K semaphores the cutlass path (window=True: its one-launch window form) needs for this "
+      "layer (0: none)");
   m.def(
       "igemm_splits",
       [](std::int64_t m, std::int64_t cout, std::int64_t c, int sm_count) {
@@ -154,17 +160,18 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "igemm_unsupported",
       [](std::int64_t c, std::int64_t c1, std::int64_t c3, std::int64_t c5, int layout, int dtype,
-         std::vector<std::uintptr_t> ptrs) {
+         std::vector<std::uintptr_t> ptrs, bool window) {
         if (ptrs.size() != 6) throw std::invalid_argument("igemm_unsupported: 6 pointers (x, out, wp, b1, b3, b5)");
         MsConvArgs a;
         a.c = c; a.c1 = c1; a.c3 = c3; a.c5 = c5;
         a.layout = static_cast<Layout>(layout);
         a.x = ptrs[0]; a.out = ptrs[1]; a.wp = ptrs[2]; a.b1 = ptrs[3]; a.b3 = ptrs[4]; a.b5 = ptrs[5];
-        return fer_edge::igemm::unsupported(a, static_cast<fer_edge::DType>(dtype));
+        return fer_edge::igemm::unsupported(a, static_cast<fer_edge::DType>(dtype), form_of(window));
       },
       py::arg("c"), py::arg("c1"), py::arg("c3"), py::arg("c5"), py::arg("layout"), py::arg("dtype"),
-      py::arg("ptrs"),
-      "why the cutlass path cannot run a layer (\"\" when it can); ptrs: x, out, wp, b1, b3, b5");
+      py::arg("ptrs"), py::arg("window") = false,
+      "why the cutlass path (window=True: its window form, which reads no b1/b3/b5) cannot run a layer "
+      "(\"\" when it can); ptrs: x, out, wp, b1, b3, b5");
 
 #ifdef FER_EDGE_WITH_CUDA
   m.def(
@@ -175,9 +182,10 @@ PYBIND11_MODULE(_C, m) {
          bool relu, int dtype, std::uintptr_t stream, std::uintptr_t wp, int variant, std::uintptr_t workspace,
          std::uintptr_t counters) {
         if (dtype != 0 && dtype != 1) throw std::invalid_argument("fused_ms_conv: dtype must be 0 (float32) or 1 (float16)");
-        if (variant < 0 || variant > 6)
+        if (variant < 0 || variant >= fer_edge::NUM_VARIANTS)
           throw std::invalid_argument("fused_ms_conv: variant must be 0 (simt), 1 (wmma), 2 (splitk), 3 (mma), "
-                                      "4 (cutlass), 5 (stem) or 6 (cutlass90)");
+                                      "4 (cutlass), 5 (stem), 6 (cutlass90), 7 (cutlass_window) or "
+                                      "8 (cutlass90_window)");
         MsConvArgs a = make_args(x, out, w1, b1, w3, b3, w5, b5, n, c, h, w, c1, c3, c5, layout, relu);
         a.wp = wp;
         py::gil_scoped_release nogil;
@@ -192,7 +200,9 @@ PYBIND11_MODULE(_C, m) {
       "`wp`: the weights packed by fer_edge.kernels.pack_ms_weights (25, C, c1 + c3 + c5); `variant`: "
       "0 simt, 1 wmma, 2 splitk, 3 mma (splitk on tensor cores; 2 and 3 with `workspace`/`counters` sized by "
       "splitk_plan), 4 cutlass (one implicit GEMM per branch; `wp` from pack_krsc_weights), 5 stem (at most 4 "
-      "input channels), 6 cutlass90 (cutlass on Hopper's wgmma and TMA).");
+      "input channels), 6 cutlass90 (cutlass on Hopper's wgmma and TMA), 7 cutlass_window and 8 "
+      "cutlass90_window (the same as one launch over the zero-padded 5x5 window; `wp` from "
+      "pack_window_weights, biases included).");
   m.def("sm_count", [](int device) { return fer_edge::splitk::sm_count_of(device); }, py::arg("device"));
   m.def("cuda_device_count", &fer_edge::cuda_device_count);
 #endif

@@ -95,16 +95,23 @@ class CpuPackedWeights {
 // sm_80+, builds that found CUTLASS's headers: msconv_cuda_igemm.h).
 // Stem: inputs of at most 4 channels (MACNN's first layer: msconv_cuda_stem.h).
 // CutlassSm90: Cutlass on Hopper's wgmma and TMA (compute capability 9.0, builds for sm_90).
-enum class Variant : int { Simt = 0, Wmma = 1, SplitK = 2, SplitKMma = 3, Cutlass = 4, Stem = 5, CutlassSm90 = 6 };
+// CutlassWindow, CutlassSm90Window: the same two as one launch over the zero-padded
+// 5x5 window (igemm::Form::Window).
+enum class Variant : int {
+  Simt = 0, Wmma = 1, SplitK = 2, SplitKMma = 3, Cutlass = 4, Stem = 5, CutlassSm90 = 6,
+  CutlassWindow = 7, CutlassSm90Window = 8
+};
+constexpr int NUM_VARIANTS = 9;
 
 #ifdef FER_EDGE_WITH_CUDA
 // CUDA, float32 or float16 (float32 accumulation) on the given stream.
 // Reads the weights from `wp` (required; w1/w3/w5 are not read: pack_ms_weights's
-// layout, or pack_krsc_weights's for Cutlass) and the biases from b1/b3/b5.
+// layout, pack_krsc_weights's for Cutlass, pack_window_weights's for the window
+// forms, which hold the biases too) and the biases from b1/b3/b5.
 // SplitK reads and writes `workspace` (float32) and `counters` (int32, zero
 // before the first call, left zero by every call), sized by splitk::plan;
-// Cutlass uses `counters` as its split-K semaphores, sized by
-// igemm::semaphores (it clears them itself).
+// Cutlass and CutlassWindow use `counters` as their split-K semaphores, sized by
+// igemm::semaphores (they clear them themselves).
 void msconv_cuda(const MsConvArgs& a, DType dtype, std::uintptr_t stream, Variant variant,
                  std::uintptr_t workspace = 0, std::uintptr_t counters = 0);
 int cuda_device_count();

@@ -316,33 +316,34 @@ void launch(const MsConvArgs& a, cudaStream_t s) {
 
 // The CUTLASS kernels: the build must have the one asked for, the layer must be one
 // it takes (igemm::unsupported, for both), the GPU one it runs on.
-void launch_cutlass(const MsConvArgs& a, DType dtype, std::uintptr_t stream, bool hopper, int dev,
-                    std::uintptr_t semaphores) {
-  const std::string name = hopper ? "cutlass90" : "cutlass";
+void launch_cutlass(const MsConvArgs& a, DType dtype, std::uintptr_t stream, bool hopper, igemm::Form form,
+                    int dev, std::uintptr_t semaphores) {
+  const std::string name = std::string(hopper ? "cutlass90" : "cutlass") +
+                           (form == igemm::Form::Window ? "_window" : "");
 #ifndef FER_EDGE_WITH_CUTLASS
   throw std::invalid_argument("fused_ms_conv: this build has no " + name + " kernel (CUTLASS's headers were not "
                               "found when it was compiled: pip install nvidia-cutlass, then reinstall)");
 #else
 #ifndef FER_EDGE_WITH_CUTLASS_SM90
   if (hopper)
-    throw std::invalid_argument("fused_ms_conv: this build has no cutlass90 kernel (built without sm_90 in its "
+    throw std::invalid_argument("fused_ms_conv: this build has no " + name + " kernel (built without sm_90 in its "
                                 "architectures, or with nvcc older than 12.0)");
 #endif
-  const std::string why = igemm::unsupported(a, dtype);
+  const std::string why = igemm::unsupported(a, dtype, form);
   if (!why.empty()) throw std::invalid_argument("fused_ms_conv: the " + name + " kernel cannot run this layer: " + why);
   int major = 0, minor = 0;
   check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "cudaDeviceGetAttribute");
   check(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev), "cudaDeviceGetAttribute");
   if (hopper && (major != 9 || minor != 0))
-    throw std::invalid_argument("fused_ms_conv: the cutlass90 kernel runs on compute capability 9.0 only "
+    throw std::invalid_argument("fused_ms_conv: the " + name + " kernel runs on compute capability 9.0 only "
                                 "(sm_90a code); choose cutlass on this GPU");
   if (!hopper && major < 8)
-    throw std::invalid_argument("fused_ms_conv: the cutlass kernel needs compute capability 8.0+; "
+    throw std::invalid_argument("fused_ms_conv: the " + name + " kernel needs compute capability 8.0+; "
                                 "choose simt, splitk or cudnn on this GPU");
 #ifdef FER_EDGE_WITH_CUTLASS_SM90
-  if (hopper) return igemm90::launch(a, stream);
+  if (hopper) return igemm90::launch(a, stream, form);
 #endif
-  igemm::launch(a, stream, splitk::sm_count_of(dev), semaphores);
+  igemm::launch(a, stream, splitk::sm_count_of(dev), semaphores, form);
 #endif
 }
 
@@ -366,8 +367,11 @@ void msconv_cuda(const MsConvArgs& a, DType dtype, std::uintptr_t stream, Varian
     const bool nhwc = a.layout == Layout::NHWC;
     if (dtype != DType::Float32 && dtype != DType::Float16)
       throw std::invalid_argument("fused_ms_conv: unsupported dtype code");
-    if (variant == Variant::Cutlass || variant == Variant::CutlassSm90) {
-      launch_cutlass(a, dtype, stream, variant == Variant::CutlassSm90, dev, counters);
+    if (variant == Variant::Cutlass || variant == Variant::CutlassSm90 || variant == Variant::CutlassWindow ||
+        variant == Variant::CutlassSm90Window) {
+      const bool hopper = variant == Variant::CutlassSm90 || variant == Variant::CutlassSm90Window;
+      const bool window = variant == Variant::CutlassWindow || variant == Variant::CutlassSm90Window;
+      launch_cutlass(a, dtype, stream, hopper, window ? igemm::Form::Window : igemm::Form::PerBranch, dev, counters);
     } else if (variant == Variant::Stem) {
       stem::launch(a, dtype, stream, splitk::sm_count_of(dev));
     } else if (variant == Variant::SplitK || variant == Variant::SplitKMma) {

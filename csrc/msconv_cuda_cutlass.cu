@@ -3,8 +3,9 @@
 // m16n8k16, a multistage cp.async pipeline, the "optimized" NHWC iterators).
 // See msconv_cuda_igemm.h for what it computes and which inputs it takes.
 //
-// Each branch is one launch: GEMM M = N*H*W pixels, N = the branch's output
-// channels, K = taps x input channels.  The epilogue reads the bias as a
+// Each branch is one launch (or, in the window form, the whole layer is one
+// 5x5 launch): GEMM M = N*H*W pixels, N = the launch's output channels,
+// K = taps x input channels.  The epilogue reads the bias as a
 // "C" tensor whose strides are all zero (every pixel sees the same channel
 // vector) and writes D into the output with its row stride set to the
 // layer's total channels, starting at the branch's channel offset: the
@@ -105,7 +106,7 @@ void run_branch(const MsConvArgs& a, const Branch& b, int ctot, int splits, int*
 
 }  // namespace
 
-void launch(const MsConvArgs& a, std::uintptr_t stream, int sm_count, std::uintptr_t semaphores) {
+void launch(const MsConvArgs& a, std::uintptr_t stream, int sm_count, std::uintptr_t semaphores, Form form) {
   const int ctot = int(a.c1 + a.c3 + a.c5);
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   // CUTLASS refuses an input or a branch output of 2 GiB or more: run such a
@@ -119,8 +120,8 @@ void launch(const MsConvArgs& a, std::uintptr_t stream, int sm_count, std::uintp
     part.x = a.x + std::uintptr_t(n0 * a.h * a.w * a.c) * sizeof(Half);
     part.out = a.out + std::uintptr_t(n0 * a.h * a.w * ctot) * sizeof(Half);
     const std::int64_t m = part.n * a.h * a.w;
-    for (const Branch& b : branches(a)) {
-      if (b.cout == 0) continue;  // the single-branch case (c1 = c5 = 0)
+    for (const Branch& b : branches(a, form)) {
+      if (b.cout == 0) continue;  // the single-branch case (c1 = c5 = 0), the window form's unused entries
       const int tile = pick_tile(m, b.cout, sm_count);
       // A chunked batch never splits: semaphores() sizes the buffer for the whole batch, which does not.
       const int splits = chunk < a.n ? 1 : pick_splits(m, b.cout, a.c, TILES[tile], sm_count);

@@ -1,5 +1,5 @@
 // The large-batch path on Hopper's own instructions (the "cutlass90" kernel
-// choice): the same three per-branch implicit-GEMM convolutions as
+// choice): the same per-branch (or whole-window) implicit-GEMM convolutions as
 // msconv_cuda_cutlass.cu, built from CUTLASS 3.x's SM90 collectives (TMA
 // loads of the im2col'd input and the filter, wgmma multiplies, a
 // warp-specialized pipeline), with the bias and max(x, lower_bound) fused in
@@ -96,11 +96,11 @@ void run_branch(const MsConvArgs& a, const igemm::Branch& b, int ctot, cudaStrea
 
 }  // namespace
 
-void launch(const MsConvArgs& a, std::uintptr_t stream) {
+void launch(const MsConvArgs& a, std::uintptr_t stream, igemm::Form form) {
   if (a.n * a.h * a.w > INT32_MAX) throw std::invalid_argument("fused_ms_conv: cutlass90: more than 2^31 pixels");
   const int ctot = int(a.c1 + a.c3 + a.c5);
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  for (const igemm::Branch& b : igemm::branches(a))
+  for (const igemm::Branch& b : igemm::branches(a, form))
     if (b.cout) run_branch(a, b, ctot, s);  // an empty branch (the single-branch case) is skipped
 }
 

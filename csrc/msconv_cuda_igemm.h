@@ -6,8 +6,11 @@
 // implicit-GEMM convolution on tensor cores (CUTLASS's SM80 mma.sync
 // pipeline, float16 in, float32 accumulation), with bias and ReLU in the
 // epilogue, written straight into the branch's channel slice of the NHWC
-// output.  One launch per branch: no launch multiplies the zero taps that a
-// merged 5x5 window carries for the 3x3 and 1x1 kernels.
+// output.  It has two forms (Form): one launch per branch, which multiplies
+// none of the zero taps that a merged 5x5 window carries for the 3x3 and 1x1
+// kernels, or one launch for the whole layer over that zero-padded window,
+// which multiplies them (up to 25x more work for the 1x1 channels) but fills
+// the GPU with one grid where small batches leave three grids short of work.
 #pragma once
 
 #include <algorithm>
@@ -82,14 +85,27 @@ inline int pick_splits(std::int64_t m, std::int64_t cout, std::int64_t c, const 
   return static_cast<int>(std::max<std::int64_t>(1, std::min<std::int64_t>({MAX_SPLITS, by_channels, by_sms})));
 }
 
-// The int32 semaphores the split branches need: one per output tile of the
-// largest split branch (the branches run one after another and each clears
-// them first), 0 when no branch is split.
+// The path's two forms.  PerBranch: a launch per branch, weights from
+// pack_krsc_weights.  Window: one launch, the 1x1 and 3x3 kernels at the
+// centre of a zero 5x5 window, output channels [c1 | c3 | c5] contiguous,
+// weights and biases from pack_window_weights: (ctot, 5, 5, C) KRSC, then the
+// ctot biases in the same dtype.
+enum class Form : int { PerBranch = 0, Window = 1 };
+
+// The output channels of each launch, in launch order (0: none).
+inline std::array<std::int64_t, 3> launch_channels(std::int64_t c1, std::int64_t c3, std::int64_t c5, Form form) {
+  if (form == Form::Window) return {c1 + c3 + c5, 0, 0};
+  return {c5, c3, c1};
+}
+
+// The int32 semaphores the split launches need: one per output tile of the
+// largest split launch (the launches run one after another and each clears
+// them first), 0 when none is split.
 inline std::int64_t semaphores(std::int64_t n, std::int64_t c, std::int64_t h, std::int64_t w, std::int64_t c1,
-                               std::int64_t c3, std::int64_t c5, int sm_count) {
+                               std::int64_t c3, std::int64_t c5, int sm_count, Form form = Form::PerBranch) {
   const std::int64_t m = n * h * w;
   std::int64_t most = 0;
-  for (std::int64_t cout : {c1, c3, c5}) {
+  for (std::int64_t cout : launch_channels(c1, c3, c5, form)) {
     if (cout == 0) continue;
     const Tile& t = TILES[pick_tile(m, cout, sm_count)];
     if (pick_splits(m, cout, c, t, sm_count) > 1)
@@ -98,51 +114,61 @@ inline std::int64_t semaphores(std::int64_t n, std::int64_t c, std::int64_t h, s
   return most;
 }
 
-// One branch's convolution: its window, output channels, first channel in the
-// output, where its KRSC kernel starts in the pack (in elements: the pack is
-// [w1 (c1,1,1,C) | w3 (c3,3,3,C) | w5 (c5,5,5,C)], fer_edge.kernels.pack_krsc_weights)
-// and its bias.  In launch order, heaviest first: the 5x5 has 25 taps per pixel.
+// One launch's convolution: its window, output channels, first channel in the
+// output, where its KRSC kernel starts in the pack (in elements) and its bias.
+// PerBranch: the pack is [w1 (c1,1,1,C) | w3 (c3,3,3,C) | w5 (c5,5,5,C)]
+// (fer_edge.kernels.pack_krsc_weights), in launch order, heaviest first (the
+// 5x5 has 25 taps per pixel).  Window: one 5x5 launch over every channel, its
+// biases behind its kernel in the pack.  Unused entries have cout = 0.
 struct Branch {
   int k, cout, offset;
   std::int64_t weights;
   std::uintptr_t bias;
 };
-inline std::array<Branch, 3> branches(const MsConvArgs& a) {
+constexpr std::uintptr_t HALF_BYTES = 2;  // the path computes float16 only
+inline std::array<Branch, 3> branches(const MsConvArgs& a, Form form = Form::PerBranch) {
   const int c1 = int(a.c1), c3 = int(a.c3), c5 = int(a.c5);
+  if (form == Form::Window) {
+    const std::int64_t kernel = 25 * a.c * (c1 + c3 + c5);
+    return {{{5, c1 + c3 + c5, 0, 0, a.wp + std::uintptr_t(kernel) * HALF_BYTES}, {}, {}}};
+  }
   return {{{5, c5, c1 + c3, a.c * (c1 + 9 * std::int64_t(c3)), a.b5},
            {3, c3, c1, a.c * c1, a.b3},
            {1, c1, 0, 0, a.b1}}};
 }
 
 // Why this layer cannot run the path, or "" when it can.  Pointers are checked
-// for 16-byte alignment (a view into a larger tensor may not be).
-inline std::string unsupported(const MsConvArgs& a, DType dtype) {
+// for 16-byte alignment (a view into a larger tensor may not be).  The window
+// form reads its biases from the pack (16-byte aligned there: C is a multiple of 8).
+inline std::string unsupported(const MsConvArgs& a, DType dtype, Form form = Form::PerBranch) {
   if (dtype != DType::Float16) return "it computes float16 only";
   if (a.layout != Layout::NHWC) return "it reads and writes channels_last (NHWC) tensors only";
   if (a.c % ALIGN || a.c1 % ALIGN || a.c3 % ALIGN || a.c5 % ALIGN)
     return "it needs input channels and c1, c3, c5 that are multiples of 8";
   // An empty branch's bias is never read: its address does not matter.
-  const std::uintptr_t ptrs[] = {a.x, a.out, a.wp, a.c1 ? a.b1 : 0, a.c3 ? a.b3 : 0, a.c5 ? a.b5 : 0};
+  const bool own = form == Form::PerBranch;
+  const std::uintptr_t ptrs[] = {a.x, a.out, a.wp, own && a.c1 ? a.b1 : 0, own && a.c3 ? a.b3 : 0,
+                                 own && a.c5 ? a.b5 : 0};
   for (std::uintptr_t p : ptrs)
     if (p % 16) return "it needs 16-byte aligned tensors (no offset views)";
   return "";
 }
 
 #ifdef FER_EDGE_WITH_CUTLASS
-// The three launches on `stream` (the caller checked unsupported() and the
+// The launches on `stream` (the caller checked unsupported() and the
 // compute capability, 8.0+), weights from `wp` as branches() reads them.
 // `semaphores`: at least semaphores() int32s of device memory (unused, and
 // may be 0, when that is 0).
-void launch(const MsConvArgs& a, std::uintptr_t stream, int sm_count, std::uintptr_t semaphores);
+void launch(const MsConvArgs& a, std::uintptr_t stream, int sm_count, std::uintptr_t semaphores, Form form);
 #endif
 
 }  // namespace igemm
 
 #ifdef FER_EDGE_WITH_CUTLASS_SM90
 namespace igemm90 {
-// The same three launches on Hopper's wgmma and TMA (msconv_cuda_cutlass_sm90.cu;
+// The same launches on Hopper's wgmma and TMA (msconv_cuda_cutlass_sm90.cu;
 // the caller checked unsupported() and compute capability 9.0 exactly), no split-K, no buffers.
-void launch(const MsConvArgs& a, std::uintptr_t stream);
+void launch(const MsConvArgs& a, std::uintptr_t stream, igemm::Form form);
 }  // namespace igemm90
 #endif
 }  // namespace fer_edge

@@ -9,7 +9,7 @@ convolutions + cat) or one of fer_edge's kernels (``KERNELS``).  A shape the
 table does not name runs ``cudnn``: our kernel is used only where a
 measurement showed it faster.
 
-``FER_EDGE_CUDA_KERNEL`` (cudnn | simt | wmma | splitk | mma | cutlass | stem | cutlass90) overrides the table for
+``FER_EDGE_CUDA_KERNEL`` (cudnn or a name in ``KERNELS``) overrides the table for
 every layer: for testing and benchmarking, not for speed.  ``override`` is the
 only reader of the environment in fer-edge's kernel code (the compiled
 extension reads none): it is read once, when the table is first consulted.
@@ -39,7 +39,10 @@ CUDNN = "cudnn"
 # channels_last, sm_80+, builds that found CUTLASS's headers).
 # stem: inputs of at most 4 channels (MACNN's first layer reads one), bound by its output writes.
 # cutlass90: cutlass on Hopper's wgmma and TMA (compute capability 9.0, builds for sm_90).
-KERNELS = {"simt": 0, "wmma": 1, "splitk": 2, "mma": 3, "cutlass": 4, "stem": 5, "cutlass90": 6}
+# cutlass_window, cutlass90_window: those two as one implicit GEMM over the zero-padded 5x5
+# window (more multiplies, one launch: for small batches).
+KERNELS = {"simt": 0, "wmma": 1, "splitk": 2, "mma": 3, "cutlass": 4, "stem": 5, "cutlass90": 6,
+           "cutlass_window": 7, "cutlass90_window": 8}
 CHOICES = (CUDNN, *KERNELS)
 # Upper bounds of the batch buckets: batch 1 is latency-bound, 2-8 is the small-batch
 # kernel's range, larger batches are throughput-bound.

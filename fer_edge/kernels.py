@@ -37,8 +37,8 @@ except ImportError as exc:  # pragma: no cover - a device install (no kernels) o
 
 __all__ = ["fused_ms_conv", "fused_ms_conv_reference", "check_ms_conv_inputs", "build_info",
            "cuda_kernels_available", "cutlass_unsupported", "CpuPackedMsConv", "pack_ms_weights",
-           "pack_krsc_weights", "splitk_buffers", "cutlass_buffers", "kernel_buffers", "tensor_version",
-           "watch_optimizer_steps"]
+           "pack_krsc_weights", "pack_window_weights", "make_pack", "splitk_buffers", "cutlass_buffers",
+           "kernel_buffers", "tensor_version", "watch_optimizer_steps"]
 
 _LAYOUT_NCHW, _LAYOUT_NHWC = 0, 1
 _KERNEL_NAMES = {code: name for name, code in KERNEL_CODES.items()}  # the op takes the code
@@ -121,22 +121,42 @@ def pack_krsc_weights(w1: torch.Tensor, w3: torch.Tensor, w5: torch.Tensor) -> t
     return torch.cat([w.permute(0, 2, 3, 1).reshape(-1) for w in (w1, w3, w5)])
 
 
-# Which weight layout each CUDA kernel reads (one pack per layout).
-PACKS = {"tap": pack_ms_weights, "krsc": pack_krsc_weights}
+def pack_window_weights(w1, b1, w3, b3, w5, b5) -> torch.Tensor:
+    """The window CUTLASS kernels' layout (cutlass_window, cutlass90_window):
+    the layer as one KRSC kernel (ctot, 5, 5, C), output channels in the
+    layer's order [c1 | c3 | c5], the 1x1 and 3x3 kernels at the centre of a
+    zero 5x5 window, followed by the ctot biases [b1 | b3 | b5] (the epilogue
+    reads them as one vector), in one flat tensor of the weights' dtype and device."""
+    k = torch.cat([F.pad(w1, (2, 2, 2, 2)), F.pad(w3, (1, 1, 1, 1)), w5])
+    return torch.cat([k.permute(0, 2, 3, 1).reshape(-1), torch.cat([b1, b3, b5]).to(k.dtype)])
 
 
-# The kernels built on CUTLASS: they take the same inputs and read the "krsc" pack.
-CUTLASS_KERNELS = ("cutlass", "cutlass90")
+# Which weight layout each CUDA kernel reads (one pack per layout); the packs in
+# WITH_BIASES hold the biases too.
+PACKS = {"tap": pack_ms_weights, "krsc": pack_krsc_weights, "window": pack_window_weights}
+WITH_BIASES = frozenset({"window"})
+
+
+def make_pack(kind: str, w1, b1, w3, b3, w5, b5) -> torch.Tensor:
+    """PACKS[kind] of one layer's weights (and biases, for a pack that holds them)."""
+    return PACKS[kind](w1, b1, w3, b3, w5, b5) if kind in WITH_BIASES else PACKS[kind](w1, w3, w5)
+
+
+# The kernels built on CUTLASS, and the pack each reads: they take the same inputs.
+CUTLASS_KERNELS = {"cutlass": "krsc", "cutlass90": "krsc", "cutlass_window": "window", "cutlass90_window": "window"}
 
 
 def pack_kind(kernel: str | None) -> str:
-    """The PACKS entry a CUDA kernel reads: "krsc" for the CUTLASS ones, "tap" for the others."""
-    return "krsc" if kernel in CUTLASS_KERNELS else "tap"
+    """The PACKS entry a CUDA kernel reads: CUTLASS_KERNELS's, "tap" for the others."""
+    return CUTLASS_KERNELS.get(kernel, "tap")
 
 
 def packed_shape(kind: str, c: int, c1: int, c3: int, c5: int) -> tuple[int, ...]:
     """The shape of PACKS[kind]'s result for a layer with c input channels."""
-    return (25, c, c1 + c3 + c5) if kind == "tap" else (c * (c1 + 9 * c3 + 25 * c5),)
+    ctot = c1 + c3 + c5
+    if kind == "tap":
+        return (25, c, ctot)
+    return (c * (c1 + 9 * c3 + 25 * c5),) if kind == "krsc" else (ctot * (25 * c + 1),)
 
 
 def check_packed_weights(wp, x: torch.Tensor, c1: int, c3: int, c5: int, kind: str = "tap") -> None:
@@ -274,8 +294,9 @@ def check_splitk_buffers(ws, counters, x: torch.Tensor, ctot: int) -> None:
                     (counters, "counters", torch.int32, plan["counters"])), x, "splitk_buffers(x, ctot)")
 
 
-# The kernels that keep scratch buffers between calls (splitk and mma share theirs).
-BUFFERED_KERNELS = ("splitk", "mma", "cutlass")
+# The kernels that keep scratch buffers between calls (splitk and mma share theirs;
+# the SM80 CUTLASS kernels keep their split-K semaphores).
+BUFFERED_KERNELS = ("splitk", "mma", "cutlass", "cutlass_window")
 
 
 def kernel_buffers(kernel: str, x: torch.Tensor, c1: int, c3: int, c5: int):
@@ -283,35 +304,39 @@ def kernel_buffers(kernel: str, x: torch.Tensor, c1: int, c3: int, c5: int):
     cutlass_buffers), or None for a kernel that needs none."""
     if kernel in ("splitk", "mma"):
         return splitk_buffers(x, c1 + c3 + c5)
-    if kernel == "cutlass":
-        return cutlass_buffers(x, c1, c3, c5)
+    if kernel in ("cutlass", "cutlass_window"):
+        return cutlass_buffers(x, c1, c3, c5, window=kernel == "cutlass_window")
     return None
 
 
 def check_kernel_buffers(kernel: str, ws, counters, x: torch.Tensor, c1: int, c3: int, c5: int) -> None:
     """Caller-kept buffers must be what kernel_buffers makes for this input."""
-    if kernel == "cutlass":
-        check_cutlass_buffers(ws, counters, x, c1, c3, c5)
+    if kernel in ("cutlass", "cutlass_window"):
+        check_cutlass_buffers(ws, counters, x, c1, c3, c5, window=kernel == "cutlass_window")
     else:
         check_splitk_buffers(ws, counters, x, c1 + c3 + c5)
 
 
-def cutlass_buffers(x: torch.Tensor, c1: int, c3: int, c5: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The "cutlass" kernel's buffers for input x (CUDA) and branches of c1, c3,
-    c5 channels: an unused float32 workspace and the int32 split-K semaphores
-    of its small-batch launches (the kernel clears them itself), as a pair
-    like splitk_buffers'."""
+def _cutlass_semaphores(x: torch.Tensor, c1: int, c3: int, c5: int, window: bool) -> int:
     n, c, h, w = x.shape
-    sems = _C.igemm_semaphores(n, c, h, w, c1, c3, c5, _C.sm_count(x.device.index or 0))
+    return _C.igemm_semaphores(n, c, h, w, c1, c3, c5, _C.sm_count(x.device.index or 0), window)
+
+
+def cutlass_buffers(x: torch.Tensor, c1: int, c3: int, c5: int,
+                    window: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The "cutlass" kernel's buffers (window=True: "cutlass_window"'s) for input
+    x (CUDA) and branches of c1, c3, c5 channels: an unused float32 workspace
+    and the int32 split-K semaphores of its small-batch launches (the kernel
+    clears them itself), as a pair like splitk_buffers'."""
+    sems = _cutlass_semaphores(x, c1, c3, c5, window)
     return (torch.empty(1, dtype=torch.float32, device=x.device),
             torch.zeros(max(1, sems), dtype=torch.int32, device=x.device))
 
 
-def check_cutlass_buffers(ws, counters, x: torch.Tensor, c1: int, c3: int, c5: int) -> None:
-    n, c, h, w = x.shape
-    sems = _C.igemm_semaphores(n, c, h, w, c1, c3, c5, _C.sm_count(x.device.index or 0))
+def check_cutlass_buffers(ws, counters, x: torch.Tensor, c1: int, c3: int, c5: int, window: bool = False) -> None:
+    sems = _cutlass_semaphores(x, c1, c3, c5, window)
     _check_buffers(((ws, "workspace", torch.float32, 0), (counters, "semaphores", torch.int32, sems)), x,
-                   "cutlass_buffers(x, c1, c3, c5)")
+                   f"cutlass_buffers(x, c1, c3, c5{', window=True' if window else ''})")
 
 
 def _check_buffers(expected, x: torch.Tensor, maker: str) -> None:
@@ -363,7 +388,7 @@ def _fused_ms_conv_op(
         name = _KERNEL_NAMES.get(kernel)
         kind = pack_kind(name)
         if wp is None:  # a caller without a cached pack (FusedMultiScaleConv keeps one) packs per call
-            wp = PACKS[kind](w1, w3, w5)
+            wp = make_pack(kind, w1, b1, w3, b3, w5, b5)
         check_packed_weights(wp, x, c1, c3, c5, kind)
         if name in BUFFERED_KERNELS:
             if ws is None or counters is None:
@@ -398,7 +423,7 @@ def _backward(ctx, grad):
     with torch.enable_grad():
         _, vjp = torch.func.vjp(lambda *a: fused_ms_conv_reference(*a, relu=ctx.relu), *inputs)
         grads = vjp(grad)
-    # relu, wp (a packed copy of w1/w3/w5: their gradients cover it), kernel, ws, counters
+    # relu, wp (a packed copy of the weights, and biases: their gradients cover it), kernel, ws, counters
     return (*grads, None, None, None, None, None)
 
 
@@ -468,18 +493,21 @@ def _built(flag: str) -> bool:
 
 
 def cutlass_unsupported(x: torch.Tensor, w1, b1, w3, b3, w5, b5, kernel: str = "cutlass") -> str:
-    """Why a CUTLASS kernel ("cutlass", or "cutlass90" on Hopper) cannot run this
-    layer on x ("" when it can): float16, channels_last, channel counts that
-    are multiples of 8, 16-byte aligned data (the compiled extension's own
-    rule; the output and the pack are fresh allocations, always aligned), a
-    build with the kernel, a GPU it runs on."""
-    if kernel == "cutlass90":
+    """Why a CUTLASS kernel (CUTLASS_KERNELS: "cutlass", "cutlass_window", or
+    "cutlass90", "cutlass90_window" on Hopper) cannot run this layer on x (""
+    when it can): float16, channels_last, channel counts that are multiples of
+    8, 16-byte aligned data (the compiled extension's own rule; the output and
+    the pack are fresh allocations, always aligned), a build with the kernel,
+    a GPU it runs on."""
+    if kernel not in CUTLASS_KERNELS:
+        raise ValueError(f"cutlass_unsupported: {kernel!r} is not one of {', '.join(CUTLASS_KERNELS)}")
+    if kernel.startswith("cutlass90"):
         if not _built("cutlass_sm90"):
-            return "this build has no cutlass90 kernel (no CUTLASS headers, or no sm_90 in its architectures)"
+            return f"this build has no {kernel} kernel (no CUTLASS headers, or no sm_90 in its architectures)"
         if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) != (9, 0):
             return "it runs on compute capability 9.0 only (sm_90a: wgmma, TMA)"
     elif not _built("cutlass"):
-        return "this build has no cutlass kernel (CUTLASS's headers were not found when it was compiled)"
+        return f"this build has no {kernel} kernel (CUTLASS's headers were not found when it was compiled)"
     elif x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (8, 0):
         return "it needs compute capability 8.0+ (mma.sync, cp.async)"
     nhwc = _io_nhwc(x, _weights_nhwc(w3, w5))
@@ -488,7 +516,8 @@ def cutlass_unsupported(x: torch.Tensor, w1, b1, w3, b3, w5, b5, kernel: str = "
     traced = torch.compiler.is_compiling() or type(x) is not torch.Tensor
     ptrs = [0] * 6 if traced else [x.data_ptr(), 0, 0, *(b.contiguous().data_ptr() for b in (b1, b3, b5))]
     return _C.igemm_unsupported(x.shape[1], w1.shape[0], w3.shape[0], w5.shape[0],
-                                _LAYOUT_NHWC if nhwc else _LAYOUT_NCHW, _CUDA_DTYPES.get(x.dtype, 0), ptrs)
+                                _LAYOUT_NHWC if nhwc else _LAYOUT_NCHW, _CUDA_DTYPES.get(x.dtype, 0), ptrs,
+                                CUTLASS_KERNELS[kernel] == "window")
 
 
 def cuda_kernel_code(kernel: str) -> int:
@@ -505,7 +534,8 @@ def fused_ms_conv(x, w1, b1, w3, b3, w5, b5, relu: bool = True, wp=None, kernel:
     x: (N, C, H, W), contiguous NCHW or channels_last; float32 on the CPU,
     float32 or float16 (float32 accumulation) on CUDA.  w1/w3/w5: (c_k, C, k, k);
     b1/b3/b5: (c_k,).  Returns (N, c1 + c3 + c5, H, W) in the layout of x.
-    wp: optional ``pack_ms_weights(w1, w3, w5)``, kept by callers whose
+    wp: optional ``make_pack(pack_kind(kernel), w1, b1, w3, b3, w5, b5)``
+    (``pack_ms_weights(w1, w3, w5)`` for most kernels), kept by callers whose
     weights do not change so a CUDA call does not re-pack them (the CPU
     kernel does not use it: see CpuPackedMsConv).
     kernel: on CUDA, which of fer_edge's kernels: "simt", "wmma" (float16,
@@ -513,7 +543,9 @@ def fused_ms_conv(x, w1, b1, w3, b3, w5, b5, relu: bool = True, wp=None, kernel:
     float16, sm_80+), "cutlass" (large batches: one implicit GEMM per branch,
     float16 channels_last, sm_80+, see ``cutlass_unsupported``; its ``wp`` is
     ``pack_krsc_weights``'s), "cutlass90" (the same on Hopper's wgmma and TMA,
-    compute capability 9.0) or "stem" (inputs of at most 4 channels);
+    compute capability 9.0), "cutlass_window" and "cutlass90_window" (those
+    two as one launch over the zero-padded 5x5 window; their ``wp`` is
+    ``pack_window_weights``'s, biases included) or "stem" (inputs of at most 4 channels);
     None = fer_edge.dispatch.direct_kernel()
     (simt unless FER_EDGE_CUDA_KERNEL names another).  buffers: kernel_buffers(kernel, x, c1, c3, c5)
     (splitk_buffers or cutlass_buffers), kept by callers that run one shape

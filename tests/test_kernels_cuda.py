@@ -172,8 +172,8 @@ def test_merged_modules_follow_the_dispatch_table():
 def test_unknown_cuda_kernel_is_refused():
     from fer_edge.kernels import cuda_kernel_code
 
-    names = ("simt", "wmma", "splitk", "mma", "cutlass", "stem", "cutlass90")
-    assert [cuda_kernel_code(k) for k in names] == [0, 1, 2, 3, 4, 5, 6]
+    names = ("simt", "wmma", "splitk", "mma", "cutlass", "stem", "cutlass90", "cutlass_window", "cutlass90_window")
+    assert [cuda_kernel_code(k) for k in names] == list(range(9))
     with pytest.raises(ValueError, match="unknown CUDA kernel 'fast'"):
         cuda_kernel_code("fast")
 
@@ -219,7 +219,7 @@ def test_every_dispatch_choice_matches_the_reference(seed):
     from fer_edge.dispatch import CHOICES
     from fer_edge.models.layers import FusedMultiScaleConv
 
-    from fer_edge.kernels import cutlass_unsupported
+    from fer_edge.kernels import CUTLASS_KERNELS, cutlass_unsupported
 
     g = torch.Generator().manual_seed(seed)
     r = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))  # noqa: E731
@@ -239,7 +239,7 @@ def test_every_dispatch_choice_matches_the_reference(seed):
                 continue
             if choice == "mma" and dtype == torch.float16 and torch.cuda.get_device_capability() < (8, 0):
                 continue
-            if choice in ("cutlass", "cutlass90") and cutlass_unsupported(x, *ws, kernel=choice):
+            if choice in CUTLASS_KERNELS and cutlass_unsupported(x, *ws, kernel=choice):
                 continue
             if choice == "stem" and cin > 4:
                 continue
@@ -327,14 +327,14 @@ def test_a_kernel_picked_by_shape_must_take_the_very_input():
     a merged layer runs such a choice only where it can (the stem kernel on at
     most 4 input channels, a CUTLASS kernel on what cutlass_unsupported allows,
     e.g. nothing in a build without it); everything else goes to cuDNN."""
-    from fer_edge.kernels import cutlass_unsupported
+    from fer_edge.kernels import CUTLASS_KERNELS, cutlass_unsupported
     from fer_edge.models.layers import FusedMultiScaleConv
 
     gray, *ws1 = make_inputs(1, 1, 6, 6, 8, 8, 8)
     wide, *ws8 = make_inputs(1, 8, 6, 6, 8, 8, 8, nhwc=True, dtype=torch.float16)
     assert FusedMultiScaleConv._takes("stem", gray, ws1)
     assert not FusedMultiScaleConv._takes("stem", wide, ws8)
-    for kernel in ("cutlass", "cutlass90"):
+    for kernel in CUTLASS_KERNELS:
         assert FusedMultiScaleConv._takes(kernel, wide, ws8) == (not cutlass_unsupported(wide, *ws8, kernel=kernel))
     assert FusedMultiScaleConv._takes("splitk", wide, ws8)
 
@@ -450,22 +450,25 @@ CUTLASS_CASES += [(5, 8, 7, 8, 16, 8), (2, 64, 11, 0, 64, 0), (256, 64, 24, 32, 
 
 def _needs_sm80(kernel="cutlass"):
     if torch.cuda.get_device_capability() < (8, 0):
-        pytest.skip("the cutlass kernel needs compute capability 8.0+")
-    if kernel == "cutlass90" and (torch.cuda.get_device_capability() != (9, 0)
-                                  or not _C.build_info().get("cutlass_sm90")):
-        pytest.skip("the cutlass90 kernel needs compute capability 9.0 and a build for sm_90")
+        pytest.skip(f"the {kernel} kernel needs compute capability 8.0+")
+    if kernel.startswith("cutlass90") and (torch.cuda.get_device_capability() != (9, 0)
+                                           or not _C.build_info().get("cutlass_sm90")):
+        pytest.skip(f"the {kernel} kernel needs compute capability 9.0 and a build for sm_90")
+
+
+ALL_CUTLASS = ["cutlass", "cutlass90", "cutlass_window", "cutlass90_window"]
 
 
 @requires_cuda
 @requires_cutlass
-@pytest.mark.parametrize("kernel", ["cutlass", "cutlass90"])
+@pytest.mark.parametrize("kernel", ALL_CUTLASS)
 @pytest.mark.parametrize("relu", [True, False])
 @pytest.mark.parametrize("case", CUTLASS_CASES, ids=[f"n{c[0]}-c{c[1]}-{c[2]}px-{c[3]}.{c[4]}.{c[5]}"
                                                      for c in CUTLASS_CASES])
 def test_cutlass_matches_the_reference(case, relu, kernel):
-    """One implicit GEMM per branch, each writing its slice of the output (on
-    mma.sync, or Hopper's wgmma and TMA); fp16 against the float64 reference,
-    bias and ReLU (or none) in the epilogue."""
+    """One implicit GEMM per branch, each writing its slice of the output, or one
+    over the zero-padded window (on mma.sync, or Hopper's wgmma and TMA); fp16
+    against the float64 reference, bias and ReLU (or none) in the epilogue."""
     _needs_sm80(kernel)
     n, cin, hw, c1, c3, c5 = case
     args = make_inputs(n, cin, hw, hw, c1, c3, c5, nhwc=True, device="cuda", dtype=torch.float16, seed=n + cin)
@@ -479,41 +482,42 @@ def test_cutlass_matches_the_reference(case, relu, kernel):
 
 @requires_cuda
 @requires_cutlass
-def test_cutlass_split_k_keeps_partial_sums_and_its_semaphores():
-    """Batch 1 of MACNN's L4 splits each branch's 256 input channels into slices
+@pytest.mark.parametrize("kernel", ["cutlass", "cutlass_window"])
+def test_cutlass_split_k_keeps_partial_sums_and_its_semaphores(kernel):
+    """Batch 1 of MACNN's L4 splits each launch's 256 input channels into slices
     whose partial sums meet in the output: ReLU only on the total (negative
     partial sums must survive), and the semaphores, cleared by every call,
     serve a graph replayed many times."""
     _needs_sm80()
-    from fer_edge.kernels import cutlass_buffers, pack_krsc_weights
+    from fer_edge.kernels import kernel_buffers, make_pack, pack_kind
 
     args = make_inputs(1, 256, 6, 6, 128, 192, 192, nhwc=True, device="cuda", dtype=torch.float16, seed=3)
-    assert _C.igemm_splits(36, 192, 256, _C.sm_count(0)) > 1
+    assert _C.igemm_splits(36, 192 if kernel == "cutlass" else 512, 256, _C.sm_count(0)) > 1
     ref = fused_ms_conv_reference(*[t.cpu().double() for t in args])
-    wp = pack_krsc_weights(args[1], args[3], args[5])
-    bufs = cutlass_buffers(args[0], 128, 192, 192)
+    wp = make_pack(pack_kind(kernel), *args[1:])
+    bufs = kernel_buffers(kernel, args[0], 128, 192, 192)
     assert bufs[1].numel() >= 1
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        y = fused_ms_conv(*args, kernel="cutlass", wp=wp, buffers=bufs)
+        y = fused_ms_conv(*args, kernel=kernel, wp=wp, buffers=bufs)
     for _ in range(5):
         graph.replay()
         torch.cuda.synchronize()
         assert rel_norm(y.cpu(), ref) <= FP16_REL_NORM
     assert int(bufs[1].abs().sum()) == 0, "the last slice leaves every semaphore at zero"
     with pytest.raises(ValueError, match="cutlass_buffers"):
-        fused_ms_conv(*args, kernel="cutlass", wp=wp, buffers=(bufs[0], bufs[1][:0]))
+        fused_ms_conv(*args, kernel=kernel, wp=wp, buffers=(bufs[0], bufs[1][:0]))
 
 
 @requires_cuda
 @requires_cutlass
-@pytest.mark.parametrize("kernel", ["cutlass", "cutlass90"])
+@pytest.mark.parametrize("kernel", ALL_CUTLASS)
 def test_cutlass_in_a_cuda_graph_and_on_the_current_stream(kernel):
     _needs_sm80(kernel)
-    from fer_edge.kernels import pack_krsc_weights
+    from fer_edge.kernels import make_pack, pack_kind
 
     args = make_inputs(32, 64, 24, 24, 32, 48, 48, nhwc=True, device="cuda", dtype=torch.float16)
-    wp = pack_krsc_weights(args[1], args[3], args[5])
+    wp = make_pack(pack_kind(kernel), *args[1:])
     ref = fused_ms_conv(*args, kernel=kernel, wp=wp)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -580,10 +584,18 @@ def test_cuda_module_keeps_one_pack_per_weight_layout():
         m.cuda_kernel = "cutlass"
         c = m(x)
         assert m._wp_krsc.data_ptr() == krsc.data_ptr()
-    ref = fused_ms_conv_reference(*[u.cpu().double() for u in (x, m.w1, m.b1, m.w3, m.b3, m.w5, m.b5)])
-    assert rel_norm(c.cpu(), ref) <= FP16_REL_NORM
+        ref = fused_ms_conv_reference(*[u.cpu().double() for u in (x, m.w1, m.b1, m.w3, m.b3, m.w5, m.b5)])
+        m.cuda_kernel = "cutlass_window"
+        d = m(x)
+        window = m._wp_window
+        m.b5.add_(1.0)   # a bias: only the window pack holds one, and it must follow
+        e = m(x)
+        assert m._wp_window.data_ptr() == window.data_ptr()
+    assert rel_norm(c.cpu(), ref) <= FP16_REL_NORM and rel_norm(d.cpu(), ref) <= FP16_REL_NORM
     assert rel_norm(a[:1].cpu(), b.cpu().double()) <= FP16_REL_NORM
-    assert "_wp_krsc" not in m.state_dict()
+    moved = fused_ms_conv_reference(*[u.cpu().double() for u in (x, m.w1, m.b1, m.w3, m.b3, m.w5, m.b5)])
+    assert rel_norm(e.cpu(), moved) <= FP16_REL_NORM
+    assert not {"_wp_krsc", "_wp_window"} & set(m.state_dict())
 
 
 # Host side of the cutlass kernel: runs in every build.
@@ -671,6 +683,62 @@ def test_pack_krsc_weights_is_each_branch_channels_last(c):
     check_packed_weights(wp, x, 8, 16, 24, "krsc")
     with pytest.raises(ValueError, match="pack_krsc_weights"):
         check_packed_weights(wp[1:], x, 8, 16, 24, "krsc")
+
+
+@pytest.mark.parametrize("c,c1,c3,c5", [(1, 8, 16, 24), (8, 8, 16, 24), (64, 0, 64, 0), (16, 8, 0, 8)])
+def test_pack_window_weights_is_the_layer_as_one_5x5_convolution(c, c1, c3, c5):
+    """The window kernels' pack, read as they read it: one (ctot, 5, 5, C) KRSC
+    kernel, then the ctot biases.  As a plain 5x5 convolution (padding 2) it is
+    the layer itself, in float64; the pack keeps the weights' dtype."""
+    from fer_edge.kernels import check_packed_weights, make_pack, pack_window_weights
+
+    x, *ws = make_inputs(2, c, 7, 6, c1, c3, c5, dtype=torch.float64, seed=c)
+    ctot = c1 + c3 + c5
+    wp = pack_window_weights(*ws)
+    assert wp.shape == (ctot * (25 * c + 1),) and wp.dtype == torch.float64
+    kernel = wp[:ctot * 25 * c].view(ctot, 5, 5, c).permute(0, 3, 1, 2)   # KRSC back to OIHW
+    bias = wp[ctot * 25 * c:]
+    y = torch.nn.functional.conv2d(x, kernel, bias, padding=2)
+    torch.testing.assert_close(torch.relu(y), fused_ms_conv_reference(x, *ws), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(make_pack("window", *ws), wp, rtol=0, atol=0)
+    check_packed_weights(wp, x, c1, c3, c5, "window")
+    with pytest.raises(ValueError, match="pack_window_weights"):
+        check_packed_weights(wp[:-1], x, c1, c3, c5, "window")
+    half = pack_window_weights(*(t.half() for t in ws))
+    assert half.dtype == torch.float16 and half.shape == wp.shape
+
+
+def test_igemm_window_form_is_one_launch_with_the_biases_in_its_pack():
+    """The window form runs the layer as one launch: its split-K semaphores are
+    those of one launch over every channel, and it never reads b1/b3/b5 (its
+    biases are in the pack), so their alignment does not matter to it."""
+    sms = 132
+    for n, c, hw, c1, c3, c5 in ((1, 256, 6, 128, 192, 192), (1, 64, 24, 32, 48, 48), (256, 64, 24, 32, 48, 48)):
+        m, ctot = n * hw * hw, c1 + c3 + c5
+        tm, tn, _ = _C.igemm_tile(m, ctot, sms)
+        blocks = -(-m // tm) * -(-ctot // tn)
+        split = _C.igemm_splits(m, ctot, c, sms) > 1
+        assert _C.igemm_semaphores(n, c, hw, hw, c1, c3, c5, sms, window=True) == (blocks if split else 0)
+    ok = [256, 512, 1024, 2048, 0, 4096]
+    odd_biases = [256, 512, 1024, 8, 24, 40]
+    assert _C.igemm_unsupported(64, 32, 48, 48, 1, 1, odd_biases, window=True) == ""
+    assert "16-byte aligned" in _C.igemm_unsupported(64, 32, 48, 48, 1, 1, odd_biases)
+    for i in range(3):   # x, out and the pack still must be aligned
+        ptrs = list(ok)
+        ptrs[i] += 8
+        assert "16-byte aligned" in _C.igemm_unsupported(64, 32, 48, 48, 1, 1, ptrs, window=True)
+    assert "multiples of 8" in _C.igemm_unsupported(64, 4, 48, 48, 1, 1, ok, window=True)
+
+
+def test_cutlass_unsupported_names_only_cutlass_kernels():
+    from fer_edge.kernels import CUTLASS_KERNELS, cutlass_unsupported, pack_kind
+
+    args = make_inputs(1, 8, 4, 4, 8, 8, 8, nhwc=True)
+    with pytest.raises(ValueError, match="'splitk' is not one of"):
+        cutlass_unsupported(*args, kernel="splitk")
+    assert {k: pack_kind(k) for k in CUTLASS_KERNELS} == {"cutlass": "krsc", "cutlass90": "krsc",
+                                                          "cutlass_window": "window", "cutlass90_window": "window"}
+    assert pack_kind("mma") == pack_kind(None) == "tap"
 
 
 def test_cutlass_says_when_the_build_has_none():

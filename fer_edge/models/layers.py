@@ -177,7 +177,7 @@ class FusedMultiScaleConv(nn.Module):
     our kernels beats cuDNN for this shape, dtype and batch; elsewhere, and
     with use_kernel=False, three plain convolutions + cat, which every
     exporter and runtime understands.  ``cuda_kernel`` (None: the table)
-    names the choice for every call instead: "cudnn", "simt", "wmma", "splitk", "mma", "cutlass", "cutlass90" or "stem".
+    names the choice for every call instead: "cudnn" or a name in fer_edge.dispatch.KERNELS.
     The split-K kernels' scratch buffers are kept per input shape: run one
     module on one CUDA stream at a time (another stream: a copy of the model).
     """
@@ -251,7 +251,7 @@ class FusedMultiScaleConv(nn.Module):
         workspace and counters, the cutlass kernel's split-K semaphores), made
         once (outside any CUDA graph capture) and kept; None lets the op
         allocate per call (under torch.compile tracing, or in a capture)."""
-        kind = "cutlass" if kernel == "cutlass" else "splitk"   # splitk and mma share theirs
+        kind = kernel if kernel in ("cutlass", "cutlass_window") else "splitk"   # splitk and mma share theirs
         key = (tuple(x.shape), x.device, kind)   # (the kernel is one of kernels.BUFFERED_KERNELS)
         if key not in self._splitk:
             if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
@@ -274,12 +274,12 @@ class FusedMultiScaleConv(nn.Module):
         )
 
     # The non-persistent buffer holding each weight layout (fer_edge.kernels.PACKS).
-    _PACK_BUFFERS = {"tap": "_wp", "krsc": "_wp_krsc"}
+    _PACK_BUFFERS = {"tap": "_wp", "krsc": "_wp_krsc", "window": "_wp_window"}
 
     def _cuda_packed(self, x, kernel: str | None = None):
-        """The weights packed for a CUDA kernel (kernels.pack_kind: "krsc" for
-        cutlass, "tap" for the others), kept as a non-persistent buffer
-        (``_wp``, ``_wp_krsc``: ``.half()``/``.to()`` convert it with the weights
+        """The weights packed for a CUDA kernel (kernels.pack_kind: "krsc" or
+        "window" for the CUTLASS ones, "tap" for the others), kept as a non-persistent buffer
+        (``_wp``, ``_wp_krsc``, ``_wp_window``: ``.half()``/``.to()`` convert it with the weights
         and it is never saved) and refreshed in place when they change (in-place
         version counters, optimizer steps), so that its address stays valid for
         CUDA graphs captured earlier.  A captured graph reads the pack as of its
@@ -290,11 +290,11 @@ class FusedMultiScaleConv(nn.Module):
         if (x.device.type != "cuda" or type(x) is not torch.Tensor or torch.compiler.is_compiling()
                 or self.w1.dtype != x.dtype):
             return None
-        from fer_edge.kernels import PACKS, pack_kind, tensor_version, watch_optimizer_steps
+        from fer_edge.kernels import make_pack, pack_kind, tensor_version, watch_optimizer_steps
 
         kind = pack_kind(kernel)
         name = self._PACK_BUFFERS[kind]
-        params = (self.w1, self.w3, self.w5)
+        params = (self.w1, self.b1, self.w3, self.b3, self.w5, self.b5)   # (the window pack holds the biases)
         # Which tensors (a parameter replaced by another of the same shape), their in-place
         # versions, and the optimizer steps taken (fused optimizers bump no version).
         key = (tuple((p.data_ptr(), tensor_version(p)) for p in params), watch_optimizer_steps())
@@ -305,7 +305,7 @@ class FusedMultiScaleConv(nn.Module):
         if torch.cuda.is_current_stream_capturing():
             return None
         with torch.no_grad():
-            fresh = PACKS[kind](*(p.detach() for p in params))
+            fresh = make_pack(kind, *(p.detach() for p in params))
             if same and pack.shape == fresh.shape:
                 pack.copy_(fresh)
             else:
