@@ -56,10 +56,15 @@ def main(argv=None) -> int:
     p.add_argument("--device", required=True, help="the GPU's name, for the record")
     p.add_argument("--command", required=True, help="the command that produced the benchmark, for the record")
     args = p.parse_args(argv)
-    rows = [r for f in args.bench for r in json.loads(Path(f).read_text())["rows"]]
+    try:
+        rows = [r for f in args.bench for r in json.loads(Path(f).read_text())["rows"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"make_dispatch: cannot read the benchmark rows ({exc})", file=sys.stderr)
+        return 2
     new = [choose_row(r, args.margin) for r in rows if r.get("device") == "cuda"]
     if not new:
-        sys.exit("no CUDA rows in the benchmark files")
+        print("make_dispatch: no CUDA rows in the benchmark files", file=sys.stderr)
+        return 2
     out = Path(args.out)
     doc = json.loads(out.read_text()) if out.is_file() else {"format": TABLE_FORMAT, "version": 1,
                                                                "measured_on": [], "entries": []}

@@ -124,6 +124,13 @@ def test_make_dispatch_writes_a_table_the_package_reads(tmp_path):
     assert table[D.key_of(row(batch="65-256"))] == "cudnn"
     doc = json.loads(out.read_text())
     assert doc["measured_on"][0]["device"] == "a GPU" and doc["measured_on"][0]["cc"] == "9.0"
+    # A benchmark that wrote nothing (cut before its first row): one line, the table untouched.
+    before = out.read_bytes()
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "make_dispatch.py"), str(tmp_path / "none.json"),
+                           "--out", str(out), "--device", "a GPU", "--command", "bench"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("make_dispatch: cannot read the benchmark rows")
+    assert out.read_bytes() == before
 
 
 def test_direct_kernel_and_describe_use_the_one_override(monkeypatch):
