@@ -107,7 +107,7 @@ constexpr int NUM_VARIANTS = 9;
 // CUDA, float32 or float16 (float32 accumulation) on the given stream.
 // Reads the weights from `wp` (required; w1/w3/w5 are not read: pack_ms_weights's
 // layout, pack_krsc_weights's for Cutlass, pack_window_weights's for the window
-// forms, which hold the biases too) and the biases from b1/b3/b5.
+// forms) and the biases from b1/b3/b5 (but the window forms, whose pack holds them).
 // SplitK reads and writes `workspace` (float32) and `counters` (int32, zero
 // before the first call, left zero by every call), sized by splitk::plan;
 // Cutlass and CutlassWindow use `counters` as their split-K semaphores, sized by

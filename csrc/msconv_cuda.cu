@@ -336,7 +336,8 @@ void launch_cutlass(const MsConvArgs& a, DType dtype, std::uintptr_t stream, boo
   check(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev), "cudaDeviceGetAttribute");
   if (hopper && (major != 9 || minor != 0))
     throw std::invalid_argument("fused_ms_conv: the " + name + " kernel runs on compute capability 9.0 only "
-                                "(sm_90a code); choose cutlass on this GPU");
+                                "(sm_90a code); choose " + (form == igemm::Form::Window ? "cutlass_window" : "cutlass") +
+                                " on this GPU");
   if (!hopper && major < 8)
     throw std::invalid_argument("fused_ms_conv: the " + name + " kernel needs compute capability 8.0+; "
                                 "choose simt, splitk or cudnn on this GPU");

@@ -125,7 +125,7 @@ def format_text(info: dict) -> str:
         f"kernels: cpu={'yes' if k['cpu'] else 'no'} (openmp={'yes' if k.get('openmp') else 'no'}), "
         f"cuda={'yes' if k['cuda'] else 'no'}"
         + (f" for sm_{', sm_'.join(k['cuda_archs'])}" if k["cuda_archs"] else "")
-        + (" (with the large-batch cutlass path" + (", and its Hopper version)" if k.get("cutlass_sm90") else ")")
+        + (" (with the CUTLASS paths" + (", and their Hopper versions)" if k.get("cutlass_sm90") else ")")
            if k.get("cutlass") else ""),
         f"cuda device: {info['cuda_device'] or 'none'}"
         + (f" (compute capability {info['cuda_capability']})" if info.get("cuda_capability") else ""),

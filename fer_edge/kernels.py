@@ -545,7 +545,8 @@ def fused_ms_conv(x, w1, b1, w3, b3, w5, b5, relu: bool = True, wp=None, kernel:
     ``pack_krsc_weights``'s), "cutlass90" (the same on Hopper's wgmma and TMA,
     compute capability 9.0), "cutlass_window" and "cutlass90_window" (those
     two as one launch over the zero-padded 5x5 window; their ``wp`` is
-    ``pack_window_weights``'s, biases included) or "stem" (inputs of at most 4 channels);
+    ``pack_window_weights``'s, and the biases they add are the ones packed
+    in it, not b1/b3/b5) or "stem" (inputs of at most 4 channels);
     None = fer_edge.dispatch.direct_kernel()
     (simt unless FER_EDGE_CUDA_KERNEL names another).  buffers: kernel_buffers(kernel, x, c1, c3, c5)
     (splitk_buffers or cutlass_buffers), kept by callers that run one shape

@@ -6,6 +6,7 @@ host-side checks (weight packing, the split-K launch plan, dispatch on the
 CPU) run everywhere."""
 from __future__ import annotations
 
+import functools
 import sys
 import warnings
 from pathlib import Path
@@ -459,6 +460,17 @@ def _needs_sm80(kernel="cutlass"):
 ALL_CUTLASS = ["cutlass", "cutlass90", "cutlass_window", "cutlass90_window"]
 
 
+def _cutlass_inputs(case):
+    n, cin, hw, c1, c3, c5 = case
+    return make_inputs(n, cin, hw, hw, c1, c3, c5, nhwc=True, device="cuda", dtype=torch.float16, seed=n + cin)
+
+
+@functools.lru_cache(maxsize=None)
+def _cutlass_reference(case, relu):
+    """The float64 reference of one case, computed once for all four CUTLASS kernels."""
+    return fused_ms_conv_reference(*[t.cpu().double() for t in _cutlass_inputs(case)], relu=relu)
+
+
 @requires_cuda
 @requires_cutlass
 @pytest.mark.parametrize("kernel", ALL_CUTLASS)
@@ -470,10 +482,9 @@ def test_cutlass_matches_the_reference(case, relu, kernel):
     over the zero-padded window (on mma.sync, or Hopper's wgmma and TMA); fp16
     against the float64 reference, bias and ReLU (or none) in the epilogue."""
     _needs_sm80(kernel)
-    n, cin, hw, c1, c3, c5 = case
-    args = make_inputs(n, cin, hw, hw, c1, c3, c5, nhwc=True, device="cuda", dtype=torch.float16, seed=n + cin)
+    args = _cutlass_inputs(case)
     y = fused_ms_conv(*args, relu=relu, kernel=kernel)
-    ref = fused_ms_conv_reference(*[t.cpu().double() for t in args], relu=relu)
+    ref = _cutlass_reference(case, relu)
     assert y.shape == ref.shape and y.is_contiguous(memory_format=torch.channels_last)
     assert rel_norm(y.cpu(), ref) <= FP16_REL_NORM
     # Every output channel was written: no slice left as uninitialised memory.

@@ -290,14 +290,15 @@ class FusedMultiScaleConv(nn.Module):
         if (x.device.type != "cuda" or type(x) is not torch.Tensor or torch.compiler.is_compiling()
                 or self.w1.dtype != x.dtype):
             return None
-        from fer_edge.kernels import make_pack, pack_kind, tensor_version, watch_optimizer_steps
+        from fer_edge.kernels import WITH_BIASES, make_pack, pack_kind, tensor_version, watch_optimizer_steps
 
         kind = pack_kind(kernel)
         name = self._PACK_BUFFERS[kind]
-        params = (self.w1, self.b1, self.w3, self.b3, self.w5, self.b5)   # (the window pack holds the biases)
+        params = (self.w1, self.b1, self.w3, self.b3, self.w5, self.b5)
+        packed = params if kind in WITH_BIASES else params[::2]   # what this pack is made of
         # Which tensors (a parameter replaced by another of the same shape), their in-place
         # versions, and the optimizer steps taken (fused optimizers bump no version).
-        key = (tuple((p.data_ptr(), tensor_version(p)) for p in params), watch_optimizer_steps())
+        key = (tuple((p.data_ptr(), tensor_version(p)) for p in packed), watch_optimizer_steps())
         pack = self._buffers.get(name)
         same = pack is not None and pack.device == x.device and pack.dtype == x.dtype
         if same and self._wp_keys.get(kind) == key:
