@@ -71,9 +71,15 @@ step() { echo; echo "== $1 ($(date +%T))"; }
       compute-sanitizer --tool memcheck $PYTEST -x tests/test_kernels_cuda.py \
       -k "(splitk or fp16_close_to_fp32_reference) and not fuzz and not n64 and not n256" 2>&1 | tail -6
     if [ "${RACECHECK_LIMIT:-120}" -gt 0 ]; then
-      step "compute-sanitizer racecheck (small-batch and stem kernels)"
-      timeout ${RACECHECK_LIMIT:-120} compute-sanitizer --tool racecheck $PYTEST -x tests/test_kernels_cuda.py \
-        -k "(fp16_close_to_fp32_reference and (splitk or mma)) or (stem_matches and n1-cin1-48x48)" 2>&1 | tail -6
+      # The newest kernels first (their shared-memory pipelines), then the small-batch ones.
+      RACE_START=$(date +%s)
+      step "compute-sanitizer racecheck (the CUTLASS and stem kernels, small cases)"
+      timeout $(( ${RACECHECK_LIMIT:-120} / 2 )) compute-sanitizer --tool racecheck $PYTEST -x tests/test_kernels_cuda.py \
+        -k "(cutlass_matches and n5- and True) or (stem_matches and n1-cin1-48x48)" 2>&1 | tail -6
+      step "compute-sanitizer racecheck (small-batch kernels)"
+      timeout $(( ${RACECHECK_LIMIT:-120} - ($(date +%s) - RACE_START) > 10 ? ${RACECHECK_LIMIT:-120} - ($(date +%s) - RACE_START) : 10 )) \
+        compute-sanitizer --tool racecheck $PYTEST -x tests/test_kernels_cuda.py \
+        -k "fp16_close_to_fp32_reference and (splitk or mma)" 2>&1 | tail -6
     fi
   fi
   if want profile; then
