@@ -223,6 +223,19 @@ def data_record(check) -> dict:
     return check.describe()
 
 
+def fewer_faces(old: dict | None, new: dict) -> str | None:
+    """Whether a new parity.json would overturn a failure with a pass judged on
+    fewer faces than the failure was (a pass on a handful of faces proves less
+    than a failure on hundreds): the first such artifact in words, else None."""
+    failed = {r.get("artifact"): r.get("images") for r in (old or {}).get("artifacts", [])
+              if isinstance(r, dict) and r.get("passed") is False}
+    for r in new["artifacts"]:
+        n = failed.get(r["artifact"])
+        if r["passed"] and isinstance(n, int) and r["images"] < n:
+            return f"{r['artifact']} passed on {r['images']} faces, but failed its bundle's check on {n}"
+    return None
+
+
 def parity_document(reports: list[dict], data: dict) -> dict:
     """parity.json: what was compared on which faces, how it was judged, the verdicts."""
     return {"reference": "PyTorch, float32, CPU", "data": data, "statistic": STATISTIC,

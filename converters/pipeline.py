@@ -132,10 +132,13 @@ def benchmark(weights, data, calib=None, limit: int | None = None, calib_size: i
         raise UserError("--runs must be at least 1")
     model, meta = load_checkpoint(weights)
     size, classes = meta["preprocess"]["input_size"][0], meta["classes"]
+    chosen = [f for f in FORMATS if not formats or f.key in formats]
     data_all = read_labelled(data, size, classes, "--data")
-    calib_all = read_labelled(calib, size, classes, "--calib") if calib else data_all
-    # The faces every int8 conversion below calibrates on (same selection as convert's) stay out of the rows.
-    exclude = set(face_digests(calibration_subset(calib or data, calib_all, classes, calib_size).faces))
+    exclude = set()
+    if any(f.precision == "int8" for f in chosen):
+        calib_all = read_labelled(calib, size, classes, "--calib") if calib else data_all
+        # The faces every int8 conversion below calibrates on (same selection as convert's) stay out of the rows.
+        exclude = set(face_digests(calibration_subset(calib or data, calib_all, classes, calib_size).faces))
     check = parity_subset(data, data_all, classes, limit, exclude)
     if len(check) == 0:
         raise UserError(f"no faces of {data} are left to score: all were used to calibrate the int8 formats; "
@@ -148,7 +151,7 @@ def benchmark(weights, data, calib=None, limit: int | None = None, calib_size: i
         with bar.step("PyTorch baseline"):
             rows = B.reference_rows(model, meta, ref_acc, runs, cores)
         with tempfile.TemporaryDirectory(prefix="fer-edge-bench-") as tmp:
-            for fmt in [f for f in FORMATS if not formats or f.key in formats]:
+            for fmt in chosen:
                 out = Path(tmp) / f"{fmt.target}-{fmt.precision}"
                 with bar.step(fmt.key):
                     try:

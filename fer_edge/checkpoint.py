@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -102,8 +103,14 @@ def read_meta(path) -> dict:
     from safetensors import safe_open
 
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise UserError(f"{path}: a folder, not a checkpoint file")
+    if not path.exists():
         raise UserError(f"{path}: no such checkpoint file")
+    if not path.is_file():
+        raise UserError(f"{path}: not a regular file (a checkpoint is a .safetensors file)")
+    if not os.access(path, os.R_OK):
+        raise UserError(f"{path}: permission denied")
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}

@@ -59,7 +59,7 @@ def check_runtime_options(bundle=None, weights=None, backend: str = "auto", trus
 def _bundle_backend(art, backend: str, log) -> tuple[object, str]:
     """(backend, the runtime's name) for a bundle's artifact; ``backend`` auto picks
     TensorRT for a Jetson ONNX where tensorrt imports, else the artifact's runtime."""
-    from fer_edge.targets import BackendUnavailable, open_backend
+    from fer_edge.targets import BackendUnavailable, BundleError, open_backend
 
     runtime = art.runtime
     if backend == "auto" and runtime == "onnxruntime" and art.target == "jetson":
@@ -77,8 +77,8 @@ def _bundle_backend(art, backend: str, log) -> tuple[object, str]:
             engine = cached_engine(art.path, art.precision, log=log, onnx_sha256=art.sha256)
             return open_backend(engine, "tensorrt"), chosen
         return open_backend(art.path, chosen), chosen
-    except (BackendUnavailable, RuntimeError) as exc:   # no runtime here, an engine of another GPU
-        raise UserError(str(exc)) from None
+    except (BackendUnavailable, BundleError, RuntimeError) as exc:   # no runtime here, an unloadable artifact,
+        raise UserError(str(exc)) from None                            # an engine of another GPU
 
 
 def open_runtime(bundle=None, weights=None, backend: str = "auto", log=print, trust=None):

@@ -326,9 +326,13 @@ class YuNetDetector:
         self.score_threshold = spec.score_threshold if score_threshold is None else float(score_threshold)
         try:
             self.det = cv2.FaceDetectorYN.create(str(onnx_path), "", (320, 320), self.score_threshold)
+            # Any ONNX file loads; only running it shows whether it is YuNet (its outputs).
+            _, faces = self.det.detect(np.zeros((320, 320, 3), np.uint8))
         except cv2.error:
-            raise RuntimeError(f"{onnx_path}: not a YuNet model OpenCV can load") from None
-        self.size, self.min_size = None, min_size
+            raise RuntimeError(f"{onnx_path}: not a YuNet model OpenCV can load and run") from None
+        if faces is not None and (faces.ndim != 2 or faces.shape[1] != 15):
+            raise RuntimeError(f"{onnx_path}: not a YuNet model (it gives {faces.shape[1:]} values per face, not 15)")
+        self.size, self.min_size = (320, 320), min_size
 
     def detect(self, bgr, gray=None) -> Detections:
         import cv2

@@ -211,6 +211,20 @@ class Pipeline:
         if not 0 <= self.min_confidence <= 1:
             raise ValueError(f"min_confidence {self.min_confidence}: give a probability in [0, 1]")
 
+    def check_model(self) -> None:
+        """Run one blank face through the preprocessing and the model before any
+        frame: an artifact that cannot take what preprocess.json makes, or gives
+        other than one finite logit per label, fails here (BundleError), not
+        midway through a video."""
+        from fer_edge.targets.runtime import BundleError
+
+        blank = np.zeros((1, *tuple(self.preprocess["input_size"])), np.uint8)
+        logits = np.asarray(self.backend.run(preprocess_faces(blank, self.preprocess)))
+        if logits.shape != (1, len(self.labels)) or not np.isfinite(logits).all():
+            raise BundleError(f"the model gives logits of shape {logits.shape}"
+                              f"{'' if np.isfinite(logits).all() else ' (not finite)'} for one face, "
+                              f"not (1, {len(self.labels)}) for its {len(self.labels)} labels")
+
     def reset(self) -> None:
         """Forget every track (a new, unrelated image: nothing carries over)."""
         t = self.tracker

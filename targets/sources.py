@@ -133,7 +133,8 @@ class Source:
             raise SourceError(f"{path}: cannot read this video (corrupt, or a format OpenCV cannot decode)")
         self._first = first[1]
         self.fps = frame_rate(self.cap)
-        self.total = int(self.cap.get(cv2.CAP_PROP_FRAME_COUNT)) or None
+        count = self.cap.get(cv2.CAP_PROP_FRAME_COUNT)   # 0, negative or garbage for streams and odd containers
+        self.total = int(count) if 0 < count < 1e9 else None
 
     def __iter__(self):
         if self.kind in ("image", "folder"):

@@ -88,6 +88,13 @@ def test_fer2013_csv_matches_the_images(tmp_path):
     with pytest.raises(UserError, match="3 pixels instead of 2304"):
         read_fer2013_csv(csv_path, usage="PublicTest", strict=True)
     assert len(load_dataset(csv_path, usage="PrivateTest")) == len(priv)
+    # A row of no FER2013 split is malformed whichever split is read: skipped, or an error under --strict.
+    with open(csv_path, "a", newline="") as f:
+        csv.writer(f).writerow([int(src.labels[0]), " ".join(map(str, src.images[0].ravel())), "Bogus"])
+    assert len(read_fer2013_csv(csv_path, usage="PublicTest")) == len(pub)
+    assert any("unknown Usage 'Bogus'" in why for _, why in read_fer2013_csv(csv_path, usage="PrivateTest").skipped)
+    with pytest.raises(UserError, match="unknown Usage 'Bogus'"):
+        read_fer2013_csv(csv_path, usage="PrivateTest", strict=True)
 
 
 def test_rafdb_list_and_aligned_images(tmp_path):

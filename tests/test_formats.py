@@ -211,6 +211,14 @@ def _hostile_cases(tmp: Path, weights: str):
           "--force"], "lies inside --bundle"),
         (["teacher-logits", "--weights", mine, "--data", tmp, "--out", mine, "--force"], "which this command reads"),
         (["eval", "--weights", mine, "--data", mine, "--json", mine, "--force"], "is --weights"),
+        (["calibrate", "--weights", mine, "--data", tmp, "--out", tmp / "c.safetensors"], "lies inside --data"),
+        (["merge", "--weights", tmp, "--out", tmp / "m.safetensors"], "a folder, not a checkpoint file"),
+        (["merge", "--weights", "/dev/null", "--out", tmp / "m.safetensors"], "not a regular file"),
+        (["train", "--data", tmp, "--out", tmp / "run", "--epochs", "1"], "lies inside --data"),
+        (["eval", "--weights", mine, "--data", tmp / "nowhere", "--json", tmp / "e.json", "--plots", tmp / "e.json"],
+         "are one path"),
+        (["eval", "--weights", mine, "--data", tmp / "nowhere", "--json", tmp / "p" / "e.json", "--plots", tmp / "p"],
+         "overlap"),
     ]
 
 
@@ -247,13 +255,18 @@ def test_read_only_output_folder_is_refused_before_the_export(tmp_path):
 
 def test_benchmark_with_every_face_used_for_calibration_is_one_line(tmp_path):
     """Without --calib the int8 formats calibrate on --data; when that takes
-    every face, nothing is left to score: one line, before any conversion."""
+    every face, nothing is left to score: one line, before any conversion.
+    Formats with no int8 among them set no face aside: all of them are scored."""
     from fer_edge.weights import default_weights
     from helpers import FER_PUBLICTEST, copy_subset, one_line_error, run_cli
 
     if not FER_PUBLICTEST.is_dir():
         pytest.skip(f"real data not found at {FER_PUBLICTEST}")
     data = copy_subset(FER_PUBLICTEST, tmp_path / "few", 3)
-    proc = run_cli("benchmark", "--weights", default_weights(), "--data", data, "--formats", "onnx/fp32",
+    proc = run_cli("benchmark", "--weights", default_weights(), "--data", data, "--formats", "onnx/int8",
                    "--runs", "1", "--no-progress", timeout=300)
     one_line_error(proc, "no faces of")
+    proc = run_cli("benchmark", "--weights", default_weights(), "--data", data, "--formats", "onnx/fp32",
+                   "--runs", "1", "--no-progress", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "21 faces from" in proc.stdout and "(0 calibration faces left out" in proc.stdout, proc.stdout

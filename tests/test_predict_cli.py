@@ -62,6 +62,13 @@ def hostile(tmp_path_factory):
     (root / "afile").write_text("a file, not a folder")
     for name, data in BAD_IMAGES.items():
         (root / name).write_bytes(data)
+    # An ONNX model that loads (any ONNX does) but is not YuNet: one ReLU.
+    import onnx
+    from onnx import TensorProto, helper
+
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 3, "h", "w"]) for n in ("x", "y")]
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "relu", io[:1], io[1:])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(root / "relu.onnx"))
     return root
 
 
@@ -113,6 +120,8 @@ HOSTILE_PREDICT = [
     (["{r}/a.png", "--yunet-model", "{r}/a.png"], "applies to --detector yunet"),
     (["{r}/a.png", "--detector", "yunet", "--yunet-model", "{r}/a.png"], "not a YuNet model"),
     (["{r}/a.png", "--detector", "yunet", "--yunet-model", "{r}/missing.onnx"], "not found"),
+    (["{r}/a.png", "--detector", "yunet", "--yunet-model", "{r}/relu.onnx"], "not a YuNet model"),
+    (["{r}/mixed", "--save", "{r}/mixed/annotated"], "lies inside the source"),
     (["{r}/a.png", "--bundle", "{r}/bad"], "{r}/bad"),
     (["{r}/a.png", "--bundle", "{r}/missing"], "{r}/missing"),
     (["{r}/a.png", "--weights", "{r}/text.png"], "not a readable safetensors checkpoint"),

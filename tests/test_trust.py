@@ -234,6 +234,73 @@ def test_manifest_bypasses_are_refused(onnx_copy, tmp_path):
     assert proc.returncode == 2
 
 
+def test_predict_refuses_a_rehashed_artifact_that_cannot_run(onnx_copy, default_bundles, tmp_path):
+    """An unsigned bundle vouches for its files by their hashes only: an attacker
+    (or a broken copy) can replace the model and re-hash it.  predict must then
+    refuse it in one line before any frame: bytes no runtime loads, or a model
+    that loads but cannot take the input preprocess.json makes (a TFLite file
+    of the same model renamed in: loaded by ONNX Runtime, it is refused)."""
+    image = face_image(tmp_path)
+    (onnx_copy / "model.onnx").write_bytes(os.urandom(700))
+    rehash(onnx_copy, "model.onnx")
+    one_line_error(run("predict", image, "--bundle", onnx_copy), "onnxruntime cannot load it")
+    other = tmp_path / "other"
+    shutil.copytree(default_bundles["onnx"], other)
+    tflite = next(default_bundles["android"].glob("*.tflite"))
+    shutil.copy(tflite, other / "model.onnx")
+    rehash(other, "model.onnx")
+    proc = run("predict", image, "--bundle", other)
+    one_line_error(proc, "cannot load it")
+    assert proc.returncode == 2 and proc.stdout == ""
+
+
+def test_the_pipeline_checks_its_model_before_any_frame():
+    """Pipeline.check_model: one blank face through preprocess.json and the model,
+    which must give one finite logit per label; a model that cannot take that
+    input raises BundleError there (Backend.run's wrapping of the runtime's error)."""
+    from fer_edge.targets import BundleError
+    from fer_edge.targets.detectors import HaarDetector
+    from fer_edge.targets.pipeline import Pipeline
+    from fer_edge.targets.runtime import Backend
+
+    labels = ["a", "b", "c"]
+    pre = {"input_size": [48, 48], "scale": 1 / 255, "mean": 0.5, "std": 0.5}
+
+    class Fake(Backend):
+        name = "fake"
+
+        def __init__(self, out):
+            self.out = out
+
+        def run_batch(self, x):
+            if isinstance(self.out, Exception):
+                raise self.out
+            return self.out(x)
+
+    ok = Pipeline(Fake(lambda x: np.zeros((len(x), 3), np.float32)), labels, pre, detector=HaarDetector())
+    ok.check_model()
+    for out, expect in ((lambda x: np.zeros((len(x), 7), np.float32), "not \\(1, 3\\)"),
+                        (lambda x: np.full((len(x), 3), np.nan, np.float32), "not finite"),
+                        (TypeError("expected tensor(uint8)"), "cannot run an input of shape")):
+        pipe = Pipeline(Fake(out), labels, pre, detector=HaarDetector())
+        with pytest.raises(BundleError, match=expect):
+            pipe.check_model()
+
+
+def test_a_pass_on_fewer_faces_does_not_overturn_a_failure():
+    """fer-edge parity re-marks a bundle, but never turns a failure on N faces into
+    a pass on fewer: a pass on 2 faces proves nothing about a model that failed on 200."""
+    from fer_edge.converters.parity import fewer_faces
+
+    old = {"artifacts": [{"artifact": "m.onnx", "images": 200, "passed": False},
+                         {"artifact": "n.onnx", "images": 200, "passed": True}]}
+    new = lambda n, ok: {"artifacts": [{"artifact": "m.onnx", "images": n, "passed": ok}]}  # noqa: E731
+    assert "m.onnx passed on 2 faces, but failed its bundle's check on 200" in fewer_faces(old, new(2, True))
+    assert fewer_faces(old, new(200, True)) is None and fewer_faces(old, new(2, False)) is None
+    assert fewer_faces(old, {"artifacts": [{"artifact": "n.onnx", "images": 2, "passed": True}]}) is None
+    assert fewer_faces(None, new(2, True)) is None and fewer_faces({"artifacts": "x"}, new(2, True)) is None
+
+
 @needs_data
 def test_pass_fail_comes_from_parity_json(onnx_copy, tmp_path):
     """A failed bundle stays failed whatever the manifest says; only a re-hash of

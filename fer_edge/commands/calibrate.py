@@ -7,7 +7,8 @@ from pathlib import Path
 
 from fer_edge import UserError
 from fer_edge.commands.common import (FER2013_USAGES, add_classes_option, add_device_option, add_progress_option,
-                                      add_strict_option, check_output_file)
+                                      add_strict_option, check_output_file,
+                                      check_outputs_spare_inputs)
 
 
 def cmd_calibrate(args) -> int:
@@ -25,8 +26,7 @@ def cmd_calibrate(args) -> int:
     out = check_output_file(args.out, args.force)
     device = str(torch_device(args.device))
     weights = weights_or_default(args.weights)
-    if out.resolve() == Path(weights).resolve():
-        raise UserError(f"--out {out} is the input checkpoint; write a new file")
+    check_outputs_spare_inputs({"--out": out}, {"--weights": weights, "--data": args.data})
     meta = read_meta(weights)
     if args.method == "vector" and meta["arch"] not in LOGIT_LAYERS:  # before reading any face
         raise UserError(f"--method vector folds into a model's last linear layer and {meta['arch']} has no single one "

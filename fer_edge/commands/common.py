@@ -84,16 +84,17 @@ def _paths(value) -> list:
     return [value] if isinstance(value, (str, Path)) else [v for v in (value or []) if v]
 
 
-def check_outputs_spare_inputs(outputs: dict, inputs: dict, folders: tuple[str, ...] = (),
-                               replaced: tuple[str, ...] = ()) -> None:
-    """No output may destroy what the command reads: overwrite an input (``--out``
-    equal to ``--weights``, ``--json`` equal to a data CSV), land inside an input
-    folder of ``folders`` (a bundle: ``--json BUNDLE/manifest.json``), or, for an
-    output folder of ``replaced`` (a run --force starts over), hold an input
-    (``--init RUN/best.safetensors``).  Flag -> path, list of paths or None."""
+def check_outputs_spare_inputs(outputs: dict, inputs: dict, replaced: tuple[str, ...] = ()) -> None:
+    """No output may destroy what the command reads or another output: overwrite
+    an input (``--out`` equal to ``--weights``, ``--json`` equal to a data CSV),
+    land inside an input folder (``--json BUNDLE/manifest.json``, a run folder
+    inside the class folders of ``--data``), or, for an output folder of
+    ``replaced`` (a run --force starts over), hold an input (``--init
+    RUN/best.safetensors``); two outputs may not be one path or one inside the
+    other.  Flag -> path, list of paths or None."""
     ins = [(flag, path, _resolved(path)) for flag, value in inputs.items() for path in _paths(value)]
-    for out_flag, out in outputs.items():
-        target = _resolved(out) if out else None
+    outs = [(flag, out, _resolved(out)) for flag, out in outputs.items() if out]
+    for out_flag, out, target in outs:
         if target is None:
             continue
         for in_flag, path, src in ins:
@@ -102,10 +103,15 @@ def check_outputs_spare_inputs(outputs: dict, inputs: dict, folders: tuple[str, 
             if out_flag in replaced and (src == target or target in src.parents):
                 raise UserError(f"{in_flag} {path} lies inside {out_flag} {out}, which --force replaces; "
                                 "copy it elsewhere first")
-            inside = in_flag in folders and src in target.parents
+            inside = src in target.parents
             if target == src or inside:
                 raise UserError(f"{out_flag} {out} {'lies inside' if inside else 'is'} {in_flag} {path}, which "
                                 "this command reads; write it somewhere else")
+    for i, (flag_a, a, ra) in enumerate(outs):
+        for flag_b, b, rb in outs[i + 1:]:
+            if ra is not None and rb is not None and (ra == rb or ra in rb.parents or rb in ra.parents):
+                raise UserError(f"{flag_a} {a} and {flag_b} {b} {'are one path' if ra == rb else 'overlap'}: "
+                                "give each output its own place")
 
 
 def report_skipped(name, dataset, log) -> None:

@@ -120,14 +120,13 @@ def add_convert_parser(sub) -> None:
 def cmd_parity(args: argparse.Namespace) -> int:
     from fer_edge.converters import pipeline
     from fer_edge.converters.bundles import load_signing_key, open_bundle, remark
-    from fer_edge.converters.parity import format_row
+    from fer_edge.converters.parity import fewer_faces, format_row
     from fer_edge.fileio import write_json_atomic
     from fer_edge.targets.bundle import SIGNATURE
 
     check_json_out(args.json, args.force)
     check_outputs_spare_inputs({"--json": args.json}, {"--bundle": args.bundle, "--data": args.data,
-                                                       "--weights": args.weights, "--sign": args.sign},
-                               folders=("--bundle",))
+                                                       "--weights": args.weights, "--sign": args.sign})
     if args.report_only and args.sign:
         raise UserError("--sign re-signs a re-marked bundle; --report-only leaves it untouched: give one")
     existing(args.data, "--data")
@@ -147,6 +146,10 @@ def cmd_parity(args: argparse.Namespace) -> int:
         print(format_row(r["artifact"], r))
     passed = all(r["passed"] for r in rep["artifacts"])
     if not args.report_only:
+        fewer = fewer_faces(bundle.parity, rep["parity"])
+        if fewer:
+            raise UserError(f"not re-marked: {fewer}; a pass on fewer faces does not overturn a failure "
+                            "(give at least as many faces, or --report-only)")
         remark(bundle, rep["parity"], key)
         print(f"re-marked {args.bundle}: {'passed' if passed else 'failed'}" + (" (re-signed)" if key else ""))
     if args.json:

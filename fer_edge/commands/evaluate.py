@@ -4,6 +4,7 @@ Every input and output is checked before the data loads."""
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from fer_edge import UserError, argtypes
@@ -12,8 +13,8 @@ from fer_edge.commands.common import (FER2013_USAGES, add_classes_option, add_de
                                       check_plots_folder, report_skipped)
 
 
-def _say(msg: str) -> None:
-    print(msg, flush=True)
+def _warn(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 def training_metrics(weights: Path) -> Path | None:
@@ -53,7 +54,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     meta = read_meta(args.weights)
     data = load_dataset(args.data, size=meta["preprocess"]["input_size"][0], classes=args.classes,
                         strict=args.strict, usage=args.usage, progress=not args.no_progress)
-    report_skipped(args.data, data, _say)
+    report_skipped(args.data, data, _warn)
     if args.limit is not None and args.limit < len(data):
         print(f"scoring a seeded random subset of {args.limit} of {len(data)} faces (--limit)")
     data = limit_set(data, args.limit, 0)
@@ -109,7 +110,7 @@ def cmd_teacher_logits(args: argparse.Namespace) -> int:
     meta = read_meta(args.weights)
     data = load_dataset(args.data, size=meta["preprocess"]["input_size"][0], classes=args.classes,
                         strict=args.strict, usage=args.usage, progress=not args.no_progress)
-    report_skipped(args.data, data, _say)
+    report_skipped(args.data, data, _warn)
     if len(data) == 0:
         raise UserError(f"{args.data}: no labelled faces")
     teacher = Teacher(args.weights, list(meta["classes"]), meta["preprocess"], device)

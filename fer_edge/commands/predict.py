@@ -69,8 +69,8 @@ def check_outputs(args: argparse.Namespace, kind: str) -> None:
     if args.jsonl and args.save and _same_file(args.jsonl, args.save):
         raise UserError("--jsonl and --save name the same file")
     check_outputs_spare_inputs(dict(outputs), {"--bundle": args.bundle, "--weights": args.weights,
-                                               "--trust": args.trust, "--yunet-model": args.yunet_model},
-                               folders=("--bundle",))
+                                               "--trust": args.trust, "--yunet-model": args.yunet_model,
+                                               "the source": None if kind == "camera" else args.source})
     if args.jsonl:
         check_writable_parent(args.jsonl, "--jsonl")
         if Path(args.jsonl).exists() and not Path(args.jsonl).is_file():
@@ -178,6 +178,7 @@ def run_with_outputs(args, source, pipe) -> bool:
 def cmd_predict(args: argparse.Namespace) -> int:
     from fer_edge.predict import open_runtime
     from fer_edge.targets.pipeline import Pipeline, Tracker, track_gap_frames
+    from fer_edge.targets.runtime import BundleError
     from fer_edge.targets.sources import Source, source_kind
 
     check_options(args)
@@ -188,7 +189,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     pipe = Pipeline(backend, labels, pre, detector=detector, margin=args.margin, align=args.align,
                     temperature=args.temperature, min_confidence=args.min_confidence or 0.0,
                     tracker=Tracker(max_age=track_gap_frames(args.track_gap, source.fps)))
-    interrupted = run_with_outputs(args, source, pipe)
+    try:
+        pipe.check_model()   # before the first frame: an artifact that cannot run its own input
+        interrupted = run_with_outputs(args, source, pipe)
+    except BundleError as exc:
+        raise UserError(f"{args.bundle or args.weights}: {exc}") from None
     if source.skipped:
         print(f"warning: skipped {len(source.skipped)} image(s) that cannot be used (first: {source.skipped[0]})",
               file=sys.stderr)

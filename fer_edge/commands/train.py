@@ -111,10 +111,10 @@ def cmd_train(args: argparse.Namespace, hooks=None) -> int:
     device = torch_device(args.device, ctx.local_rank if ctx.enabled else None)
     run_dir = Path(args.out)
     check_run_dir(run_dir, args.resume, args.force)  # refusals only: nothing goes yet
-    if args.force:
-        check_outputs_spare_inputs({"--out": run_dir}, {"--data": args.data, "--val": args.val, "--init": args.init,
-                                                        "--stem-weights": args.stem_weights, "--teacher": args.teacher,
-                                                        "--teacher-logits": args.teacher_logits}, replaced=("--out",))
+    check_outputs_spare_inputs({"--out": run_dir}, {"--data": args.data, "--val": args.val, "--init": args.init,
+                                                    "--stem-weights": args.stem_weights, "--teacher": args.teacher,
+                                                    "--teacher-logits": args.teacher_logits},
+                               replaced=("--out",) if args.force else ())
     if args.resume and (run_dir / "resume.pt").is_file():
         from fer_edge.training.rundir import read_resume_state
 

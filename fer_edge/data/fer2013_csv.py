@@ -115,9 +115,13 @@ def read_fer2013_csv(path, usage: str | None = "Training", strict: bool = False,
             got = f"line too long: over {MAX_LINE_CHARS} characters" if too_long else split_row(line)
             if got == []:  # blank line
                 continue
-            if isinstance(got, list):
-                if usage is not None and len(got) == len(columns) and row_usage(got, columns) != usage:
+            if isinstance(got, list) and len(got) == len(columns):
+                split = row_usage(got, columns)
+                if split not in FER2013_USAGES:   # a malformed row, whichever split was asked for
+                    got = f"unknown Usage {split[:20]!r} (FER2013's are {', '.join(FER2013_USAGES)})"
+                elif usage is not None and split != usage:
                     continue
+            if isinstance(got, list):
                 got = parse_row(got, columns)
             if isinstance(got, str):
                 if strict:
