@@ -97,20 +97,28 @@ def weights_or_default(weights, log=None) -> Path:
     return path
 
 
+def check_checkpoint_file(path, flag: str = "") -> Path:
+    """A checkpoint path the user gave must name a readable regular file; each
+    other case is its own line (``flag``, e.g. "--weights ", leads it)."""
+    path = Path(path)
+    where = f"{flag}{path}"
+    if path.is_dir():
+        raise UserError(f"{where}: a folder, not a checkpoint file")
+    if not path.exists():
+        raise UserError(f"{where}: no such checkpoint file")
+    if not path.is_file():
+        raise UserError(f"{where}: not a regular file (a checkpoint is a .safetensors file)")
+    if not os.access(path, os.R_OK):
+        raise UserError(f"{where}: permission denied")
+    return path
+
+
 def read_meta(path) -> dict:
     """The metadata of a checkpoint, reading only its header, checked by
     ``check_meta``: every problem is one UserError line."""
     from safetensors import safe_open
 
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{path}: a folder, not a checkpoint file")
-    if not path.exists():
-        raise UserError(f"{path}: no such checkpoint file")
-    if not path.is_file():
-        raise UserError(f"{path}: not a regular file (a checkpoint is a .safetensors file)")
-    if not os.access(path, os.R_OK):
-        raise UserError(f"{path}: permission denied")
+    path = check_checkpoint_file(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}

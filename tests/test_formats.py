@@ -212,7 +212,7 @@ def _hostile_cases(tmp: Path, weights: str):
         (["teacher-logits", "--weights", mine, "--data", tmp, "--out", mine, "--force"], "which this command reads"),
         (["eval", "--weights", mine, "--data", mine, "--json", mine, "--force"], "is --weights"),
         (["calibrate", "--weights", mine, "--data", tmp, "--out", tmp / "c.safetensors"], "lies inside --data"),
-        (["merge", "--weights", tmp, "--out", tmp / "m.safetensors"], "a folder, not a checkpoint file"),
+        (["merge", "--weights", Path(__file__).parent, "--out", tmp / "m.safetensors"], "a folder, not a checkpoint file"),
         (["merge", "--weights", "/dev/null", "--out", tmp / "m.safetensors"], "not a regular file"),
         (["train", "--data", tmp, "--out", tmp / "run", "--epochs", "1"], "lies inside --data"),
         (["eval", "--weights", mine, "--data", tmp / "nowhere", "--json", tmp / "e.json", "--plots", tmp / "e.json"],

@@ -25,10 +25,10 @@ def existing(path, what: str) -> Path:
 
 def checkpoint_path(weights) -> Path:
     """--weights as given (it must be a file), or the embedded default model."""
-    from fer_edge.checkpoint import weights_or_default  # imports torch: not at parser time
+    from fer_edge.checkpoint import check_checkpoint_file, weights_or_default  # imports torch: not at parser time
 
-    if weights and not Path(weights).is_file():
-        raise UserError(f"--weights {weights}: no such checkpoint file")
+    if weights:
+        check_checkpoint_file(weights, "--weights ")
     return weights_or_default(weights)
 
 
