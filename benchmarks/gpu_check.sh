@@ -29,6 +29,16 @@ PY="python3 -P"
 PYTEST="$PY -m pytest -q -p no:cacheprovider --import-mode=importlib"
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 step() { echo; echo "== $1 ($(date +%T))"; }
+sanitize() {  # sanitize TOOL LIMIT NEWEST_TESTS SMALL_BATCH_TESTS: compute-sanitizer on two test selections
+  local tool=$1 limit=$2 start left
+  start=$(date +%s)
+  step "compute-sanitizer $tool (the CUTLASS and stem kernels, small cases)"
+  timeout $(( limit / 2 )) compute-sanitizer --tool "$tool" $PYTEST -x tests/test_kernels_cuda.py -k "$3" 2>&1 | tail -6
+  left=$(( limit - ($(date +%s) - start) ))
+  step "compute-sanitizer $tool (small-batch kernels)"
+  timeout $(( left > 10 ? left : 10 )) compute-sanitizer --tool "$tool" $PYTEST -x tests/test_kernels_cuda.py -k "$4" \
+    2>&1 | tail -6
+}
 {
   nvidia-smi --query-gpu=name,driver_version,compute_cap --format=csv
   if want build; then
@@ -60,27 +70,14 @@ step() { echo; echo "== $1 ($(date +%T))"; }
       -k "cuda or dispatch or splitk or merge or cutlass or stem" 2>&1 | tail -15
   fi
   if want sanitize; then
-    # The newest kernels first, on a few small cases each, then the small-batch kernels' tests
-    # (in the time left of MEMCHECK_LIMIT).
-    SAN_START=$(date +%s)
-    step "compute-sanitizer memcheck (the CUTLASS and stem kernels, small cases)"
-    timeout $(( ${MEMCHECK_LIMIT:-90} / 2 )) compute-sanitizer --tool memcheck $PYTEST -x tests/test_kernels_cuda.py \
-      -k "(cutlass_matches and (n1- or n5-) and not window) or (cutlass_matches and n5- and window) or cutlass_split or (stem_matches and n1-cin1) or stem_refuses" 2>&1 | tail -6
-    step "compute-sanitizer memcheck (small-batch kernels)"
-    timeout $(( ${MEMCHECK_LIMIT:-90} - ($(date +%s) - SAN_START) > 10 ? ${MEMCHECK_LIMIT:-90} - ($(date +%s) - SAN_START) : 10 )) \
-      compute-sanitizer --tool memcheck $PYTEST -x tests/test_kernels_cuda.py \
-      -k "(splitk or fp16_close_to_fp32_reference) and not fuzz and not n64 and not n256" 2>&1 | tail -6
-    if [ "${RACECHECK_LIMIT:-120}" -gt 0 ]; then
-      # The newest kernels first (their shared-memory pipelines), then the small-batch ones.
-      RACE_START=$(date +%s)
-      step "compute-sanitizer racecheck (the CUTLASS and stem kernels, small cases)"
-      timeout $(( ${RACECHECK_LIMIT:-120} / 2 )) compute-sanitizer --tool racecheck $PYTEST -x tests/test_kernels_cuda.py \
-        -k "(cutlass_matches and n5- and True) or (stem_matches and n1-cin1-48x48)" 2>&1 | tail -6
-      step "compute-sanitizer racecheck (small-batch kernels)"
-      timeout $(( ${RACECHECK_LIMIT:-120} - ($(date +%s) - RACE_START) > 10 ? ${RACECHECK_LIMIT:-120} - ($(date +%s) - RACE_START) : 10 )) \
-        compute-sanitizer --tool racecheck $PYTEST -x tests/test_kernels_cuda.py \
-        -k "fp16_close_to_fp32_reference and (splitk or mma)" 2>&1 | tail -6
-    fi
+    # Each tool: the newest kernels first, on a few small cases each (half of its limit), then
+    # the small-batch kernels' tests in the time left.
+    sanitize memcheck ${MEMCHECK_LIMIT:-90} \
+      "(cutlass_matches and (n1- or n5-) and not window) or (cutlass_matches and n5- and window) or cutlass_split or (stem_matches and n1-cin1) or stem_refuses" \
+      "(splitk or fp16_close_to_fp32_reference) and not fuzz and not n64 and not n256"
+    [ "${RACECHECK_LIMIT:-120}" -gt 0 ] && sanitize racecheck ${RACECHECK_LIMIT:-120} \
+      "(cutlass_matches and n5- and True) or (stem_matches and n1-cin1-48x48)" \
+      "fp16_close_to_fp32_reference and (splitk or mma)"
   fi
   if want profile; then
     step "Nsight Compute: the small-batch kernel at batch 1"
