@@ -80,7 +80,7 @@ def hostile_pool(root: Path) -> list[str]:
     run = root / "run"
     run.mkdir()
     (run / "config.json").write_text("{\"model\": ")
-    (run / "resume.pt").write_bytes(b"PK\x03\x04" + os.urandom(512))
+    (run / "resume.safetensors").write_bytes(b"PK\x03\x04" + os.urandom(512))
     (run / "metrics.jsonl").write_text("{\"epoch\": 1}\nnot json\n")
     ro = root / "readonly"
     ro.mkdir()

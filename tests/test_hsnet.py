@@ -18,12 +18,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 import torch.nn.functional as F
 from torch import nn
 
 from fer_edge import UserError, models
 from fer_edge.checkpoint import load_checkpoint, max_relative_logit_error, save_checkpoint
 from fer_edge.reparam import merge
+from fer_edge.training.rundir import read_resume_state
 
 _spec = importlib.util.spec_from_file_location("fer_test_helpers", Path(__file__).with_name("helpers.py"))
 H = importlib.util.module_from_spec(_spec)
@@ -233,11 +235,14 @@ def test_ktl_loads_and_freezes_the_face_recognition_stem(tmp_path):
     # a facenet-pytorch-style state dict: stem keys with their `relu` names, plus others
     state = {k.replace(".act.", ".relu."): v for k, v in face.stem.state_dict().items()}
     state["logits.weight"] = torch.randn(8, 512)
-    torch.save(state, tmp_path / "facenet.pt")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "facenet.safetensors"))
     model = models.create("hsnet", input_size=SMALL)
     total = sum(p.numel() for p in model.parameters())
     stem = sum(p.numel() for p in model.stem.parameters())
-    model.load_stem(tmp_path / "facenet.pt")
+    torch.save(state, tmp_path / "facenet.pt")   # facenet-pytorch's own format, a pickle: never read
+    with pytest.raises(ValueError, match=r"never unpickles a file\); convert a \.pt once"):
+        model.load_stem(tmp_path / "facenet.pt")
+    model.load_stem(tmp_path / "facenet.safetensors")
     assert_same_weights(model.stem.state_dict(), face.stem.state_dict())
     # Eq. 19-20: theta_s fixed, theta_h trained
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == total - stem
@@ -248,7 +253,7 @@ def test_ktl_loads_and_freezes_the_face_recognition_stem(tmp_path):
     assert model.fgal.heads[0].weight.grad is not None
     # the KTL ablation has no stem to transfer
     with pytest.raises(ValueError, match="ktl=False"):
-        models.create("hsnet", input_size=SMALL, ktl=False).load_stem(tmp_path / "facenet.pt")
+        models.create("hsnet", input_size=SMALL, ktl=False).load_stem(tmp_path / "facenet.safetensors")
 
 
 # ------------------------------------------------------------------ ablations (Table 6)
@@ -334,8 +339,8 @@ def test_plateau_schedule_resumes_bit_exactly_after_sigkill(tiny, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_weights(load_state(tmp_path / "full" / "last.safetensors"),
                         load_state(tmp_path / "cut" / "last.safetensors"))
-    a = torch.load(tmp_path / "full" / "resume.pt", weights_only=True)["scheduler"]
-    b = torch.load(tmp_path / "cut" / "resume.pt", weights_only=True)["scheduler"]
+    a = read_resume_state(tmp_path / "full" / "resume.safetensors")["scheduler"]
+    b = read_resume_state(tmp_path / "cut" / "resume.safetensors")["scheduler"]
     assert a == b
     assert a["patience"] == 20 and a["last_epoch"] == 2  # a plateau schedule, stepped once per epoch
     rows = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]

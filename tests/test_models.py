@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from fer_edge import models
@@ -197,9 +198,9 @@ def test_hsnet_lite_loads_and_freezes_a_face_recognition_stem(tmp_path):
     # A facenet-pytorch-style state dict: stem keys with their `relu` names, plus others.
     state = {k.replace(".act.", ".relu."): v for k, v in rgb.stem.state_dict().items()}
     state["logits.weight"] = torch.randn(8, 512)
-    torch.save(state, tmp_path / "facenet.pt")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "facenet.safetensors"))
     gray = models.create("hsnet-lite", in_chans=1)
-    gray.load_stem(tmp_path / "facenet.pt")
+    gray.load_stem(tmp_path / "facenet.safetensors")
     x = torch.randn(2, 1, 112, 112)
     with torch.no_grad():
         torch.testing.assert_close(gray.stem(x), rgb.stem.eval()(x.repeat(1, 3, 1, 1)), atol=1e-4, rtol=1e-4)

@@ -16,6 +16,7 @@ from fer_edge import UserError
 from fer_edge.training import augment as A
 from fer_edge.training.ema import WeightEMA
 from fer_edge.training.recipes import RECIPE_KEYS, RECIPES, ema_decay, get_recipe
+from fer_edge.training.rundir import read_resume_state
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_training import TINY, assert_same_weights, load_state, needs_data, run, tiny  # noqa: E402,F401
@@ -152,7 +153,7 @@ def test_regularized_run_saves_the_average_and_resumes_exactly(tiny, tmp_path):
     assert (config["recipe"]["ema"], config["recipe"]["cutmix"], config["model_config"]["dropout"]) == (0.9, 1.0,
                                                                                                        0.3)
     # the saved weights are the average's, not the trained ones
-    state = torch.load(tmp_path / "full" / "resume.pt", weights_only=True)
+    state = read_resume_state(tmp_path / "full" / "resume.safetensors")
     last = load_state(tmp_path / "full" / "last.safetensors")
     assert_same_weights(last, {k: v for k, v in state["ema"]["module"].items() if k in last})
     assert any(not torch.equal(last[k], state["model"][k]) for k in last)
@@ -187,7 +188,7 @@ def test_force_with_a_bad_input_keeps_the_old_run(tiny, tmp_path):
     first = run("train", *TINY, "--data", train, "--val", val, "--epochs", "1", "--out", out)
     assert first.returncode == 0, first.stderr[-2000:]
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
-    assert {"best.safetensors", "resume.pt", "metrics.jsonl"} <= before.keys()
+    assert {"best.safetensors", "resume.safetensors", "metrics.jsonl"} <= before.keys()
     bad = run("train", *TINY, "--data", tmp_path / "no-such-folder", "--val", val, "--epochs", "1", "--out", out,
               "--force")
     lines = bad.stderr.strip().splitlines()

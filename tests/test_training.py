@@ -266,10 +266,10 @@ def test_a_failed_start_leaves_nothing_behind(tmp_path):
     assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
     done = tmp_path / "done"  # a checkpoint was written: the run can be resumed, it stays
     done.mkdir()
-    (done / "resume.pt").write_text("x")
+    (done / "resume.safetensors").write_text("x")
     (done / "config.json").write_text("x")
     discard_failed_start(done, had_files=False)
-    assert sorted(p.name for p in done.iterdir()) == ["config.json", "resume.pt"]
+    assert sorted(p.name for p in done.iterdir()) == ["config.json", "resume.safetensors"]
 
 
 def test_the_model_choices_are_the_registered_models():

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from fer_edge.training.rundir import read_resume_state
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers import copy_subset, one_line_error  # noqa: E402
 from test_training import (  # noqa: E402,F401
@@ -37,7 +38,7 @@ def test_train_then_eval_on_real_faces(tiny, tmp_path):
     out = tmp_path / "run"
     proc = run("train", *TINY, "--data", train, "--val", val, "--epochs", "2", "--out", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for name in ("best.safetensors", "last.safetensors", "resume.pt", "config.json", "metrics.jsonl",
+    for name in ("best.safetensors", "last.safetensors", "resume.safetensors", "config.json", "metrics.jsonl",
                  "summary.json", "val_eval.json", "plots/confusion.png", "plots/roc.png",
                  "plots/training_curves.png"):
         assert (out / name).is_file(), name
@@ -87,7 +88,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tiny, tmp_path):
     b = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert [r["train_loss"] for r in a] == [r["train_loss"] for r in b]
     # the resume file holds only tensors and plain data: it loads without unpickling code
-    state = torch.load(tmp_path / "cut" / "resume.pt", weights_only=True)
+    state = read_resume_state(tmp_path / "cut" / "resume.safetensors")
     assert state["epoch"] == 3 and {"optimizer", "scheduler", "scaler", "rng"} <= state.keys()
     # resuming with other settings is refused
     other = run("train", *TINY, "--data", train, "--val", val, "--epochs", "5", "--out", tmp_path / "cut",
@@ -112,7 +113,7 @@ def test_time_budget_sets_the_epochs_and_survives_resume(tiny, tmp_path):
     summary = json.loads((tmp_path / "cut" / "summary.json").read_text())
     assert summary["epochs"] == 2 and summary["recipe_epochs"] == 4 and summary["time_budget_min"] == 0.0001
     assert len((tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()) == 2
-    state = torch.load(tmp_path / "cut" / "resume.pt", weights_only=True)
+    state = read_resume_state(tmp_path / "cut" / "resume.safetensors")
     # the cosine schedule was re-planned for 2 epochs: its last step has reached lr 0
     assert state["epochs"] == 2 and state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-9)
     assert state["train_seconds"] > 0  # a resumed run's budget counts the killed process's time
@@ -126,7 +127,7 @@ def test_time_budget_sets_the_epochs_and_survives_resume(tiny, tmp_path):
                                                             .split()[0]), slow.stdout
     assert int(decisions[0].split("-> ")[1].split()[0]) > 3, decisions
     assert json.loads((tmp_path / "slow" / "summary.json").read_text())["epochs"] == 3
-    state = torch.load(tmp_path / "slow" / "resume.pt", weights_only=True)
+    state = read_resume_state(tmp_path / "slow" / "resume.safetensors")
     assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-9)  # schedule ended at 3
     roomy = run("train", *common, "--epochs", "3", "--time-budget", "600", "--out", tmp_path / "roomy")
     assert roomy.returncode == 0, roomy.stderr[-2000:]
@@ -257,35 +258,71 @@ def test_unwritable_outputs_are_refused_before_any_work(tmp_path):
 
 
 def test_a_damaged_resume_file_is_one_line(tmp_path):
-    """Truncated, foreign, of the wrong structure or holding pickled objects:
-    one line naming the file, before any data is read."""
+    """Truncated, foreign, of the wrong structure, with a broken JSON structure, or
+    a pickle of an older fer-edge: one line naming the file, before any data is
+    read, and nothing unpickled."""
+    from fer_edge.statefile import STATE_KEY, write_state
+    from safetensors.torch import save_file
+
     run_dir = tmp_path / "run"
     run_dir.mkdir()
+    path = run_dir / "resume.safetensors"
     state = {"epoch": 1, "model": {"w": torch.randn(20_000)}, "optimizer": {}, "scheduler": {}, "scaler": {},
              "rng": [{"cpu": torch.get_rng_state()}], "best_acc": 0.5, "best_epoch": 1, "fingerprint": {}}
-    torch.save(state, run_dir / "resume.pt")
-    whole = (run_dir / "resume.pt").read_bytes()
-    cases = {"truncated": (whole[: len(whole) // 2], "not a readable resume file"),
-             "junk": (b"PK\x03\x04" + bytes(range(256)) * 4, "not a readable resume file"),
-             "empty": (b"", "not a readable resume file")}
-    for name, (raw, expect) in cases.items():
-        (run_dir / "resume.pt").write_bytes(raw)
-        proc = run("train", "--data", tmp_path / "faces", "--val", tmp_path / "val", "--out", run_dir, "--resume")
-        one_line_error(proc, expect)
-        assert "resume.pt" in proc.stderr, name
+    write_state(path, state)
+    whole = path.read_bytes()
+
+    def resume():
+        return run("train", "--data", tmp_path / "faces", "--val", tmp_path / "val", "--out", run_dir, "--resume")
+
+    for raw in (whole[: len(whole) // 2], b"PK\x03\x04" + bytes(range(256)) * 4, b""):
+        path.write_bytes(raw)
+        proc = resume()
+        one_line_error(proc, "not a readable resume file")
+        assert "resume.safetensors" in proc.stderr
     for obj, expect in (([1, 2, 3], "holds a list"), ({**state, "epoch": "one"}, "'epoch'"),
-                        ({**state, "rng": []}, "damaged"), ({**state, "x": argparse_namespace()}, "never unpickled")):
-        torch.save(obj, run_dir / "resume.pt")
-        one_line_error(run("train", "--data", tmp_path / "faces", "--val", tmp_path / "val", "--out", run_dir,
-                           "--resume"), expect)
+                        ({**state, "rng": []}, "damaged")):
+        write_state(path, obj)
+        one_line_error(resume(), expect)
+    for meta, expect in (({}, "without a fer-edge state"), ({STATE_KEY: "{"}, "not valid JSON"),
+                         ({STATE_KEY: '{"__tensor__": "7"}'}, "a tensor the file does not hold"),
+                         ({STATE_KEY: '{"__tuple__": 3}'}, "does not hold a list")):
+        save_file({"0": torch.zeros(2)}, str(path), metadata=meta)
+        one_line_error(resume(), expect)
+    path.unlink()
+    torch.save(state, run_dir / "resume.pt")   # what an older fer-edge wrote: a pickle, never read
+    one_line_error(resume(), "never unpickles")
     assert sorted(p.name for p in run_dir.iterdir()) == ["resume.pt"]  # nothing else was written
 
 
-def argparse_namespace():
-    """An object that only unpickling could rebuild (torch.load(weights_only=True) refuses it)."""
-    import argparse
+def test_the_state_file_gives_back_what_it_was_given(tmp_path):
+    """Tensors of every dtype a run keeps (views and shared storage included),
+    tuples, integer keys (an optimizer's per-parameter state), None, inf and
+    NaN: back as they were, with no pickle involved; what it cannot hold is refused."""
+    import math
 
-    return argparse.Namespace(x=1)
+    from fer_edge.statefile import read_state, write_state
+
+    base = torch.randn(6, 4)
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.randn(3))], betas=(0.8, 0.99))
+    state = {"model": {"w": base, "view": base[1:3], "u8": torch.get_rng_state(), "b": torch.ones(2, dtype=torch.bool),
+                       "h": torch.randn(3).half(), "i": torch.tensor(7)},
+             "optimizer": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(3)}, 5: {}},
+                           "param_groups": opt.state_dict()["param_groups"]},
+             "scheduler": {"best": math.inf, "lr_lambdas": [None], "eps": 1e-8, "mode": "min"},
+             "nan": math.nan, "pair": (1, (2.5, "x")), "empty": {}, "none": None, "flag": True}
+    write_state(tmp_path / "s.safetensors", state)
+    back = read_state(tmp_path / "s.safetensors")
+    assert back["pair"] == (1, (2.5, "x")) and back["optimizer"]["param_groups"][0]["betas"] == (0.8, 0.99)
+    assert list(back["optimizer"]["state"]) == [0, 5] and back["scheduler"]["best"] == math.inf
+    assert math.isnan(back["nan"]) and back["empty"] == {} and back["none"] is None and back["flag"] is True
+    for k, v in state["model"].items():
+        assert back["model"][k].dtype == v.dtype and torch.equal(back["model"][k], v), k
+    assert torch.equal(back["optimizer"]["state"][0]["exp_avg"], state["optimizer"]["state"][0]["exp_avg"])
+    for bad in ({"x": object()}, {1: "a", "b": 2}, {"__tensor__": 1}):
+        with pytest.raises(TypeError):
+            write_state(tmp_path / "bad.safetensors", bad)
+    assert not (tmp_path / "bad.safetensors").exists()
 
 
 @needs_data

@@ -115,10 +115,10 @@ def cmd_train(args: argparse.Namespace, hooks=None) -> int:
                                                     "--stem-weights": args.stem_weights, "--teacher": args.teacher,
                                                     "--teacher-logits": args.teacher_logits},
                                replaced=("--out",) if args.force else ())
-    if args.resume and (run_dir / "resume.pt").is_file():
-        from fer_edge.training.rundir import read_resume_state
+    from fer_edge.training.rundir import RESUME_FILE, read_resume_state
 
-        read_resume_state(run_dir / "resume.pt")  # a damaged file fails now, not after the data loads
+    if args.resume and (run_dir / RESUME_FILE).is_file():
+        read_resume_state(run_dir / RESUME_FILE)  # a damaged file fails now, not after the data loads
     choices = resolve_choices(args)
     dist.join_process_group(ctx, device)
     had_files = has_files(run_dir)
@@ -182,6 +182,7 @@ def run_folds(settings, data, k: int, run_dir: Path, args, ctx, log, device, hoo
     """K-fold cross-validation; each fold's score is its last epoch on its test
     fold (no fold picks its own best epoch, which would inflate the mean)."""
     from fer_edge.data.folds import make_folds
+    from fer_edge.training.rundir import RESUME_FILE
     from fer_edge.training.trainer import train_run
 
     folds, kind = make_folds(data, k, seed=settings.seed)
@@ -198,7 +199,7 @@ def run_folds(settings, data, k: int, run_dir: Path, args, ctx, log, device, hoo
             fold_dir.mkdir(parents=True, exist_ok=True)
             log(f"fold {i}/{k}: train {int((~test_mask).sum())}, test {len(test_idx)}")
             summary = train_run(settings, data.subset(np.flatnonzero(~test_mask)), data.subset(test_idx),
-                                fold_dir, resume=args.resume and (fold_dir / "resume.pt").is_file(), ctx=ctx,
+                                fold_dir, resume=args.resume and (fold_dir / RESUME_FILE).is_file(), ctx=ctx,
                                 progress=not args.no_progress, select_best=False, log=log, device=device,
                                 hooks=hooks)
         results.append({"fold": i, "test_images": len(test_idx), "accuracy": summary.get("val_acc"),
@@ -220,7 +221,7 @@ def fold_summary(fold_dir: Path, resume: bool) -> dict | None:
     try:
         summary = json.loads(path.read_text())
     except (OSError, ValueError):
-        return None  # unreadable: the fold is trained again (from its resume.pt where there is one)
+        return None  # unreadable: the fold is trained again (from its resume file where there is one)
     return summary if isinstance(summary, dict) and isinstance(summary.get("val_acc"), float) else None
 
 
@@ -246,7 +247,7 @@ def add_train_parser(sub) -> None:
 
     p = sub.add_parser("train", help="train a model on expression data (FER2013 CSV/folders, CK+, RAF-DB)",
                        description="Train MACNN, VGG16, HSNet or hsnet-lite. Writes best/last checkpoints, "
-                                   "metrics.jsonl, config.json, resume.pt and plots into --out. Launch with "
+                                   "metrics.jsonl, config.json, resume.safetensors and plots into --out. Launch with "
                                    "torchrun for several processes (DistributedDataParallel).")
     p.add_argument("--model", choices=MODELS, help="macnn, vgg16, hsnet (the HSNet paper's network) or hsnet-lite "
                    "(a smaller variant) (default macnn, or the --init checkpoint's)")

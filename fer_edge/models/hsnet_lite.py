@@ -98,7 +98,7 @@ class HSNetLite(FrozenStem, nn.Module):
 
     def load_stem(self, path, freeze: bool = True):
         """Load the Inception-ResNet-v1 stem from a face-recognition state dict
-        (safetensors, or a torch file read with weights_only=True)."""
+        (a safetensors file)."""
         stem_state = read_stem_state(path)
         first = "conv2d_1a.conv.weight"
         w = stem_state[first]

@@ -27,19 +27,22 @@ STEM_LAYERS = tuple(name for name, cout, *_ in STEM if cout is not None)
 STEM_CHANNELS = 3  # the face-recognition stem reads RGB
 
 
+# facenet-pytorch ships its weights as pickles (.pt); fer-edge never unpickles a file,
+# so a user converts one once, where they trust it.
+CONVERT_PT = ("python -c \"import torch; from safetensors.torch import save_file; "
+              "save_file(torch.load('FILE.pt', weights_only=True), 'FILE.safetensors')\"")
+
+
 def read_stem_state(path) -> dict:
     """The Inception-ResNet-v1 stem tensors of a face-recognition state dict
-    (safetensors, or a torch file read with weights_only=True), with
-    fer-edge's names (``relu`` -> ``act``)."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    (a safetensors file), with fer-edge's names (``relu`` -> ``act``)."""
+    from safetensors.torch import load_file
 
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "state_dict" in state:
-            state = state["state_dict"]
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: give the weights as .safetensors (fer-edge never unpickles a file); "
+                         f"convert a .pt once: {CONVERT_PT}")
+    state = load_file(str(path))
     stem_state = {}
     for key, value in state.items():
         key = key.removeprefix("module.")

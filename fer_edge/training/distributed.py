@@ -109,7 +109,7 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 
 def gather_rng(device: torch.device, ctx: DistContext) -> list:
-    """Every rank's RNG state, in rank order (stored in resume.pt)."""
+    """Every rank's RNG state, in rank order (stored in the resume file)."""
     state = rng_state(device)
     if not ctx.enabled:
         return [state]

@@ -74,7 +74,7 @@ class Step:
 
 @dataclass
 class Position:
-    """Where the run stands (saved in resume.pt after every epoch)."""
+    """Where the run stands (saved in resume.safetensors after every epoch)."""
     epochs: int                      # planned epochs (fewer once a --time-budget run has timed itself)
     plan: dict                       # {"total_steps", "decided"}: the LambdaLR schedule reads it at every step
     epoch: int = 0                   # epochs done

@@ -1,15 +1,16 @@
-"""The run folder: what a run writes (config.json, metrics.jsonl, resume.pt,
-summary.json, checkpoints) and how it is checked, cleared, read back.
+"""The run folder: what a run writes (config.json, metrics.jsonl,
+resume.safetensors, summary.json, checkpoints) and how it is checked,
+cleared, read back.
 
-Every file is written atomically (``fer_edge.fileio``); resume.pt is read with
-``weights_only=True`` (tensors and plain data, never pickled code) and checked
-for the structure the loop needs, so a damaged one is one line, not a traceback.
+Every file is written atomically (``fer_edge.fileio``); the resume state is a
+safetensors file with its structure as JSON (``fer_edge.statefile``: nothing
+is unpickled to read it) and is checked for the structure the loop needs, so
+a damaged one is one line, not a traceback.
 """
 from __future__ import annotations
 
 import json
 import os
-import pickle
 import shutil
 from pathlib import Path
 
@@ -18,16 +19,18 @@ import torch
 from fer_edge import UserError
 from fer_edge.fileio import check_writable_folder, check_writable_parent, os_error_line, write_atomic, write_json_atomic
 
-RESUME_FILE = "resume.pt"
+RESUME_FILE = "resume.safetensors"
+# Older fer-edge versions pickled the resume state: never read, removed by --force.
+LEGACY_RESUME_FILE = "resume.pt"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 FOLDS_FILE = "folds.json"
 # Files a run creates; --force removes exactly these (never the user's other files).
-RUN_FILES = (RESUME_FILE, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, "best.safetensors", "last.safetensors",
+RUN_FILES = (RESUME_FILE, LEGACY_RESUME_FILE, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, "best.safetensors", "last.safetensors",
              "val_eval.json", FOLDS_FILE)
 RUN_FOLDERS = ("plots", "fold[0-9][0-9]")
-# What resume.pt must hold, and of which type, for the loop to continue from it.
+# What the resume file must hold, and of which type, for the loop to continue from it.
 RESUME_KEYS = {"epoch": int, "model": dict, "optimizer": dict, "scheduler": dict, "scaler": dict, "rng": list,
                "best_acc": (int, float), "best_epoch": int, "fingerprint": dict}
 
@@ -45,7 +48,7 @@ def has_files(folder: Path) -> bool:
 
 
 def resumable(run_dir: Path) -> bool:
-    """Whether the folder holds a run that --resume can continue (its own or a fold's resume.pt)."""
+    """Whether the folder holds a run that --resume can continue (its own or a fold's resume file)."""
     return (run_dir / RESUME_FILE).is_file() or (run_dir / "fold01").is_dir()
 
 
@@ -76,6 +79,9 @@ def _check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
         if killed_start(run_dir):
             raise UserError(f"{run_dir}: that run stopped before its first checkpoint, so there is nothing to "
                             "resume; start it again without --resume")
+        if not resumable(run_dir) and (run_dir / LEGACY_RESUME_FILE).is_file():
+            raise UserError(f"{run_dir}: its {LEGACY_RESUME_FILE} comes from an older fer-edge, which pickled it, "
+                            "and fer-edge never unpickles a file; start the run again (--force)")
         if not resumable(run_dir):
             raise UserError(f"{run_dir}: nothing to resume (no {RESUME_FILE}); start without --resume")
         return
@@ -153,8 +159,10 @@ def discard_failed_start(run_dir: Path, had_files: bool) -> None:
 
 
 # ----------------------------------------------------------------- writing
-def save_torch_atomic(path: Path, obj) -> None:
-    write_atomic(path, lambda tmp: torch.save(obj, tmp), force=True)
+def write_resume_state(path: Path, state: dict) -> None:
+    from fer_edge.statefile import write_state
+
+    write_state(path, state)
 
 
 def write_config(run_dir: Path, config: dict) -> None:
@@ -192,7 +200,7 @@ def parse_metrics_line(line: str) -> dict | None:
 
 def read_rows(path: Path, log=None) -> list[dict]:
     """The epochs' rows of metrics.jsonl; lines that are not rows are skipped
-    with one warning through ``log`` (they are only a record: the run's state is resume.pt)."""
+    with one warning through ``log`` (they are only a record: the run's state is the resume file)."""
     if not path.is_file():
         return []
     try:
@@ -212,19 +220,16 @@ def truncate_metrics(path: Path, epoch: int, log=None) -> None:
 
 
 def read_resume_state(path: Path) -> dict:
-    """resume.pt as the loop needs it, or one UserError line: unreadable,
+    """The resume file as the loop needs it, or one UserError line: unreadable,
     truncated, not a resume file, or missing what the loop restores."""
+    from fer_edge.statefile import StateFileError, read_state
+
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "weights only" in str(exc).lower():
-            raise UserError(f"{path}: holds objects other than tensors and plain data; refused "
-                            "(a resume file is never unpickled)") from None
-        raise UserError(f"{path}: not a readable resume file (truncated or corrupt?)") from None
-    except (PermissionError, IsADirectoryError, FileNotFoundError) as exc:
+        state = read_state(path)
+    except OSError as exc:
         raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
-    except Exception:  # noqa: BLE001  (a damaged zip archive, EOF, ...: torch raises several types)
-        raise UserError(f"{path}: not a readable resume file (truncated or corrupt?)") from None
+    except StateFileError as exc:
+        raise UserError(f"{path}: not a readable resume file: {exc}") from None
     if not isinstance(state, dict):
         raise UserError(f"{path}: not a fer-edge resume file (holds a {type(state).__name__})")
     for key, kind in RESUME_KEYS.items():
@@ -237,7 +242,7 @@ def read_resume_state(path: Path) -> dict:
 
 
 def restore(path: Path, what: str, load_fn, value) -> None:
-    """``load_fn(value)`` (a load_state_dict), a mismatch as one line naming the part of resume.pt."""
+    """``load_fn(value)`` (a load_state_dict), a mismatch as one line naming the part of the resume file."""
     try:
         load_fn(value)
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:

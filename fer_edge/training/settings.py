@@ -1,4 +1,4 @@
-"""What defines a run: ``TrainSettings`` (recorded in config.json and resume.pt,
+"""What defines a run: ``TrainSettings`` (recorded in config.json and resume.safetensors,
 compared on resume) and ``RunHooks`` (callbacks a caller passes in, e.g. a test
 that simulates a crash; never read from the environment)."""
 from __future__ import annotations
@@ -56,7 +56,7 @@ class RunHooks:
     kill a run right after a checkpoint, slow an epoch down under a time
     budget, or collect every process's final weights."""
     epoch_trained: Callable[[int], None] | None = None      # epoch N trained and validated, before the budget check
-    checkpoint_written: Callable[[int], None] | None = None  # resume.pt of epoch N is on disk (main process)
+    checkpoint_written: Callable[[int], None] | None = None  # the resume file of epoch N is on disk (main process)
     finished: Callable[[object, object], None] | None = None  # (trained model, DistContext) on every process
 
     def call(self, name: str, *args) -> None:

@@ -92,7 +92,7 @@ def make_step(model: nn.Module, settings: TrainSettings, env: Env, train_set, po
 
 def resume_from(state: dict, s: Step, pos: Position, settings: TrainSettings, env: Env, run_dir: Path,
                 steps_per_epoch: int) -> None:
-    """Continue from resume.pt: the same settings (else one line naming what differs), then every state back."""
+    """Continue from the resume file: the same settings (else one line naming what differs), then every state back."""
     path = run_dir / RESUME_FILE
     old = comparable_fingerprint(state["fingerprint"], has_aux_heads(s.model))
     new = comparable_fingerprint(json.loads(json.dumps(settings.fingerprint())), has_aux_heads(s.model))
@@ -190,7 +190,7 @@ def run_epochs(s: Step, env: Env, pos: Position, data: DeviceData, settings: Tra
         replan_for_budget(s, env, pos, settings, epoch_start, steps_per_epoch)
         rngs = gather_rng(env.device, env.ctx)
         if env.ctx.main:
-            rundir.save_torch_atomic(run_dir / RESUME_FILE, resume_state(s, pos, fingerprint, rngs))
+            rundir.write_resume_state(run_dir / RESUME_FILE, resume_state(s, pos, fingerprint, rngs))
             env.log(epoch_message(row, pos.epochs, improved))
             hooks.call("checkpoint_written", pos.epoch + 1)
         pos.epoch += 1
