@@ -19,7 +19,7 @@
 #                   side by side, CUDA graphs, time-boxed to the call: the comparison the paper makes
 #   ckplus-ft INIT   10-fold subject-independent CK+ fine-tuning from INIT (a checkpoint in .data/)
 #   hsnet        the HSNet paper's network, --recipe hsnet-paper then --recipe best, time-boxed like full
-#                   (--no-ktl unless STEM=.data/FILE holds Inception-ResNet-v1 face-recognition weights)
+#                   (--no-ktl unless STEM=.data/FILE.safetensors holds Inception-ResNet-v1 face-recognition weights)
 #   smoke        two epochs of a compact MACNN: the build, the data and the packing work
 #
 # What comes back in $OUT (gpu-out): NAME.tar.gz (log, metrics.jsonl, summary.json and the
