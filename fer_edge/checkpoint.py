@@ -194,7 +194,8 @@ def check_preprocess(pre) -> None:
     _need(t is None or (_is_number(t) and lo <= t <= hi), f"preprocess temperature {t!r:.40}: must be in {lo}..{hi}")
     _need(pre.get("layout", "NCHW") in contract.LAYOUTS,
           f"preprocess layout {pre.get('layout')!r:.40}: must be one of {', '.join(contract.LAYOUTS)}")
-    _need(isinstance(pre.get("gray", True), bool), "preprocess gray must be true or false")
+    problem = contract.fields_problem(pre)
+    _need(problem is None, f"preprocess: {problem}")
 
 
 def build_model(meta: dict, use_kernel: bool = True) -> nn.Module:

@@ -38,6 +38,28 @@ def temperature_problem(preprocess: dict) -> str | None:
     return f"temperature {str(t)[:40]} must be a number in {lo:g}..{hi:g}"
 
 
+# Every field a preprocess may hold (checkpoint metadata, a bundle's preprocess.json): a
+# reader refuses any other rather than carry a promise nothing keeps.
+PREPROCESS_FIELDS = frozenset({"input_size", "gray", "scale", "mean", "std", "layout", "resize", "temperature",
+                               "input_dtype", "normalization_inside_model"})
+RESIZE = "area-or-linear"   # resize_face: the only resize the contract has
+
+
+def fields_problem(preprocess: dict) -> str | None:
+    """Why a preprocess's fields beyond the numbers are not this contract's (None: they are)."""
+    unknown = sorted(str(k) for k in preprocess if k not in PREPROCESS_FIELDS)
+    if unknown:
+        return f"unknown field {unknown[0][:40]!r} (known: {', '.join(sorted(PREPROCESS_FIELDS))})"
+    if preprocess.get("gray", True) is not True:
+        return "gray must be true: every fer-edge model reads gray faces"
+    if preprocess.get("resize", RESIZE) != RESIZE:
+        return f"resize {str(preprocess.get('resize'))[:40]!r} must be {RESIZE!r}"
+    inside = preprocess.get("normalization_inside_model", preprocess.get("input_dtype") == "uint8")
+    if inside is not (preprocess.get("input_dtype", "float32") == "uint8"):
+        return "normalization_inside_model must be true exactly for a uint8 input"
+    return None
+
+
 def finite_number(x) -> bool:
     """A JSON number that is finite as a float (a 400-digit integer is not; a bool is not a number)."""
     if isinstance(x, bool) or not isinstance(x, (int, float)):

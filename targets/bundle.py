@@ -27,8 +27,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from fer_edge.contract import (LAYOUTS, artifact_preprocess, finite_number, normalization_problem,  # noqa: F401
-                               preprocess_faces, resize_face, softmax, temperature_problem)
+from fer_edge.contract import (LAYOUTS, artifact_preprocess, fields_problem, finite_number,  # noqa: F401
+                               normalization_problem, preprocess_faces, resize_face, softmax, temperature_problem)
 from fer_edge.fileio import sha256_file
 from fer_edge.targets.backends import BundleError, runtime_names
 from fer_edge.targets.signing import SIGNATURE, verify_bundle_signature
@@ -250,7 +250,7 @@ def check_preprocess(path: Path, pre) -> dict:
     if not (isinstance(size, list) and len(size) == 2
             and all(type(s) is int and 1 <= s <= MAX_INPUT_SIDE for s in size)):
         raise BundleError(f"{where}: input_size must be [height, width], whole numbers 1..{MAX_INPUT_SIDE}")
-    problem = normalization_problem(pre) or temperature_problem(pre)
+    problem = normalization_problem(pre) or temperature_problem(pre) or fields_problem(pre)
     if problem is not None:
         raise BundleError(f"{where}: {problem}")
     if pre.get("layout", "NCHW") not in LAYOUTS or pre.get("input_dtype", "float32") not in INPUT_DTYPES:

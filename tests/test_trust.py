@@ -254,6 +254,27 @@ def test_predict_refuses_a_rehashed_artifact_that_cannot_run(onnx_copy, default_
     assert proc.returncode == 2 and proc.stdout == ""
 
 
+def test_preprocess_fields_nothing_keeps_are_refused(onnx_copy):
+    """preprocess.json (re-hashed, as an attacker would) and a checkpoint's
+    metadata may hold only the contract's fields, each with a value something
+    honours: an unknown field, another resize, a colour input, a uint8 flag out
+    of step with the input dtype are refused, not carried into a device."""
+    from fer_edge.checkpoint import check_preprocess
+    from fer_edge.targets import BundleError, load_bundle
+
+    pristine = json.loads((onnx_copy / "preprocess.json").read_text())
+    for edit, expect in (({"colour": "rgb"}, "unknown field 'colour'"), ({"resize": "magic"}, "resize 'magic'"),
+                         ({"gray": False}, "gray must be true"),
+                         ({"normalization_inside_model": True}, "normalization_inside_model")):
+        (onnx_copy / "preprocess.json").write_text(json.dumps({**pristine, **edit}))
+        rehash(onnx_copy, "preprocess.json")
+        with pytest.raises(BundleError, match=expect):
+            load_bundle(onnx_copy)
+        with pytest.raises(ValueError, match=expect):
+            check_preprocess({**pristine, **edit})
+    check_preprocess(pristine)
+
+
 def test_the_pipeline_checks_its_model_before_any_frame():
     """Pipeline.check_model: one blank face through preprocess.json and the model,
     which must give one finite logit per label; a model that cannot take that
