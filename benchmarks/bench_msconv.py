@@ -81,7 +81,7 @@ CUDA_KERNELS = ("simt", "splitk", "mma", "wmma", "cutlass", "cutlass90", "cutlas
 
 # Above batch 256 only the kernels made for large batches are timed: the others measured
 # 0.01-0.6x cuDNN at batch 256 already, and at 1024 one of their rows costs seconds.
-LARGE_BATCH_KERNELS = ("cutlass", "cutlass90", "cutlass_window", "cutlass90_window", "stem")
+LARGE_BATCH_KERNELS = (*CUTLASS_KERNELS, "stem")
 
 
 def cuda_kernels(dtype: str, x, fw) -> list[str]:

@@ -92,28 +92,6 @@ inline int pick_splits(std::int64_t m, std::int64_t cout, std::int64_t c, const 
 // ctot biases in the same dtype.
 enum class Form : int { PerBranch = 0, Window = 1 };
 
-// The output channels of each launch, in launch order (0: none).
-inline std::array<std::int64_t, 3> launch_channels(std::int64_t c1, std::int64_t c3, std::int64_t c5, Form form) {
-  if (form == Form::Window) return {c1 + c3 + c5, 0, 0};
-  return {c5, c3, c1};
-}
-
-// The int32 semaphores the split launches need: one per output tile of the
-// largest split launch (the launches run one after another and each clears
-// them first), 0 when none is split.
-inline std::int64_t semaphores(std::int64_t n, std::int64_t c, std::int64_t h, std::int64_t w, std::int64_t c1,
-                               std::int64_t c3, std::int64_t c5, int sm_count, Form form = Form::PerBranch) {
-  const std::int64_t m = n * h * w;
-  std::int64_t most = 0;
-  for (std::int64_t cout : launch_channels(c1, c3, c5, form)) {
-    if (cout == 0) continue;
-    const Tile& t = TILES[pick_tile(m, cout, sm_count)];
-    if (pick_splits(m, cout, c, t, sm_count) > 1)
-      most = std::max(most, ((m + t.m - 1) / t.m) * ((cout + t.n - 1) / t.n));
-  }
-  return most;
-}
-
 // One launch's convolution: its window, output channels, first channel in the
 // output, where its KRSC kernel starts in the pack (in elements) and its bias.
 // PerBranch: the pack is [w1 (c1,1,1,C) | w3 (c3,3,3,C) | w5 (c5,5,5,C)]
@@ -135,6 +113,24 @@ inline std::array<Branch, 3> branches(const MsConvArgs& a, Form form = Form::Per
   return {{{5, c5, c1 + c3, a.c * (c1 + 9 * std::int64_t(c3)), a.b5},
            {3, c3, c1, a.c * c1, a.b3},
            {1, c1, 0, 0, a.b1}}};
+}
+
+// The int32 semaphores the split launches need: one per output tile of the
+// largest split launch (the launches run one after another and each clears
+// them first), 0 when none is split.
+inline std::int64_t semaphores(std::int64_t n, std::int64_t c, std::int64_t h, std::int64_t w, std::int64_t c1,
+                               std::int64_t c3, std::int64_t c5, int sm_count, Form form = Form::PerBranch) {
+  MsConvArgs sizes;  // branches() of the layer's sizes (no pointers read)
+  sizes.c = c; sizes.c1 = c1; sizes.c3 = c3; sizes.c5 = c5;
+  const std::int64_t m = n * h * w;
+  std::int64_t most = 0;
+  for (const Branch& b : branches(sizes, form)) {
+    if (b.cout == 0) continue;
+    const Tile& t = TILES[pick_tile(m, b.cout, sm_count)];
+    if (pick_splits(m, b.cout, c, t, sm_count) > 1)
+      most = std::max(most, ((m + t.m - 1) / t.m) * ((b.cout + t.n - 1) / t.n));
+  }
+  return most;
 }
 
 // Why this layer cannot run the path, or "" when it can.  Pointers are checked

@@ -54,8 +54,8 @@ def fields_problem(preprocess: dict) -> str | None:
         return "gray must be true: every fer-edge model reads gray faces"
     if preprocess.get("resize", RESIZE) != RESIZE:
         return f"resize {str(preprocess.get('resize'))[:40]!r} must be {RESIZE!r}"
-    inside = preprocess.get("normalization_inside_model", preprocess.get("input_dtype") == "uint8")
-    if inside is not (preprocess.get("input_dtype", "float32") == "uint8"):
+    uint8 = preprocess.get("input_dtype") == "uint8"
+    if preprocess.get("normalization_inside_model", uint8) is not uint8:
         return "normalization_inside_model must be true exactly for a uint8 input"
     return None
 

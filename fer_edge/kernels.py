@@ -294,27 +294,29 @@ def check_splitk_buffers(ws, counters, x: torch.Tensor, ctot: int) -> None:
                     (counters, "counters", torch.int32, plan["counters"])), x, "splitk_buffers(x, ctot)")
 
 
-# The kernels that keep scratch buffers between calls (splitk and mma share theirs;
-# the SM80 CUTLASS kernels keep their split-K semaphores).
-BUFFERED_KERNELS = ("splitk", "mma", "cutlass", "cutlass_window")
+# The kernels that keep scratch buffers between calls, and whose buffers they are
+# (splitk and mma share theirs; the SM80 CUTLASS kernels keep their split-K semaphores).
+BUFFERED_KERNELS = {"splitk": "splitk", "mma": "splitk", "cutlass": "cutlass", "cutlass_window": "cutlass_window"}
 
 
 def kernel_buffers(kernel: str, x: torch.Tensor, c1: int, c3: int, c5: int):
     """The buffers a CUDA kernel keeps between calls for input x (splitk_buffers or
     cutlass_buffers), or None for a kernel that needs none."""
-    if kernel in ("splitk", "mma"):
+    owner = BUFFERED_KERNELS.get(kernel)
+    if owner is None:
+        return None
+    if owner == "splitk":
         return splitk_buffers(x, c1 + c3 + c5)
-    if kernel in ("cutlass", "cutlass_window"):
-        return cutlass_buffers(x, c1, c3, c5, window=kernel == "cutlass_window")
-    return None
+    return cutlass_buffers(x, c1, c3, c5, window=owner == "cutlass_window")
 
 
 def check_kernel_buffers(kernel: str, ws, counters, x: torch.Tensor, c1: int, c3: int, c5: int) -> None:
     """Caller-kept buffers must be what kernel_buffers makes for this input."""
-    if kernel in ("cutlass", "cutlass_window"):
-        check_cutlass_buffers(ws, counters, x, c1, c3, c5, window=kernel == "cutlass_window")
-    else:
+    owner = BUFFERED_KERNELS[kernel]
+    if owner == "splitk":
         check_splitk_buffers(ws, counters, x, c1 + c3 + c5)
+    else:
+        check_cutlass_buffers(ws, counters, x, c1, c3, c5, window=owner == "cutlass_window")
 
 
 def _cutlass_semaphores(x: torch.Tensor, c1: int, c3: int, c5: int, window: bool) -> int:

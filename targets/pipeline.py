@@ -220,10 +220,10 @@ class Pipeline:
 
         blank = np.zeros((1, *tuple(self.preprocess["input_size"])), np.uint8)
         logits = np.asarray(self.backend.run(preprocess_faces(blank, self.preprocess)))
-        if logits.shape != (1, len(self.labels)) or not np.isfinite(logits).all():
-            raise BundleError(f"the model gives logits of shape {logits.shape}"
-                              f"{'' if np.isfinite(logits).all() else ' (not finite)'} for one face, "
-                              f"not (1, {len(self.labels)}) for its {len(self.labels)} labels")
+        finite = bool(np.isfinite(logits).all())
+        if logits.shape != (1, len(self.labels)) or not finite:
+            raise BundleError(f"the model gives logits of shape {logits.shape}{'' if finite else ' (not finite)'} "
+                              f"for one face, not (1, {len(self.labels)}) for its {len(self.labels)} labels")
 
     def reset(self) -> None:
         """Forget every track (a new, unrelated image: nothing carries over)."""

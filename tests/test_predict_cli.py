@@ -112,7 +112,7 @@ HOSTILE_PREDICT = [
     (["{r}/a.png", "--jsonl", "{r}/nothing"], "is a folder"),
     (["{r}/a.png", "--jsonl", "/dev/full", "--force"], "not a regular file"),
     (["{r}/a.png", "--jsonl", "{r}/a.png", "--force"], "is the source"),
-    (["{r}/a.png", "--jsonl", "{r}/e.jsonl", "--save", "{r}/e.jsonl"], "name the same file"),
+    (["{r}/a.png", "--jsonl", "{r}/e.jsonl", "--save", "{r}/e.jsonl"], "are one path"),
     (["{r}/a.png", "--save", "{r}/afile"], "exists; pass --force"),
     (["{r}/bad", "--save", "{r}/afile"], "a folder of images is saved into a folder"),
     (["{r}/bad", "--save", "{r}/mixed"], "not empty; pass --force"),

@@ -48,10 +48,6 @@ def check_options(args: argparse.Namespace) -> None:
         raise UserError("--yunet-model applies to --detector yunet")
 
 
-def _same_file(a, b) -> bool:
-    return Path(a).resolve() == Path(b).resolve()
-
-
 def check_outputs(args: argparse.Namespace, kind: str) -> None:
     """--jsonl and --save, before the source or the model is opened: a folder that
     is a file or not writable, an existing file without --force, no encoder
@@ -64,10 +60,6 @@ def check_outputs(args: argparse.Namespace, kind: str) -> None:
     for what, path in outputs:
         if not str(path).strip():
             raise UserError(f"{what}: give a file name")
-        if kind != "camera" and _same_file(path, args.source):
-            raise UserError(f"{what} {path} is the source: it would overwrite the input")
-    if args.jsonl and args.save and _same_file(args.jsonl, args.save):
-        raise UserError("--jsonl and --save name the same file")
     check_outputs_spare_inputs(dict(outputs), {"--bundle": args.bundle, "--weights": args.weights,
                                                "--trust": args.trust, "--yunet-model": args.yunet_model,
                                                "the source": None if kind == "camera" else args.source})

@@ -251,12 +251,13 @@ class FusedMultiScaleConv(nn.Module):
         workspace and counters, the cutlass kernel's split-K semaphores), made
         once (outside any CUDA graph capture) and kept; None lets the op
         allocate per call (under torch.compile tracing, or in a capture)."""
-        kind = kernel if kernel in ("cutlass", "cutlass_window") else "splitk"   # splitk and mma share theirs
-        key = (tuple(x.shape), x.device, kind)   # (the kernel is one of kernels.BUFFERED_KERNELS)
+        from fer_edge.kernels import BUFFERED_KERNELS, kernel_buffers
+
+        kind = BUFFERED_KERNELS[kernel]   # splitk and mma share theirs
+        key = (tuple(x.shape), x.device, kind)
         if key not in self._splitk:
             if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
                 return None
-            from fer_edge.kernels import kernel_buffers
 
             self._splitk[key] = kernel_buffers(kind, x, *self.channels)
         return self._splitk[key]

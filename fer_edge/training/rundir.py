@@ -27,8 +27,8 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 FOLDS_FILE = "folds.json"
 # Files a run creates; --force removes exactly these (never the user's other files).
-RUN_FILES = (RESUME_FILE, LEGACY_RESUME_FILE, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, "best.safetensors", "last.safetensors",
-             "val_eval.json", FOLDS_FILE)
+RUN_FILES = (RESUME_FILE, LEGACY_RESUME_FILE, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, "best.safetensors",
+             "last.safetensors", "val_eval.json", FOLDS_FILE)
 RUN_FOLDERS = ("plots", "fold[0-9][0-9]")
 # What the resume file must hold, and of which type, for the loop to continue from it.
 RESUME_KEYS = {"epoch": int, "model": dict, "optimizer": dict, "scheduler": dict, "scaler": dict, "rng": list,
@@ -79,10 +79,10 @@ def _check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
         if killed_start(run_dir):
             raise UserError(f"{run_dir}: that run stopped before its first checkpoint, so there is nothing to "
                             "resume; start it again without --resume")
-        if not resumable(run_dir) and (run_dir / LEGACY_RESUME_FILE).is_file():
-            raise UserError(f"{run_dir}: its {LEGACY_RESUME_FILE} comes from an older fer-edge, which pickled it, "
-                            "and fer-edge never unpickles a file; start the run again (--force)")
         if not resumable(run_dir):
+            if (run_dir / LEGACY_RESUME_FILE).is_file():
+                raise UserError(f"{run_dir}: its {LEGACY_RESUME_FILE} comes from an older fer-edge, which pickled "
+                                "it, and fer-edge never unpickles a file; start the run again (--force)")
             raise UserError(f"{run_dir}: nothing to resume (no {RESUME_FILE}); start without --resume")
         return
     if (run_dir / REPLACED).exists() and not force:
