@@ -12,6 +12,8 @@ Rows (each timed in the same run, same input, same weights):
                  shape, dtype and batch (cuDNN where nothing was measured faster)
   kernel+graph   `kernel` captured in one CUDA graph (CUDA only)
   splitk+graph   every MAConv forced to the small-batch split-K kernel, in a CUDA graph (CUDA only)
+  mma+graph      every MAConv and plain 3x3 convolution with channels in multiples of 8 forced to
+                 the small-batch tensor-core kernel, in a CUDA graph (fp16, sm_80+)
   cutlass+graph  every MAConv with channels in multiples of 8 forced to the large-batch CUTLASS
                  path, in a CUDA graph (fp16, sm_80+, builds with it)
   cutlass90+graph  the same on Hopper's wgmma and TMA (compute capability 9.0)
@@ -81,6 +83,8 @@ def variants(train, device: str, dtype, compile_mode: str, sample):
     if device == "cuda":
         out["kernel+graph"] = lambda: graphed(fused, sample)
         out["splitk+graph"] = lambda: graphed(forced(prep(merge(train, use_kernel=True)), "splitk"), sample)
+        if dtype == torch.float16 and torch.cuda.get_device_capability() >= (8, 0):
+            out["mma+graph"] = lambda: graphed(forced(prep(merge(train, use_kernel=True)), "mma"), sample)
         if dtype == torch.float16 and build_info().get("cutlass") and torch.cuda.get_device_capability() >= (8, 0):
             out["cutlass+graph"] = lambda: graphed(forced(prep(merge(train, use_kernel=True)), "cutlass"), sample)
         if dtype == torch.float16 and build_info().get("cutlass_sm90") and torch.cuda.get_device_capability() == (9, 0):
@@ -91,14 +95,21 @@ def variants(train, device: str, dtype, compile_mode: str, sample):
 
 def forced(model, kernel: str):
     """Every multi-scale layer of a merged model runs `kernel`, whatever the dispatch table says
-    (cutlass: every one whose channels it takes, in multiples of 8; the table decides the others)."""
-    from fer_edge.models.layers import FusedMultiScaleConv
+    (mma and cutlass: every one whose channels they take, in multiples of 8, and for mma the
+    plain 3x3 convolutions too; the table decides the others)."""
+    from fer_edge.kernels import IGEMM_KERNELS
+    from fer_edge.models.layers import ConvAct, FusedMultiScaleConv
 
     for m in model.modules():
         if isinstance(m, FusedMultiScaleConv):
-            if kernel.startswith("cutlass") and any(c % 8 for c in (m.w1.shape[1], *m.channels)):
-                continue
-            m.cuda_kernel = kernel
+            channels = (m.w1.shape[1], *m.channels)
+        elif isinstance(m, ConvAct) and kernel == "mma" and m._single_branch():
+            channels = (m.conv.in_channels, m.conv.out_channels)
+        else:
+            continue
+        if kernel in IGEMM_KERNELS and any(c % 8 for c in channels):
+            continue
+        m.cuda_kernel = kernel
     return model
 
 

@@ -31,7 +31,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from fer_edge.kernels import (CUTLASS_KERNELS, PACKS, cutlass_unsupported, fused_ms_conv, kernel_buffers, make_pack,
+from fer_edge.kernels import (CUTLASS_KERNELS, PACKS, fused_ms_conv, kernel_buffers, kernel_unsupported, make_pack,
                               pack_kind)
 
 # name: (cin, height=width, c1, c3, c5) -- the merged MAConv layers of MACNN at 48x48 (L), and
@@ -85,20 +85,16 @@ LARGE_BATCH_KERNELS = (*CUTLASS_KERNELS, "stem")
 
 
 def cuda_kernels(dtype: str, x, fw) -> list[str]:
-    """fer_edge's CUDA kernels that can run a layer: the tensor-core ones (WMMA, MMA) need fp16 and
-    16+ input channels (with fewer, most of each 16-channel step is zeros; in fp32 MMA is splitk);
-    the CUTLASS ones say themselves what they take (fp16 channels_last, channels in multiples of 8,
-    a build with them, cutlass90* a 9.0 GPU);
-    stem takes at most 4 input channels."""
-    needs = {"wmma": (7, 0), "mma": (8, 0), "cutlass": (8, 0), "cutlass90": (9, 0),   # their instructions' GPUs
-             "cutlass_window": (8, 0), "cutlass90_window": (9, 0)}
-    cc = torch.cuda.get_device_capability()
-    cin = x.shape[1]
-    ok = [k for k in CUDA_KERNELS if k not in needs or (dtype == "fp16" and cin >= 16 and cc >= needs[k])]
-    ok = [k for k in ok if k != "stem" or cin <= 4]   # the stem kernel: at most 4 input channels
+    """fer_edge's CUDA kernels that can run a layer: WMMA needs fp16, 16+ input channels (with
+    fewer, most of each 16-channel step is zeros) and a 7.0 GPU; the others say themselves what
+    they take (kernel_unsupported: mma and the CUTLASS ones fp16 channels_last with channels in
+    multiples of 8 on an 8.0+ GPU, cutlass90* a 9.0 one, and a build with them; stem at most 4
+    input channels)."""
+    ok = [k for k in CUDA_KERNELS if k != "wmma" or (dtype == "fp16" and x.shape[1] >= 16
+                                                      and torch.cuda.get_device_capability() >= (7, 0))]
     if x.shape[0] > 256:
         ok = [k for k in ok if k in LARGE_BATCH_KERNELS]
-    return [k for k in ok if k not in CUTLASS_KERNELS or not cutlass_unsupported(x, *fw, kernel=k)]
+    return [k for k in ok if not kernel_unsupported(x, *fw, kernel=k)]
 
 
 def eager(x, w1, b1, w3, b3, w5, b5):

@@ -11,14 +11,15 @@
 #   3. the whole merged model at batch 1 and 1024, following that table -> model.json
 #   4. the CUDA tests: kernels, dispatch choices against the reference, merged models
 #   5. compute-sanitizer memcheck and racecheck on the small-batch, CUTLASS and stem kernels' tests
-#   6. an Nsight Compute profile of the small-batch kernel at batch 1 (L2 and L4, fp16)
+#   6. an Nsight Compute profile of the mma kernel at batch 1 (L2 and L4, fp16)
 # Everything printed goes to check.log; what comes back: check.log, msconv.json, model.json,
-# kernel_dispatch.json, splitk.ncu-rep.  STEPS="bench model" runs a subset.
+# kernel_dispatch.json, mma-L2.ncu-rep, mma-L4.ncu-rep.  STEPS="bench model" runs a subset.
 #   STEPS="build bench model" bash benchmarks/gpu_check.sh   (the timings: about 8 minutes)
 #   STEPS=model COMPILE=1 bash benchmarks/gpu_check.sh   (adds torch.compile max-autotune: minutes)
 # BENCH_LIMIT / MODEL_LIMIT (300 / 120 s) bound the two benchmarks; the layer benchmark keeps the
 # rows it measured before its limit (fp16 at batch 1 first).  TEST_LIMIT, MEMCHECK_LIMIT and
-# RACECHECK_LIMIT (200 / 90 / 120 s; 0 skips racecheck) bound the checks.
+# RACECHECK_LIMIT (200 / 90 / 120 s; 0 skips racecheck) bound the checks, PROFILE_LIMIT (30 s)
+# each profile.
 # `python3 -P`: never the source folder (it has no compiled _C), always the installed package.
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
@@ -29,15 +30,17 @@ PY="python3 -P"
 PYTEST="$PY -m pytest -q -p no:cacheprovider --import-mode=importlib"
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 step() { echo; echo "== $1 ($(date +%T))"; }
-sanitize() {  # sanitize TOOL LIMIT NEWEST_TESTS SMALL_BATCH_TESTS: compute-sanitizer on two test selections
+sanitize() {  # sanitize TOOL LIMIT SELECTION...: compute-sanitizer on test selections, the time left shared out
   local tool=$1 limit=$2 start left
+  shift 2
   start=$(date +%s)
-  step "compute-sanitizer $tool (the CUTLASS and stem kernels, small cases)"
-  timeout $(( limit / 2 )) compute-sanitizer --tool "$tool" $PYTEST -x tests/test_kernels_cuda.py -k "$3" 2>&1 | tail -6
-  left=$(( limit - ($(date +%s) - start) ))
-  step "compute-sanitizer $tool (small-batch kernels)"
-  timeout $(( left > 10 ? left : 10 )) compute-sanitizer --tool "$tool" $PYTEST -x tests/test_kernels_cuda.py -k "$4" \
-    2>&1 | tail -6
+  while [ $# -gt 0 ]; do
+    left=$(( (limit - ($(date +%s) - start)) / $# ))
+    step "compute-sanitizer $tool: $1"
+    timeout $(( left > 10 ? left : 10 )) compute-sanitizer --tool "$tool" $PYTEST -x tests/test_kernels_cuda.py -k "$1" \
+      2>&1 | tail -6
+    shift
+  done
 }
 {
   nvidia-smi --query-gpu=name,driver_version,compute_cap --format=csv
@@ -67,25 +70,29 @@ sanitize() {  # sanitize TOOL LIMIT NEWEST_TESTS SMALL_BATCH_TESTS: compute-sani
   if want test; then
     step "CUDA tests"
     timeout ${TEST_LIMIT:-200} $PYTEST tests/test_kernels.py tests/test_kernels_cuda.py tests/test_models.py tests/test_dispatch.py \
-      -k "cuda or dispatch or splitk or merge or cutlass or stem" 2>&1 | tail -15
+      -k "cuda or dispatch or splitk or mma or merge or cutlass or stem" 2>&1 | tail -15
   fi
   if want sanitize; then
-    # Each tool: the newest kernels first, on a few small cases each (half of its limit), then
-    # the small-batch kernels' tests in the time left.
+    # Each tool: a few small cases of each kernel, the newest first.
     sanitize memcheck ${MEMCHECK_LIMIT:-90} \
+      "(mma_matches and (n1-c256 or n1-c8-5px or n2-c16) and True) or mma_in_a_cuda_graph" \
       "(cutlass_matches and (n1- or n5-) and not window) or (cutlass_matches and n5- and window) or cutlass_split or (stem_matches and n1-cin1) or stem_refuses" \
       "(splitk or fp16_close_to_fp32_reference) and not fuzz and not n64 and not n256"
     [ "${RACECHECK_LIMIT:-120}" -gt 0 ] && sanitize racecheck ${RACECHECK_LIMIT:-120} \
+      "mma_matches and (n1-c8-5px or n2-c16) and True" \
       "(cutlass_matches and n5- and True) or (stem_matches and n1-cin1-48x48)" \
-      "fp16_close_to_fp32_reference and (splitk or mma)"
+      "fp16_close_to_fp32_reference and splitk"
   fi
   if want profile; then
-    step "Nsight Compute: the small-batch kernel at batch 1"
-    timeout 60 ncu --clock-control none --kernel-name regex:splitk -c 8 --set basic -f -o "$OUT/splitk" \
-      $PY benchmarks/bench_msconv.py --device cuda --dtypes fp16 --batches 1 --layers L2 L4 --repeat 1 \
-      > /dev/null 2>&1
-    [ -f "$OUT/splitk.ncu-rep" ] && ncu --import "$OUT/splitk.ncu-rep" --page details 2>/dev/null \
-      | grep -E "splitk|Duration|Memory Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers" | head -30
+    # One launch of the mma kernel per layer (its first, a warm-up), all metrics of the basic set.
+    for layer in L2 L4; do
+      step "Nsight Compute: the mma kernel, $layer, batch 1, fp16"
+      timeout ${PROFILE_LIMIT:-30} ncu --clock-control none --kernel-name regex:mma_kernel -c 1 --set basic -f \
+        -o "$OUT/mma-$layer" $PY benchmarks/bench_msconv.py --device cuda --dtypes fp16 --batches 1 --layers $layer \
+        --repeat 1 > /dev/null 2>&1
+      [ -f "$OUT/mma-$layer.ncu-rep" ] && ncu --import "$OUT/mma-$layer.ncu-rep" --page details 2>/dev/null \
+        | grep -E "mma_kernel|Duration|Memory Throughput|DRAM Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers|Grid Size" | head -12
+    done
   fi
   step done
 } 2>&1 | tee "$LOG"

@@ -7,6 +7,7 @@
 
 #include "msconv.h"
 #include "msconv_cuda_igemm.h"
+#include "msconv_cuda_mma.h"
 #include "msconv_cuda_splitk.h"
 
 namespace py = pybind11;
@@ -111,20 +112,45 @@ PYBIND11_MODULE(_C, m) {
   // The small-batch kernel's launch plan (host arithmetic, in every build: the CPU tests check it).
   m.def(
       "splitk_plan",
-      [](std::int64_t n, std::int64_t c, std::int64_t h, std::int64_t w, std::int64_t ctot, int sm_count,
-         bool tensor_cores) {
+      [](std::int64_t n, std::int64_t c, std::int64_t h, std::int64_t w, std::int64_t ctot, int sm_count) {
         if (n < 1 || c < 1 || h < 1 || w < 1 || ctot < 1 || sm_count < 1)
           throw std::invalid_argument("splitk_plan: every size must be >= 1");
-        const int kc = tensor_cores ? fer_edge::splitk::KC_MMA : fer_edge::splitk::KC;
-        const auto p = fer_edge::splitk::plan(n, c, h, w, ctot, sm_count, kc);
+        const auto p = fer_edge::splitk::plan(n, c, h, w, ctot, sm_count);
         py::dict d;
         d["m_tiles"] = p.m_tiles; d["n_tiles"] = p.n_tiles; d["splits"] = p.splits; d["kslice"] = p.kslice;
         d["workspace_floats"] = p.workspace_floats; d["counters"] = p.counters;
-        d["tile_m"] = fer_edge::splitk::TM; d["tile_n"] = fer_edge::splitk::TN; d["kc"] = kc;
+        d["tile_m"] = fer_edge::splitk::TM; d["tile_n"] = fer_edge::splitk::TN; d["kc"] = fer_edge::splitk::KC;
         return d;
       },
-      py::arg("n"), py::arg("c"), py::arg("h"), py::arg("w"), py::arg("ctot"), py::arg("sm_count"),
-      py::arg("tensor_cores") = false);
+      py::arg("n"), py::arg("c"), py::arg("h"), py::arg("w"), py::arg("ctot"), py::arg("sm_count"));
+
+  // The small-batch tensor-core kernel's plan (host arithmetic, in every build).
+  m.def(
+      "mma_plan",
+      [](std::int64_t n, std::int64_t c, std::int64_t h, std::int64_t w, std::int64_t c1, std::int64_t c3,
+         std::int64_t c5, int sm_count) {
+        if (n < 1 || c < 1 || h < 1 || w < 1 || c1 < 0 || c3 < 0 || c5 < 0 || c1 + c3 + c5 < 1 || sm_count < 1)
+          throw std::invalid_argument("mma_plan: sizes must be >= 1 (each branch's channels >= 0)");
+        const auto p = fer_edge::mma::plan(n, c, h, w, c1, c3, c5, sm_count);
+        py::list branches;
+        for (int i = 0; i < p.branches; ++i) {
+          const auto& b = p.b[i];
+          py::dict e;
+          e["k"] = b.k; e["cout"] = b.cout; e["offset"] = b.offset; e["weights"] = b.weights; e["kdim"] = b.kdim;
+          e["m_tiles"] = b.m_tiles; e["n_tiles"] = b.n_tiles; e["chunks"] = b.chunks;
+          e["first_unit"] = b.first_unit; e["first_counter"] = b.first_counter;
+          branches.append(e);
+        }
+        py::dict d;
+        d["tile_m"] = p.bm; d["tile_n"] = fer_edge::mma::BN; d["tile_k"] = fer_edge::mma::BK;
+        d["kchunk"] = p.kchunk; d["units"] = p.units; d["branches"] = branches;
+        d["workspace_floats"] = p.workspace_floats; d["counters"] = p.counters;
+        return d;
+      },
+      py::arg("n"), py::arg("c"), py::arg("h"), py::arg("w"), py::arg("c1"), py::arg("c3"), py::arg("c5"),
+      py::arg("sm_count"),
+      "the mma kernel's blocks: its pixel tile, K chunk, each non-empty branch's tiles and chunks (5x5, 3x3, "
+      "1x1 order), and the float32 workspace / int32 counters it needs (0: none)");
 
   // The large-batch path's tile per branch and its input rules (host code, in every build).
   m.def(
@@ -198,8 +224,8 @@ PYBIND11_MODULE(_C, m) {
       py::arg("stream"), py::arg("wp"), py::arg("variant"), py::arg("workspace") = 0, py::arg("counters") = 0,
       "fused multi-scale conv on CUDA device pointers (dtype 0 = float32, 1 = float16) on `stream`; "
       "`wp`: the weights packed by fer_edge.kernels.pack_ms_weights (25, C, c1 + c3 + c5); `variant`: "
-      "0 simt, 1 wmma, 2 splitk, 3 mma (splitk on tensor cores; 2 and 3 with `workspace`/`counters` sized by "
-      "splitk_plan), 4 cutlass (one implicit GEMM per branch; `wp` from pack_krsc_weights), 5 stem (at most 4 "
+      "0 simt, 1 wmma, 2 splitk (with `workspace`/`counters` sized by splitk_plan), 3 mma (small batches on "
+      "tensor cores; `wp` from pack_krsc_weights, `workspace` (zeros)/`counters` sized by mma_plan), 4 cutlass (one implicit GEMM per branch; `wp` from pack_krsc_weights), 5 stem (at most 4 "
       "input channels), 6 cutlass90 (cutlass on Hopper's wgmma and TMA), 7 cutlass_window and 8 "
       "cutlass90_window (the same as one launch over the zero-padded 5x5 window; `wp` from "
       "pack_window_weights, biases included).");

@@ -90,7 +90,8 @@ class CpuPackedWeights {
 };
 
 // fer_edge's CUDA kernels (the caller chooses: fer_edge/dispatch.py's table).
-// SplitKMma: the small-batch kernel multiplying on tensor cores (float16, sm_80+).
+// Mma: the small-batch kernel on tensor cores (float16 NHWC, the cutlass path's
+// inputs and weight layout, sm_80+: msconv_cuda_mma.h).
 // Cutlass: the large-batch path, one implicit GEMM per branch (float16 NHWC,
 // sm_80+, builds that found CUTLASS's headers: msconv_cuda_igemm.h).
 // Stem: inputs of at most 4 channels (MACNN's first layer: msconv_cuda_stem.h).
@@ -98,7 +99,7 @@ class CpuPackedWeights {
 // CutlassWindow, CutlassSm90Window: the same two as one launch over the zero-padded
 // 5x5 window (igemm::Form::Window).
 enum class Variant : int {
-  Simt = 0, Wmma = 1, SplitK = 2, SplitKMma = 3, Cutlass = 4, Stem = 5, CutlassSm90 = 6,
+  Simt = 0, Wmma = 1, SplitK = 2, Mma = 3, Cutlass = 4, Stem = 5, CutlassSm90 = 6,
   CutlassWindow = 7, CutlassSm90Window = 8
 };
 constexpr int NUM_VARIANTS = 9;
@@ -106,10 +107,11 @@ constexpr int NUM_VARIANTS = 9;
 #ifdef FER_EDGE_WITH_CUDA
 // CUDA, float32 or float16 (float32 accumulation) on the given stream.
 // Reads the weights from `wp` (required; w1/w3/w5 are not read: pack_ms_weights's
-// layout, pack_krsc_weights's for Cutlass, pack_window_weights's for the window
+// layout, pack_krsc_weights's for Mma and Cutlass, pack_window_weights's for the window
 // forms) and the biases from b1/b3/b5 (but the window forms, whose pack holds them).
 // SplitK reads and writes `workspace` (float32) and `counters` (int32, zero
-// before the first call, left zero by every call), sized by splitk::plan;
+// before the first call, left zero by every call), sized by splitk::plan; so does
+// Mma, sized by mma::plan (its workspace zero before the first call too);
 // Cutlass and CutlassWindow use `counters` as their split-K semaphores, sized by
 // igemm::semaphores (they clear them themselves).
 void msconv_cuda(const MsConvArgs& a, DType dtype, std::uintptr_t stream, Variant variant,

@@ -15,11 +15,12 @@
 // This is the portable SIMT version (any sm_75+ GPU, Jetson Orin included).
 // For float16 there is also a tensor-core version (msconv_wmma_kernel below,
 // an implicit GEMM through the WMMA API), and for small batches the split-K
-// kernel of msconv_cuda_splitk.cu.  The caller names the variant (the
+// kernels of msconv_cuda_splitk.cu and msconv_cuda_mma.cu.  The caller names the variant (the
 // dispatch table in fer_edge/dispatch.py); nothing here reads the environment.
 #include "msconv.h"
 #include "msconv_cuda_device.cuh"
 #include "msconv_cuda_igemm.h"
+#include "msconv_cuda_mma.h"
 #include "msconv_cuda_splitk.h"
 #include "msconv_cuda_stem.h"
 
@@ -348,6 +349,19 @@ void launch_cutlass(const MsConvArgs& a, DType dtype, std::uintptr_t stream, boo
 #endif
 }
 
+// The small-batch tensor-core kernel: the cutlass path's inputs (igemm::unsupported), sm_80+.
+void launch_mma(const MsConvArgs& a, DType dtype, std::uintptr_t stream, int dev, std::uintptr_t workspace,
+                std::uintptr_t counters) {
+  const std::string why = igemm::unsupported(a, dtype);
+  if (!why.empty()) throw std::invalid_argument("fused_ms_conv: the mma kernel cannot run this layer: " + why);
+  int major = 0;
+  check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "cudaDeviceGetAttribute");
+  if (major < 8)
+    throw std::invalid_argument("fused_ms_conv: the mma kernel needs mma.sync m16n8k16 and cp.async (compute "
+                                "capability 8.0+); choose splitk or cudnn on this GPU");
+  mma::launch(a, stream, splitk::sm_count_of(dev), workspace, counters);
+}
+
 }  // namespace
 
 void msconv_cuda(const MsConvArgs& a, DType dtype, std::uintptr_t stream, Variant variant,
@@ -375,16 +389,10 @@ void msconv_cuda(const MsConvArgs& a, DType dtype, std::uintptr_t stream, Varian
       launch_cutlass(a, dtype, stream, hopper, window ? igemm::Form::Window : igemm::Form::PerBranch, dev, counters);
     } else if (variant == Variant::Stem) {
       stem::launch(a, dtype, stream, splitk::sm_count_of(dev));
-    } else if (variant == Variant::SplitK || variant == Variant::SplitKMma) {
-      const bool mma = variant == Variant::SplitKMma && dtype == DType::Float16;
-      if (mma) {
-        int major = 0;
-        check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "cudaDeviceGetAttribute");
-        if (major < 8)
-          throw std::invalid_argument("fused_ms_conv: the mma kernel needs mma.sync m16n8k16 (compute "
-                                      "capability 8.0+); choose simt, splitk or cudnn on this GPU");
-      }
-      splitk::launch(a, dtype, stream, splitk::sm_count_of(dev), workspace, counters, mma);
+    } else if (variant == Variant::Mma) {
+      launch_mma(a, dtype, stream, dev, workspace, counters);
+    } else if (variant == Variant::SplitK) {
+      splitk::launch(a, dtype, stream, splitk::sm_count_of(dev), workspace, counters);
     } else if (dtype == DType::Float32) {
       nhwc ? launch<float, true>(a, s) : launch<float, false>(a, s);
     } else if (variant == Variant::Wmma && a.c >= wm::KC) {

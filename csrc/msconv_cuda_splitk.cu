@@ -57,7 +57,7 @@ __device__ __forceinline__ int window_of(int co0, const Shape& s) {
   return 5;
 }
 
-// What a block and each of its threads work on, the tiling both kernels share:
+// What a block and each of its threads work on:
 // a warp is 32 pixels of one channel group; the block's pixels go to shared
 // memory for the gathers (n = -1: past the batch).
 struct Block {
@@ -97,7 +97,7 @@ __device__ __forceinline__ Block block_of(const Shape& s, int* s_n, int* s_y, in
 static_assert(CPT == 8, "the multiply reads a thread's weights as two float4s");
 __device__ __forceinline__ int channel_of(int cg, int j) { return cg * CPT + j; }
 
-// The end of a block, shared by both kernels: acc holds channels co0 +
+// The end of a block: acc holds channels co0 +
 // channel_of(cg, j) of pixel m.  With split-K, publish the partial sums; the tile's
 // last block to arrive (a counter per tile, reset by that block, so the kernel
 // is re-entrant and CUDA-graph safe) adds them all, then bias, ReLU and the
@@ -260,139 +260,6 @@ splitk_kernel(const T* __restrict__ x, T* __restrict__ out, const T* __restrict_
   finish<T, NHWC>(acc, valid, m, n, oy, ox, co0, cg, s, out, b1, b3, b5, ws, counters, &s_last);
 }
 
-// ---------------------------------------------------------------- tensor cores
-// The same tiles and split-K plan (with KC_MMA = 16 input channels per slice
-// step), float16 only, the multiply on tensor cores: mma.sync m16n8k16 (sm_80+),
-// one k16 step = one tap x 16 input channels.  Warp w owns pixels
-// 16 * (w % 2) .. +16 and channels 16 * (w / 2) .. +16 (two n8 tiles), i.e.
-// 8 float32 accumulators per thread; after the last stage the block moves
-// them through shared memory into the layout finish() takes.
-constexpr int TAPS_PER_STAGE = 5;  // one kernel row of a 5x5 window
-constexpr int KROW = KC_MMA + 8;   // halves per staged row: 48 bytes, so a warp's fragment loads hit 32 banks
-
-__device__ __forceinline__ unsigned ld32(const __half* p) { return *reinterpret_cast<const unsigned*>(p); }
-
-__device__ __forceinline__ void mma_16816(float* d, unsigned a0, unsigned a1, unsigned a2, unsigned a3,
-                                          unsigned b0, unsigned b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-#else
-  __trap();  // code for an older architecture: never skip the multiply silently (launch() refuses it first)
-#endif
-}
-
-// One stage: 16 input channels [ci0, ci0 + 16) x up to TAPS_PER_STAGE taps
-// [t0, t0 + nt) of a WIN x WIN window.  A (pixels x channels) is staged as
-// s_a[tap][pixel][channel], B (channels x output channels) as
-// s_b[tap][out channel][channel]: both with the channel pairs a fragment
-// register holds side by side.
-template <int WIN, bool NHWC>
-__device__ __forceinline__ void stage_mma(const __half* __restrict__ x, const __half* __restrict__ wp,
-                                          const Shape& s, int ci0, int ci_end, int co0, int t0, int nt,
-                                          const int* s_n, const int* s_y, const int* s_x,
-                                          __half (*s_a)[TM][KROW], __half (*s_b)[TN][KROW], float (*c)[4]) {
-  constexpr int OFF = (5 - WIN) / 2;
-  const int tid = threadIdx.x;
-  const __half zero = __float2half_rn(0.f);
-  for (int e = tid; e < nt * TM * KC_MMA; e += THREADS) {
-    int k, p;
-    if (NHWC) { k = e % KC_MMA; p = (e / KC_MMA) % TM; } else { p = e % TM; k = (e / TM) % KC_MMA; }
-    const int tt = e / (KC_MMA * TM), t = t0 + tt;
-    const int ci = ci0 + k, n = s_n[p];
-    const int iy = s_y[p] + OFF + t / WIN - 2, ix = s_x[p] + OFF + t % WIN - 2;
-    __half v = zero;
-    if (n >= 0 && ci < ci_end && iy >= 0 && iy < s.H && ix >= 0 && ix < s.W)
-      v = x[NHWC ? ((static_cast<long long>(n) * s.H + iy) * s.W + ix) * s.C + ci
-                 : ((static_cast<long long>(n) * s.C + ci) * s.H + iy) * s.W + ix];
-    s_a[tt][p][k] = v;
-  }
-  if (vector_weights(wp, s)) {  // 8 output channels per 16-byte load, stored transposed
-    constexpr int V = vec_of<__half>(), TNV = TN / V;
-    for (int e = tid; e < nt * KC_MMA * TNV; e += THREADS) {
-      const int jv = e % TNV, k = (e / TNV) % KC_MMA, tt = e / (TNV * KC_MMA), t = t0 + tt;
-      const int tap = (OFF + t / WIN) * 5 + OFF + t % WIN;
-      const int ci = ci0 + k, co = co0 + jv * V;
-      uint4 raw = make_uint4(0, 0, 0, 0);
-      if (ci < ci_end && co < s.ctot)
-        raw = *reinterpret_cast<const uint4*>(wp + (static_cast<long long>(tap) * s.C + ci) * s.ctot + co);
-      const __half* v = reinterpret_cast<const __half*>(&raw);
-#pragma unroll
-      for (int i = 0; i < V; ++i) s_b[tt][jv * V + i][k] = v[i];
-    }
-  } else {
-    for (int e = tid; e < nt * KC_MMA * TN; e += THREADS) {
-      const int j = e % TN, k = (e / TN) % KC_MMA, tt = e / (TN * KC_MMA), t = t0 + tt;
-      const int tap = (OFF + t / WIN) * 5 + OFF + t % WIN;
-      const int ci = ci0 + k, co = co0 + j;
-      s_b[tt][j][k] = (ci < ci_end && co < s.ctot) ? wp[(static_cast<long long>(tap) * s.C + ci) * s.ctot + co]
-                                                   : zero;
-    }
-  }
-  __syncthreads();
-  const int lane = tid % 32, warp = tid / 32;
-  const int g = lane / 4, q = lane % 4;
-  const int r0 = 16 * (warp % 2), n0 = 16 * (warp / 2);
-  for (int tt = 0; tt < nt; ++tt) {
-    const unsigned a0 = ld32(&s_a[tt][r0 + g][2 * q]), a1 = ld32(&s_a[tt][r0 + g + 8][2 * q]);
-    const unsigned a2 = ld32(&s_a[tt][r0 + g][2 * q + 8]), a3 = ld32(&s_a[tt][r0 + g + 8][2 * q + 8]);
-#pragma unroll
-    for (int nb = 0; nb < 2; ++nb) {
-      const __half* b = &s_b[tt][n0 + 8 * nb + g][0];
-      mma_16816(c[nb], a0, a1, a2, a3, ld32(b + 2 * q), ld32(b + 2 * q + 8));
-    }
-  }
-  __syncthreads();
-}
-
-template <bool NHWC>
-__global__ void __launch_bounds__(THREADS)
-splitk_mma_kernel(const __half* __restrict__ x, __half* __restrict__ out, const __half* __restrict__ wp,
-                  const __half* __restrict__ b1, const __half* __restrict__ b3, const __half* __restrict__ b5,
-                  float* __restrict__ ws, int* __restrict__ counters, Shape s) {
-  __shared__ __align__(16) __half s_a[TAPS_PER_STAGE][TM][KROW];
-  __shared__ __align__(16) __half s_b[TAPS_PER_STAGE][TN][KROW];
-  __shared__ float s_c[TM][TN + 1];
-  __shared__ int s_n[TM], s_y[TM], s_x[TM];
-  __shared__ int s_last;
-
-  const auto [tid, pm, cg, m, co0, ci_begin, ci_end, win, n, oy, ox, valid] = block_of(s, s_n, s_y, s_x);
-  float c[2][4] = {};
-  const int ntaps = win * win;
-  for (int ci0 = ci_begin; ci0 < ci_end; ci0 += KC_MMA) {
-    for (int t0 = 0; t0 < ntaps; t0 += TAPS_PER_STAGE) {
-      const int nt = min(TAPS_PER_STAGE, ntaps - t0);
-      if (win == 1)
-        stage_mma<1, NHWC>(x, wp, s, ci0, ci_end, co0, t0, nt, s_n, s_y, s_x, s_a, s_b, c);
-      else if (win == 3)
-        stage_mma<3, NHWC>(x, wp, s, ci0, ci_end, co0, t0, nt, s_n, s_y, s_x, s_a, s_b, c);
-      else
-        stage_mma<5, NHWC>(x, wp, s, ci0, ci_end, co0, t0, nt, s_n, s_y, s_x, s_a, s_b, c);
-    }
-  }
-  // Fragments -> s_c[pixel][channel] (C fragment: rows g and g + 8, columns 2q, 2q + 1 of each n8 tile).
-  {
-    const int lane = tid % 32, warp = tid / 32, g = lane / 4, q = lane % 4;
-    const int r0 = 16 * (warp % 2), n0 = 16 * (warp / 2);
-#pragma unroll
-    for (int nb = 0; nb < 2; ++nb) {
-      const int col = n0 + 8 * nb + 2 * q;
-      s_c[r0 + g][col] = c[nb][0];
-      s_c[r0 + g][col + 1] = c[nb][1];
-      s_c[r0 + g + 8][col] = c[nb][2];
-      s_c[r0 + g + 8][col + 1] = c[nb][3];
-    }
-  }
-  __syncthreads();
-  float acc[CPT];
-#pragma unroll
-  for (int j = 0; j < CPT; ++j) acc[j] = s_c[pm][channel_of(cg, j)];
-  finish<__half, NHWC>(acc, valid, m, n, oy, ox, co0, cg, s, out, b1, b3, b5, ws, counters, &s_last);
-}
-
 void check(cudaError_t e, const char* what) {
   if (e != cudaSuccess) throw std::runtime_error(std::string("fused_ms_conv (splitk): ") + what + ": " +
                                                  cudaGetErrorString(e));
@@ -407,27 +274,16 @@ int sm_count_of(int dev) {
 }
 
 void launch(const MsConvArgs& a, DType dtype, std::uintptr_t stream_handle, int sm_count, std::uintptr_t workspace,
-            std::uintptr_t counters, bool tensor_cores) {
+            std::uintptr_t counters) {
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
   const std::int64_t ctot = a.c1 + a.c3 + a.c5;
-  const bool mma = tensor_cores && dtype == DType::Float16;  // float32 keeps the SIMT multiply
-  const Plan p = plan(a.n, a.c, a.h, a.w, ctot, sm_count, mma ? KC_MMA : KC);
+  const Plan p = plan(a.n, a.c, a.h, a.w, ctot, sm_count);
   if (p.splits > 1 && (!workspace || !counters))
     throw std::invalid_argument("fused_ms_conv (splitk): this shape needs a workspace and counters "
                                 "(fer_edge.kernels allocates them from splitk_plan)");
   // Pixel indices are 32-bit: the last tile's blockIdx.x * TM + 31 must not overflow.
   if (a.n * a.h * a.w > static_cast<std::int64_t>(INT_MAX) - TM || p.n_tiles > 65535 || p.splits > 65535)
     throw std::invalid_argument("fused_ms_conv (splitk): shape too large for the small-batch kernel");
-  if (mma) {
-    // The device may be sm_80+ while this build only holds older code for it (the driver
-    // JIT-compiles compute_75 PTX, whose kernel has no mma.sync): refuse rather than trap.
-    cudaFuncAttributes fa{};
-    check(cudaFuncGetAttributes(&fa, a.layout == Layout::NHWC ? splitk_mma_kernel<true> : splitk_mma_kernel<false>),
-          "cudaFuncGetAttributes");
-    if (fa.ptxVersion < 80)  // the architecture the loaded code was compiled for, JIT or not
-      throw std::invalid_argument("fused_ms_conv: this build has no sm_80+ code for the mma kernel on this GPU "
-                                  "(build for its architecture); choose splitk");
-  }
   Shape s{};
   s.N = static_cast<int>(a.n);
   s.C = static_cast<int>(a.c);
@@ -450,12 +306,6 @@ void launch(const MsConvArgs& a, DType dtype, std::uintptr_t stream_handle, int 
     k<<<grid, THREADS, 0, stream>>>(reinterpret_cast<const float*>(a.x), reinterpret_cast<float*>(a.out),
                                     reinterpret_cast<const float*>(a.wp), reinterpret_cast<const float*>(a.b1),
                                     reinterpret_cast<const float*>(a.b3), reinterpret_cast<const float*>(a.b5),
-                                    ws, cnt, s);
-  } else if (mma) {
-    auto k = nhwc ? splitk_mma_kernel<true> : splitk_mma_kernel<false>;
-    k<<<grid, THREADS, 0, stream>>>(reinterpret_cast<const __half*>(a.x), reinterpret_cast<__half*>(a.out),
-                                    reinterpret_cast<const __half*>(a.wp), reinterpret_cast<const __half*>(a.b1),
-                                    reinterpret_cast<const __half*>(a.b3), reinterpret_cast<const __half*>(a.b5),
                                     ws, cnt, s);
   } else {
     auto k = nhwc ? splitk_kernel<__half, true> : splitk_kernel<__half, false>;

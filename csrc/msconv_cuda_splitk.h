@@ -15,8 +15,7 @@ constexpr int CPT = 8;                 // channels per thread
 constexpr int CGROUPS = 8;             // channel groups per block
 constexpr int TN = CPT * CGROUPS;      // channels per block
 constexpr int THREADS = TM * CGROUPS;  // 256
-constexpr int KC = 4;                  // input channels per shared-memory stage (SIMT multiply)
-constexpr int KC_MMA = 16;             // the same on tensor cores: one mma k16 step
+constexpr int KC = 4;                  // input channels per shared-memory stage
 
 struct Plan {
   int m_tiles = 0, n_tiles = 0;  // grid x, y
@@ -26,9 +25,8 @@ struct Plan {
   std::int64_t counters = 0;          // int32 per-tile arrival counters, zero-initialised once
 };
 
-// About two blocks per SM, never a slice of fewer than kc input channels (KC,
-// or KC_MMA for the tensor-core kernel), and no empty slice after rounding.  A
-// larger kc never gives more splits, so buffers sized for KC serve both.
+// About two blocks per SM, never a slice of fewer than kc input channels, and no
+// empty slice after rounding.
 inline Plan plan(std::int64_t n, std::int64_t c, std::int64_t h, std::int64_t w, std::int64_t ctot,
                  int sm_count, int kc = KC) {
   Plan p{};
@@ -50,9 +48,8 @@ inline Plan plan(std::int64_t n, std::int64_t c, std::int64_t h, std::int64_t w,
 #ifdef FER_EDGE_WITH_CUDA
 int sm_count_of(int device);
 // One launch on `stream`; `workspace`/`counters` as plan() sizes them (unused when splits == 1).
-// tensor_cores: float16 on mma.sync (sm_80+; the caller checks); float32 ignores it.
 void launch(const MsConvArgs& a, DType dtype, std::uintptr_t stream, int sm_count, std::uintptr_t workspace,
-            std::uintptr_t counters, bool tensor_cores = false);
+            std::uintptr_t counters);
 #endif
 
 }  // namespace splitk

@@ -34,7 +34,8 @@ TABLE_FORMAT = "fer-edge-kernel-dispatch"
 OVERRIDE_ENV = "FER_EDGE_CUDA_KERNEL"
 CUDNN = "cudnn"
 # fer_edge's CUDA kernels, by the number the compiled extension takes (csrc/msconv_cuda.cu, Variant).
-# mma: splitk multiplying on tensor cores (float16, sm_80+; float32 runs splitk).
+# mma: the small-batch kernel on tensor cores: each branch's taps x input channels cut into chunks
+# spread over the whole GPU (float16 channels_last, sm_80+, the cutlass kernels' inputs).
 # cutlass: the large-batch path, one implicit GEMM per branch on tensor cores (float16
 # channels_last, sm_80+, builds that found CUTLASS's headers).
 # stem: inputs of at most 4 channels (MACNN's first layer reads one), bound by its output writes.

@@ -36,8 +36,8 @@ except ImportError as exc:  # pragma: no cover - a device install (no kernels) o
     ) from exc
 
 __all__ = ["fused_ms_conv", "fused_ms_conv_reference", "check_ms_conv_inputs", "build_info",
-           "cuda_kernels_available", "cutlass_unsupported", "CpuPackedMsConv", "pack_ms_weights",
-           "pack_krsc_weights", "pack_window_weights", "make_pack", "splitk_buffers", "cutlass_buffers",
+           "cuda_kernels_available", "kernel_unsupported", "CpuPackedMsConv", "pack_ms_weights",
+           "pack_krsc_weights", "pack_window_weights", "make_pack", "splitk_buffers", "mma_buffers", "cutlass_buffers",
            "kernel_buffers", "tensor_version", "watch_optimizer_steps"]
 
 _LAYOUT_NCHW, _LAYOUT_NHWC = 0, 1
@@ -114,7 +114,7 @@ def pack_ms_weights(w1: torch.Tensor, w3: torch.Tensor, w5: torch.Tensor) -> tor
 
 
 def pack_krsc_weights(w1: torch.Tensor, w3: torch.Tensor, w5: torch.Tensor) -> torch.Tensor:
-    """The "cutlass" kernel's weight layout: each branch's kernel as KRSC
+    """The "mma" and "cutlass" kernels' weight layout: each branch's kernel as KRSC
     (output channel, row, column, input channel: channels_last of OIHW), the
     three one after another in one flat tensor [w1 | w3 | w5].  Same dtype and
     device as the weights."""
@@ -142,13 +142,18 @@ def make_pack(kind: str, w1, b1, w3, b3, w5, b5) -> torch.Tensor:
     return PACKS[kind](w1, b1, w3, b3, w5, b5) if kind in WITH_BIASES else PACKS[kind](w1, w3, w5)
 
 
-# The kernels built on CUTLASS, and the pack each reads: they take the same inputs.
-CUTLASS_KERNELS = {"cutlass": "krsc", "cutlass90": "krsc", "cutlass_window": "window", "cutlass90_window": "window"}
+# The CUDA kernels that read another pack than "tap", and which.
+KERNEL_PACKS = {"mma": "krsc", "cutlass": "krsc", "cutlass90": "krsc", "cutlass_window": "window",
+                "cutlass90_window": "window"}
+# The kernels built on CUTLASS (a build that found its headers).  They and "mma" take the
+# same inputs (the compiled extension's igemm rules: float16 channels_last, aligned).
+CUTLASS_KERNELS = ("cutlass", "cutlass90", "cutlass_window", "cutlass90_window")
+IGEMM_KERNELS = ("mma", *CUTLASS_KERNELS)
 
 
 def pack_kind(kernel: str | None) -> str:
-    """The PACKS entry a CUDA kernel reads: CUTLASS_KERNELS's, "tap" for the others."""
-    return CUTLASS_KERNELS.get(kernel, "tap")
+    """The PACKS entry a CUDA kernel reads: KERNEL_PACKS's, "tap" for the others."""
+    return KERNEL_PACKS.get(kernel, "tap")
 
 
 def packed_shape(kind: str, c: int, c1: int, c3: int, c5: int) -> tuple[int, ...]:
@@ -276,8 +281,7 @@ def splitk_buffers(x: torch.Tensor, ctot: int) -> tuple[torch.Tensor, torch.Tens
     """The small-batch kernel's float32 workspace and int32 tile counters for
     input x (CUDA) and ctot output channels, sized by the kernel's own launch
     plan.  The counters start at zero and every call leaves them at zero, so a
-    module keeps one pair per shape (and a CUDA graph can replay it).  Sized
-    for "splitk": "mma" (16 input channels per step, never more splits) fits."""
+    module keeps one pair per shape (and a CUDA graph can replay it)."""
     n, c, h, w = x.shape
     plan = _C.splitk_plan(n, c, h, w, ctot, _C.sm_count(x.device.index or 0))
     ws = torch.empty(max(1, plan["workspace_floats"]), dtype=torch.float32, device=x.device)
@@ -294,19 +298,42 @@ def check_splitk_buffers(ws, counters, x: torch.Tensor, ctot: int) -> None:
                     (counters, "counters", torch.int32, plan["counters"])), x, "splitk_buffers(x, ctot)")
 
 
+def _mma_plan(x: torch.Tensor, c1: int, c3: int, c5: int) -> dict:
+    n, c, h, w = x.shape
+    return _C.mma_plan(n, c, h, w, c1, c3, c5, _C.sm_count(x.device.index or 0))
+
+
+def mma_buffers(x: torch.Tensor, c1: int, c3: int, c5: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The "mma" kernel's float32 workspace (one sum per output value) and int32
+    tile counters for input x (CUDA) and branches of c1, c3, c5 channels, sized
+    by its plan; both start at zero and every call leaves them at zero (the
+    chunks of a tile add into the workspace, the last one clears it)."""
+    plan = _mma_plan(x, c1, c3, c5)
+    return (torch.zeros(max(1, plan["workspace_floats"]), dtype=torch.float32, device=x.device),
+            torch.zeros(max(1, plan["counters"]), dtype=torch.int32, device=x.device))
+
+
+def check_mma_buffers(ws, counters, x: torch.Tensor, c1: int, c3: int, c5: int) -> None:
+    plan = _mma_plan(x, c1, c3, c5)
+    _check_buffers(((ws, "workspace", torch.float32, plan["workspace_floats"]),
+                    (counters, "counters", torch.int32, plan["counters"])), x, "mma_buffers(x, c1, c3, c5)")
+
+
 # The kernels that keep scratch buffers between calls, and whose buffers they are
-# (splitk and mma share theirs; the SM80 CUTLASS kernels keep their split-K semaphores).
-BUFFERED_KERNELS = {"splitk": "splitk", "mma": "splitk", "cutlass": "cutlass", "cutlass_window": "cutlass_window"}
+# (the SM80 CUTLASS kernels keep their split-K semaphores).
+BUFFERED_KERNELS = {"splitk": "splitk", "mma": "mma", "cutlass": "cutlass", "cutlass_window": "cutlass_window"}
 
 
 def kernel_buffers(kernel: str, x: torch.Tensor, c1: int, c3: int, c5: int):
-    """The buffers a CUDA kernel keeps between calls for input x (splitk_buffers or
-    cutlass_buffers), or None for a kernel that needs none."""
+    """The buffers a CUDA kernel keeps between calls for input x (splitk_buffers,
+    mma_buffers or cutlass_buffers), or None for a kernel that needs none."""
     owner = BUFFERED_KERNELS.get(kernel)
     if owner is None:
         return None
     if owner == "splitk":
         return splitk_buffers(x, c1 + c3 + c5)
+    if owner == "mma":
+        return mma_buffers(x, c1, c3, c5)
     return cutlass_buffers(x, c1, c3, c5, window=owner == "cutlass_window")
 
 
@@ -315,6 +342,8 @@ def check_kernel_buffers(kernel: str, ws, counters, x: torch.Tensor, c1: int, c3
     owner = BUFFERED_KERNELS[kernel]
     if owner == "splitk":
         check_splitk_buffers(ws, counters, x, c1 + c3 + c5)
+    elif owner == "mma":
+        check_mma_buffers(ws, counters, x, c1, c3, c5)
     else:
         check_cutlass_buffers(ws, counters, x, c1, c3, c5, window=owner == "cutlass_window")
 
@@ -494,23 +523,28 @@ def _built(flag: str) -> bool:
     return bool(_C.build_info().get(flag))
 
 
-def cutlass_unsupported(x: torch.Tensor, w1, b1, w3, b3, w5, b5, kernel: str = "cutlass") -> str:
-    """Why a CUTLASS kernel (CUTLASS_KERNELS: "cutlass", "cutlass_window", or
-    "cutlass90", "cutlass90_window" on Hopper) cannot run this layer on x (""
-    when it can): float16, channels_last, channel counts that are multiples of
-    8, 16-byte aligned data (the compiled extension's own rule; the output and
-    the pack are fresh allocations, always aligned), a build with the kernel,
-    a GPU it runs on."""
-    if kernel not in CUTLASS_KERNELS:
-        raise ValueError(f"cutlass_unsupported: {kernel!r} is not one of {', '.join(CUTLASS_KERNELS)}")
+def kernel_unsupported(x: torch.Tensor, w1, b1, w3, b3, w5, b5, kernel: str) -> str:
+    """Why one of fer_edge's CUDA kernels (dispatch.KERNELS) cannot run this layer
+    on x ("" when it can).  "stem": at most 4 input channels.  "mma" and the
+    CUTLASS kernels (IGEMM_KERNELS): float16, channels_last, channel counts that
+    are multiples of 8, 16-byte aligned data (the compiled extension's own rule;
+    the output and the pack are fresh allocations, always aligned), a build
+    with the kernel, a GPU it runs on.  The others take every layer."""
+    if kernel not in KERNEL_CODES:
+        raise ValueError(f"kernel_unsupported: unknown CUDA kernel {kernel!r}; choose {', '.join(KERNEL_CODES)}")
+    if kernel == "stem":
+        return "" if x.shape[1] <= 4 else "it takes at most 4 input channels"
+    if kernel not in IGEMM_KERNELS:
+        return ""
+    cc = torch.cuda.get_device_capability(x.device) if x.device.type == "cuda" else None
     if kernel.startswith("cutlass90"):
         if not _built("cutlass_sm90"):
             return f"this build has no {kernel} kernel (no CUTLASS headers, or no sm_90 in its architectures)"
-        if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) != (9, 0):
+        if cc is not None and cc != (9, 0):
             return "it runs on compute capability 9.0 only (sm_90a: wgmma, TMA)"
-    elif not _built("cutlass"):
+    elif kernel in CUTLASS_KERNELS and not _built("cutlass"):
         return f"this build has no {kernel} kernel (CUTLASS's headers were not found when it was compiled)"
-    elif x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (8, 0):
+    elif cc is not None and cc < (8, 0):
         return "it needs compute capability 8.0+ (mma.sync, cp.async)"
     nhwc = _io_nhwc(x, _weights_nhwc(w3, w5))
     # The pointers the op passes (biases made contiguous).  A traced tensor (torch.compile)
@@ -519,7 +553,7 @@ def cutlass_unsupported(x: torch.Tensor, w1, b1, w3, b3, w5, b5, kernel: str = "
     ptrs = [0] * 6 if traced else [x.data_ptr(), 0, 0, *(b.contiguous().data_ptr() for b in (b1, b3, b5))]
     return _C.igemm_unsupported(x.shape[1], w1.shape[0], w3.shape[0], w5.shape[0],
                                 _LAYOUT_NHWC if nhwc else _LAYOUT_NCHW, _CUDA_DTYPES.get(x.dtype, 0), ptrs,
-                                CUTLASS_KERNELS[kernel] == "window")
+                                KERNEL_PACKS[kernel] == "window")
 
 
 def cuda_kernel_code(kernel: str) -> int:
@@ -541,17 +575,17 @@ def fused_ms_conv(x, w1, b1, w3, b3, w5, b5, relu: bool = True, wp=None, kernel:
     weights do not change so a CUDA call does not re-pack them (the CPU
     kernel does not use it: see CpuPackedMsConv).
     kernel: on CUDA, which of fer_edge's kernels: "simt", "wmma" (float16,
-    tensor cores), "splitk" (small batches), "mma" (splitk on tensor cores,
-    float16, sm_80+), "cutlass" (large batches: one implicit GEMM per branch,
-    float16 channels_last, sm_80+, see ``cutlass_unsupported``; its ``wp`` is
-    ``pack_krsc_weights``'s), "cutlass90" (the same on Hopper's wgmma and TMA,
+    tensor cores), "splitk" (small batches), "mma" (small batches on tensor
+    cores: float16 channels_last, sm_80+, see ``kernel_unsupported``; its ``wp``
+    is ``pack_krsc_weights``'s), "cutlass" (large batches: one implicit GEMM per
+    branch, the same inputs and pack), "cutlass90" (the same on Hopper's wgmma and TMA,
     compute capability 9.0), "cutlass_window" and "cutlass90_window" (those
     two as one launch over the zero-padded 5x5 window; their ``wp`` is
     ``pack_window_weights``'s, and the biases they add are the ones packed
     in it, not b1/b3/b5) or "stem" (inputs of at most 4 channels);
     None = fer_edge.dispatch.direct_kernel()
     (simt unless FER_EDGE_CUDA_KERNEL names another).  buffers: kernel_buffers(kernel, x, c1, c3, c5)
-    (splitk_buffers or cutlass_buffers), kept by callers that run one shape
+    (splitk_buffers, mma_buffers or cutlass_buffers), kept by callers that run one shape
     repeatedly (else allocated per call).
     """
     c1, c3, c5, _ = check_ms_conv_inputs(x, w1, b1, w3, b3, w5, b5)

@@ -44,7 +44,7 @@ CUDA_CASES = [c for i, c in enumerate(CASES) if i % 3 == 0]
 
 @requires_cuda
 @requires_cuda_kernel
-@pytest.mark.parametrize("kernel", ["simt", "splitk", "mma"])   # mma in float32 runs splitk's multiply
+@pytest.mark.parametrize("kernel", ["simt", "splitk"])
 @pytest.mark.parametrize("case", CUDA_CASES, ids=[_id(c) for c in CUDA_CASES])
 def test_cuda_fp32_matches_reference(case, kernel):
     n, cin, h, w, c1, c3, c5, nhwc, relu = case
@@ -63,13 +63,12 @@ FP16_CASES = CUDA_CASES + [(2, 64, 24, 24, 32, 48, 48, True, True), (1, 256, 6, 
 
 @requires_cuda
 @requires_cuda_kernel
-@pytest.mark.parametrize("kernel", ["simt", "wmma", "splitk", "mma"])
+@pytest.mark.parametrize("kernel", ["simt", "wmma", "splitk"])
 @pytest.mark.parametrize("case", FP16_CASES, ids=[_id(c) for c in FP16_CASES])
 def test_cuda_fp16_close_to_fp32_reference(case, kernel):
-    """Every fp16 kernel: SIMT, tensor-core (WMMA), small-batch split-K, and split-K on tensor cores (MMA)."""
+    """Every fp16 kernel that takes any layer: SIMT, tensor-core (WMMA), small-batch split-K
+    (the mma kernel's own tests are below, with the CUTLASS kernels': it takes their inputs)."""
     n, cin, h, w, c1, c3, c5, nhwc, relu = case
-    if kernel == "mma" and torch.cuda.get_device_capability() < (8, 0):
-        pytest.skip("mma.sync m16n8k16 needs compute capability 8.0+")
     args = make_inputs(n, cin, h, w, c1, c3, c5, nhwc=nhwc, device="cuda", dtype=torch.float16, seed=7)
     y = fused_ms_conv(*args, relu=relu, kernel=kernel)
     assert y.dtype == torch.float16
@@ -182,18 +181,13 @@ def test_unknown_cuda_kernel_is_refused():
 @pytest.mark.parametrize("n,c,hw,ctot,sms", [(1, 1, 48, 64, 132), (1, 64, 24, 128, 132), (1, 256, 6, 512, 132),
                                              (1, 512, 3, 512, 132), (8, 256, 6, 512, 132), (1, 512, 3, 512, 16),
                                              (256, 64, 24, 128, 132), (1, 6, 5, 9, 132)])
-@pytest.mark.parametrize("tensor_cores", [False, True])
-def test_splitk_plan_covers_every_input_channel_once(n, c, hw, ctot, sms, tensor_cores):
+def test_splitk_plan_covers_every_input_channel_once(n, c, hw, ctot, sms):
     """The small-batch kernel's launch plan (its own host code, built in every
     variant of the extension): the slices tile the input channels exactly, in
-    multiples of the staging width (4 channels, 16 on tensor cores); enough
-    blocks to fill the GPU when the channels allow; a workspace exactly as
-    large as the partial sums, and the tensor-core plan's never larger than
-    the one splitk_buffers allocates."""
-    p = _C.splitk_plan(n, c, hw, hw, ctot, sms, tensor_cores)
-    assert p["kc"] == (16 if tensor_cores else 4)
-    simt = _C.splitk_plan(n, c, hw, hw, ctot, sms)
-    assert p["splits"] <= simt["splits"] and p["workspace_floats"] <= simt["workspace_floats"]
+    multiples of the staging width (4 channels); enough blocks to fill the GPU
+    when the channels allow; a workspace exactly as large as the partial sums."""
+    p = _C.splitk_plan(n, c, hw, hw, ctot, sms)
+    assert p["kc"] == 4
     assert p["kslice"] % p["kc"] == 0 and p["kslice"] >= p["kc"]
     assert (p["splits"] - 1) * p["kslice"] < c <= p["splits"] * p["kslice"]   # no empty slice, none missing
     m = n * hw * hw
@@ -220,13 +214,13 @@ def test_every_dispatch_choice_matches_the_reference(seed):
     from fer_edge.dispatch import CHOICES
     from fer_edge.models.layers import FusedMultiScaleConv
 
-    from fer_edge.kernels import CUTLASS_KERNELS, cutlass_unsupported
+    from fer_edge.kernels import kernel_unsupported
 
     g = torch.Generator().manual_seed(seed)
     r = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))  # noqa: E731
     n, cin, hw = r(1, 9), r(1, 70), r(3, 30)
     c1, c3, c5 = r(1, 40), r(1, 70), r(1, 70)
-    if seed in (6, 7):  # channels_last, channels in multiples of 8: what the cutlass kernel takes
+    if seed in (6, 7):  # channels_last, channels in multiples of 8: what the mma and cutlass kernels take
         n, cin, c1, c3, c5 = r(1, 16), 8 * r(1, 9), 8 * r(1, 5), 8 * r(1, 9), 8 * r(1, 9)
     elif seed == 8:  # a first layer: what the stem kernel takes
         cin = r(1, 4)
@@ -238,11 +232,7 @@ def test_every_dispatch_choice_matches_the_reference(seed):
         for choice in CHOICES:
             if choice == "wmma" and dtype != torch.float16:
                 continue
-            if choice == "mma" and dtype == torch.float16 and torch.cuda.get_device_capability() < (8, 0):
-                continue
-            if choice in CUTLASS_KERNELS and cutlass_unsupported(x, *ws, kernel=choice):
-                continue
-            if choice == "stem" and cin > 4:
+            if choice != "cudnn" and kernel_unsupported(x, *ws, kernel=choice):
                 continue
             m.cuda_kernel = choice
             with torch.no_grad():
@@ -326,17 +316,18 @@ def test_empty_branches_are_cuda_only():
 def test_a_kernel_picked_by_shape_must_take_the_very_input():
     """The table keys shapes and the override names one kernel for every layer:
     a merged layer runs such a choice only where it can (the stem kernel on at
-    most 4 input channels, a CUTLASS kernel on what cutlass_unsupported allows,
-    e.g. nothing in a build without it); everything else goes to cuDNN."""
-    from fer_edge.kernels import CUTLASS_KERNELS, cutlass_unsupported
+    most 4 input channels, the mma and CUTLASS kernels on what kernel_unsupported
+    allows, e.g. nothing in a build without CUTLASS); everything else goes to cuDNN."""
+    from fer_edge.kernels import IGEMM_KERNELS, kernel_unsupported
     from fer_edge.models.layers import FusedMultiScaleConv
 
     gray, *ws1 = make_inputs(1, 1, 6, 6, 8, 8, 8)
     wide, *ws8 = make_inputs(1, 8, 6, 6, 8, 8, 8, nhwc=True, dtype=torch.float16)
     assert FusedMultiScaleConv._takes("stem", gray, ws1)
     assert not FusedMultiScaleConv._takes("stem", wide, ws8)
-    for kernel in CUTLASS_KERNELS:
-        assert FusedMultiScaleConv._takes(kernel, wide, ws8) == (not cutlass_unsupported(wide, *ws8, kernel=kernel))
+    for kernel in IGEMM_KERNELS:
+        assert FusedMultiScaleConv._takes(kernel, wide, ws8) == (not kernel_unsupported(wide, *ws8, kernel=kernel))
+    assert not FusedMultiScaleConv._takes("mma", wide.float(), [w.float() for w in ws8])   # float16 only
     assert FusedMultiScaleConv._takes("splitk", wide, ws8)
 
 
@@ -383,11 +374,13 @@ def test_merged_plain_convs_run_the_convolution_off_cuda():
 @pytest.mark.parametrize("n,cin,hw,cout", [(1, 64, 48, 64), (1, 512, 3, 512), (3, 40, 7, 24)])
 def test_cuda_single_branch_matches_the_convolution(kernel, dtype, n, cin, hw, cout):
     """Every CUDA kernel on a plain 3x3 convolution + ReLU (c1 = c5 = 0)."""
+    from fer_edge.kernels import kernel_unsupported
+
     if kernel == "wmma" and dtype != torch.float16:
         pytest.skip("wmma is float16")
-    if kernel == "mma" and dtype == torch.float16 and torch.cuda.get_device_capability() < (8, 0):
-        pytest.skip("mma.sync m16n8k16 needs compute capability 8.0+")
     args = make_inputs(n, cin, hw, hw, 0, cout, 0, nhwc=True, device="cuda", dtype=dtype, seed=cin)
+    if why := kernel_unsupported(*args, kernel=kernel):
+        pytest.skip(f"{kernel}: {why}")
     y = fused_ms_conv(*args, kernel=kernel)
     ref = fused_ms_conv_reference(*[t.cpu().double() for t in args])
     assert y.shape == (n, cout, hw, hw)
@@ -405,7 +398,7 @@ def test_cuda_merged_model_with_plain_convs_on_the_kernel(kernel):
     from fer_edge.reparam import merge
 
     if kernel == "mma" and torch.cuda.get_device_capability() < (8, 0):
-        pytest.skip("mma.sync m16n8k16 needs compute capability 8.0+")
+        pytest.skip("the mma kernel needs compute capability 8.0+")
     torch.manual_seed(0)
     model = models.create("macnn", width=0.5).eval()
     merged = merge(model).cuda().half().to(memory_format=torch.channels_last)
@@ -433,7 +426,10 @@ def test_cuda_refuses_buffers_made_for_another_input():
         fused_ms_conv(*args, kernel="splitk", buffers=(ws, counters))
     ws, counters = splitk_buffers(args[0], 512)
     with pytest.raises(ValueError, match="splitk_buffers"):
-        fused_ms_conv(*args, kernel="mma", buffers=(ws.half(), counters))
+        fused_ms_conv(*args, kernel="splitk", buffers=(ws.half(), counters))
+    if torch.cuda.get_device_capability() >= (8, 0):
+        with pytest.raises(ValueError, match=r"mma_buffers\(x, c1, c3, c5\)"):
+            fused_ms_conv(*args, kernel="mma", buffers=(ws[:1], counters))
     y = fused_ms_conv(*args, kernel="splitk", buffers=(ws, counters))
     assert rel_norm(y.cpu(), fused_ms_conv_reference(*[t.cpu().double() for t in args])) <= FP16_REL_NORM
 
@@ -455,6 +451,13 @@ def _needs_sm80(kernel="cutlass"):
     if kernel.startswith("cutlass90") and (torch.cuda.get_device_capability() != (9, 0)
                                            or not _C.build_info().get("cutlass_sm90")):
         pytest.skip(f"the {kernel} kernel needs compute capability 9.0 and a build for sm_90")
+
+
+def _needs_mma():
+    if not hasattr(_C, "msconv_cuda"):
+        pytest.skip("fer_edge._C was built without CUDA")
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("the mma kernel needs compute capability 8.0+")
 
 
 ALL_CUTLASS = ["cutlass", "cutlass90", "cutlass_window", "cutlass90_window"]
@@ -545,29 +548,31 @@ def test_cutlass_in_a_cuda_graph_and_on_the_current_stream(kernel):
 
 
 @requires_cuda
-@requires_cutlass
-def test_cutlass_refuses_what_it_cannot_run_and_a_module_falls_back():
-    """Named, it says why it cannot run a layer (one ValueError, never a launch);
-    chosen by the dispatch table, a layer it cannot run (here a misaligned view)
-    runs cuDNN instead."""
-    _needs_sm80()
+@pytest.mark.parametrize("kernel", ["cutlass", "mma"])
+def test_igemm_kernels_refuse_what_they_cannot_run_and_a_module_falls_back(kernel):
+    """Named, the cutlass and mma kernels say why they cannot run a layer (one
+    ValueError, never a launch); chosen by the dispatch table, a layer they
+    cannot run (here a misaligned view) runs cuDNN instead."""
+    if kernel == "cutlass" and not _C.build_info().get("cutlass"):
+        pytest.skip("fer_edge._C was built without CUTLASS's headers (no cutlass kernel)")
+    _needs_mma()
     from fer_edge.models.layers import FusedMultiScaleConv
 
     args = make_inputs(2, 64, 12, 12, 32, 48, 48, nhwc=True, device="cuda", dtype=torch.float16)
-    with pytest.raises(ValueError, match="float16 only"):
-        fused_ms_conv(*[t.float() for t in args], kernel="cutlass")
+    with pytest.raises(ValueError, match=f"the {kernel} kernel cannot run this layer: it computes float16 only"):
+        fused_ms_conv(*[t.float() for t in args], kernel=kernel)
     with pytest.raises(ValueError, match="channels_last"):
-        fused_ms_conv(args[0].contiguous(), *args[1:], kernel="cutlass")
+        fused_ms_conv(args[0].contiguous(), *args[1:], kernel=kernel)
     odd = make_inputs(2, 12, 12, 12, 8, 8, 8, nhwc=True, device="cuda", dtype=torch.float16)
     with pytest.raises(ValueError, match="multiples of 8"):
-        fused_ms_conv(*odd, kernel="cutlass")
+        fused_ms_conv(*odd, kernel=kernel)
     big = torch.randn(2 * 64 * 12 * 12 + 4, device="cuda", dtype=torch.float16)
     shifted = big[4:].view(2, 12, 12, 64).permute(0, 3, 1, 2)   # channels_last, 8 bytes off
     assert shifted.is_contiguous(memory_format=torch.channels_last)
     with pytest.raises(ValueError, match="16-byte aligned"):
-        fused_ms_conv(shifted, *args[1:], kernel="cutlass")
+        fused_ms_conv(shifted, *args[1:], kernel=kernel)
     m = FusedMultiScaleConv(*args[1:]).eval()
-    m._choices[(shifted.device, tuple(shifted.shape), shifted.dtype)] = "cutlass"   # as a table row would say
+    m._choices[(shifted.device, tuple(shifted.shape), shifted.dtype)] = kernel   # as a table row would say
     with torch.no_grad():
         y = m(shifted)
     ref = fused_ms_conv_reference(*[t.cpu().double() for t in (shifted, *args[1:])])
@@ -587,7 +592,7 @@ def test_cuda_module_keeps_one_pack_per_weight_layout():
     with torch.no_grad():
         m.cuda_kernel = "cutlass"
         a = m(x)
-        m.cuda_kernel = "mma"
+        m.cuda_kernel = "splitk"
         b = m(x[:1])
         krsc, tap = m._wp_krsc, m._wp
         assert krsc.shape == (64 * (32 + 9 * 48 + 25 * 48),) and tap.shape == (25, 64, 128)
@@ -741,26 +746,141 @@ def test_igemm_window_form_is_one_launch_with_the_biases_in_its_pack():
     assert "multiples of 8" in _C.igemm_unsupported(64, 4, 48, 48, 1, 1, ok, window=True)
 
 
-def test_cutlass_unsupported_names_only_cutlass_kernels():
-    from fer_edge.kernels import CUTLASS_KERNELS, cutlass_unsupported, pack_kind
+def test_kernel_unsupported_names_what_each_kernel_takes():
+    from fer_edge.kernels import CUTLASS_KERNELS, IGEMM_KERNELS, KERNEL_PACKS, kernel_unsupported, pack_kind
 
     args = make_inputs(1, 8, 4, 4, 8, 8, 8, nhwc=True)
-    with pytest.raises(ValueError, match="'splitk' is not one of"):
-        cutlass_unsupported(*args, kernel="splitk")
-    assert {k: pack_kind(k) for k in CUTLASS_KERNELS} == {"cutlass": "krsc", "cutlass90": "krsc",
-                                                          "cutlass_window": "window", "cutlass90_window": "window"}
-    assert pack_kind("mma") == pack_kind(None) == "tap"
+    with pytest.raises(ValueError, match="unknown CUDA kernel 'fast'"):
+        kernel_unsupported(*args, kernel="fast")
+    assert kernel_unsupported(*args, kernel="splitk") == kernel_unsupported(*args, kernel="simt") == ""
+    assert "at most 4 input channels" in kernel_unsupported(*args, kernel="stem")
+    assert kernel_unsupported(*make_inputs(1, 4, 4, 4, 8, 8, 8), kernel="stem") == ""
+    assert {k: pack_kind(k) for k in IGEMM_KERNELS} == KERNEL_PACKS == {
+        "mma": "krsc", "cutlass": "krsc", "cutlass90": "krsc", "cutlass_window": "window", "cutlass90_window": "window"}
+    assert set(IGEMM_KERNELS) == {"mma", *CUTLASS_KERNELS}
+    assert pack_kind("splitk") == pack_kind(None) == "tap"
 
 
-def test_cutlass_says_when_the_build_has_none():
-    from fer_edge.kernels import cutlass_unsupported
+def test_kernel_unsupported_says_when_the_build_has_no_cutlass():
+    from fer_edge.kernels import kernel_unsupported
 
     args = make_inputs(1, 8, 4, 4, 8, 8, 8, nhwc=True)
-    why = cutlass_unsupported(*args)
+    why = kernel_unsupported(*args, kernel="cutlass")
     if _C.build_info().get("cutlass"):
         assert "float16 only" in why   # a CPU float32 tensor: its next reason
     else:
         assert "no cutlass kernel" in why
+    assert "float16 only" in kernel_unsupported(*args, kernel="mma")   # our own code: in every build
+
+
+# ------------------------------------------------- small batches on tensor cores: the mma kernel
+# MACNN's merged layers L2-L5 at batch 1 (the kernel's purpose) and 2, 8 (its range), two that
+# split nothing (every K in one chunk: the output written from registers), a narrow layer with
+# an odd spatial size, layers with an empty branch, and the single-branch case.
+MMA_CASES = [(n, cin, hw, c1, c3, c5) for n in (1, 2) for cin, hw, c1, c3, c5 in
+             ((64, 24, 32, 48, 48), (128, 12, 64, 96, 96), (256, 6, 128, 192, 192), (512, 3, 128, 192, 192))]
+MMA_CASES += [(8, 256, 6, 128, 192, 192), (64, 64, 24, 32, 48, 48), (1, 8, 5, 8, 8, 8), (3, 8, 7, 8, 16, 8),
+              (1, 40, 9, 0, 24, 16), (2, 16, 6, 8, 0, 8), (1, 512, 3, 0, 512, 0), (1, 64, 48, 0, 64, 0)]
+
+
+@requires_cuda
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("case", MMA_CASES, ids=[f"n{c[0]}-c{c[1]}-{c[2]}px-{c[3]}.{c[4]}.{c[5]}" for c in MMA_CASES])
+def test_mma_matches_the_reference(case, relu):
+    """fp16 against the float64 reference, twice with the same buffers: the
+    chunks' sums meet in the workspace, the ReLU applies to the total only
+    (negative partial sums survive), and the workspace and counters are left
+    at zero for the next call."""
+    _needs_mma()
+    from fer_edge.kernels import mma_buffers
+
+    n, cin, hw, c1, c3, c5 = case
+    args = make_inputs(n, cin, hw, hw, c1, c3, c5, nhwc=True, device="cuda", dtype=torch.float16, seed=n + cin)
+    ref = fused_ms_conv_reference(*[t.cpu().double() for t in args], relu=relu)
+    bufs = mma_buffers(args[0], c1, c3, c5)
+    for _ in range(2):
+        y = fused_ms_conv(*args, relu=relu, kernel="mma", buffers=bufs)
+        assert y.shape == ref.shape and y.is_contiguous(memory_format=torch.channels_last)
+        assert torch.isfinite(y).all(), "every output channel written"
+        assert rel_norm(y.cpu(), ref) <= FP16_REL_NORM
+    assert not bufs[0].any() and not bufs[1].any(), "the last chunk of each tile clears its sums and counter"
+
+
+@requires_cuda
+def test_mma_in_a_cuda_graph_and_on_the_current_stream():
+    """Batch 1 of L4 (its 5x5 and 3x3 tiles split into chunks), on another
+    stream and replayed in a graph: the same answer each time, to fp16's
+    rounding (the order in which chunks arrive may change the float32 sums'
+    last bits)."""
+    _needs_mma()
+    from fer_edge.kernels import kernel_buffers, make_pack
+
+    args = make_inputs(1, 256, 6, 6, 128, 192, 192, nhwc=True, device="cuda", dtype=torch.float16, seed=3)
+    plan = _C.mma_plan(1, 256, 6, 6, 128, 192, 192, _C.sm_count(0))
+    assert plan["counters"] > 0 and all(b["chunks"] > 1 for b in plan["branches"][:2])
+    ref = fused_ms_conv_reference(*[t.cpu().double() for t in args])
+    wp = make_pack("krsc", *args[1:])
+    bufs = kernel_buffers("mma", args[0], 128, 192, 192)
+    first = fused_ms_conv(*args, kernel="mma", wp=wp, buffers=bufs)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        other = fused_ms_conv(*args, kernel="mma", wp=wp, buffers=bufs)
+    stream.synchronize()
+    assert rel_norm(other.cpu(), first.cpu().double()) <= 1e-3
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = fused_ms_conv(*args, kernel="mma", wp=wp, buffers=bufs)
+    for _ in range(5):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_norm(y.cpu(), ref) <= FP16_REL_NORM
+    assert not bufs[0].any() and not bufs[1].any()
+
+
+# The merged MACNN layers (batch 1, 2, 8 and a large one), narrow and single-branch ones,
+# on GPUs of 132 SMs (H100/H200) and 16 (a Jetson Orin has 16).
+@pytest.mark.parametrize("sms", [132, 16])
+@pytest.mark.parametrize("n,c,hw,c1,c3,c5", [
+    (1, 64, 24, 32, 48, 48), (1, 128, 12, 64, 96, 96), (1, 256, 6, 128, 192, 192), (1, 512, 3, 128, 192, 192),
+    (2, 256, 6, 128, 192, 192), (8, 128, 12, 64, 96, 96), (256, 64, 24, 32, 48, 48), (1, 8, 5, 8, 8, 8),
+    (1, 512, 3, 0, 512, 0), (3, 8, 7, 8, 16, 8), (1, 40, 9, 0, 24, 16), (2, 16, 6, 8, 0, 8)])
+def test_mma_plan_covers_every_k_once(n, c, hw, c1, c3, c5, sms):
+    """The mma kernel's blocks (its own host code, in every build): each
+    non-empty branch (5x5, 3x3, 1x1) gets its K = taps x input channels in
+    chunks that cover it exactly once, its pixels in tiles of the fewest padded
+    rows; about two blocks per SM where K allows, never more than needed; one
+    counter per split tile, and a workspace of one float per output value
+    exactly when something is split."""
+    p = _C.mma_plan(n, c, hw, hw, c1, c3, c5, sms)
+    m, ctot = n * hw * hw, c1 + c3 + c5
+    assert p["tile_n"] == 64 and p["tile_k"] == 32
+    assert p["tile_m"] in (16, 32, 48, 64)
+    padded = lambda bm: -(-m // bm) * bm  # noqa: E731
+    assert padded(p["tile_m"]) == min(padded(bm) for bm in (16, 32, 48, 64))
+    assert p["kchunk"] >= 128 and p["kchunk"] % 32 == 0
+    expect = [(k, cout, off, woff) for k, cout, off, woff in
+              ((5, c5, c1 + c3, c * (c1 + 9 * c3)), (3, c3, c1, c * c1), (1, c1, 0, 0)) if cout]
+    assert [(b["k"], b["cout"], b["offset"], b["weights"]) for b in p["branches"]] == expect
+    units = counters = 0
+    for b in p["branches"]:
+        assert b["kdim"] == b["k"] ** 2 * c
+        assert (b["chunks"] - 1) * p["kchunk"] < b["kdim"] <= b["chunks"] * p["kchunk"]
+        assert b["m_tiles"] == -(-m // p["tile_m"]) and b["n_tiles"] == -(-b["cout"] // 64)
+        assert b["first_unit"] == units
+        units += b["m_tiles"] * b["n_tiles"] * b["chunks"]
+        if b["chunks"] > 1:
+            assert b["first_counter"] == counters
+            counters += b["m_tiles"] * b["n_tiles"]
+    assert p["units"] == units and p["counters"] == counters
+    assert p["workspace_floats"] == (m * ctot if counters else 0)
+    kmax = max(b["kdim"] for b in p["branches"])
+    assert units <= 2 * sms or p["kchunk"] >= kmax, "more blocks than two per SM only when nothing is left to merge"
+    if p["kchunk"] > 128:   # the chunk is no longer than it must be
+        half = sum(b["m_tiles"] * b["n_tiles"] * -(-b["kdim"] // (p["kchunk"] // 2)) for b in p["branches"])
+        assert half > 2 * sms
+    with pytest.raises(ValueError, match=">= 1"):
+        _C.mma_plan(n, c, hw, hw, 0, 0, 0, sms)
 
 
 # ------------------------------------------------- the first layer: the stem kernel

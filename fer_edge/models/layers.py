@@ -209,17 +209,21 @@ class FusedMultiScaleConv(nn.Module):
 
     @staticmethod
     def _takes(kernel: str, x, ws) -> bool:
-        """Whether a kernel picked by shape can run this very input.  The table keys
-        shapes, so a view may still be misaligned for a CUTLASS kernel, and the
-        override names one kernel for every layer, the stem one for a first layer only.
-        Under torch.compile the extension checks when it runs (nothing is read here)."""
+        """Whether a kernel picked by shape can run this very input
+        (kernels.kernel_unsupported).  The table keys shapes, so a view may
+        still be misaligned for a CUTLASS or mma kernel, and the override names
+        one kernel for every layer, the stem one for a first layer only.  Under
+        torch.compile the extension checks when it runs (nothing is read here)
+        but for the stem's channel count."""
+        if kernel == "cpu":
+            return True
         if kernel == "stem":
             return x.shape[1] <= 4
-        if kernel == "cpu" or torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():
             return True
-        from fer_edge.kernels import CUTLASS_KERNELS, cutlass_unsupported
+        from fer_edge.kernels import kernel_unsupported
 
-        return kernel not in CUTLASS_KERNELS or not cutlass_unsupported(x, *ws, kernel=kernel)
+        return not kernel_unsupported(x, *ws, kernel=kernel)
 
     def _kernel_for(self, x) -> str | None:
         """Which compiled kernel this call runs: "cpu", a CUDA kernel's name,
@@ -253,7 +257,7 @@ class FusedMultiScaleConv(nn.Module):
         allocate per call (under torch.compile tracing, or in a capture)."""
         from fer_edge.kernels import BUFFERED_KERNELS, kernel_buffers
 
-        kind = BUFFERED_KERNELS[kernel]   # splitk and mma share theirs
+        kind = BUFFERED_KERNELS[kernel]
         key = (tuple(x.shape), x.device, kind)
         if key not in self._splitk:
             if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():

@@ -1,0 +1,319 @@
+// The small-batch tensor-core ("mma") kernel of the fused multi-scale
+// convolution: see msconv_cuda_mma.h for what it computes and its plan.
+//
+// A block is one (branch, pixel tile, 64-channel tile, K chunk) and 4 warps;
+// warp w owns output channels 16w..16w+15 of the tile (two n8 fragments) for
+// all its BM pixel rows (BM / 16 m16 fragments).  Its K chunk is read in steps
+// of BK = 32 (one tap x 32 input channels when C >= 32) through a cp.async
+// pipeline of STAGES steps: the input rows its pixels read at a tap (an
+// im2col gather, 16 bytes = 8 channels per copy, zero-filled outside the
+// image) and the matching 16-byte runs of each output channel's KRSC
+// weights, both laid out [row][k] in shared memory, which is what mma.sync's
+// row-major A and column-major B fragments read with 32-bit loads.  Rows are
+// padded by 8 halves (80 bytes) so a warp's fragment loads hit 32 banks.
+#include "msconv_cuda_mma.h"
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <stdexcept>
+#include <string>
+
+#include "msconv_cuda_device.cuh"
+
+namespace fer_edge {
+namespace mma {
+namespace {
+using device::relu_keep_nan;
+
+struct BranchArgs {
+  const __half* w;      // its KRSC kernel (cout, k, k, C)
+  const __half* bias;
+  int k, cout, offset, chunks;
+  int kdim, m_tiles, first_unit, first_counter;
+};
+
+struct Args {
+  const __half* x;
+  __half* out;
+  float* ws;
+  int* counters;
+  int M, C, H, W, ctot, kchunk, branches;
+  bool relu;
+  BranchArgs b[3];
+};
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+constexpr int ROW = BK + 8;  // halves per staged row
+
+__device__ __forceinline__ unsigned ld32(const __half* p) { return *reinterpret_cast<const unsigned*>(p); }
+
+// 16 bytes global -> shared without a register round trip; bytes = 0 stores zeros (nothing is read).
+__device__ __forceinline__ void copy16(__half* smem, const __half* gmem, bool full) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(full ? 16 : 0));
+}
+__device__ __forceinline__ void commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void wait_pending() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+__device__ __forceinline__ void mma_16816(float* d, const unsigned* a, unsigned b0, unsigned b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two adjacent float32 partial sums into the workspace: one vector atomic on Hopper.
+__device__ __forceinline__ void add_pair(float* p, float a, float b) {
+#if __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float2*>(p), make_float2(a, b));
+#else
+  atomicAdd(p, a);
+  atomicAdd(p + 1, b);
+#endif
+}
+#endif
+
+// The pixel rows this thread copies in every stage: (tid + i * THREADS) / 4 for
+// i < A_COPIES, each 16 bytes = 8 channels of k (the 4 copies of a row cover BK).
+template <int MT>
+struct Gather {
+  static constexpr int BM = 16 * MT, COPIES = (BM * 4 + THREADS - 1) / THREADS;
+  long long base[COPIES];  // the pixel's element offset in x, or -1: past the batch or no copy
+  int y[COPIES], x[COPIES];
+};
+
+template <int MT>
+__global__ void __launch_bounds__(THREADS) mma_kernel(const Args p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  constexpr int BM = 16 * MT;
+  __shared__ __align__(16) __half s_a[STAGES][BM][ROW];
+  __shared__ __align__(16) __half s_b[STAGES][BN][ROW];
+  __shared__ int s_last;
+
+  // Which unit: branches in order, then N tile, K chunk, M tile (fastest: the
+  // blocks that read the same weights run side by side and share them in L2).
+  // (Constant indices only: a dynamic one would copy the parameters to local memory.)
+  const int unit = static_cast<int>(blockIdx.x);
+  BranchArgs b = p.b[0];
+  if (p.branches > 2 && unit >= p.b[2].first_unit) b = p.b[2];
+  else if (p.branches > 1 && unit >= p.b[1].first_unit) b = p.b[1];
+  int u = unit - b.first_unit;
+  const int mt = u % b.m_tiles;
+  u /= b.m_tiles;
+  const int kc = u % b.chunks, nt = u / b.chunks;
+  const int m0 = mt * BM, n0 = nt * BN;
+  const int kbeg = kc * p.kchunk, kend = min(b.kdim, kbeg + p.kchunk);
+  const int steps = (kend - kbeg + BK - 1) / BK;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, g = lane / 4, q = lane % 4;
+  const int half_k = b.k / 2;
+
+  Gather<MT> ga;
+#pragma unroll
+  for (int i = 0; i < Gather<MT>::COPIES; ++i) {
+    const int row = (tid + i * THREADS) / 4, m = m0 + row;
+    ga.base[i] = -1;
+    ga.y[i] = ga.x[i] = 0;
+    if (row < BM && m < p.M) {
+      const int hw = p.H * p.W, n = m / hw, r = m % hw;
+      ga.y[i] = r / p.W;
+      ga.x[i] = r % p.W;
+      ga.base[i] = ((static_cast<long long>(n) * p.H + ga.y[i]) * p.W + ga.x[i]) * p.C;
+    }
+  }
+  // The weights: rows (tid + i * THREADS) / 4 of the 64-channel tile, 2 copies per thread.
+  constexpr int B_COPIES = BN * 4 / THREADS;
+
+  auto load = [&](int slot, int step) {
+    const int k0 = kbeg + step * BK;
+#pragma unroll
+    for (int i = 0; i < Gather<MT>::COPIES; ++i) {
+      const int idx = tid + i * THREADS, row = idx / 4, ch = idx % 4;
+      if (row >= BM) continue;
+      const int k = k0 + 8 * ch;
+      // k = tap * C + input channel; C is a multiple of 8, so 8 consecutive k share a tap.
+      const int tap = k / p.C, ci = k - tap * p.C, dy = tap / b.k - half_k, dx = tap % b.k - half_k;
+      const int iy = ga.y[i] + dy, ix = ga.x[i] + dx;
+      const bool ok = ga.base[i] >= 0 && k < kend && iy >= 0 && iy < p.H && ix >= 0 && ix < p.W;
+      const __half* src = ok ? p.x + ga.base[i] + (static_cast<long long>(dy) * p.W + dx) * p.C + ci : p.x;
+      copy16(&s_a[slot][row][8 * ch], src, ok);
+    }
+#pragma unroll
+    for (int i = 0; i < B_COPIES; ++i) {
+      const int idx = tid + i * THREADS, row = idx / 4, ch = idx % 4;
+      const int k = k0 + 8 * ch, co = n0 + row;
+      const bool ok = co < b.cout && k < kend;
+      copy16(&s_b[slot][row][8 * ch], ok ? b.w + static_cast<long long>(co) * b.kdim + k : b.w, ok);
+    }
+  };
+
+  float acc[MT][2][4];
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+  const bool busy = n0 + 16 * warp < b.cout;  // a warp past the branch's channels only copies
+
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < steps) load(s, s);
+    commit();  // an empty group keeps the count: wait_pending below counts groups
+  }
+  for (int step = 0; step < steps; ++step) {
+    wait_pending<STAGES - 2>();  // this thread's copies of `step` have landed...
+    __syncthreads();             // ...everyone's, and every warp is done with the slot refilled next
+    const int next = step + STAGES - 1;
+    if (next < steps) load(next % STAGES, next);
+    commit();
+    if (!busy) continue;
+    const int slot = step % STAGES;
+#pragma unroll
+    for (int kk = 0; kk < BK; kk += 16) {
+      unsigned bf[2][2];
+#pragma unroll
+      for (int nb = 0; nb < 2; ++nb) {
+        const __half* bp = &s_b[slot][16 * warp + 8 * nb + g][kk + 2 * q];
+        bf[nb][0] = ld32(bp);
+        bf[nb][1] = ld32(bp + 8);
+      }
+#pragma unroll
+      for (int mi = 0; mi < MT; ++mi) {
+        const __half* ap = &s_a[slot][16 * mi + g][kk + 2 * q];
+        const unsigned af[4] = {ld32(ap), ld32(ap + 8 * ROW), ld32(ap + 8), ld32(ap + 8 * ROW + 8)};
+#pragma unroll
+        for (int nb = 0; nb < 2; ++nb) mma_16816(acc[mi][nb], af, bf[nb][0], bf[nb][1]);
+      }
+    }
+  }
+  wait_pending<0>();
+
+  // C fragment: rows g and g + 8 of each m16 tile, columns 2q and 2q + 1 of each n8 tile.
+  auto store = [&](int m, int col, float v0, float v1) {  // bias, ReLU, float16 pair into the output slice
+    v0 += __half2float(b.bias[col]);
+    v1 += __half2float(b.bias[col + 1]);
+    if (p.relu) {
+      v0 = relu_keep_nan(v0);
+      v1 = relu_keep_nan(v1);
+    }
+    *reinterpret_cast<__half2*>(p.out + static_cast<long long>(m) * p.ctot + b.offset + col) = __floats2half2_rn(v0, v1);
+  };
+  // Every value this thread holds inside the tile, as (pixel, channel, two adjacent values).
+  auto each_pair = [&](auto&& f) {
+#pragma unroll
+    for (int mi = 0; mi < MT; ++mi)
+#pragma unroll
+      for (int nb = 0; nb < 2; ++nb)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int m = m0 + 16 * mi + g + 8 * h, col = n0 + 16 * warp + 8 * nb + 2 * q;
+          if (m < p.M && col < b.cout) f(m, col, acc[mi][nb][2 * h], acc[mi][nb][2 * h + 1]);
+        }
+  };
+  if (b.chunks == 1) {
+    if (busy) each_pair(store);
+    return;
+  }
+  if (busy)
+    each_pair([&](int m, int col, float v0, float v1) {
+      add_pair(p.ws + static_cast<long long>(m) * p.ctot + b.offset + col, v0, v1);
+    });
+  __threadfence();  // this block's sums are visible before its arrival is
+  __syncthreads();
+  int* counter = p.counters + b.first_counter + nt * b.m_tiles + mt;
+  if (tid == 0) s_last = atomicAdd(counter, 1) == b.chunks - 1;
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  // The last chunk of this tile: the total, read from L2 (.cg: never a stale L1 line), left at zero.
+  for (int e = tid; e < BM * BN / 2; e += THREADS) {
+    const int m = m0 + e / (BN / 2), col = n0 + 2 * (e % (BN / 2));
+    if (m >= p.M || col >= b.cout) continue;
+    float2* w = reinterpret_cast<float2*>(p.ws + static_cast<long long>(m) * p.ctot + b.offset + col);
+    const float2 v = __ldcg(w);
+    __stcg(w, make_float2(0.f, 0.f));
+    store(m, col, v.x, v.y);
+  }
+  if (tid == 0) *counter = 0;  // ready for the next launch (and the next graph replay)
+#else
+  __trap();  // code for an older architecture: launch() refuses it first
+#endif
+}
+
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) throw std::runtime_error(std::string("fused_ms_conv (mma): ") + what + ": " +
+                                                 cudaGetErrorString(e));
+}
+
+template <int MT>
+void run(const Args& args, const Plan& p, cudaStream_t stream) {
+  // The device may be sm_80+ while this build only holds older code for it (the driver
+  // JIT-compiles compute_75 PTX, whose kernel traps): refuse rather than trap.
+  cudaFuncAttributes fa{};
+  check(cudaFuncGetAttributes(&fa, mma_kernel<MT>), "cudaFuncGetAttributes");
+  if (fa.ptxVersion < 80)
+    throw std::invalid_argument("fused_ms_conv: this build has no sm_80+ code for the mma kernel on this GPU "
+                                "(build for its architecture); choose splitk or cudnn");
+  mma_kernel<MT><<<static_cast<unsigned>(p.units), THREADS, 0, stream>>>(args);
+  check(cudaGetLastError(), "kernel launch");
+}
+
+}  // namespace
+
+void launch(const MsConvArgs& a, std::uintptr_t stream, int sm_count, std::uintptr_t workspace,
+            std::uintptr_t counters) {
+  const Plan p = plan(a.n, a.c, a.h, a.w, a.c1, a.c3, a.c5, sm_count);
+  if (p.counters > 0 && (!workspace || !counters))
+    throw std::invalid_argument("fused_ms_conv (mma): this shape needs a workspace and counters "
+                                "(fer_edge.kernels allocates them from mma_plan)");
+  // Indices are 32-bit where they fit: pixels, K, blocks and a branch's tile counters.
+  std::int64_t kmax = 0;
+  for (int i = 0; i < p.branches; ++i) kmax = std::max(kmax, p.b[i].kdim + p.kchunk);
+  if (a.n * a.h * a.w > static_cast<std::int64_t>(INT_MAX) - 64 || p.units > INT_MAX || kmax > INT_MAX ||
+      p.counters > INT_MAX)
+    throw std::invalid_argument("fused_ms_conv (mma): shape too large for the small-batch kernel");
+  Args args{};
+  args.x = reinterpret_cast<const __half*>(a.x);
+  args.out = reinterpret_cast<__half*>(a.out);
+  args.ws = reinterpret_cast<float*>(workspace);
+  args.counters = reinterpret_cast<int*>(counters);
+  args.M = static_cast<int>(a.n * a.h * a.w);
+  args.C = static_cast<int>(a.c);
+  args.H = static_cast<int>(a.h);
+  args.W = static_cast<int>(a.w);
+  args.ctot = static_cast<int>(a.c1 + a.c3 + a.c5);
+  args.kchunk = static_cast<int>(p.kchunk);
+  args.branches = p.branches;
+  args.relu = a.relu;
+  int i = 0;  // plan() keeps igemm::branches' order, the empty ones left out
+  for (const igemm::Branch& br : igemm::branches(a)) {
+    if (br.cout == 0) continue;
+    const BranchPlan& s = p.b[i];
+    BranchArgs& d = args.b[i++];
+    d.w = reinterpret_cast<const __half*>(a.wp) + s.weights;
+    d.bias = reinterpret_cast<const __half*>(br.bias);
+    d.k = s.k;
+    d.cout = s.cout;
+    d.offset = s.offset;
+    d.chunks = static_cast<int>(s.chunks);
+    d.kdim = static_cast<int>(s.kdim);
+    d.m_tiles = static_cast<int>(s.m_tiles);
+    d.first_unit = static_cast<int>(s.first_unit);
+    d.first_counter = static_cast<int>(s.first_counter);
+  }
+  if (p.units == 0) return;
+  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  switch (p.bm / 16) {
+    case 1: run<1>(args, p, s); break;
+    case 2: run<2>(args, p, s); break;
+    case 3: run<3>(args, p, s); break;
+    default: run<4>(args, p, s); break;
+  }
+}
+
+}  // namespace mma
+}  // namespace fer_edge

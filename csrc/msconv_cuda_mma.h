@@ -1,0 +1,133 @@
+// The small-batch tensor-core ("mma") CUDA kernel's launch plan: plain host
+// code, so that CPU-only builds expose it too and its arithmetic is tested
+// everywhere.
+//
+// What it computes: the three branches of the fused layer as three implicit
+// GEMMs (M = output pixels n*H*W, N = the branch's channels, K = its taps x
+// input channels: 1x1 reads C values per pixel, 3x3 9C, 5x5 25C, so no zero
+// tap is multiplied), in one launch.  At batch 1 to 8 M is small (MACNN's L4
+// at batch 1: 36 pixels) and the cost is reading the weights (up to 6.5 MB),
+// so each branch's K is cut into chunks and every (branch, M tile, N tile,
+// K chunk) is one block of its own: enough blocks to keep every SM streaming
+// a distinct part of the weights, each read once.  Chunks of one output tile
+// meet by float32 atomic adds in a workspace that starts at zero; the tile's
+// last block to arrive (a counter per tile) adds the bias, applies the ReLU,
+// writes float16 into the branch's channel slice of the output, and puts the
+// workspace and the counter back to zero, so the kernel is re-entrant and
+// safe to replay in a CUDA graph with no memset.  A tile with one chunk
+// writes its output straight from registers.
+//
+// Inputs: those of the cutlass path (igemm::unsupported, Form::PerBranch):
+// float16 NHWC, channel counts that are multiples of 8, 16-byte aligned, and
+// pack_krsc_weights's layout; compute capability 8.0+ (mma.sync m16n8k16,
+// cp.async).
+#pragma once
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+
+#include "msconv.h"
+#include "msconv_cuda_igemm.h"
+
+namespace fer_edge {
+namespace mma {
+
+constexpr int BN = 64;        // output channels per block: 4 warps x 16
+constexpr int BK = 32;        // k per pipeline stage (two mma k16 steps)
+constexpr int STAGES = 4;     // cp.async stages in flight
+constexpr int THREADS = 128;
+constexpr int MIN_CHUNK = 4 * BK;  // a chunk fills the pipeline at least once
+constexpr int MAX_MT = 4;     // pixel tiles of 16, 32, 48 or 64 rows (BM = 16 * mt)
+
+// The block's pixel rows: the fewest padded rows over the tiles (a tile of 16
+// rows multiplies no less efficiently per row than one of 64, the atomics and
+// the workspace scale with padding), the larger tile on a tie (fewer blocks
+// reading the same weights).
+inline int pick_bm(std::int64_t m) {
+  int best = 16 * MAX_MT;
+  std::int64_t best_rows = -1;
+  for (int mt = MAX_MT; mt >= 1; --mt) {
+    const std::int64_t bm = 16 * mt, rows = (m + bm - 1) / bm * bm;
+    if (best_rows < 0 || rows < best_rows) {
+      best = int(bm);
+      best_rows = rows;
+    }
+  }
+  return best;
+}
+
+// One branch's part of the launch (igemm::branches order: 5x5, 3x3, 1x1).
+struct BranchPlan {
+  int k = 0, cout = 0, offset = 0;  // window, channels, first output channel
+  std::int64_t weights = 0;         // where its KRSC kernel starts in the pack (elements)
+  std::int64_t kdim = 0;            // GEMM K: k * k * C
+  std::int64_t m_tiles = 0, n_tiles = 0, chunks = 0;
+  std::int64_t first_unit = 0;      // its first block in the grid
+  std::int64_t first_counter = 0;   // its first tile counter (used when chunks > 1)
+};
+
+struct Plan {
+  int bm = 0;
+  std::int64_t kchunk = 0;  // K per block (a multiple of BK)
+  std::int64_t units = 0;   // blocks
+  int branches = 0;         // non-empty branches, first in `b`
+  std::array<BranchPlan, 3> b{};
+  std::int64_t workspace_floats = 0;  // n*H*W x ctot float32 (zero between calls), 0 when nothing is split
+  std::int64_t counters = 0;          // int32 per split tile (zero between calls)
+};
+
+// The smallest chunk (MIN_CHUNK, doubling) that gives at most about two blocks
+// per SM; a chunk as long as the longest K splits nothing.
+inline Plan plan(std::int64_t n, std::int64_t c, std::int64_t h, std::int64_t w, std::int64_t c1, std::int64_t c3,
+                 std::int64_t c5, int sm_count) {
+  Plan p{};
+  const std::int64_t m = n * h * w;
+  p.bm = pick_bm(m);
+  const std::int64_t m_tiles = (m + p.bm - 1) / p.bm;
+  MsConvArgs sizes;  // igemm::branches of the layer's sizes (no pointers read)
+  sizes.c = c; sizes.c1 = c1; sizes.c3 = c3; sizes.c5 = c5;
+  std::int64_t kmax = 0;
+  for (const igemm::Branch& br : igemm::branches(sizes)) {
+    if (br.cout == 0) continue;
+    BranchPlan& b = p.b[p.branches++];
+    b.k = br.k;
+    b.cout = br.cout;
+    b.offset = br.offset;
+    b.weights = br.weights;
+    b.kdim = std::int64_t(br.k) * br.k * c;
+    b.m_tiles = m_tiles;
+    b.n_tiles = (br.cout + BN - 1) / BN;
+    kmax = std::max(kmax, b.kdim);
+  }
+  auto units_for = [&](std::int64_t chunk) {
+    std::int64_t u = 0;
+    for (int i = 0; i < p.branches; ++i) u += p.b[i].m_tiles * p.b[i].n_tiles * ((p.b[i].kdim + chunk - 1) / chunk);
+    return u;
+  };
+  p.kchunk = MIN_CHUNK;
+  while (p.kchunk < kmax && units_for(p.kchunk) > 2LL * sm_count) p.kchunk *= 2;
+  for (int i = 0; i < p.branches; ++i) {
+    BranchPlan& b = p.b[i];
+    b.chunks = (b.kdim + p.kchunk - 1) / p.kchunk;
+    b.first_unit = p.units;
+    p.units += b.m_tiles * b.n_tiles * b.chunks;
+    if (b.chunks > 1) {
+      b.first_counter = p.counters;
+      p.counters += b.m_tiles * b.n_tiles;
+    }
+  }
+  if (p.counters > 0) p.workspace_floats = m * (c1 + c3 + c5);
+  return p;
+}
+
+#ifdef FER_EDGE_WITH_CUDA
+// One launch on `stream` (the caller checked igemm::unsupported and the compute
+// capability, 8.0+); `workspace`/`counters` as plan() sizes them, zero-filled
+// once by their owner (unused, and may be 0, when plan() asks for none).
+void launch(const MsConvArgs& a, std::uintptr_t stream, int sm_count, std::uintptr_t workspace,
+            std::uintptr_t counters);
+#endif
+
+}  // namespace mma
+}  // namespace fer_edge
