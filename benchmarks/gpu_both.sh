@@ -40,20 +40,20 @@ wait $TRAIN
 echo "== training done after $(( $(date +%s) - START )) s"
 tail -12 "$K/train-console.log"
 
-# Alone on the GPU: the timings, in what is left of the call (CALL_LIMIT seconds, 580): with 200 s or
-# more left, 50 s for a profile of the mma kernel (L2 and L4 at batch 1); of the rest a third for the
-# whole-model benchmark (at most 100 s), the rest for the layer benchmark (at most 300 s; it keeps
-# what it measured); none under a minute left.
+# Alone on the GPU: the timings, in what is left of the call (CALL_LIMIT seconds, 580).  With 200 s
+# or more left, 70 s go to the mma kernel's tile sweep (40 s) and its profile (L2 and L4 at batch 1,
+# 15 s each); of the rest a third to the whole-model benchmark (at most 100 s), the rest to the
+# layer benchmark (at most 300 s; it keeps what it measured); none under a minute left.
 LEFT=$(( ${CALL_LIMIT:-580} - ($(date +%s) - START) - 15 ))
 if [ "$LEFT" -ge 60 ]; then
-  PROFILE=$(( LEFT >= 200 ? 50 : 0 ))
-  LEFT=$(( LEFT - PROFILE ))
+  EXTRA=$(( LEFT >= 200 ? 70 : 0 ))
+  LEFT=$(( LEFT - EXTRA ))
   MODEL_LIMIT=$(( LEFT / 3 > 100 ? 100 : LEFT / 3 ))
   BENCH_LIMIT=$(( LEFT - MODEL_LIMIT > 300 ? 300 : LEFT - MODEL_LIMIT ))
-  STEPS="bench model"; [ "$PROFILE" -gt 0 ] && STEPS="bench model profile"
-  echo "== timings alone: layer benchmark ${BENCH_LIMIT} s, whole model ${MODEL_LIMIT} s, profile ${PROFILE} s"
+  STEPS="bench model"; [ "$EXTRA" -gt 0 ] && STEPS="bench model sweep profile"
+  echo "== timings alone: layer benchmark ${BENCH_LIMIT} s, whole model ${MODEL_LIMIT} s, mma sweep and profile ${EXTRA} s"
   OUT=$K STEPS="${ALONE_STEPS:-$STEPS}" BATCHES=${BATCHES:-"1 256 1024"} BENCH_LIMIT=$BENCH_LIMIT \
-    MODEL_LIMIT=$MODEL_LIMIT PROFILE_LIMIT=$(( PROFILE / 2 )) bash benchmarks/gpu_check.sh > /dev/null 2>&1
+    MODEL_LIMIT=$MODEL_LIMIT SWEEP_LIMIT=40 PROFILE_LIMIT=15 bash benchmarks/gpu_check.sh > /dev/null 2>&1
   grep -vE "^\s*$" "$K/check.log" | tail -60
 else
   echo "== no time left for the timings ($LEFT s)"

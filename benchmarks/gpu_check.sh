@@ -11,19 +11,20 @@
 #   3. the whole merged model at batch 1 and 1024, following that table -> model.json
 #   4. the CUDA tests: kernels, dispatch choices against the reference, merged models
 #   5. compute-sanitizer memcheck and racecheck on the small-batch, CUTLASS and stem kernels' tests
-#   6. an Nsight Compute profile of the mma kernel at batch 1 (L2 and L4, fp16)
+#   6. the mma kernel's tile sweep (benchmarks/sweep_mma.py) -> mma_sweep.json, and an Nsight
+#      Compute profile of it at batch 1 (L2 and L4, fp16)
 # Everything printed goes to check.log; what comes back: check.log, msconv.json, model.json,
-# kernel_dispatch.json, mma-L2.ncu-rep, mma-L4.ncu-rep.  STEPS="bench model" runs a subset.
+# kernel_dispatch.json, mma_sweep.json, mma-L2.ncu-rep, mma-L4.ncu-rep.  STEPS="bench model" runs a subset.
 #   STEPS="build bench model" bash benchmarks/gpu_check.sh   (the timings: about 8 minutes)
 #   STEPS=model COMPILE=1 bash benchmarks/gpu_check.sh   (adds torch.compile max-autotune: minutes)
 # BENCH_LIMIT / MODEL_LIMIT (300 / 120 s) bound the two benchmarks; the layer benchmark keeps the
 # rows it measured before its limit (fp16 at batch 1 first).  TEST_LIMIT, MEMCHECK_LIMIT and
-# RACECHECK_LIMIT (200 / 90 / 120 s; 0 skips racecheck) bound the checks, PROFILE_LIMIT (30 s)
-# each profile.
+# RACECHECK_LIMIT (200 / 90 / 120 s; 0 skips racecheck) bound the checks, SWEEP_LIMIT (60 s) the
+# sweep (it keeps the tiles it measured) and PROFILE_LIMIT (30 s) each profile.
 # `python3 -P`: never the source folder (it has no compiled _C), always the installed package.
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
-STEPS=${STEPS:-"build bench model test sanitize profile"}
+STEPS=${STEPS:-"build bench model test sanitize sweep profile"}
 export PYTHONUNBUFFERED=1
 LOG="$OUT/check.log"
 PY="python3 -P"
@@ -82,6 +83,10 @@ sanitize() {  # sanitize TOOL LIMIT SELECTION...: compute-sanitizer on test sele
       "mma_matches and (n1-c8-5px or n2-c16) and True" \
       "(cutlass_matches and n5- and True) or (stem_matches and n1-cin1-48x48)" \
       "fp16_close_to_fp32_reference and splitk"
+  fi
+  if want sweep; then
+    step "the mma kernel's tiles (fp16, batch 1 and 8)"
+    timeout ${SWEEP_LIMIT:-60} $PY benchmarks/sweep_mma.py --repeat 20 --json "$OUT/mma_sweep.json" 2>/dev/null
   fi
   if want profile; then
     # One launch of the mma kernel per layer (its first, a warm-up), all metrics of the basic set.

@@ -128,10 +128,12 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "mma_plan",
       [](std::int64_t n, std::int64_t c, std::int64_t h, std::int64_t w, std::int64_t c1, std::int64_t c3,
-         std::int64_t c5, int sm_count) {
+         std::int64_t c5, int sm_count, int bm, std::int64_t kchunk) {
         if (n < 1 || c < 1 || h < 1 || w < 1 || c1 < 0 || c3 < 0 || c5 < 0 || c1 + c3 + c5 < 1 || sm_count < 1)
           throw std::invalid_argument("mma_plan: sizes must be >= 1 (each branch's channels >= 0)");
-        const auto p = fer_edge::mma::plan(n, c, h, w, c1, c3, c5, sm_count);
+        if (!fer_edge::mma::valid_override(bm, kchunk))
+          throw std::invalid_argument("mma_plan: bm must be 16, 32, 48 or 64 and kchunk a multiple of 32 (0: chosen)");
+        const auto p = fer_edge::mma::plan(n, c, h, w, c1, c3, c5, sm_count, bm, kchunk);
         py::list branches;
         for (int i = 0; i < p.branches; ++i) {
           const auto& b = p.b[i];
@@ -148,8 +150,8 @@ PYBIND11_MODULE(_C, m) {
         return d;
       },
       py::arg("n"), py::arg("c"), py::arg("h"), py::arg("w"), py::arg("c1"), py::arg("c3"), py::arg("c5"),
-      py::arg("sm_count"),
-      "the mma kernel's blocks: its pixel tile, K chunk, each non-empty branch's tiles and chunks (5x5, 3x3, "
+      py::arg("sm_count"), py::arg("bm") = 0, py::arg("kchunk") = 0,
+      "the mma kernel's blocks (bm / kchunk: its pixel tile and K chunk instead of the chosen ones): its pixel tile, K chunk, each non-empty branch's tiles and chunks (5x5, 3x3, "
       "1x1 order), and the float32 workspace / int32 counters it needs (0: none)");
 
   // The large-batch path's tile per branch and its input rules (host code, in every build).
@@ -206,7 +208,7 @@ PYBIND11_MODULE(_C, m) {
          std::uintptr_t b3, std::uintptr_t w5, std::uintptr_t b5, std::int64_t n, std::int64_t c,
          std::int64_t h, std::int64_t w, std::int64_t c1, std::int64_t c3, std::int64_t c5, int layout,
          bool relu, int dtype, std::uintptr_t stream, std::uintptr_t wp, int variant, std::uintptr_t workspace,
-         std::uintptr_t counters) {
+         std::uintptr_t counters, int mma_bm, std::int64_t mma_kchunk) {
         if (dtype != 0 && dtype != 1) throw std::invalid_argument("fused_ms_conv: dtype must be 0 (float32) or 1 (float16)");
         if (variant < 0 || variant >= fer_edge::NUM_VARIANTS)
           throw std::invalid_argument("fused_ms_conv: variant must be 0 (simt), 1 (wmma), 2 (splitk), 3 (mma), "
@@ -216,19 +218,21 @@ PYBIND11_MODULE(_C, m) {
         a.wp = wp;
         py::gil_scoped_release nogil;
         fer_edge::msconv_cuda(a, static_cast<fer_edge::DType>(dtype), stream,
-                              static_cast<fer_edge::Variant>(variant), workspace, counters);
+                              static_cast<fer_edge::Variant>(variant), workspace, counters, {mma_bm, mma_kchunk});
       },
       py::arg("x"), py::arg("out"), py::arg("w1"), py::arg("b1"), py::arg("w3"), py::arg("b3"),
       py::arg("w5"), py::arg("b5"), py::arg("n"), py::arg("c"), py::arg("h"), py::arg("w"),
       py::arg("c1"), py::arg("c3"), py::arg("c5"), py::arg("layout"), py::arg("relu"), py::arg("dtype"),
       py::arg("stream"), py::arg("wp"), py::arg("variant"), py::arg("workspace") = 0, py::arg("counters") = 0,
+      py::arg("mma_bm") = 0, py::arg("mma_kchunk") = 0,
       "fused multi-scale conv on CUDA device pointers (dtype 0 = float32, 1 = float16) on `stream`; "
       "`wp`: the weights packed by fer_edge.kernels.pack_ms_weights (25, C, c1 + c3 + c5); `variant`: "
       "0 simt, 1 wmma, 2 splitk (with `workspace`/`counters` sized by splitk_plan), 3 mma (small batches on "
       "tensor cores; `wp` from pack_krsc_weights, `workspace` (zeros)/`counters` sized by mma_plan), 4 cutlass (one implicit GEMM per branch; `wp` from pack_krsc_weights), 5 stem (at most 4 "
       "input channels), 6 cutlass90 (cutlass on Hopper's wgmma and TMA), 7 cutlass_window and 8 "
       "cutlass90_window (the same as one launch over the zero-padded 5x5 window; `wp` from "
-      "pack_window_weights, biases included).");
+      "pack_window_weights, biases included).  mma_bm / mma_kchunk: the mma kernel's pixel tile and K chunk "
+      "instead of its plan's (0: the plan's; buffers from mma_plan with the same values).");
   m.def("sm_count", [](int device) { return fer_edge::splitk::sm_count_of(device); }, py::arg("device"));
   m.def("cuda_device_count", &fer_edge::cuda_device_count);
 #endif

@@ -114,8 +114,14 @@ constexpr int NUM_VARIANTS = 9;
 // Mma, sized by mma::plan (its workspace zero before the first call too);
 // Cutlass and CutlassWindow use `counters` as their split-K semaphores, sized by
 // igemm::semaphores (they clear them themselves).
+// `tiles`: Mma's pixel tile and K chunk instead of its plan's (0: the plan's; the
+// benchmarks' tile sweep), sized buffers to match.
+struct MmaTiles {
+  int bm = 0;
+  std::int64_t kchunk = 0;
+};
 void msconv_cuda(const MsConvArgs& a, DType dtype, std::uintptr_t stream, Variant variant,
-                 std::uintptr_t workspace = 0, std::uintptr_t counters = 0);
+                 std::uintptr_t workspace = 0, std::uintptr_t counters = 0, MmaTiles tiles = {});
 int cuda_device_count();
 int cuda_runtime_version();  // CUDART_VERSION the module was built with
 #endif

@@ -351,7 +351,7 @@ void launch_cutlass(const MsConvArgs& a, DType dtype, std::uintptr_t stream, boo
 
 // The small-batch tensor-core kernel: the cutlass path's inputs (igemm::unsupported), sm_80+.
 void launch_mma(const MsConvArgs& a, DType dtype, std::uintptr_t stream, int dev, std::uintptr_t workspace,
-                std::uintptr_t counters) {
+                std::uintptr_t counters, MmaTiles tiles) {
   const std::string why = igemm::unsupported(a, dtype);
   if (!why.empty()) throw std::invalid_argument("fused_ms_conv: the mma kernel cannot run this layer: " + why);
   int major = 0;
@@ -359,13 +359,13 @@ void launch_mma(const MsConvArgs& a, DType dtype, std::uintptr_t stream, int dev
   if (major < 8)
     throw std::invalid_argument("fused_ms_conv: the mma kernel needs mma.sync m16n8k16 and cp.async (compute "
                                 "capability 8.0+); choose splitk or cudnn on this GPU");
-  mma::launch(a, stream, splitk::sm_count_of(dev), workspace, counters);
+  mma::launch(a, stream, splitk::sm_count_of(dev), workspace, counters, tiles.bm, tiles.kchunk);
 }
 
 }  // namespace
 
 void msconv_cuda(const MsConvArgs& a, DType dtype, std::uintptr_t stream, Variant variant,
-                 std::uintptr_t workspace, std::uintptr_t counters) {
+                 std::uintptr_t workspace, std::uintptr_t counters, MmaTiles tiles) {
   validate(a, /*empty_branches=*/true);
   if (!a.wp) throw std::invalid_argument("fused_ms_conv: the CUDA kernels need the packed weights (wp)");
   const int dev = device_of(a.x, "x");
@@ -390,7 +390,7 @@ void msconv_cuda(const MsConvArgs& a, DType dtype, std::uintptr_t stream, Varian
     } else if (variant == Variant::Stem) {
       stem::launch(a, dtype, stream, splitk::sm_count_of(dev));
     } else if (variant == Variant::Mma) {
-      launch_mma(a, dtype, stream, dev, workspace, counters);
+      launch_mma(a, dtype, stream, dev, workspace, counters, tiles);
     } else if (variant == Variant::SplitK) {
       splitk::launch(a, dtype, stream, splitk::sm_count_of(dev), workspace, counters);
     } else if (dtype == DType::Float32) {

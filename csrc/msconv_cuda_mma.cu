@@ -16,6 +16,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <climits>
 #include <stdexcept>
 #include <string>
@@ -249,13 +250,29 @@ void check(cudaError_t e, const char* what) {
                                                  cudaGetErrorString(e));
 }
 
+// Whether the loaded code of the kernel has mma.sync and cp.async: the device may be
+// sm_80+ while this build only holds older code for it (the driver JIT-compiles
+// compute_75 PTX, whose kernel traps).  Asked once per device.
+template <int MT>
+bool has_sm80_code(int device) {
+  static std::atomic<int> known[64];  // 0: not asked yet, 1: yes, 2: no
+  if (device >= 0 && device < 64 && known[device].load() != 0) return known[device].load() == 1;
+  cudaFuncAttributes fa{};
+  const cudaError_t e = cudaFuncGetAttributes(&fa, mma_kernel<MT>);
+  if (e != cudaSuccess) {
+    cudaGetLastError();  // leave no error behind for an unrelated later check
+    check(e, "cudaFuncGetAttributes");
+  }
+  const bool yes = fa.ptxVersion >= 80;  // the architecture the loaded code was compiled for, JIT or not
+  if (device >= 0 && device < 64) known[device].store(yes ? 1 : 2);
+  return yes;
+}
+
 template <int MT>
 void run(const Args& args, const Plan& p, cudaStream_t stream) {
-  // The device may be sm_80+ while this build only holds older code for it (the driver
-  // JIT-compiles compute_75 PTX, whose kernel traps): refuse rather than trap.
-  cudaFuncAttributes fa{};
-  check(cudaFuncGetAttributes(&fa, mma_kernel<MT>), "cudaFuncGetAttributes");
-  if (fa.ptxVersion < 80)
+  int device = 0;
+  check(cudaGetDevice(&device), "cudaGetDevice");
+  if (!has_sm80_code<MT>(device))
     throw std::invalid_argument("fused_ms_conv: this build has no sm_80+ code for the mma kernel on this GPU "
                                 "(build for its architecture); choose splitk or cudnn");
   mma_kernel<MT><<<static_cast<unsigned>(p.units), THREADS, 0, stream>>>(args);
@@ -265,8 +282,11 @@ void run(const Args& args, const Plan& p, cudaStream_t stream) {
 }  // namespace
 
 void launch(const MsConvArgs& a, std::uintptr_t stream, int sm_count, std::uintptr_t workspace,
-            std::uintptr_t counters) {
-  const Plan p = plan(a.n, a.c, a.h, a.w, a.c1, a.c3, a.c5, sm_count);
+            std::uintptr_t counters, int bm, std::int64_t kchunk) {
+  if (!valid_override(bm, kchunk))
+    throw std::invalid_argument("fused_ms_conv (mma): bm must be 16, 32, 48 or 64 and kchunk a multiple of 32 "
+                                "(0: the plan's choice)");
+  const Plan p = plan(a.n, a.c, a.h, a.w, a.c1, a.c3, a.c5, sm_count, bm, kchunk);
   if (p.counters > 0 && (!workspace || !counters))
     throw std::invalid_argument("fused_ms_conv (mma): this shape needs a workspace and counters "
                                 "(fer_edge.kernels allocates them from mma_plan)");

@@ -78,12 +78,19 @@ struct Plan {
 };
 
 // The smallest chunk (MIN_CHUNK, doubling) that gives at most about two blocks
-// per SM; a chunk as long as the longest K splits nothing.
+// per SM; a chunk as long as the longest K splits nothing.  bm / kchunk other
+// than 0 replace the choice (a valid_override(): for the tile sweep of the
+// benchmarks, which measures what these rules should pick).
+inline bool valid_override(int bm, std::int64_t kchunk) {
+  return (bm == 0 || (bm % 16 == 0 && bm >= 16 && bm <= 16 * MAX_MT)) &&
+         (kchunk == 0 || (kchunk % BK == 0 && kchunk >= BK && kchunk <= (std::int64_t(1) << 30)));
+}
+
 inline Plan plan(std::int64_t n, std::int64_t c, std::int64_t h, std::int64_t w, std::int64_t c1, std::int64_t c3,
-                 std::int64_t c5, int sm_count) {
+                 std::int64_t c5, int sm_count, int bm = 0, std::int64_t kchunk = 0) {
   Plan p{};
   const std::int64_t m = n * h * w;
-  p.bm = pick_bm(m);
+  p.bm = bm ? bm : pick_bm(m);
   const std::int64_t m_tiles = (m + p.bm - 1) / p.bm;
   MsConvArgs sizes;  // igemm::branches of the layer's sizes (no pointers read)
   sizes.c = c; sizes.c1 = c1; sizes.c3 = c3; sizes.c5 = c5;
@@ -107,6 +114,7 @@ inline Plan plan(std::int64_t n, std::int64_t c, std::int64_t h, std::int64_t w,
   };
   p.kchunk = MIN_CHUNK;
   while (p.kchunk < kmax && units_for(p.kchunk) > 2LL * sm_count) p.kchunk *= 2;
+  if (kchunk) p.kchunk = kchunk;
   for (int i = 0; i < p.branches; ++i) {
     BranchPlan& b = p.b[i];
     b.chunks = (b.kdim + p.kchunk - 1) / p.kchunk;
@@ -123,10 +131,11 @@ inline Plan plan(std::int64_t n, std::int64_t c, std::int64_t h, std::int64_t w,
 
 #ifdef FER_EDGE_WITH_CUDA
 // One launch on `stream` (the caller checked igemm::unsupported and the compute
-// capability, 8.0+); `workspace`/`counters` as plan() sizes them, zero-filled
-// once by their owner (unused, and may be 0, when plan() asks for none).
+// capability, 8.0+); `workspace`/`counters` as plan() sizes them (with the same
+// bm / kchunk), zero-filled once by their owner (unused, and may be 0, when
+// plan() asks for none).
 void launch(const MsConvArgs& a, std::uintptr_t stream, int sm_count, std::uintptr_t workspace,
-            std::uintptr_t counters);
+            std::uintptr_t counters, int bm = 0, std::int64_t kchunk = 0);
 #endif
 
 }  // namespace mma

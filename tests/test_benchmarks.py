@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -188,3 +191,20 @@ def test_cutlass_headers_packs_the_include_folders_of_a_wheel(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "not a zip file" in proc.stderr and len(proc.stderr.splitlines()) == 1
     assert not bad.exists() and not list(tmp_path.glob("*.part"))
+
+
+def test_sweep_mma_refuses_without_a_cuda_gpu_and_lists_its_chunks():
+    """The tile sweep runs on a GPU only: here one line and exit 2.  Its chunks
+    double from 128 up to the first that holds the layer's longest K whole."""
+    sys.path.insert(0, str(BENCH))
+    import sweep_mma
+
+    assert sweep_mma.chunks_for(64, 32, 48, 48) == [128, 256, 512, 1024, 2048]   # L2: 25 x 64 = 1600
+    assert sweep_mma.chunks_for(512, 0, 512, 0) == [128, 256, 512, 1024, 2048, 4096, 8192]   # P5: 9 x 512
+    assert sweep_mma.chunks_for(8, 8, 0, 0) == [128]
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is visible: the sweep would run")
+    proc = subprocess.run([sys.executable, str(BENCH / "sweep_mma.py"), "--layers", "L4"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "needs a CUDA GPU" in proc.stderr

@@ -883,6 +883,18 @@ def test_mma_plan_covers_every_k_once(n, c, hw, c1, c3, c5, sms):
         _C.mma_plan(n, c, hw, hw, 0, 0, 0, sms)
 
 
+def test_mma_plan_takes_the_tile_sweeps_tiles():
+    """bm / kchunk replace the plan's choice (benchmarks/sweep_mma.py measures them all):
+    the same arithmetic with those tiles; anything the kernel has no code for is refused."""
+    p = _C.mma_plan(1, 256, 6, 6, 128, 192, 192, 132, bm=16, kchunk=96)
+    assert p["tile_m"] == 16 and p["kchunk"] == 96
+    assert [b["chunks"] for b in p["branches"]] == [-(-k * k * 256 // 96) for k in (5, 3, 1)]
+    assert p["units"] == sum(3 * b["n_tiles"] * b["chunks"] for b in p["branches"])   # 36 pixels: 3 tiles of 16
+    for bad in ({"bm": 8}, {"bm": 80}, {"kchunk": 48}, {"kchunk": 16}):
+        with pytest.raises(ValueError, match="bm must be 16, 32, 48 or 64"):
+            _C.mma_plan(1, 256, 6, 6, 128, 192, 192, 132, **bad)
+
+
 # ------------------------------------------------- the first layer: the stem kernel
 STEM_CASES = [(1, 1, 48, 48, 16, 24, 24), (256, 1, 48, 48, 16, 24, 24), (2, 1, 48, 48, 4, 6, 6),
               (3, 3, 17, 23, 5, 70, 9), (1, 4, 5, 3, 0, 8, 0), (2, 2, 1, 1, 8, 16, 40), (1, 1, 33, 16, 8, 8, 8)]
