@@ -13,7 +13,7 @@ Rows (each timed in the same run, same input, same weights):
   kernel+graph   `kernel` captured in one CUDA graph (CUDA only)
   splitk+graph   every MAConv forced to the small-batch split-K kernel, in a CUDA graph (CUDA only)
   mma+graph      every MAConv and plain 3x3 convolution with channels in multiples of 8 forced to
-                 the small-batch tensor-core kernel, in a CUDA graph (fp16, sm_80+)
+                 the small-batch tensor-core kernel, in a CUDA graph (fp16 or fp32, sm_80+)
   cutlass+graph  every MAConv with channels in multiples of 8 forced to the large-batch CUTLASS
                  path, in a CUDA graph (fp16, sm_80+, builds with it)
   cutlass90+graph  the same on Hopper's wgmma and TMA (compute capability 9.0)
@@ -83,7 +83,7 @@ def variants(train, device: str, dtype, compile_mode: str, sample):
     if device == "cuda":
         out["kernel+graph"] = lambda: graphed(fused, sample)
         out["splitk+graph"] = lambda: graphed(forced(prep(merge(train, use_kernel=True)), "splitk"), sample)
-        if dtype == torch.float16 and torch.cuda.get_device_capability() >= (8, 0):
+        if dtype in (torch.float16, torch.float32) and torch.cuda.get_device_capability() >= (8, 0):
             out["mma+graph"] = lambda: graphed(forced(prep(merge(train, use_kernel=True)), "mma"), sample)
         if dtype == torch.float16 and build_info().get("cutlass") and torch.cuda.get_device_capability() >= (8, 0):
             out["cutlass+graph"] = lambda: graphed(forced(prep(merge(train, use_kernel=True)), "cutlass"), sample)

@@ -93,9 +93,9 @@ LARGE_BATCH_KERNELS = (*CUTLASS_KERNELS, "stem")
 def cuda_kernels(dtype: str, x, fw) -> list[str]:
     """fer_edge's CUDA kernels that can run a layer: WMMA needs fp16, 16+ input channels (with
     fewer, most of each 16-channel step is zeros) and a 7.0 GPU; the others say themselves what
-    they take (kernel_unsupported: mma and the CUTLASS ones fp16 channels_last with channels in
-    multiples of 8 on an 8.0+ GPU, cutlass90* a 9.0 one, and a build with them; stem at most 4
-    input channels)."""
+    they take (kernel_unsupported: the CUTLASS ones fp16 channels_last with channels in multiples
+    of 8 on an 8.0+ GPU, cutlass90* a 9.0 one, and a build with them; mma the same in fp16 or
+    fp32, in every build; stem at most 4 input channels)."""
     ok = [k for k in CUDA_KERNELS if k != "wmma" or (dtype == "fp16" and x.shape[1] >= 16
                                                       and torch.cuda.get_device_capability() >= (7, 0))]
     if x.shape[0] > 256:

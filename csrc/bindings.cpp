@@ -201,6 +201,20 @@ PYBIND11_MODULE(_C, m) {
       "why the cutlass path (window=True: its window form, which reads no b1/b3/b5) cannot run a layer "
       "(\"\" when it can); ptrs: x, out, wp, b1, b3, b5");
 
+  m.def(
+      "mma_unsupported",
+      [](std::int64_t c, std::int64_t c1, std::int64_t c3, std::int64_t c5, int layout, int dtype,
+         std::vector<std::uintptr_t> ptrs) {
+        if (ptrs.size() != 6) throw std::invalid_argument("mma_unsupported: 6 pointers (x, out, wp, b1, b3, b5)");
+        MsConvArgs a;
+        a.c = c; a.c1 = c1; a.c3 = c3; a.c5 = c5;
+        a.layout = static_cast<Layout>(layout);
+        a.x = ptrs[0]; a.out = ptrs[1]; a.wp = ptrs[2]; a.b1 = ptrs[3]; a.b3 = ptrs[4]; a.b5 = ptrs[5];
+        return fer_edge::mma::unsupported(a, static_cast<fer_edge::DType>(dtype));
+      },
+      py::arg("c"), py::arg("c1"), py::arg("c3"), py::arg("c5"), py::arg("layout"), py::arg("dtype"),
+      py::arg("ptrs"), "why the mma kernel cannot run a layer (\"\" when it can); ptrs: x, out, wp, b1, b3, b5");
+
 #ifdef FER_EDGE_WITH_CUDA
   m.def(
       "msconv_cuda",

@@ -90,8 +90,8 @@ class CpuPackedWeights {
 };
 
 // fer_edge's CUDA kernels (the caller chooses: fer_edge/dispatch.py's table).
-// Mma: the small-batch kernel on tensor cores (float16 NHWC, the cutlass path's
-// inputs and weight layout, sm_80+: msconv_cuda_mma.h).
+// Mma: the small-batch kernel on tensor cores (float16, or float32 as 3xTF32;
+// NHWC, the cutlass path's weight layout, sm_80+: msconv_cuda_mma.h).
 // Cutlass: the large-batch path, one implicit GEMM per branch (float16 NHWC,
 // sm_80+, builds that found CUTLASS's headers: msconv_cuda_igemm.h).
 // Stem: inputs of at most 4 channels (MACNN's first layer: msconv_cuda_stem.h).

@@ -349,17 +349,17 @@ void launch_cutlass(const MsConvArgs& a, DType dtype, std::uintptr_t stream, boo
 #endif
 }
 
-// The small-batch tensor-core kernel: the cutlass path's inputs (igemm::unsupported), sm_80+.
+// The small-batch tensor-core kernel: the cutlass path's inputs, float32 too (mma::unsupported), sm_80+.
 void launch_mma(const MsConvArgs& a, DType dtype, std::uintptr_t stream, int dev, std::uintptr_t workspace,
                 std::uintptr_t counters, MmaTiles tiles) {
-  const std::string why = igemm::unsupported(a, dtype);
+  const std::string why = mma::unsupported(a, dtype);
   if (!why.empty()) throw std::invalid_argument("fused_ms_conv: the mma kernel cannot run this layer: " + why);
   int major = 0;
   check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "cudaDeviceGetAttribute");
   if (major < 8)
     throw std::invalid_argument("fused_ms_conv: the mma kernel needs mma.sync m16n8k16 and cp.async (compute "
                                 "capability 8.0+); choose splitk or cudnn on this GPU");
-  mma::launch(a, stream, splitk::sm_count_of(dev), workspace, counters, tiles.bm, tiles.kchunk);
+  mma::launch(a, dtype, stream, splitk::sm_count_of(dev), workspace, counters, tiles.bm, tiles.kchunk);
 }
 
 }  // namespace

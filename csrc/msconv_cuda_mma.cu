@@ -18,6 +18,7 @@
 
 #include <atomic>
 #include <climits>
+#include <type_traits>
 #include <stdexcept>
 #include <string>
 
@@ -27,31 +28,40 @@ namespace fer_edge {
 namespace mma {
 namespace {
 using device::relu_keep_nan;
+using device::to_f;
 
+template <typename T>
 struct BranchArgs {
-  const __half* w;      // its KRSC kernel (cout, k, k, C)
-  const __half* bias;
+  const T* w;      // its KRSC kernel (cout, k, k, C)
+  const T* bias;
   int k, cout, offset, chunks;
   int kdim, m_tiles, first_unit, first_counter;
 };
 
+template <typename T>
 struct Args {
-  const __half* x;
-  __half* out;
+  const T* x;
+  T* out;
   float* ws;
   int* counters;
   int M, C, H, W, ctot, kchunk, branches;
   bool relu;
-  BranchArgs b[3];
+  BranchArgs<T> b[3];
 };
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-constexpr int ROW = BK + 8;  // halves per staged row
+// Shared memory holds 32-bit words: a pipeline step is 4 copies of 16 bytes per row (32 halves
+// or 16 floats of k), and one mma k-step is 8 words of k either way (m16n8k16 on half pairs,
+// m16n8k8 on tf32), so both element types share the staging and the fragment loads.
+constexpr int COPIES_PER_ROW = 4;
+template <typename T>
+__host__ __device__ constexpr int per_copy() { return 16 / static_cast<int>(sizeof(T)); }   // k values per copy
 
-__device__ __forceinline__ unsigned ld32(const __half* p) { return *reinterpret_cast<const unsigned*>(p); }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+constexpr int WORDS = 4 * COPIES_PER_ROW;   // words of k per step
+constexpr int ROW_WORDS = WORDS + 4;        // padded to 80 bytes: a warp's fragment loads hit 32 banks
 
 // 16 bytes global -> shared without a register round trip; bytes = 0 stores zeros (nothing is read).
-__device__ __forceinline__ void copy16(__half* smem, const __half* gmem, bool full) {
+__device__ __forceinline__ void copy16(void* smem, const void* gmem, bool full) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(full ? 16 : 0));
 }
@@ -59,12 +69,32 @@ __device__ __forceinline__ void commit() { asm volatile("cp.async.commit_group;\
 template <int N>
 __device__ __forceinline__ void wait_pending() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
-__device__ __forceinline__ void mma_16816(float* d, const unsigned* a, unsigned b0, unsigned b1) {
+__device__ __forceinline__ void mma_16816(float* d, const unsigned* a, const unsigned* b) {
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%0,%1,%2,%3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+__device__ __forceinline__ void mma_1688(float* d, const unsigned* a, const unsigned* b) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// A float32 as the sum of two tf32 values (3xTF32): big * big + big * small + small * big keeps
+// about float32's precision on tensor cores (the small * small term is below its rounding).
+template <int N>
+__device__ __forceinline__ void split_tf32(const unsigned* x, unsigned* big, unsigned* small) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(big[i]) : "f"(__uint_as_float(x[i])));
+    const float rest = __uint_as_float(x[i]) - __uint_as_float(big[i]);
+    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(small[i]) : "f"(rest));
+  }
 }
 
 // Two adjacent float32 partial sums into the workspace: one vector atomic on Hopper.
@@ -76,30 +106,37 @@ __device__ __forceinline__ void add_pair(float* p, float a, float b) {
   atomicAdd(p + 1, b);
 #endif
 }
+
+__device__ __forceinline__ void store_pair(__half* p, float a, float b) {
+  *reinterpret_cast<__half2*>(p) = __floats2half2_rn(a, b);
+}
+__device__ __forceinline__ void store_pair(float* p, float a, float b) {
+  *reinterpret_cast<float2*>(p) = make_float2(a, b);
+}
 #endif
 
 // The pixel rows this thread copies in every stage: (tid + i * THREADS) / 4 for
-// i < A_COPIES, each 16 bytes = 8 channels of k (the 4 copies of a row cover BK).
+// i < COPIES, each 16 bytes of k (the 4 copies of a row cover a step).
 template <int MT>
 struct Gather {
-  static constexpr int BM = 16 * MT, COPIES = (BM * 4 + THREADS - 1) / THREADS;
+  static constexpr int BM = 16 * MT, COPIES = (BM * COPIES_PER_ROW + THREADS - 1) / THREADS;
   long long base[COPIES];  // the pixel's element offset in x, or -1: past the batch or no copy
   int y[COPIES], x[COPIES];
 };
 
-template <int MT>
-__global__ void __launch_bounds__(THREADS) mma_kernel(const Args p) {
+template <typename T, int MT>
+__global__ void __launch_bounds__(THREADS) mma_kernel(const Args<T> p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  constexpr int BM = 16 * MT;
-  __shared__ __align__(16) __half s_a[STAGES][BM][ROW];
-  __shared__ __align__(16) __half s_b[STAGES][BN][ROW];
+  constexpr int BM = 16 * MT, PER_COPY = per_copy<T>(), STEP_K = COPIES_PER_ROW * PER_COPY;
+  __shared__ __align__(16) unsigned s_a[STAGES][BM][ROW_WORDS];
+  __shared__ __align__(16) unsigned s_b[STAGES][BN][ROW_WORDS];
   __shared__ int s_last;
 
   // Which unit: branches in order, then N tile, K chunk, M tile (fastest: the
   // blocks that read the same weights run side by side and share them in L2).
   // (Constant indices only: a dynamic one would copy the parameters to local memory.)
   const int unit = static_cast<int>(blockIdx.x);
-  BranchArgs b = p.b[0];
+  BranchArgs<T> b = p.b[0];
   if (p.branches > 2 && unit >= p.b[2].first_unit) b = p.b[2];
   else if (p.branches > 1 && unit >= p.b[1].first_unit) b = p.b[1];
   int u = unit - b.first_unit;
@@ -108,14 +145,14 @@ __global__ void __launch_bounds__(THREADS) mma_kernel(const Args p) {
   const int kc = u % b.chunks, nt = u / b.chunks;
   const int m0 = mt * BM, n0 = nt * BN;
   const int kbeg = kc * p.kchunk, kend = min(b.kdim, kbeg + p.kchunk);
-  const int steps = (kend - kbeg + BK - 1) / BK;
+  const int steps = (kend - kbeg + STEP_K - 1) / STEP_K;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, g = lane / 4, q = lane % 4;
   const int half_k = b.k / 2;
 
   Gather<MT> ga;
 #pragma unroll
   for (int i = 0; i < Gather<MT>::COPIES; ++i) {
-    const int row = (tid + i * THREADS) / 4, m = m0 + row;
+    const int row = (tid + i * THREADS) / COPIES_PER_ROW, m = m0 + row;
     ga.base[i] = -1;
     ga.y[i] = ga.x[i] = 0;
     if (row < BM && m < p.M) {
@@ -126,28 +163,28 @@ __global__ void __launch_bounds__(THREADS) mma_kernel(const Args p) {
     }
   }
   // The weights: rows (tid + i * THREADS) / 4 of the 64-channel tile, 2 copies per thread.
-  constexpr int B_COPIES = BN * 4 / THREADS;
+  constexpr int B_COPIES = BN * COPIES_PER_ROW / THREADS;
 
   auto load = [&](int slot, int step) {
-    const int k0 = kbeg + step * BK;
+    const int k0 = kbeg + step * STEP_K;
 #pragma unroll
     for (int i = 0; i < Gather<MT>::COPIES; ++i) {
-      const int idx = tid + i * THREADS, row = idx / 4, ch = idx % 4;
+      const int idx = tid + i * THREADS, row = idx / COPIES_PER_ROW, ch = idx % COPIES_PER_ROW;
       if (row >= BM) continue;
-      const int k = k0 + 8 * ch;
-      // k = tap * C + input channel; C is a multiple of 8, so 8 consecutive k share a tap.
+      const int k = k0 + PER_COPY * ch;
+      // k = tap * C + input channel; C is a multiple of 8, so one copy's k share a tap.
       const int tap = k / p.C, ci = k - tap * p.C, dy = tap / b.k - half_k, dx = tap % b.k - half_k;
       const int iy = ga.y[i] + dy, ix = ga.x[i] + dx;
       const bool ok = ga.base[i] >= 0 && k < kend && iy >= 0 && iy < p.H && ix >= 0 && ix < p.W;
-      const __half* src = ok ? p.x + ga.base[i] + (static_cast<long long>(dy) * p.W + dx) * p.C + ci : p.x;
-      copy16(&s_a[slot][row][8 * ch], src, ok);
+      const T* src = ok ? p.x + ga.base[i] + (static_cast<long long>(dy) * p.W + dx) * p.C + ci : p.x;
+      copy16(&s_a[slot][row][4 * ch], src, ok);
     }
 #pragma unroll
     for (int i = 0; i < B_COPIES; ++i) {
-      const int idx = tid + i * THREADS, row = idx / 4, ch = idx % 4;
-      const int k = k0 + 8 * ch, co = n0 + row;
+      const int idx = tid + i * THREADS, row = idx / COPIES_PER_ROW, ch = idx % COPIES_PER_ROW;
+      const int k = k0 + PER_COPY * ch, co = n0 + row;
       const bool ok = co < b.cout && k < kend;
-      copy16(&s_b[slot][row][8 * ch], ok ? b.w + static_cast<long long>(co) * b.kdim + k : b.w, ok);
+      copy16(&s_b[slot][row][4 * ch], ok ? b.w + static_cast<long long>(co) * b.kdim + k : b.w, ok);
     }
   };
 
@@ -173,35 +210,52 @@ __global__ void __launch_bounds__(THREADS) mma_kernel(const Args p) {
     commit();
     if (!busy) continue;
     const int slot = step % STAGES;
+    // Fragments in words (PTX ISA, m16n8k16 .f16 / m16n8k8 .tf32): A row g / g + 8, words q and
+    // q + 4 of the k-step; B column g, words q and q + 4.
 #pragma unroll
-    for (int kk = 0; kk < BK; kk += 16) {
+    for (int kw = 0; kw < WORDS; kw += 8) {
       unsigned bf[2][2];
 #pragma unroll
       for (int nb = 0; nb < 2; ++nb) {
-        const __half* bp = &s_b[slot][16 * warp + 8 * nb + g][kk + 2 * q];
-        bf[nb][0] = ld32(bp);
-        bf[nb][1] = ld32(bp + 8);
+        const unsigned* bp = &s_b[slot][16 * warp + 8 * nb + g][kw + q];
+        bf[nb][0] = bp[0];
+        bf[nb][1] = bp[4];
       }
+      unsigned bbig[2][2], bsmall[2][2];
+      if constexpr (std::is_same_v<T, float>)
+#pragma unroll
+        for (int nb = 0; nb < 2; ++nb) split_tf32<2>(bf[nb], bbig[nb], bsmall[nb]);
 #pragma unroll
       for (int mi = 0; mi < MT; ++mi) {
-        const __half* ap = &s_a[slot][16 * mi + g][kk + 2 * q];
-        const unsigned af[4] = {ld32(ap), ld32(ap + 8 * ROW), ld32(ap + 8), ld32(ap + 8 * ROW + 8)};
+        const unsigned* ap = &s_a[slot][16 * mi + g][kw + q];
+        const unsigned af[4] = {ap[0], ap[8 * ROW_WORDS], ap[4], ap[8 * ROW_WORDS + 4]};
+        if constexpr (std::is_same_v<T, float>) {
+          unsigned abig[4], asmall[4];
+          split_tf32<4>(af, abig, asmall);
 #pragma unroll
-        for (int nb = 0; nb < 2; ++nb) mma_16816(acc[mi][nb], af, bf[nb][0], bf[nb][1]);
+          for (int nb = 0; nb < 2; ++nb) {
+            mma_1688(acc[mi][nb], asmall, bbig[nb]);
+            mma_1688(acc[mi][nb], abig, bsmall[nb]);
+            mma_1688(acc[mi][nb], abig, bbig[nb]);
+          }
+        } else {
+#pragma unroll
+          for (int nb = 0; nb < 2; ++nb) mma_16816(acc[mi][nb], af, bf[nb]);
+        }
       }
     }
   }
   wait_pending<0>();
 
   // C fragment: rows g and g + 8 of each m16 tile, columns 2q and 2q + 1 of each n8 tile.
-  auto store = [&](int m, int col, float v0, float v1) {  // bias, ReLU, float16 pair into the output slice
-    v0 += __half2float(b.bias[col]);
-    v1 += __half2float(b.bias[col + 1]);
+  auto store = [&](int m, int col, float v0, float v1) {  // bias, ReLU, a pair into the output slice
+    v0 += to_f(b.bias[col]);
+    v1 += to_f(b.bias[col + 1]);
     if (p.relu) {
       v0 = relu_keep_nan(v0);
       v1 = relu_keep_nan(v1);
     }
-    *reinterpret_cast<__half2*>(p.out + static_cast<long long>(m) * p.ctot + b.offset + col) = __floats2half2_rn(v0, v1);
+    store_pair(p.out + static_cast<long long>(m) * p.ctot + b.offset + col, v0, v1);
   };
   // Every value this thread holds inside the tile, as (pixel, channel, two adjacent values).
   auto each_pair = [&](auto&& f) {
@@ -253,12 +307,12 @@ void check(cudaError_t e, const char* what) {
 // Whether the loaded code of the kernel has mma.sync and cp.async: the device may be
 // sm_80+ while this build only holds older code for it (the driver JIT-compiles
 // compute_75 PTX, whose kernel traps).  Asked once per device.
-template <int MT>
+template <typename T, int MT>
 bool has_sm80_code(int device) {
   static std::atomic<int> known[64];  // 0: not asked yet, 1: yes, 2: no
   if (device >= 0 && device < 64 && known[device].load() != 0) return known[device].load() == 1;
   cudaFuncAttributes fa{};
-  const cudaError_t e = cudaFuncGetAttributes(&fa, mma_kernel<MT>);
+  const cudaError_t e = cudaFuncGetAttributes(&fa, mma_kernel<T, MT>);
   if (e != cudaSuccess) {
     cudaGetLastError();  // leave no error behind for an unrelated later check
     check(e, "cudaFuncGetAttributes");
@@ -268,37 +322,23 @@ bool has_sm80_code(int device) {
   return yes;
 }
 
-template <int MT>
-void run(const Args& args, const Plan& p, cudaStream_t stream) {
+template <typename T, int MT>
+void run(const Args<T>& args, const Plan& p, cudaStream_t stream) {
   int device = 0;
   check(cudaGetDevice(&device), "cudaGetDevice");
-  if (!has_sm80_code<MT>(device))
+  if (!has_sm80_code<T, MT>(device))
     throw std::invalid_argument("fused_ms_conv: this build has no sm_80+ code for the mma kernel on this GPU "
                                 "(build for its architecture); choose splitk or cudnn");
-  mma_kernel<MT><<<static_cast<unsigned>(p.units), THREADS, 0, stream>>>(args);
+  mma_kernel<T, MT><<<static_cast<unsigned>(p.units), THREADS, 0, stream>>>(args);
   check(cudaGetLastError(), "kernel launch");
 }
 
-}  // namespace
-
-void launch(const MsConvArgs& a, std::uintptr_t stream, int sm_count, std::uintptr_t workspace,
-            std::uintptr_t counters, int bm, std::int64_t kchunk) {
-  if (!valid_override(bm, kchunk))
-    throw std::invalid_argument("fused_ms_conv (mma): bm must be 16, 32, 48 or 64 and kchunk a multiple of 32 "
-                                "(0: the plan's choice)");
-  const Plan p = plan(a.n, a.c, a.h, a.w, a.c1, a.c3, a.c5, sm_count, bm, kchunk);
-  if (p.counters > 0 && (!workspace || !counters))
-    throw std::invalid_argument("fused_ms_conv (mma): this shape needs a workspace and counters "
-                                "(fer_edge.kernels allocates them from mma_plan)");
-  // Indices are 32-bit where they fit: pixels, K, blocks and a branch's tile counters.
-  std::int64_t kmax = 0;
-  for (int i = 0; i < p.branches; ++i) kmax = std::max(kmax, p.b[i].kdim + p.kchunk);
-  if (a.n * a.h * a.w > static_cast<std::int64_t>(INT_MAX) - 64 || p.units > INT_MAX || kmax > INT_MAX ||
-      p.counters > INT_MAX)
-    throw std::invalid_argument("fused_ms_conv (mma): shape too large for the small-batch kernel");
-  Args args{};
-  args.x = reinterpret_cast<const __half*>(a.x);
-  args.out = reinterpret_cast<__half*>(a.out);
+template <typename T>
+void launch_typed(const MsConvArgs& a, const Plan& p, cudaStream_t stream, std::uintptr_t workspace,
+                  std::uintptr_t counters) {
+  Args<T> args{};
+  args.x = reinterpret_cast<const T*>(a.x);
+  args.out = reinterpret_cast<T*>(a.out);
   args.ws = reinterpret_cast<float*>(workspace);
   args.counters = reinterpret_cast<int*>(counters);
   args.M = static_cast<int>(a.n * a.h * a.w);
@@ -313,9 +353,9 @@ void launch(const MsConvArgs& a, std::uintptr_t stream, int sm_count, std::uintp
   for (const igemm::Branch& br : igemm::branches(a)) {
     if (br.cout == 0) continue;
     const BranchPlan& s = p.b[i];
-    BranchArgs& d = args.b[i++];
-    d.w = reinterpret_cast<const __half*>(a.wp) + s.weights;
-    d.bias = reinterpret_cast<const __half*>(br.bias);
+    BranchArgs<T>& d = args.b[i++];
+    d.w = reinterpret_cast<const T*>(a.wp) + s.weights;
+    d.bias = reinterpret_cast<const T*>(br.bias);
     d.k = s.k;
     d.cout = s.cout;
     d.offset = s.offset;
@@ -325,14 +365,37 @@ void launch(const MsConvArgs& a, std::uintptr_t stream, int sm_count, std::uintp
     d.first_unit = static_cast<int>(s.first_unit);
     d.first_counter = static_cast<int>(s.first_counter);
   }
+  switch (p.bm / 16) {
+    case 1: run<T, 1>(args, p, stream); break;
+    case 2: run<T, 2>(args, p, stream); break;
+    case 3: run<T, 3>(args, p, stream); break;
+    default: run<T, 4>(args, p, stream); break;
+  }
+}
+
+}  // namespace
+
+void launch(const MsConvArgs& a, DType dtype, std::uintptr_t stream, int sm_count, std::uintptr_t workspace,
+            std::uintptr_t counters, int bm, std::int64_t kchunk) {
+  if (!valid_override(bm, kchunk))
+    throw std::invalid_argument("fused_ms_conv (mma): bm must be 16, 32, 48 or 64 and kchunk a multiple of 32 "
+                                "(0: the plan's choice)");
+  const Plan p = plan(a.n, a.c, a.h, a.w, a.c1, a.c3, a.c5, sm_count, bm, kchunk);
+  if (p.counters > 0 && (!workspace || !counters))
+    throw std::invalid_argument("fused_ms_conv (mma): this shape needs a workspace and counters "
+                                "(fer_edge.kernels allocates them from mma_plan)");
+  // Indices are 32-bit where they fit: pixels, K, blocks and a branch's tile counters.
+  std::int64_t kmax = 0;
+  for (int i = 0; i < p.branches; ++i) kmax = std::max(kmax, p.b[i].kdim + p.kchunk);
+  if (a.n * a.h * a.w > static_cast<std::int64_t>(INT_MAX) - 64 || p.units > INT_MAX || kmax > INT_MAX ||
+      p.counters > INT_MAX)
+    throw std::invalid_argument("fused_ms_conv (mma): shape too large for the small-batch kernel");
   if (p.units == 0) return;
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  switch (p.bm / 16) {
-    case 1: run<1>(args, p, s); break;
-    case 2: run<2>(args, p, s); break;
-    case 3: run<3>(args, p, s); break;
-    default: run<4>(args, p, s); break;
-  }
+  if (dtype == DType::Float32)
+    launch_typed<float>(a, p, s, workspace, counters);
+  else
+    launch_typed<__half>(a, p, s, workspace, counters);
 }
 
 }  // namespace mma

@@ -17,15 +17,18 @@
 // safe to replay in a CUDA graph with no memset.  A tile with one chunk
 // writes its output straight from registers.
 //
-// Inputs: those of the cutlass path (igemm::unsupported, Form::PerBranch):
-// float16 NHWC, channel counts that are multiples of 8, 16-byte aligned, and
-// pack_krsc_weights's layout; compute capability 8.0+ (mma.sync m16n8k16,
-// cp.async).
+// Inputs: those of the cutlass path (igemm::unsupported, Form::PerBranch) but
+// float32 too: NHWC, channel counts that are multiples of 8, 16-byte aligned,
+// pack_krsc_weights's layout; compute capability 8.0+ (cp.async, mma.sync:
+// m16n8k16 in float16, m16n8k8 tf32 in float32, each float32 value split
+// into two tf32 parts and multiplied three times (3xTF32), which keeps about
+// float32's precision).
 #pragma once
 
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <string>
 
 #include "msconv.h"
 #include "msconv_cuda_igemm.h"
@@ -34,7 +37,7 @@ namespace fer_edge {
 namespace mma {
 
 constexpr int BN = 64;        // output channels per block: 4 warps x 16
-constexpr int BK = 32;        // k per pipeline stage (two mma k16 steps)
+constexpr int BK = 32;        // k per pipeline stage in float16 (16 in float32: 64 bytes of k per row either way)
 constexpr int STAGES = 4;     // cp.async stages in flight
 constexpr int THREADS = 128;
 constexpr int MIN_CHUNK = 4 * BK;  // a chunk fills the pipeline at least once
@@ -129,12 +132,18 @@ inline Plan plan(std::int64_t n, std::int64_t c, std::int64_t h, std::int64_t w,
   return p;
 }
 
+// Why the kernel cannot run this layer ("" when it can): the cutlass path's rules, float32 allowed.
+inline std::string unsupported(const MsConvArgs& a, DType dtype) {
+  if (dtype != DType::Float16 && dtype != DType::Float32) return "it computes float16 and float32 only";
+  return igemm::unsupported(a, DType::Float16);
+}
+
 #ifdef FER_EDGE_WITH_CUDA
-// One launch on `stream` (the caller checked igemm::unsupported and the compute
+// One launch on `stream` (the caller checked unsupported() and the compute
 // capability, 8.0+); `workspace`/`counters` as plan() sizes them (with the same
 // bm / kchunk), zero-filled once by their owner (unused, and may be 0, when
 // plan() asks for none).
-void launch(const MsConvArgs& a, std::uintptr_t stream, int sm_count, std::uintptr_t workspace,
+void launch(const MsConvArgs& a, DType dtype, std::uintptr_t stream, int sm_count, std::uintptr_t workspace,
             std::uintptr_t counters, int bm = 0, std::int64_t kchunk = 0);
 #endif
 

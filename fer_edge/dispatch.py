@@ -35,7 +35,7 @@ OVERRIDE_ENV = "FER_EDGE_CUDA_KERNEL"
 CUDNN = "cudnn"
 # fer_edge's CUDA kernels, by the number the compiled extension takes (csrc/msconv_cuda.cu, Variant).
 # mma: the small-batch kernel on tensor cores: each branch's taps x input channels cut into chunks
-# spread over the whole GPU (float16 channels_last, sm_80+, the cutlass kernels' inputs).
+# spread over the whole GPU (float16, or float32 as 3xTF32, channels_last, sm_80+).
 # cutlass: the large-batch path, one implicit GEMM per branch on tensor cores (float16
 # channels_last, sm_80+, builds that found CUTLASS's headers).
 # stem: inputs of at most 4 channels (MACNN's first layer reads one), bound by its output writes.

@@ -307,7 +307,9 @@ def mma_buffers(x: torch.Tensor, c1: int, c3: int, c5: int) -> tuple[torch.Tenso
     """The "mma" kernel's float32 workspace (one sum per output value) and int32
     tile counters for input x (CUDA) and branches of c1, c3, c5 channels, sized
     by its plan; both start at zero and every call leaves them at zero (the
-    chunks of a tile add into the workspace, the last one clears it)."""
+    chunks of a tile add into the workspace, the last one clears it).  So a
+    pair serves one call at a time: never two streams at once, and never a
+    workspace that is not zero (its contents would be added to the output)."""
     plan = _mma_plan(x, c1, c3, c5)
     return (torch.zeros(max(1, plan["workspace_floats"]), dtype=torch.float32, device=x.device),
             torch.zeros(max(1, plan["counters"]), dtype=torch.int32, device=x.device))
@@ -526,10 +528,11 @@ def _built(flag: str) -> bool:
 def kernel_unsupported(x: torch.Tensor, w1, b1, w3, b3, w5, b5, kernel: str) -> str:
     """Why one of fer_edge's CUDA kernels (dispatch.KERNELS) cannot run this layer
     on x ("" when it can).  "stem": at most 4 input channels.  "mma" and the
-    CUTLASS kernels (IGEMM_KERNELS): float16, channels_last, channel counts that
-    are multiples of 8, 16-byte aligned data (the compiled extension's own rule;
-    the output and the pack are fresh allocations, always aligned), a build
-    with the kernel, a GPU it runs on.  The others take every layer."""
+    CUTLASS kernels (IGEMM_KERNELS): float16 (mma: float32 too), channels_last,
+    channel counts that are multiples of 8, 16-byte aligned data (the compiled
+    extension's own rule; the output and the pack are fresh allocations, always
+    aligned), a build with the kernel, a GPU it runs on.  The others take every
+    layer."""
     if kernel not in KERNEL_CODES:
         raise ValueError(f"kernel_unsupported: unknown CUDA kernel {kernel!r}; choose {', '.join(KERNEL_CODES)}")
     if kernel == "stem":
@@ -551,9 +554,11 @@ def kernel_unsupported(x: torch.Tensor, w1, b1, w3, b3, w5, b5, kernel: str) -> 
     # has none: its alignment is the compiled extension's to check when it runs.
     traced = torch.compiler.is_compiling() or type(x) is not torch.Tensor
     ptrs = [0] * 6 if traced else [x.data_ptr(), 0, 0, *(b.contiguous().data_ptr() for b in (b1, b3, b5))]
-    return _C.igemm_unsupported(x.shape[1], w1.shape[0], w3.shape[0], w5.shape[0],
-                                _LAYOUT_NHWC if nhwc else _LAYOUT_NCHW, _CUDA_DTYPES.get(x.dtype, 0), ptrs,
-                                KERNEL_PACKS[kernel] == "window")
+    sizes = (x.shape[1], w1.shape[0], w3.shape[0], w5.shape[0], _LAYOUT_NHWC if nhwc else _LAYOUT_NCHW,
+             _CUDA_DTYPES.get(x.dtype, -1), ptrs)
+    if kernel == "mma":
+        return _C.mma_unsupported(*sizes)
+    return _C.igemm_unsupported(*sizes, KERNEL_PACKS[kernel] == "window")
 
 
 def cuda_kernel_code(kernel: str) -> int:
@@ -576,8 +581,8 @@ def fused_ms_conv(x, w1, b1, w3, b3, w5, b5, relu: bool = True, wp=None, kernel:
     kernel does not use it: see CpuPackedMsConv).
     kernel: on CUDA, which of fer_edge's kernels: "simt", "wmma" (float16,
     tensor cores), "splitk" (small batches), "mma" (small batches on tensor
-    cores: float16 channels_last, sm_80+, see ``kernel_unsupported``; its ``wp``
-    is ``pack_krsc_weights``'s), "cutlass" (large batches: one implicit GEMM per
+    cores: float16, or float32 as 3xTF32, channels_last, sm_80+, see
+    ``kernel_unsupported``; its ``wp`` is ``pack_krsc_weights``'s), "cutlass" (large batches: one implicit GEMM per
     branch, the same inputs and pack), "cutlass90" (the same on Hopper's wgmma and TMA,
     compute capability 9.0), "cutlass_window" and "cutlass90_window" (those
     two as one launch over the zero-padded 5x5 window; their ``wp`` is

@@ -327,7 +327,8 @@ def test_a_kernel_picked_by_shape_must_take_the_very_input():
     assert not FusedMultiScaleConv._takes("stem", wide, ws8)
     for kernel in IGEMM_KERNELS:
         assert FusedMultiScaleConv._takes(kernel, wide, ws8) == (not kernel_unsupported(wide, *ws8, kernel=kernel))
-    assert not FusedMultiScaleConv._takes("mma", wide.float(), [w.float() for w in ws8])   # float16 only
+    assert not FusedMultiScaleConv._takes("mma", wide.bfloat16(), [w.bfloat16() for w in ws8])   # fp16, fp32 only
+    assert FusedMultiScaleConv._takes("mma", wide.float(), [w.float() for w in ws8])
     assert FusedMultiScaleConv._takes("splitk", wide, ws8)
 
 
@@ -559,8 +560,9 @@ def test_igemm_kernels_refuse_what_they_cannot_run_and_a_module_falls_back(kerne
     from fer_edge.models.layers import FusedMultiScaleConv
 
     args = make_inputs(2, 64, 12, 12, 32, 48, 48, nhwc=True, device="cuda", dtype=torch.float16)
-    with pytest.raises(ValueError, match=f"the {kernel} kernel cannot run this layer: it computes float16 only"):
-        fused_ms_conv(*[t.float() for t in args], kernel=kernel)
+    if kernel == "cutlass":   # (mma computes float32 too)
+        with pytest.raises(ValueError, match="the cutlass kernel cannot run this layer: it computes float16 only"):
+            fused_ms_conv(*[t.float() for t in args], kernel=kernel)
     with pytest.raises(ValueError, match="channels_last"):
         fused_ms_conv(args[0].contiguous(), *args[1:], kernel=kernel)
     odd = make_inputs(2, 12, 12, 12, 8, 8, 8, nhwc=True, device="cuda", dtype=torch.float16)
@@ -770,7 +772,7 @@ def test_kernel_unsupported_says_when_the_build_has_no_cutlass():
         assert "float16 only" in why   # a CPU float32 tensor: its next reason
     else:
         assert "no cutlass kernel" in why
-    assert "float16 only" in kernel_unsupported(*args, kernel="mma")   # our own code: in every build
+    assert kernel_unsupported(*args, kernel="mma") == ""   # our own code, float32 too: in every build
 
 
 # ------------------------------------------------- small batches on tensor cores: the mma kernel
@@ -784,25 +786,26 @@ MMA_CASES += [(8, 256, 6, 128, 192, 192), (64, 64, 24, 32, 48, 48), (1, 8, 5, 8,
 
 
 @requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
 @pytest.mark.parametrize("relu", [True, False])
 @pytest.mark.parametrize("case", MMA_CASES, ids=[f"n{c[0]}-c{c[1]}-{c[2]}px-{c[3]}.{c[4]}.{c[5]}" for c in MMA_CASES])
-def test_mma_matches_the_reference(case, relu):
-    """fp16 against the float64 reference, twice with the same buffers: the
-    chunks' sums meet in the workspace, the ReLU applies to the total only
-    (negative partial sums survive), and the workspace and counters are left
-    at zero for the next call."""
+def test_mma_matches_the_reference(case, relu, dtype):
+    """fp16, and fp32 as 3xTF32 (float32's precision, the fp32 tolerance), against
+    the float64 reference, twice with the same buffers: the chunks' sums meet in
+    the workspace, the ReLU applies to the total only (negative partial sums
+    survive), and the workspace and counters are left at zero for the next call."""
     _needs_mma()
     from fer_edge.kernels import mma_buffers
 
     n, cin, hw, c1, c3, c5 = case
-    args = make_inputs(n, cin, hw, hw, c1, c3, c5, nhwc=True, device="cuda", dtype=torch.float16, seed=n + cin)
+    args = make_inputs(n, cin, hw, hw, c1, c3, c5, nhwc=True, device="cuda", dtype=dtype, seed=n + cin)
     ref = fused_ms_conv_reference(*[t.cpu().double() for t in args], relu=relu)
     bufs = mma_buffers(args[0], c1, c3, c5)
     for _ in range(2):
         y = fused_ms_conv(*args, relu=relu, kernel="mma", buffers=bufs)
         assert y.shape == ref.shape and y.is_contiguous(memory_format=torch.channels_last)
         assert torch.isfinite(y).all(), "every output channel written"
-        assert rel_norm(y.cpu(), ref) <= FP16_REL_NORM
+        assert rel_norm(y.cpu(), ref) <= (FP16_REL_NORM if dtype == torch.float16 else 1e-5)
     assert not bufs[0].any() and not bufs[1].any(), "the last chunk of each tile clears its sums and counter"
 
 
