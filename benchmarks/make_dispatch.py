@@ -23,12 +23,14 @@ from fer_edge.dispatch import CUDNN, KERNELS, TABLE_FORMAT, batch_bucket, key_of
 # A kernel whose output differs from the reference by more than this (relative
 # L2 norm) is never chosen, however fast: fp16 rounding is ~1e-3.
 MAX_REL_ERROR = {"fp32": 1e-4, "fp16": 5e-3}
+# cuDNN's ways in a benchmark row (bench_msconv.BASELINES): the fastest is what a kernel must beat.
+CUDNN_WAYS = ("eager", "pad5", "graph", "graph5")
 
 
 def choose_row(bench: dict, margin: float) -> dict:
     """One table row from one benchmark row (a layer, batch and dtype on one GPU)."""
     cin, c1, c3, c5 = bench["channels"]
-    cudnn_us = min(bench[f"{b}_us"] for b in ("eager", "pad5", "graph") if f"{b}_us" in bench)
+    cudnn_us = min(bench[f"{b}_us"] for b in CUDNN_WAYS if f"{b}_us" in bench)
     candidates = {k: bench[f"fused_{k}_us"] for k in KERNELS
                   if f"fused_{k}_us" in bench and bench.get(f"fused_{k}_err", 1.0) <= MAX_REL_ERROR[bench["dtype"]]}
     best = min(candidates, key=candidates.get) if candidates else None

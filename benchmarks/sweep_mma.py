@@ -6,7 +6,7 @@ pixel tile (16, 32, 48 or 64 rows) and K chunk (128 doubling up to the
 layer's longest K), each timed as bench_msconv.py times kernels (BACK_TO_BACK
 calls in one CUDA graph, per call), checked against the three-convolution
 result, next to cuDNN's best way in the same run (the fastest of eager,
-the zero-padded 5x5 and the CUDA graph of eager).  Per layer it prints the
+the zero-padded 5x5 and the CUDA graphs of both).  Per layer it prints the
 fastest tiles and the one the plan picks (csrc/msconv_cuda_mma.h), and
 --json writes every row.
 
@@ -81,7 +81,9 @@ def sweep(layers, batches, repeat: int, on_rows=lambda rows: None) -> list[dict]
                 cudnn = {"eager": time_fn(lambda x: eager(x, *ws), xs, "cuda", repeat),
                          "graph": time_fn(graphed(lambda x: eager(x, *ws), xs, calls), xs, "cuda", repeat)}
                 if c1 or c5:
-                    cudnn["pad5"] = time_fn(lambda x: F.relu(F.conv2d(x, w_pad, b_pad, padding=2)), xs, "cuda", repeat)
+                    pad5 = lambda x: F.relu(F.conv2d(x, w_pad, b_pad, padding=2))  # noqa: E731
+                    cudnn["pad5"] = time_fn(pad5, xs, "cuda", repeat)
+                    cudnn["graph5"] = time_fn(graphed(pad5, xs, calls), xs, "cuda", repeat)
                 best = min(cudnn.values())
                 wp = pack_krsc_weights(fw[0], fw[2], fw[4])
                 chosen = _C.mma_plan(n, cin, hw, hw, c1, c3, c5, sms)
@@ -141,6 +143,8 @@ def main(argv=None) -> int:
     if any(b < 1 for b in args.batches) or args.repeat < 1 or args.top < 1:
         print("sweep_mma: batches, --repeat and --top must be >= 1", file=sys.stderr)
         return 2
+    torch.backends.cudnn.benchmark = True    # cuDNN's best algorithm per shape, as bench_msconv.py lets it
+    torch.backends.cudnn.allow_tf32 = False
 
     def save(rows):  # after every tile, so a time limit keeps what was measured
         if args.json:

@@ -151,7 +151,8 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("n"), py::arg("c"), py::arg("h"), py::arg("w"), py::arg("c1"), py::arg("c3"), py::arg("c5"),
       py::arg("sm_count"), py::arg("bm") = 0, py::arg("kchunk") = 0,
-      "the mma kernel's blocks (bm / kchunk: its pixel tile and K chunk instead of the chosen ones): its pixel tile, K chunk, each non-empty branch's tiles and chunks (5x5, 3x3, "
+      "the mma kernel's blocks (bm / kchunk: its pixel tile and K chunk instead of the chosen ones; tile_k: "
+      "k per pipeline step in float16, 16 in float32): its pixel tile, K chunk, each non-empty branch's tiles and chunks (5x5, 3x3, "
       "1x1 order), and the float32 workspace / int32 counters it needs (0: none)");
 
   // The large-batch path's tile per branch and its input rules (host code, in every build).

@@ -4,13 +4,14 @@
 // A block is one (branch, pixel tile, 64-channel tile, K chunk) and 4 warps;
 // warp w owns output channels 16w..16w+15 of the tile (two n8 fragments) for
 // all its BM pixel rows (BM / 16 m16 fragments).  Its K chunk is read in steps
-// of BK = 32 (one tap x 32 input channels when C >= 32) through a cp.async
-// pipeline of STAGES steps: the input rows its pixels read at a tap (an
-// im2col gather, 16 bytes = 8 channels per copy, zero-filled outside the
-// image) and the matching 16-byte runs of each output channel's KRSC
-// weights, both laid out [row][k] in shared memory, which is what mma.sync's
-// row-major A and column-major B fragments read with 32-bit loads.  Rows are
-// padded by 8 halves (80 bytes) so a warp's fragment loads hit 32 banks.
+// of 64 bytes of k (32 halves or 16 floats: one tap x that many input channels
+// when C allows) through a cp.async pipeline of STAGES steps: the input rows
+// its pixels read at a tap (an im2col gather, 16 bytes = 8 halves or 4 floats
+// of channels per copy, zero-filled outside the image) and the matching
+// 16-byte runs of each output channel's KRSC weights, both laid out [row][k]
+// in shared memory, which is what mma.sync's row-major A and column-major B
+// fragments read with 32-bit loads.  Rows are padded by 16 bytes (80 bytes)
+// so a warp's fragment loads hit 32 banks.
 #include "msconv_cuda_mma.h"
 
 #include <cuda_fp16.h>
@@ -86,12 +87,14 @@ __device__ __forceinline__ void mma_1688(float* d, const unsigned* a, const unsi
 }
 
 // A float32 as the sum of two tf32 values (3xTF32): big * big + big * small + small * big keeps
-// about float32's precision on tensor cores (the small * small term is below its rounding).
+// about float32's precision on tensor cores (the small * small term is below its rounding).  The
+// big part is x truncated to tf32 (rounding could overflow a value near FLT_MAX), the rest exact.
+// An Inf input becomes NaN here (Inf - Inf), where three convolutions would give Inf.
 template <int N>
 __device__ __forceinline__ void split_tf32(const unsigned* x, unsigned* big, unsigned* small) {
 #pragma unroll
   for (int i = 0; i < N; ++i) {
-    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(big[i]) : "f"(__uint_as_float(x[i])));
+    big[i] = x[i] & 0xffffe000u;
     const float rest = __uint_as_float(x[i]) - __uint_as_float(big[i]);
     asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(small[i]) : "f"(rest));
   }

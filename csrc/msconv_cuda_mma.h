@@ -12,7 +12,7 @@
 // a distinct part of the weights, each read once.  Chunks of one output tile
 // meet by float32 atomic adds in a workspace that starts at zero; the tile's
 // last block to arrive (a counter per tile) adds the bias, applies the ReLU,
-// writes float16 into the branch's channel slice of the output, and puts the
+// writes the result into the branch's channel slice of the output, and puts the
 // workspace and the counter back to zero, so the kernel is re-entrant and
 // safe to replay in a CUDA graph with no memset.  A tile with one chunk
 // writes its output straight from registers.
