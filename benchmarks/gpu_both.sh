@@ -22,6 +22,7 @@ LIMIT=${TRAIN_LIMIT:-400} RESERVE=${TRAIN_RESERVE:-60} OUT=$OUT bash benchmarks/
 TRAIN=$!
 
 echo "== kernel build ($(date +%T))"
+rm -rf /tmp/fer-edge-wheel "$KPKG"   # a warm machine keeps /tmp: never install over an earlier call's build
 source benchmarks/gpu_build.sh
 gpu_build wheel -v . -w /tmp/fer-edge-wheel
 python3 -m pip install -q --no-deps --target "$KPKG" /tmp/fer-edge-wheel/fer_edge-*.whl 2>&1 | tail -3
