@@ -31,11 +31,11 @@ echo "   built after $(( $(date +%s) - START )) s"
 
 # Beside the training: correctness, not speed (bounded so that the timings below keep most of
 # what is left of the call).
-OUT=$K STEPS="${BESIDE_STEPS:-test sanitize}" TEST_LIMIT=${TEST_LIMIT:-180} MEMCHECK_LIMIT=${MEMCHECK_LIMIT:-60} \
-  RACECHECK_LIMIT=${RACECHECK_LIMIT:-40} bash benchmarks/gpu_check.sh > /dev/null 2>&1
+OUT=$K STEPS="${BESIDE_STEPS:-test sanitize}" TEST_LIMIT=${TEST_LIMIT:-150} MEMCHECK_LIMIT=${MEMCHECK_LIMIT:-80} \
+  RACECHECK_LIMIT=${RACECHECK_LIMIT:-50} bash benchmarks/gpu_check.sh > /dev/null 2>&1
 mv "$K/check.log" "$K/check-beside-training.log"
 echo "== kernel checks done after $(( $(date +%s) - START )) s; waiting for the training"
-grep -E "passed|failed|error|ERROR SUMMARY|RACECHECK SUMMARY" "$K/check-beside-training.log" | head -8
+grep -E "passed|failed|error|ERROR SUMMARY|RACECHECK SUMMARY" "$K/check-beside-training.log" | head -16
 
 wait $TRAIN
 echo "== training done after $(( $(date +%s) - START )) s"
