@@ -14,6 +14,7 @@ if [ -f .data/cutlass-include.tar.xz ]; then
 fi
 
 gpu_build() {
+  mkdir -p build   # a fresh checkout has none; the log below goes there
   local common=(--no-build-isolation --no-deps -C cmake.define.FER_EDGE_CUDA=ON
                 -C "cmake.define.CMAKE_CUDA_ARCHITECTURES=$GPU_ARCH" -C build-dir=build/native)
   if ! timeout 300 python3 -m pip "$@" "${common[@]}" > build/gpu-build.log 2>&1; then

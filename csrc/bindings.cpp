@@ -19,14 +19,14 @@ namespace {
 MsConvArgs make_args(std::uintptr_t x, std::uintptr_t out, std::uintptr_t w1, std::uintptr_t b1,
                      std::uintptr_t w3, std::uintptr_t b3, std::uintptr_t w5, std::uintptr_t b5,
                      std::int64_t n, std::int64_t c, std::int64_t h, std::int64_t w, std::int64_t c1,
-                     std::int64_t c3, std::int64_t c5, int layout, bool relu) {
+                     std::int64_t c3, std::int64_t c5, int layout, bool relu, bool empty_branches = false) {
   if (layout != 0 && layout != 1) throw std::invalid_argument("fused_ms_conv: layout must be 0 (NCHW) or 1 (NHWC)");
   MsConvArgs a;
   a.x = x; a.out = out; a.w1 = w1; a.b1 = b1; a.w3 = w3; a.b3 = b3; a.w5 = w5; a.b5 = b5;
   a.n = n; a.c = c; a.h = h; a.w = w; a.c1 = c1; a.c3 = c3; a.c5 = c5;
   a.layout = static_cast<Layout>(layout);
   a.relu = relu;
-  fer_edge::validate(a);
+  fer_edge::validate(a, empty_branches);  // the CUDA kernels take an empty 1x1 or 5x5 branch (null pointers)
   return a;
 }
 
@@ -229,7 +229,8 @@ PYBIND11_MODULE(_C, m) {
           throw std::invalid_argument("fused_ms_conv: variant must be 0 (simt), 1 (wmma), 2 (splitk), 3 (mma), "
                                       "4 (cutlass), 5 (stem), 6 (cutlass90), 7 (cutlass_window) or "
                                       "8 (cutlass90_window)");
-        MsConvArgs a = make_args(x, out, w1, b1, w3, b3, w5, b5, n, c, h, w, c1, c3, c5, layout, relu);
+        MsConvArgs a = make_args(x, out, w1, b1, w3, b3, w5, b5, n, c, h, w, c1, c3, c5, layout, relu,
+                                 /*empty_branches=*/true);
         a.wp = wp;
         py::gil_scoped_release nogil;
         fer_edge::msconv_cuda(a, static_cast<fer_edge::DType>(dtype), stream,

@@ -782,7 +782,7 @@ def test_kernel_unsupported_says_when_the_build_has_no_cutlass():
 MMA_CASES = [(n, cin, hw, c1, c3, c5) for n in (1, 2) for cin, hw, c1, c3, c5 in
              ((64, 24, 32, 48, 48), (128, 12, 64, 96, 96), (256, 6, 128, 192, 192), (512, 3, 128, 192, 192))]
 MMA_CASES += [(8, 256, 6, 128, 192, 192), (64, 64, 24, 32, 48, 48), (1, 8, 5, 8, 8, 8), (3, 8, 7, 8, 16, 8),
-              (1, 40, 9, 0, 24, 16), (2, 16, 6, 8, 0, 8), (1, 512, 3, 0, 512, 0), (1, 64, 48, 0, 64, 0)]
+              (1, 40, 9, 0, 24, 16), (2, 16, 6, 8, 16, 0), (1, 512, 3, 0, 512, 0), (1, 64, 48, 0, 64, 0)]
 
 
 @requires_cuda
@@ -847,7 +847,7 @@ def test_mma_in_a_cuda_graph_and_on_the_current_stream():
 @pytest.mark.parametrize("n,c,hw,c1,c3,c5", [
     (1, 64, 24, 32, 48, 48), (1, 128, 12, 64, 96, 96), (1, 256, 6, 128, 192, 192), (1, 512, 3, 128, 192, 192),
     (2, 256, 6, 128, 192, 192), (8, 128, 12, 64, 96, 96), (256, 64, 24, 32, 48, 48), (1, 8, 5, 8, 8, 8),
-    (1, 512, 3, 0, 512, 0), (3, 8, 7, 8, 16, 8), (1, 40, 9, 0, 24, 16), (2, 16, 6, 8, 0, 8)])
+    (1, 512, 3, 0, 512, 0), (3, 8, 7, 8, 16, 8), (1, 40, 9, 0, 24, 16), (2, 16, 6, 8, 16, 0)])
 def test_mma_plan_covers_every_k_once(n, c, hw, c1, c3, c5, sms):
     """The mma kernel's blocks (its own host code, in every build): each
     non-empty branch (5x5, 3x3, 1x1) gets its K = taps x input channels in
