@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from fer_edge.kernels import (CUTLASS_KERNELS, PACKS, fused_ms_conv, kernel_buffers, kernel_unsupported, make_pack,
-                              pack_kind)
+                              pack_kind, zero_state)
 
 # name: (cin, height=width, c1, c3, c5) -- the merged MAConv layers of MACNN at 48x48 (L), and
 # its plain 3x3 convolutions + ReLU (P: the single-branch case c1 = c5 = 0, on CUDA only; P3-P5
@@ -162,6 +162,13 @@ def graphed(fn, inputs, calls: int = 1):
     return replay
 
 
+def dirty_buffers(kept: dict) -> list[str]:
+    """Which kept buffers that must be zero between calls (kernels.zero_state) are
+    not: one kernel disturbing another's state makes that one wrong from then on."""
+    return [f"{kernel} {name}" for kernel, bufs in kept.items() for name, t in zero_state(kernel, bufs)
+            if bool(t.any())]
+
+
 def layer_cost(cin, hw, c1, c3, c5, n, itemsize):
     """Useful flops (no zero taps) and the fewest bytes: input, weights, output once."""
     flops = 2 * n * hw * hw * cin * (c1 + 9 * c3 + 25 * c5)
@@ -212,8 +219,9 @@ def run(args, on_rows=lambda rows: None) -> list[dict]:
             del methods["fused"]
             packs = {kind: make_pack(kind, *fw) for kind in PACKS}
             calls = BACK_TO_BACK if n <= 8 else 1
+            kept = {}
             for k in ours:
-                bufs = kernel_buffers(k, xs[0], c1, c3, c5)   # made once, before the capture
+                bufs = kept[k] = kernel_buffers(k, xs[0], c1, c3, c5)   # made once, before the capture
                 methods[f"fused_{k}"] = graphed((lambda k, bufs: lambda x: fused_ms_conv(
                     x, *fw, wp=packs[pack_kind(k)], kernel=k, buffers=bufs))(k, bufs), xs, calls)
             methods["graph"] = graphed(methods["eager"], xs, calls)
@@ -230,9 +238,13 @@ def run(args, on_rows=lambda rows: None) -> list[dict]:
             errs = {m: ((f(xs[0]).float() - ref).norm() / ref.norm()).item()
                     for m, f in methods.items() if m.startswith("fused")}
             us = {m: time_fn(f, xs, device, args.repeat) for m, f in methods.items()}
+        dirty = []
         if device == "cuda":  # `fused`: the fastest of our kernels, as the dispatch table would pick
             fastest = min((m for m in us if m.startswith("fused_")), key=us.get)
             us["fused"], errs["fused"] = us[fastest], errs[fastest]
+            dirty = dirty_buffers(kept)
+            if dirty:
+                print(f"{name} n={n} {dt}: buffers not zero after the runs: {', '.join(dirty)}", file=sys.stderr)
         err = errs["fused"]
         flops, nbytes = layer_cost(cin, hw, c1, c3, c5, n, torch.finfo(torch_dtype[dt]).bits // 8)
         best = min(v for k, v in us.items() if k in BASELINES)
@@ -253,6 +265,7 @@ def run(args, on_rows=lambda rows: None) -> list[dict]:
             "fused_GBps": round(nbytes / us["fused"] / 1e3, 1),
             "fused_TFLOPs": round(flops / us["fused"] / 1e6, 3),
             "rel_err_vs_eager": float(f"{err:.2e}"),
+            **({"dirty_buffers": dirty} if dirty else {}),
         }
         rows.append(row)
         on_rows(rows)

@@ -79,6 +79,10 @@ sanitize() {  # sanitize TOOL LIMIT SELECTION...: compute-sanitizer on test sele
       "(mma_matches and (n1-c8-5px or n2-c16) and True) or (mma_matches and n1-c256 and True and fp16) or mma_in_a_cuda_graph" \
       "(cutlass_matches and (n1- or n5-) and not window) or (cutlass_matches and n5- and window) or cutlass_split or (stem_matches and n1-cin1) or stem_refuses" \
       "(splitk or fp16_close_to_fp32_reference) and not fuzz and not n64 and not n256"
+    # Inside the caching allocator's blocks memcheck sees no bounds between tensors; with the
+    # stream-ordered allocator each tensor is a driver allocation of its own, so a kernel writing
+    # into another tensor (another kernel's kept buffers) is reported.
+    PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync sanitize memcheck ${POOLCHECK_LIMIT:-40} "one_process and L4"
     [ "${RACECHECK_LIMIT:-120}" -gt 0 ] && sanitize racecheck ${RACECHECK_LIMIT:-120} \
       "mma_matches and (n1-c8-5px or n2-c16) and True" \
       "(cutlass_matches and n5- and True) or (stem_matches and n1-cin1-48x48)" \

@@ -147,13 +147,15 @@ PYBIND11_MODULE(_C, m) {
         d["tile_m"] = p.bm; d["tile_n"] = fer_edge::mma::BN; d["tile_k"] = fer_edge::mma::BK;
         d["kchunk"] = p.kchunk; d["units"] = p.units; d["branches"] = branches;
         d["workspace_floats"] = p.workspace_floats; d["counters"] = p.counters;
+        d["smem_bytes"] = fer_edge::mma::smem_bytes(p.bm); d["resident_blocks"] = fer_edge::mma::resident_blocks(p.bm);
         return d;
       },
       py::arg("n"), py::arg("c"), py::arg("h"), py::arg("w"), py::arg("c1"), py::arg("c3"), py::arg("c5"),
       py::arg("sm_count"), py::arg("bm") = 0, py::arg("kchunk") = 0,
       "the mma kernel's blocks (bm / kchunk: its pixel tile and K chunk instead of the chosen ones; tile_k: "
       "k per pipeline step in float16, 16 in float32): its pixel tile, K chunk, each non-empty branch's tiles and chunks (5x5, 3x3, "
-      "1x1 order), and the float32 workspace / int32 counters it needs (0: none)");
+      "1x1 order), the float32 workspace / int32 counters it needs (0: none), a block's shared memory and "
+      "the blocks per SM the plan counts as resident at once");
 
   // The large-batch path's tile per branch and its input rules (host code, in every build).
   m.def(

@@ -134,6 +134,7 @@ __global__ void __launch_bounds__(THREADS) mma_kernel(const Args<T> p) {
   __shared__ __align__(16) unsigned s_a[STAGES][BM][ROW_WORDS];
   __shared__ __align__(16) unsigned s_b[STAGES][BN][ROW_WORDS];
   __shared__ int s_last;
+  static_assert(sizeof(s_a) + sizeof(s_b) == smem_bytes(BM), "the plan's shared-memory size is out of step");
 
   // Which unit: branches in order, then N tile, K chunk, M tile (fastest: the
   // blocks that read the same weights run side by side and share them in L2).

@@ -43,11 +43,20 @@ constexpr int THREADS = 128;
 constexpr int MIN_CHUNK = 4 * BK;  // a chunk fills the pipeline at least once
 constexpr int MAX_MT = 4;     // pixel tiles of 16, 32, 48 or 64 rows (BM = 16 * mt)
 
-// The block's pixel rows: the fewest padded rows over the tiles (a tile of 16
-// rows multiplies no less efficiently per row than one of 64, the atomics and
-// the workspace scale with padding), the larger tile on a tie (fewer blocks
+// Shared memory per block: STAGES stages of BM pixel rows and BN weight rows, 80 bytes each
+// (msconv_cuda_mma.cu's s_a and s_b; the same in float16 and float32).
+constexpr int ROW_BYTES = 80;
+constexpr int smem_bytes(int bm) { return STAGES * (bm + BN) * ROW_BYTES; }
+// The blocks of one tile shape that fit an SM at once, counted in a shared-memory
+// budget about every sm_80+ GPU has (A100 and Jetson Orin: 164 KB per SM; H100:
+// 228 KB): 6 blocks of 16 rows, 5 of 32, 4 of 48 or 64.  Registers (62 to 121 per
+// thread, 128 threads) allow as many.
+constexpr int SMEM_BUDGET = 160 * 1024;
+constexpr int resident_blocks(int bm) { return SMEM_BUDGET / smem_bytes(bm); }
+
+// The fewest padded rows over the tiles, the larger tile on a tie (fewer blocks
 // reading the same weights).
-inline int pick_bm(std::int64_t m) {
+inline int fewest_padded_rows(std::int64_t m) {
   int best = 16 * MAX_MT;
   std::int64_t best_rows = -1;
   for (int mt = MAX_MT; mt >= 1; --mt) {
@@ -58,6 +67,17 @@ inline int pick_bm(std::int64_t m) {
     }
   }
   return best;
+}
+
+// The block's pixel rows.  While the grid of 16-row tiles, unsplit, would not
+// fill the GPU's resident blocks (batch 1-2 of MACNN's layers), 16: measured on an
+// H200 at batch 1 (L2-L5), the smaller the tile and the more blocks, the faster
+// (L4: 16 rows 9.4 us, 48 rows with as many padded rows 11.6 us), since the cost
+// is each block's latency, not the weights re-read from L2.  Larger grids: the
+// fewest padded rows.  `tiles16`: the 16-row tiles of every branch (M x N tiles).
+inline int pick_bm(std::int64_t m, std::int64_t tiles16, int sm_count) {
+  if (tiles16 <= std::int64_t(resident_blocks(16)) * sm_count) return 16;
+  return fewest_padded_rows(m);
 }
 
 // One branch's part of the launch (igemm::branches order: 5x5, 3x3, 1x1).
@@ -80,10 +100,13 @@ struct Plan {
   std::int64_t counters = 0;          // int32 per split tile (zero between calls)
 };
 
-// The smallest chunk (MIN_CHUNK, doubling) that gives at most about two blocks
-// per SM; a chunk as long as the longest K splits nothing.  bm / kchunk other
-// than 0 replace the choice (a valid_override(): for the tile sweep of the
-// benchmarks, which measures what these rules should pick).
+// The smallest chunk (MIN_CHUNK, doubling) whose blocks all fit the GPU at once
+// (resident_blocks per SM): more, shorter blocks finish sooner (the same H200
+// sweep: 128-deep chunks fastest on every layer at batch 1, up to 5 blocks per
+// SM), and a second wave would wait for the first.  A chunk as long as the
+// longest K splits nothing.  bm / kchunk other than 0 replace the choice (a
+// valid_override(): for the tile sweep of the benchmarks, which measures what
+// these rules should pick).
 inline bool valid_override(int bm, std::int64_t kchunk) {
   return (bm == 0 || (bm % 16 == 0 && bm >= 16 && bm <= 16 * MAX_MT)) &&
          (kchunk == 0 || (kchunk % BK == 0 && kchunk >= BK && kchunk <= (std::int64_t(1) << 30)));
@@ -93,10 +116,12 @@ inline Plan plan(std::int64_t n, std::int64_t c, std::int64_t h, std::int64_t w,
                  std::int64_t c5, int sm_count, int bm = 0, std::int64_t kchunk = 0) {
   Plan p{};
   const std::int64_t m = n * h * w;
-  p.bm = bm ? bm : pick_bm(m);
-  const std::int64_t m_tiles = (m + p.bm - 1) / p.bm;
   MsConvArgs sizes;  // igemm::branches of the layer's sizes (no pointers read)
   sizes.c = c; sizes.c1 = c1; sizes.c3 = c3; sizes.c5 = c5;
+  std::int64_t n_tiles = 0;
+  for (const igemm::Branch& br : igemm::branches(sizes)) n_tiles += (br.cout + BN - 1) / BN;
+  p.bm = bm ? bm : pick_bm(m, (m + 15) / 16 * n_tiles, sm_count);
+  const std::int64_t m_tiles = (m + p.bm - 1) / p.bm;
   std::int64_t kmax = 0;
   for (const igemm::Branch& br : igemm::branches(sizes)) {
     if (br.cout == 0) continue;
@@ -116,7 +141,8 @@ inline Plan plan(std::int64_t n, std::int64_t c, std::int64_t h, std::int64_t w,
     return u;
   };
   p.kchunk = MIN_CHUNK;
-  while (p.kchunk < kmax && units_for(p.kchunk) > 2LL * sm_count) p.kchunk *= 2;
+  const std::int64_t resident = std::int64_t(resident_blocks(p.bm)) * sm_count;
+  while (p.kchunk < kmax && units_for(p.kchunk) > resident) p.kchunk *= 2;
   if (kchunk) p.kchunk = kchunk;
   for (int i = 0; i < p.branches; ++i) {
     BranchPlan& b = p.b[i];

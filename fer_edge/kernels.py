@@ -25,6 +25,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 # the one place that reads FER_EDGE_CUDA_KERNEL (fer_edge.dispatch).
 from fer_edge.dispatch import KERNELS as KERNEL_CODES
 from fer_edge.dispatch import direct_kernel
+from fer_edge.layout import io_nhwc, weights_nhwc
 
 try:
     from fer_edge import _C
@@ -38,7 +39,7 @@ except ImportError as exc:  # pragma: no cover - a device install (no kernels) o
 __all__ = ["fused_ms_conv", "fused_ms_conv_reference", "check_ms_conv_inputs", "build_info",
            "cuda_kernels_available", "kernel_unsupported", "CpuPackedMsConv", "pack_ms_weights",
            "pack_krsc_weights", "pack_window_weights", "make_pack", "splitk_buffers", "mma_buffers", "cutlass_buffers",
-           "kernel_buffers", "tensor_version", "watch_optimizer_steps"]
+           "kernel_buffers", "zero_state", "tensor_version", "watch_optimizer_steps"]
 
 _LAYOUT_NCHW, _LAYOUT_NHWC = 0, 1
 _KERNEL_NAMES = {code: name for name, code in KERNEL_CODES.items()}  # the op takes the code
@@ -178,39 +179,6 @@ def check_packed_weights(wp, x: torch.Tensor, c1: int, c3: int, c5: int, kind: s
         raise ValueError("fused_ms_conv: wp must be contiguous")
 
 
-def _is_nhwc(x: torch.Tensor) -> bool:
-    """Whether x is laid out channels_last (NHWC) rather than NCHW.
-
-    For C == 1 (or H == W == 1) both contiguity checks hold; the strides then
-    say which format the tensor was made in, as torch's own convolutions do.
-    """
-    if not x.is_contiguous(memory_format=torch.channels_last):
-        return False
-    if not x.is_contiguous():
-        return True
-    return x.stride(1) == 1 and x.stride(3) == x.shape[1]
-
-
-def _weights_nhwc(w3: torch.Tensor, w5: torch.Tensor) -> bool:
-    """Whether the 3x3/5x5 weights are channels_last (the 1x1's strides can be
-    the same in both layouts, so they say nothing)."""
-    return _is_nhwc(w3) or _is_nhwc(w5)
-
-
-def _io_nhwc(x: torch.Tensor, weights_nhwc: bool) -> bool:
-    """The layout the kernel reads x in and writes the output in.
-
-    An input that is both contiguous and channels_last (one channel, as at
-    the stem, or 1x1 maps) is the same memory either way; like torch's own
-    convolutions it then takes the layout of the weights, so a channels_last
-    model stays channels_last after its one-channel stem instead of turning
-    every later layer NCHW.
-    """
-    if _is_nhwc(x):
-        return True
-    return weights_nhwc and x.is_contiguous(memory_format=torch.channels_last)
-
-
 def check_ms_conv_inputs(x, w1, b1, w3, b3, w5, b5) -> tuple[int, int, int, bool]:
     """Validate the inputs of fused_ms_conv; return (c1, c3, c5, nhwc).
 
@@ -256,7 +224,7 @@ def check_ms_conv_inputs(x, w1, b1, w3, b3, w5, b5) -> tuple[int, int, int, bool
         raise ValueError(f"fused_ms_conv: the CPU kernel computes float32 only, got {x.dtype}")
     if x.device.type not in ("cpu", "cuda"):
         raise ValueError(f"fused_ms_conv: device {x.device} is not supported (cpu or cuda)")
-    return counts[0], counts[1], counts[2], _io_nhwc(x, _weights_nhwc(w3, w5))
+    return counts[0], counts[1], counts[2], io_nhwc(x, weights_nhwc(w3, w5))
 
 
 def _empty_output(x: torch.Tensor, ctot: int, nhwc: bool) -> torch.Tensor:
@@ -324,6 +292,17 @@ def check_mma_buffers(ws, counters, x: torch.Tensor, c1: int, c3: int, c5: int) 
 # The kernels that keep scratch buffers between calls, and whose buffers they are
 # (the SM80 CUTLASS kernels keep their split-K semaphores).
 BUFFERED_KERNELS = {"splitk": "splitk", "mma": "mma", "cutlass": "cutlass", "cutlass_window": "cutlass_window"}
+
+
+def zero_state(kernel: str, buffers) -> list[tuple[str, torch.Tensor]]:
+    """The kept buffers of kernel_buffers(kernel, ...) that every call leaves at
+    zero and the next one needs at zero, by name: the split-K kernels' tile
+    counters, and the mma kernel's workspace (its chunks add into it).  Anything
+    else writing them makes those kernels wrong from then on."""
+    if buffers is None or BUFFERED_KERNELS.get(kernel) not in ("splitk", "mma"):
+        return []
+    ws, counters = buffers
+    return [("counters", counters)] + ([("workspace", ws)] if BUFFERED_KERNELS[kernel] == "mma" else [])
 
 
 def kernel_buffers(kernel: str, x: torch.Tensor, c1: int, c3: int, c5: int):
@@ -489,7 +468,7 @@ class CpuPackedMsConv:
         self.c1, self.c3, self.c5 = (int(w.shape[0]) for w in (w1, w3, w5))
         self.c = int(w1.shape[1])
         self._tensors = (w1, b1, w3, b3, w5, b5)
-        self._weights_nhwc = _weights_nhwc(w3, w5)  # see _io_nhwc
+        self._weights_nhwc = weights_nhwc(w3, w5)  # see io_nhwc
         self._versions = tuple(tensor_version(t) for t in self._tensors)
         self._steps = watch_optimizer_steps()
         ws = [t.detach().contiguous() for t in self._tensors]
@@ -513,7 +492,7 @@ class CpuPackedMsConv:
             raise ValueError(f"fused_ms_conv: x is empty, shape {tuple(x.shape)}")
         if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
             raise ValueError("fused_ms_conv: x must be contiguous (NCHW) or channels_last (NHWC)")
-        nhwc = _io_nhwc(x, self._weights_nhwc)
+        nhwc = io_nhwc(x, self._weights_nhwc)
         out = _empty_output(x, self.c1 + self.c3 + self.c5, nhwc)
         self._packed.run(x.data_ptr(), out.data_ptr(), n, c, h, w, self.c1, self.c3, self.c5,
                          _LAYOUT_NHWC if nhwc else _LAYOUT_NCHW, bool(relu), torch.get_num_threads())
@@ -549,7 +528,7 @@ def kernel_unsupported(x: torch.Tensor, w1, b1, w3, b3, w5, b5, kernel: str) -> 
         return f"this build has no {kernel} kernel (CUTLASS's headers were not found when it was compiled)"
     elif cc is not None and cc < (8, 0):
         return "it needs compute capability 8.0+ (mma.sync, cp.async)"
-    nhwc = _io_nhwc(x, _weights_nhwc(w3, w5))
+    nhwc = io_nhwc(x, weights_nhwc(w3, w5))
     # The pointers the op passes (biases made contiguous).  A traced tensor (torch.compile)
     # has none: its alignment is the compiled extension's to check when it runs.
     traced = torch.compiler.is_compiling() or type(x) is not torch.Tensor

@@ -164,26 +164,32 @@ def test_one_channel_input_takes_the_weights_layout_like_torch_conv():
         assert fy.is_contiguous(memory_format=torch.channels_last) == want_nhwc
 
 
-def test_channels_last_merged_macnn_stays_channels_last():
+@pytest.mark.parametrize("use_kernel", [True, False], ids=["kernel", "plain"])
+def test_channels_last_merged_macnn_stays_channels_last(use_kernel):
     """The merged model's fused stem must not turn a channels_last network NCHW
-    (every later layer would then run, and convert, in the slower layout)."""
+    (every later layer would then run, and convert, in the slower layout, and a
+    kernel that reads channels_last only would refuse them), on the kernel and on
+    the plain path alike: there the stem's one-channel 1x1 branch comes out of
+    conv2d NCHW and its 3x3/5x5 branches channels_last, which torch.cat turns NCHW."""
     from fer_edge import models
+    from fer_edge.models.layers import ConvAct
     from fer_edge.reparam import merge
 
     torch.manual_seed(0)
-    m = merge(models.create("macnn", width=0.125).eval()).to(memory_format=torch.channels_last)
+    m = merge(models.create("macnn", width=0.125).eval(), use_kernel=use_kernel)
+    m = m.to(memory_format=torch.channels_last)
     seen = []
     for mod in m.modules():
-        if type(mod).__name__ == "FusedMultiScaleConv":
-            mod.register_forward_hook(lambda mod, inp, out: seen.append((inp[0], out)))
+        if type(mod).__name__ == "FusedMultiScaleConv" or isinstance(mod, ConvAct):
+            mod.register_forward_hook(lambda mod, inp, out: seen.append((type(mod).__name__, inp[0], out)))
     x = torch.randn(2, 1, 48, 48).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         m(x)
-    assert len(seen) == 5
-    for i, (inp, out) in enumerate(seen):
-        assert out.is_contiguous(memory_format=torch.channels_last), f"fused layer {i} wrote NCHW"
+    assert [name for name, _, _ in seen].count("FusedMultiScaleConv") == 5 and len(seen) == 13
+    for i, (name, inp, out) in enumerate(seen):
+        assert out.is_contiguous(memory_format=torch.channels_last), f"layer {i} ({name}) wrote NCHW"
         if i:
-            assert inp.is_contiguous(memory_format=torch.channels_last), f"fused layer {i} got NCHW"
+            assert inp.is_contiguous(memory_format=torch.channels_last), f"layer {i} ({name}) got NCHW"
 
 
 class _Layer(torch.nn.Module):

@@ -851,16 +851,24 @@ def test_mma_in_a_cuda_graph_and_on_the_current_stream():
 def test_mma_plan_covers_every_k_once(n, c, hw, c1, c3, c5, sms):
     """The mma kernel's blocks (its own host code, in every build): each
     non-empty branch (5x5, 3x3, 1x1) gets its K = taps x input channels in
-    chunks that cover it exactly once, its pixels in tiles of the fewest padded
-    rows; about two blocks per SM where K allows, never more than needed; one
-    counter per split tile, and a workspace of one float per output value
-    exactly when something is split."""
+    chunks that cover it exactly once; 16-row pixel tiles while those, unsplit,
+    would not fill the GPU's resident blocks, else the fewest padded rows; the
+    smallest chunk whose blocks all fit at once where K allows (a block's
+    shared memory: 4 stages of its pixel and 64 weight rows, 80 bytes each, in a
+    160 KB budget per SM); one counter per split tile, and a workspace of one
+    float per output value exactly when something is split."""
     p = _C.mma_plan(n, c, hw, hw, c1, c3, c5, sms)
     m, ctot = n * hw * hw, c1 + c3 + c5
     assert p["tile_n"] == 64 and p["tile_k"] == 32
     assert p["tile_m"] in (16, 32, 48, 64)
+    assert p["smem_bytes"] == 4 * (p["tile_m"] + 64) * 80 and p["resident_blocks"] == 160 * 1024 // p["smem_bytes"]
+    resident = lambda bm: 160 * 1024 // (4 * (bm + 64) * 80) * sms  # noqa: E731
+    tiles16 = -(-m // 16) * sum(-(-cout // 64) for cout in (c1, c3, c5))
     padded = lambda bm: -(-m // bm) * bm  # noqa: E731
-    assert padded(p["tile_m"]) == min(padded(bm) for bm in (16, 32, 48, 64))
+    if tiles16 <= resident(16):
+        assert p["tile_m"] == 16
+    else:
+        assert padded(p["tile_m"]) == min(padded(bm) for bm in (16, 32, 48, 64))
     assert p["kchunk"] >= 128 and p["kchunk"] % 32 == 0
     expect = [(k, cout, off, woff) for k, cout, off, woff in
               ((5, c5, c1 + c3, c * (c1 + 9 * c3)), (3, c3, c1, c * c1), (1, c1, 0, 0)) if cout]
@@ -878,12 +886,21 @@ def test_mma_plan_covers_every_k_once(n, c, hw, c1, c3, c5, sms):
     assert p["units"] == units and p["counters"] == counters
     assert p["workspace_floats"] == (m * ctot if counters else 0)
     kmax = max(b["kdim"] for b in p["branches"])
-    assert units <= 2 * sms or p["kchunk"] >= kmax, "more blocks than two per SM only when nothing is left to merge"
+    assert units <= resident(p["tile_m"]) or p["kchunk"] >= kmax, "a second wave only when nothing is left to merge"
     if p["kchunk"] > 128:   # the chunk is no longer than it must be
         half = sum(b["m_tiles"] * b["n_tiles"] * -(-b["kdim"] // (p["kchunk"] // 2)) for b in p["branches"])
-        assert half > 2 * sms
+        assert half > resident(p["tile_m"])
     with pytest.raises(ValueError, match=">= 1"):
         _C.mma_plan(n, c, hw, hw, 0, 0, 0, sms)
+
+
+def test_mma_plan_picks_what_the_batch_1_sweep_measured_fastest():
+    """On an H200 (132 SMs) at batch 1 the fastest of every pixel tile x K chunk
+    was 16 rows x 128-deep chunks on each of MACNN's L2-L5 (docs/results.md)."""
+    for c, hw, c1, c3, c5 in ((64, 24, 32, 48, 48), (128, 12, 64, 96, 96), (256, 6, 128, 192, 192),
+                              (512, 3, 128, 192, 192)):
+        p = _C.mma_plan(1, c, hw, hw, c1, c3, c5, 132)
+        assert (p["tile_m"], p["kchunk"]) == (16, 128)
 
 
 def test_mma_plan_takes_the_tile_sweeps_tiles():
@@ -931,3 +948,64 @@ def test_stem_refuses_more_than_four_input_channels():
     args = make_inputs(1, 5, 8, 8, 8, 8, 8, device="cuda")
     with pytest.raises(ValueError, match="at most 4 input channels"):
         fused_ms_conv(*args, kernel="stem")
+
+
+# ------------------------------------------------- every kernel in one process
+@requires_cuda
+@requires_cuda_kernel
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+@pytest.mark.parametrize("case", [(1, 256, 6, 128, 192, 192), (1, 512, 3, 128, 192, 192)], ids=["L4", "L5"])
+def test_every_kernel_in_one_process_leaves_the_others_buffers_alone(case, dtype):
+    """Every kernel of ours that takes the layer, one after another in one process
+    as the layer benchmark runs them (buffers and packs made once, three warm-up
+    calls on a side stream, 20 calls captured in one CUDA graph): each gives the
+    reference eagerly and on every replay, and after each kernel's turn every
+    kernel's kept buffers that must stay zero between calls are still zero."""
+    from fer_edge.dispatch import KERNELS
+    from fer_edge.kernels import PACKS, kernel_buffers, kernel_unsupported, make_pack, pack_kind, zero_state
+
+    n, cin, hw, c1, c3, c5 = case
+    args = make_inputs(n, cin, hw, hw, c1, c3, c5, nhwc=True, device="cuda", dtype=dtype, seed=4)
+    ref = fused_ms_conv_reference(*[t.cpu().double() for t in args])
+    tol = FP16_REL_NORM if dtype == torch.float16 else 1e-5
+    packs = {kind: make_pack(kind, *args[1:]) for kind in PACKS}
+    kernels = [k for k in KERNELS if not kernel_unsupported(*args, kernel=k)
+               and (k != "wmma" or dtype == torch.float16)]
+    kernels.sort(key=lambda k: k not in ("splitk", "mma"))  # the kernels with zero-state buffers first
+    assert {"simt", "splitk"} <= set(kernels)
+    kept, graphs = {}, {}
+    for k in kernels:
+        bufs = kept[k] = kernel_buffers(k, args[0], c1, c3, c5)
+        call = functools.partial(fused_ms_conv, *args[1:], wp=packs[pack_kind(k)], kernel=k, buffers=bufs)
+        static = args[0].clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                y = call(static)
+        torch.cuda.current_stream().wait_stream(side)
+        assert rel_norm(y.cpu(), ref) <= tol, f"{k} eagerly"
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(20):
+                y = call(static)
+        graph.replay()
+        torch.cuda.synchronize()
+        graphs[k] = (graph, y)
+        assert rel_norm(y.cpu(), ref) <= tol, f"{k} in a graph"
+        dirty = [f"{owner}'s {name}" for owner, b in kept.items() for name, t in zero_state(owner, b) if t.any()]
+        assert not dirty, f"after {k}'s turn: {', '.join(dirty)} not zero"
+    for k, (graph, y) in graphs.items():   # replayed again after every other kernel ran
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_norm(y.cpu(), ref) <= tol, f"{k}'s graph replayed after the others"
+
+
+def test_zero_state_names_the_buffers_each_kernel_needs_at_zero():
+    ws, counters = torch.zeros(4), torch.zeros(2, dtype=torch.int32)
+    from fer_edge.kernels import zero_state
+
+    assert [name for name, _ in zero_state("splitk", (ws, counters))] == ["counters"]
+    assert [(name, t is ws) for name, t in zero_state("mma", (ws, counters))] == [("counters", False),
+                                                                                   ("workspace", True)]
+    assert zero_state("cutlass", (ws, counters)) == [] and zero_state("simt", None) == []

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fer_edge import reparam
+from fer_edge.layout import io_nhwc, weights_nhwc
 
 
 class ConvAct(nn.Module):
@@ -354,7 +355,13 @@ class FusedMultiScaleConv(nn.Module):
         # convolutions refuse one.
         parts = [F.relu(F.conv2d(x, w, b, padding=w.shape[-1] // 2))
                  for w, b in ((w1, b1), (w3, b3), (w5, b5)) if w.shape[0] > 0]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        if len(parts) == 1:
+            return parts[0]
+        # torch.cat gives NCHW when its parts' layouts differ, as a one-channel input's 1x1
+        # branch (NCHW) and its 3x3/5x5 ones (channels_last) do at a channels_last model's
+        # stem: keep the layout the kernels would write, so later layers stay channels_last.
+        y = torch.cat(parts, dim=1)
+        return y.contiguous(memory_format=torch.channels_last) if io_nhwc(x, weights_nhwc(w3, w5)) else y
 
     def extra_repr(self):
         c1, c3, c5 = self.channels
