@@ -76,7 +76,7 @@ sanitize() {  # sanitize TOOL LIMIT SELECTION...: compute-sanitizer on test sele
   if want sanitize; then
     # Each tool: a few small cases of each kernel, the newest first.
     sanitize memcheck ${MEMCHECK_LIMIT:-90} \
-      "(mma_matches and (n1-c8-5px or n2-c16) and True) or (mma_matches and n1-c256 and True and fp16) or mma_in_a_cuda_graph" \
+      "(mma_matches and (n1-c8-5px or n2-c16) and True) or (mma_matches and n1-c256 and True and fp16) or mma_in_a_cuda_graph or mma_chain" \
       "(cutlass_matches and (n1- or n5-) and not window) or (cutlass_matches and n5- and window) or cutlass_split or (stem_matches and n1-cin1) or stem_refuses" \
       "(splitk or fp16_close_to_fp32_reference) and not fuzz and not n64 and not n256"
     # Inside the caching allocator's blocks memcheck sees no bounds between tensors; with the

@@ -7,8 +7,9 @@ layer's longest K), each timed as bench_msconv.py times kernels (BACK_TO_BACK
 calls in one CUDA graph, per call), checked against the three-convolution
 result, next to cuDNN's best way in the same run (the fastest of eager,
 the zero-padded 5x5 and the CUDA graphs of both).  Per layer it prints the
-fastest tiles and the one the plan picks (csrc/msconv_cuda_mma.h), and
---json writes every row.
+fastest tiles and the one the plan picks (csrc/msconv_cuda_mma.h), that one
+also as an ordinary launch on compute capability 9.0+ (the kernel launches as
+a programmatic dependent of the one before it there), and --json writes every row.
 
     python benchmarks/sweep_mma.py --json mma_sweep.json
 """
@@ -43,8 +44,9 @@ def chunks_for(cin: int, c1: int, c3: int, c5: int) -> list[int]:
     return out
 
 
-def mma_call(x, fw, wp, bm: int, kchunk: int):
-    """fused_ms_conv's mma launch with this pixel tile and K chunk (its own buffers)."""
+def mma_call(x, fw, wp, bm: int, kchunk: int, pdl: bool = True):
+    """fused_ms_conv's mma launch with this pixel tile and K chunk (its own buffers); pdl=False:
+    an ordinary launch instead of a programmatic dependent one (compute capability 9.0+)."""
     w1, b1, w3, b3, w5, b5 = fw
     n, c, h, w = x.shape
     c1, c3, c5 = w1.shape[0], w3.shape[0], w5.shape[0]
@@ -59,7 +61,7 @@ def mma_call(x, fw, wp, bm: int, kchunk: int):
         _C.msconv_cuda(xx.data_ptr(), out.data_ptr(), w1.data_ptr(), biases[0].data_ptr(), w3.data_ptr(),
                        biases[1].data_ptr(), w5.data_ptr(), biases[2].data_ptr(), n, c, h, w, c1, c3, c5, 1, True,
                        1, torch.cuda.current_stream().cuda_stream, wp.data_ptr(), KERNELS["mma"],
-                       ws.data_ptr(), counters.data_ptr(), mma_bm=bm, mma_kchunk=kchunk)
+                       ws.data_ptr(), counters.data_ptr(), mma_bm=bm, mma_kchunk=kchunk, mma_pdl=pdl)
         return out
 
     return call, plan
@@ -87,21 +89,28 @@ def sweep(layers, batches, repeat: int, on_rows=lambda rows: None) -> list[dict]
                 best = min(cudnn.values())
                 wp = pack_krsc_weights(fw[0], fw[2], fw[4])
                 chosen = _C.mma_plan(n, cin, hw, hw, c1, c3, c5, sms)
-                for bm in TILES_M:
-                    for kchunk in chunks_for(cin, c1, c3, c5):
-                        call, plan = mma_call(xs[0], fw, wp, bm, kchunk)
-                        err = ((call(xs[0]).float() - ref).norm() / ref.norm()).item()
-                        us = time_fn(graphed(call, xs, calls), xs, "cuda", repeat)
-                        rows.append({
-                            "layer": name, "batch": n, "channels": [cin, c1, c3, c5], "hw": hw,
-                            "cc": ".".join(map(str, torch.cuda.get_device_capability())), "sm_count": sms,
-                            "tile_m": bm, "kchunk": kchunk, "units": plan["units"],
-                            "workspace_floats": plan["workspace_floats"], "us": round(us, 2),
-                            "rel_err": float(f"{err:.2e}"), "ok": err <= MAX_REL_ERROR,
-                            "planned": bm == chosen["tile_m"] and kchunk == chosen["kchunk"],
-                            "cudnn_best_us": round(best, 2), "speedup_vs_best": round(best / us, 3),
-                            "graph_calls": calls})
-                        on_rows(rows)
+                # The planned tile first, as launched and (on 9.0+) as an ordinary launch: what
+                # programmatic dependent launch gains; then every other tile (a time limit
+                # keeps the first ones).
+                planned = (chosen["tile_m"], chosen["kchunk"])
+                tiles = [(*planned, True)] + ([(*planned, False)] if torch.cuda.get_device_capability() >= (9, 0)
+                                              else [])
+                tiles += [(bm, kchunk, True) for bm in TILES_M for kchunk in chunks_for(cin, c1, c3, c5)
+                          if (bm, kchunk) != planned]
+                for bm, kchunk, pdl in tiles:
+                    call, plan = mma_call(xs[0], fw, wp, bm, kchunk, pdl)
+                    err = ((call(xs[0]).float() - ref).norm() / ref.norm()).item()
+                    us = time_fn(graphed(call, xs, calls), xs, "cuda", repeat)
+                    rows.append({
+                        "layer": name, "batch": n, "channels": [cin, c1, c3, c5], "hw": hw,
+                        "cc": ".".join(map(str, torch.cuda.get_device_capability())), "sm_count": sms,
+                        "tile_m": bm, "kchunk": kchunk, "pdl": pdl, "units": plan["units"],
+                        "workspace_floats": plan["workspace_floats"], "us": round(us, 2),
+                        "rel_err": float(f"{err:.2e}"), "ok": err <= MAX_REL_ERROR,
+                        "planned": bm == chosen["tile_m"] and kchunk == chosen["kchunk"] and pdl,
+                        "cudnn_best_us": round(best, 2), "speedup_vs_best": round(best / us, 3),
+                        "graph_calls": calls})
+                    on_rows(rows)
             print(f"{name} n={n}: cuDNN best {best:.1f} us, planned tile {chosen['tile_m']}x{chosen['kchunk']}",
                   file=sys.stderr)
     return rows
@@ -115,10 +124,12 @@ def print_table(rows, top: int) -> None:
         groups.setdefault((r["layer"], r["batch"]), []).append(r)
     for group in groups.values():
         ranked = sorted((r for r in group if r["ok"]), key=lambda r: r["us"])
-        shown = ranked[:top] + [r for r in group if r["planned"] and r not in ranked[:top]]
+        shown = ranked[:top] + [r for r in group if (r["planned"] or not r.get("pdl", True))
+                                and r not in ranked[:top]]
         wrong = [r for r in group if not r["ok"]]
         for r in shown + wrong:
-            note = ("planned " if r["planned"] else "") + ("" if r["ok"] else "WRONG")
+            note = (("planned " if r["planned"] else "") + ("" if r.get("pdl", True) else "ordinary launch ")
+                    + ("" if r["ok"] else "WRONG"))
             lines.append([r["layer"], str(r["batch"]), str(r["tile_m"]), str(r["kchunk"]), str(r["units"]),
                           f"{r['us']:.1f}", f"{r['speedup_vs_best']:.2f}", f"{r['rel_err']:.1e}", note.strip()])
     print_aligned(lines, left_last=True)

@@ -225,7 +225,7 @@ PYBIND11_MODULE(_C, m) {
          std::uintptr_t b3, std::uintptr_t w5, std::uintptr_t b5, std::int64_t n, std::int64_t c,
          std::int64_t h, std::int64_t w, std::int64_t c1, std::int64_t c3, std::int64_t c5, int layout,
          bool relu, int dtype, std::uintptr_t stream, std::uintptr_t wp, int variant, std::uintptr_t workspace,
-         std::uintptr_t counters, int mma_bm, std::int64_t mma_kchunk) {
+         std::uintptr_t counters, int mma_bm, std::int64_t mma_kchunk, bool mma_pdl) {
         if (dtype != 0 && dtype != 1) throw std::invalid_argument("fused_ms_conv: dtype must be 0 (float32) or 1 (float16)");
         if (variant < 0 || variant >= fer_edge::NUM_VARIANTS)
           throw std::invalid_argument("fused_ms_conv: variant must be 0 (simt), 1 (wmma), 2 (splitk), 3 (mma), "
@@ -236,13 +236,14 @@ PYBIND11_MODULE(_C, m) {
         a.wp = wp;
         py::gil_scoped_release nogil;
         fer_edge::msconv_cuda(a, static_cast<fer_edge::DType>(dtype), stream,
-                              static_cast<fer_edge::Variant>(variant), workspace, counters, {mma_bm, mma_kchunk});
+                              static_cast<fer_edge::Variant>(variant), workspace, counters,
+                              {mma_bm, mma_kchunk, mma_pdl});
       },
       py::arg("x"), py::arg("out"), py::arg("w1"), py::arg("b1"), py::arg("w3"), py::arg("b3"),
       py::arg("w5"), py::arg("b5"), py::arg("n"), py::arg("c"), py::arg("h"), py::arg("w"),
       py::arg("c1"), py::arg("c3"), py::arg("c5"), py::arg("layout"), py::arg("relu"), py::arg("dtype"),
       py::arg("stream"), py::arg("wp"), py::arg("variant"), py::arg("workspace") = 0, py::arg("counters") = 0,
-      py::arg("mma_bm") = 0, py::arg("mma_kchunk") = 0,
+      py::arg("mma_bm") = 0, py::arg("mma_kchunk") = 0, py::arg("mma_pdl") = true,
       "fused multi-scale conv on CUDA device pointers (dtype 0 = float32, 1 = float16) on `stream`; "
       "`wp`: the weights packed by fer_edge.kernels.pack_ms_weights (25, C, c1 + c3 + c5); `variant`: "
       "0 simt, 1 wmma, 2 splitk (with `workspace`/`counters` sized by splitk_plan), 3 mma (small batches on "
@@ -250,7 +251,8 @@ PYBIND11_MODULE(_C, m) {
       "input channels), 6 cutlass90 (cutlass on Hopper's wgmma and TMA), 7 cutlass_window and 8 "
       "cutlass90_window (the same as one launch over the zero-padded 5x5 window; `wp` from "
       "pack_window_weights, biases included).  mma_bm / mma_kchunk: the mma kernel's pixel tile and K chunk "
-      "instead of its plan's (0: the plan's; buffers from mma_plan with the same values).");
+      "instead of its plan's (0: the plan's; buffers from mma_plan with the same values); mma_pdl: launch it as a "
+      "programmatic dependent of the kernel before it (compute capability 9.0+; False: an ordinary launch).");
   m.def("sm_count", [](int device) { return fer_edge::splitk::sm_count_of(device); }, py::arg("device"));
   m.def("cuda_device_count", &fer_edge::cuda_device_count);
 #endif

@@ -114,14 +114,16 @@ constexpr int NUM_VARIANTS = 9;
 // Mma, sized by mma::plan (its workspace zero before the first call too);
 // Cutlass and CutlassWindow use `counters` as their split-K semaphores, sized by
 // igemm::semaphores (they clear them themselves).
-// `tiles`: Mma's pixel tile and K chunk instead of its plan's (0: the plan's; the
-// benchmarks' tile sweep), sized buffers to match.
-struct MmaTiles {
+// `mma`: Mma's pixel tile and K chunk instead of its plan's (0: the plan's; the
+// benchmarks' tile sweep), sized buffers to match; and whether it launches as a
+// programmatic dependent of the kernel before it where the GPU has that (9.0+).
+struct MmaLaunch {
   int bm = 0;
   std::int64_t kchunk = 0;
+  bool pdl = true;
 };
 void msconv_cuda(const MsConvArgs& a, DType dtype, std::uintptr_t stream, Variant variant,
-                 std::uintptr_t workspace = 0, std::uintptr_t counters = 0, MmaTiles tiles = {});
+                 std::uintptr_t workspace = 0, std::uintptr_t counters = 0, MmaLaunch mma = {});
 int cuda_device_count();
 int cuda_runtime_version();  // CUDART_VERSION the module was built with
 #endif

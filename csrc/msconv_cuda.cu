@@ -351,7 +351,7 @@ void launch_cutlass(const MsConvArgs& a, DType dtype, std::uintptr_t stream, boo
 
 // The small-batch tensor-core kernel: the cutlass path's inputs, float32 too (mma::unsupported), sm_80+.
 void launch_mma(const MsConvArgs& a, DType dtype, std::uintptr_t stream, int dev, std::uintptr_t workspace,
-                std::uintptr_t counters, MmaTiles tiles) {
+                std::uintptr_t counters, MmaLaunch options) {
   const std::string why = mma::unsupported(a, dtype);
   if (!why.empty()) throw std::invalid_argument("fused_ms_conv: the mma kernel cannot run this layer: " + why);
   int major = 0;
@@ -359,13 +359,14 @@ void launch_mma(const MsConvArgs& a, DType dtype, std::uintptr_t stream, int dev
   if (major < 8)
     throw std::invalid_argument("fused_ms_conv: the mma kernel needs mma.sync m16n8k16 and cp.async (compute "
                                 "capability 8.0+); choose splitk or cudnn on this GPU");
-  mma::launch(a, dtype, stream, splitk::sm_count_of(dev), workspace, counters, tiles.bm, tiles.kchunk);
+  mma::launch(a, dtype, stream, splitk::sm_count_of(dev), workspace, counters, options.bm, options.kchunk,
+              options.pdl && major >= 9);
 }
 
 }  // namespace
 
 void msconv_cuda(const MsConvArgs& a, DType dtype, std::uintptr_t stream, Variant variant,
-                 std::uintptr_t workspace, std::uintptr_t counters, MmaTiles tiles) {
+                 std::uintptr_t workspace, std::uintptr_t counters, MmaLaunch mma) {
   validate(a, /*empty_branches=*/true);
   if (!a.wp) throw std::invalid_argument("fused_ms_conv: the CUDA kernels need the packed weights (wp)");
   const int dev = device_of(a.x, "x");
@@ -390,7 +391,7 @@ void msconv_cuda(const MsConvArgs& a, DType dtype, std::uintptr_t stream, Varian
     } else if (variant == Variant::Stem) {
       stem::launch(a, dtype, stream, splitk::sm_count_of(dev));
     } else if (variant == Variant::Mma) {
-      launch_mma(a, dtype, stream, dev, workspace, counters, tiles);
+      launch_mma(a, dtype, stream, dev, workspace, counters, mma);
     } else if (variant == Variant::SplitK) {
       splitk::launch(a, dtype, stream, splitk::sm_count_of(dev), workspace, counters);
     } else if (dtype == DType::Float32) {

@@ -100,6 +100,21 @@ __device__ __forceinline__ void split_tf32(const unsigned* x, unsigned* big, uns
   }
 }
 
+// Programmatic dependent launch (sm_90): a kernel launched as the dependent of the one before it
+// in the stream may start once that one's blocks have all let it (or exited), and must wait
+// for it to finish, its memory visible, before reading anything it may have written.  Elsewhere,
+// and for a kernel not launched that way, both are no-ops.
+__device__ __forceinline__ void wait_for_previous_grid() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void let_next_grid_launch() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
 // Two adjacent float32 partial sums into the workspace: one vector atomic on Hopper.
 __device__ __forceinline__ void add_pair(float* p, float a, float b) {
 #if __CUDA_ARCH__ >= 900
@@ -135,6 +150,9 @@ __global__ void __launch_bounds__(THREADS) mma_kernel(const Args<T> p) {
   __shared__ __align__(16) unsigned s_b[STAGES][BN][ROW_WORDS];
   __shared__ int s_last;
   static_assert(sizeof(s_a) + sizeof(s_b) == smem_bytes(BM), "the plan's shared-memory size is out of step");
+  // The next layer's kernel may be scheduled beside this one now: its blocks set up and then wait
+  // (wait_for_previous_grid) until this grid is done, so its launch latency hides behind this one.
+  let_next_grid_launch();
 
   // Which unit: branches in order, then N tile, K chunk, M tile (fastest: the
   // blocks that read the same weights run side by side and share them in L2).
@@ -201,19 +219,7 @@ __global__ void __launch_bounds__(THREADS) mma_kernel(const Args<T> p) {
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
   const bool busy = n0 + 16 * warp < b.cout;  // a warp past the branch's channels only copies
 
-#pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < steps) load(s, s);
-    commit();  // an empty group keeps the count: wait_pending below counts groups
-  }
-  for (int step = 0; step < steps; ++step) {
-    wait_pending<STAGES - 2>();  // this thread's copies of `step` have landed...
-    __syncthreads();             // ...everyone's, and every warp is done with the slot refilled next
-    const int next = step + STAGES - 1;
-    if (next < steps) load(next % STAGES, next);
-    commit();
-    if (!busy) continue;
-    const int slot = step % STAGES;
+  auto multiply = [&](int slot) {
     // Fragments in words (PTX ISA, m16n8k16 .f16 / m16n8k8 .tf32): A row g / g + 8, words q and
     // q + 4 of the k-step; B column g, words q and q + 4.
 #pragma unroll
@@ -248,6 +254,29 @@ __global__ void __launch_bounds__(THREADS) mma_kernel(const Args<T> p) {
         }
       }
     }
+  };
+
+  // Every global read comes after the previous kernel in the stream is done (a no-op unless this
+  // one was launched as its programmatic dependent, which then got this far early).
+  wait_for_previous_grid();
+  // Every slot in flight at once (a 128-deep float16 chunk is 4 steps: all of its copies), each
+  // slot refilled right after its step is multiplied.
+#pragma unroll
+  for (int s = 0; s < STAGES; ++s) {
+    if (s < steps) load(s, s);
+    commit();  // an empty group keeps the count: wait_pending below counts groups
+  }
+  for (int step = 0; step < steps; ++step) {
+    wait_pending<STAGES - 1>();  // this thread's copies of `step` have landed (STAGES + step groups)...
+    __syncthreads();             // ...and everyone's
+    const int slot = step % STAGES;
+    if (busy) multiply(slot);
+    const int next = step + STAGES;
+    if (next < steps) {          // (the same for the whole block)
+      __syncthreads();           // every warp is done with the slot before it is refilled
+      load(slot, next);
+    }
+    commit();
   }
   wait_pending<0>();
 
@@ -326,20 +355,31 @@ bool has_sm80_code(int device) {
   return yes;
 }
 
+// pdl: launched as the programmatic dependent of the kernel before it in the stream (the
+// caller asks for it on compute capability 9.0+ only), so that it is scheduled while that one
+// finishes; the kernel waits for it before reading anything.
 template <typename T, int MT>
-void run(const Args<T>& args, const Plan& p, cudaStream_t stream) {
+void run(const Args<T>& args, const Plan& p, cudaStream_t stream, bool pdl) {
   int device = 0;
   check(cudaGetDevice(&device), "cudaGetDevice");
   if (!has_sm80_code<T, MT>(device))
     throw std::invalid_argument("fused_ms_conv: this build has no sm_80+ code for the mma kernel on this GPU "
                                 "(build for its architecture); choose splitk or cudnn");
-  mma_kernel<T, MT><<<static_cast<unsigned>(p.units), THREADS, 0, stream>>>(args);
-  check(cudaGetLastError(), "kernel launch");
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(static_cast<unsigned>(p.units));
+  config.blockDim = dim3(THREADS);
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attribute;
+  config.numAttrs = pdl ? 1 : 0;
+  check(cudaLaunchKernelEx(&config, mma_kernel<T, MT>, args), "kernel launch");
 }
 
 template <typename T>
 void launch_typed(const MsConvArgs& a, const Plan& p, cudaStream_t stream, std::uintptr_t workspace,
-                  std::uintptr_t counters) {
+                  std::uintptr_t counters, bool pdl) {
   Args<T> args{};
   args.x = reinterpret_cast<const T*>(a.x);
   args.out = reinterpret_cast<T*>(a.out);
@@ -370,17 +410,17 @@ void launch_typed(const MsConvArgs& a, const Plan& p, cudaStream_t stream, std::
     d.first_counter = static_cast<int>(s.first_counter);
   }
   switch (p.bm / 16) {
-    case 1: run<T, 1>(args, p, stream); break;
-    case 2: run<T, 2>(args, p, stream); break;
-    case 3: run<T, 3>(args, p, stream); break;
-    default: run<T, 4>(args, p, stream); break;
+    case 1: run<T, 1>(args, p, stream, pdl); break;
+    case 2: run<T, 2>(args, p, stream, pdl); break;
+    case 3: run<T, 3>(args, p, stream, pdl); break;
+    default: run<T, 4>(args, p, stream, pdl); break;
   }
 }
 
 }  // namespace
 
 void launch(const MsConvArgs& a, DType dtype, std::uintptr_t stream, int sm_count, std::uintptr_t workspace,
-            std::uintptr_t counters, int bm, std::int64_t kchunk) {
+            std::uintptr_t counters, int bm, std::int64_t kchunk, bool pdl) {
   if (!valid_override(bm, kchunk))
     throw std::invalid_argument("fused_ms_conv (mma): bm must be 16, 32, 48 or 64 and kchunk a multiple of 32 "
                                 "(0: the plan's choice)");
@@ -397,9 +437,9 @@ void launch(const MsConvArgs& a, DType dtype, std::uintptr_t stream, int sm_coun
   if (p.units == 0) return;
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   if (dtype == DType::Float32)
-    launch_typed<float>(a, p, s, workspace, counters);
+    launch_typed<float>(a, p, s, workspace, counters, pdl);
   else
-    launch_typed<__half>(a, p, s, workspace, counters);
+    launch_typed<__half>(a, p, s, workspace, counters, pdl);
 }
 
 }  // namespace mma

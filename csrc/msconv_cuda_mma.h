@@ -168,9 +168,10 @@ inline std::string unsupported(const MsConvArgs& a, DType dtype) {
 // One launch on `stream` (the caller checked unsupported() and the compute
 // capability, 8.0+); `workspace`/`counters` as plan() sizes them (with the same
 // bm / kchunk), zero-filled once by their owner (unused, and may be 0, when
-// plan() asks for none).
+// plan() asks for none).  pdl: as a programmatic dependent launch (compute
+// capability 9.0+ only: scheduled while the kernel before it finishes).
 void launch(const MsConvArgs& a, DType dtype, std::uintptr_t stream, int sm_count, std::uintptr_t workspace,
-            std::uintptr_t counters, int bm = 0, std::int64_t kchunk = 0);
+            std::uintptr_t counters, int bm = 0, std::int64_t kchunk = 0, bool pdl = false);
 #endif
 
 }  // namespace mma

@@ -841,6 +841,44 @@ def test_mma_in_a_cuda_graph_and_on_the_current_stream():
     assert not bufs[0].any() and not bufs[1].any()
 
 
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_mma_chain_in_a_graph_reads_each_layer_after_it_is_written(dtype):
+    """Six mma layers in a row, each reading the one before it (so a launch made
+    while its predecessor is still running, as programmatic dependent launch
+    allows on 9.0+, must wait for it), with one pair of buffers shared by every
+    call, eagerly and replayed in a CUDA graph: the reference chain each time."""
+    _needs_mma()
+    from fer_edge.kernels import kernel_buffers, make_pack
+
+    layers = [make_inputs(1, 64, 9, 9, 16, 24, 24, nhwc=True, device="cuda", dtype=dtype, seed=s)[1:]
+              for s in range(6)]
+    x0 = make_inputs(1, 64, 9, 9, 16, 24, 24, nhwc=True, device="cuda", dtype=dtype, seed=9)[0]
+    packs = [make_pack("krsc", *w) for w in layers]
+    bufs = kernel_buffers("mma", x0, 16, 24, 24)
+    assert _C.mma_plan(1, 64, 9, 9, 16, 24, 24, _C.sm_count(0))["counters"] > 0, "chunks meet in the workspace"
+
+    def chain(x):
+        for w, wp in zip(layers, packs):
+            x = fused_ms_conv(x, *w, kernel="mma", wp=wp, buffers=bufs, relu=False)
+        return x
+
+    ref = x0.cpu().double()
+    for w in layers:
+        ref = fused_ms_conv_reference(ref, *[t.cpu().double() for t in w], relu=False)
+    tol = 1e-2 if dtype == torch.float16 else 1e-5
+    assert rel_norm(chain(x0).cpu(), ref) <= tol
+    static = x0.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = chain(static)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_norm(y.cpu(), ref) <= tol
+    assert not bufs[0].any() and not bufs[1].any()
+
+
 # The merged MACNN layers (batch 1, 2, 8 and a large one), narrow and single-branch ones,
 # on GPUs of 132 SMs (H100/H200) and 16 (a Jetson Orin has 16).
 @pytest.mark.parametrize("sms", [132, 16])
