@@ -149,7 +149,7 @@ __global__ void __launch_bounds__(THREADS) mma_kernel(const Args<T> p) {
   __shared__ __align__(16) unsigned s_a[STAGES][BM][ROW_WORDS];
   __shared__ __align__(16) unsigned s_b[STAGES][BN][ROW_WORDS];
   __shared__ int s_last;
-  static_assert(sizeof(s_a) + sizeof(s_b) == smem_bytes(BM), "the plan's shared-memory size is out of step");
+  static_assert(sizeof(s_a) + sizeof(s_b) == STAGES * (BM + BN) * ROW_BYTES, "smem_bytes() is out of step");
   // The next layer's kernel may be scheduled beside this one now: its blocks set up and then wait
   // (wait_for_previous_grid) until this grid is done, so its launch latency hides behind this one.
   let_next_grid_launch();
