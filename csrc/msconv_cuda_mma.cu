@@ -337,32 +337,34 @@ void check(cudaError_t e, const char* what) {
                                                  cudaGetErrorString(e));
 }
 
-// Whether the loaded code of the kernel has mma.sync and cp.async: the device may be
-// sm_80+ while this build only holds older code for it (the driver JIT-compiles
-// compute_75 PTX, whose kernel traps).  Asked once per device.
+// The architecture the loaded code of the kernel was compiled for (cudaFuncAttributes::ptxVersion,
+// JIT or not): the device may be sm_80+ while this build only holds older code for it (the
+// driver JIT-compiles compute_75 PTX, whose kernel traps), or sm_90 while the code is sm_80's
+// (no griddepcontrol: a programmatic dependent launch would not wait).  Asked once per device.
 template <typename T, int MT>
-bool has_sm80_code(int device) {
-  static std::atomic<int> known[64];  // 0: not asked yet, 1: yes, 2: no
-  if (device >= 0 && device < 64 && known[device].load() != 0) return known[device].load() == 1;
+int loaded_arch(int device) {
+  static std::atomic<int> known[64];  // 0: not asked yet
+  if (device >= 0 && device < 64 && known[device].load() != 0) return known[device].load();
   cudaFuncAttributes fa{};
   const cudaError_t e = cudaFuncGetAttributes(&fa, mma_kernel<T, MT>);
   if (e != cudaSuccess) {
     cudaGetLastError();  // leave no error behind for an unrelated later check
     check(e, "cudaFuncGetAttributes");
   }
-  const bool yes = fa.ptxVersion >= 80;  // the architecture the loaded code was compiled for, JIT or not
-  if (device >= 0 && device < 64) known[device].store(yes ? 1 : 2);
-  return yes;
+  if (device >= 0 && device < 64) known[device].store(fa.ptxVersion);
+  return fa.ptxVersion;
 }
 
 // pdl: launched as the programmatic dependent of the kernel before it in the stream (the
-// caller asks for it on compute capability 9.0+ only), so that it is scheduled while that one
-// finishes; the kernel waits for it before reading anything.
+// caller asks for it on compute capability 9.0+ only; the loaded code must be sm_90's too, or
+// it has no wait), so that it is scheduled while that one finishes; the kernel waits for it
+// before reading anything.
 template <typename T, int MT>
 void run(const Args<T>& args, const Plan& p, cudaStream_t stream, bool pdl) {
   int device = 0;
   check(cudaGetDevice(&device), "cudaGetDevice");
-  if (!has_sm80_code<T, MT>(device))
+  const int arch = loaded_arch<T, MT>(device);
+  if (arch < 80)
     throw std::invalid_argument("fused_ms_conv: this build has no sm_80+ code for the mma kernel on this GPU "
                                 "(build for its architecture); choose splitk or cudnn");
   cudaLaunchConfig_t config{};
@@ -373,8 +375,12 @@ void run(const Args<T>& args, const Plan& p, cudaStream_t stream, bool pdl) {
   attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attribute[0].val.programmaticStreamSerializationAllowed = 1;
   config.attrs = attribute;
-  config.numAttrs = pdl ? 1 : 0;
-  check(cudaLaunchKernelEx(&config, mma_kernel<T, MT>, args), "kernel launch");
+  config.numAttrs = pdl && arch >= 90 ? 1 : 0;
+  const cudaError_t e = cudaLaunchKernelEx(&config, mma_kernel<T, MT>, args);
+  if (e != cudaSuccess) {
+    cudaGetLastError();  // the exception says it: leave no error behind for the next launch's check
+    check(e, "kernel launch");
+  }
 }
 
 template <typename T>

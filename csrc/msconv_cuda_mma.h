@@ -47,12 +47,14 @@ constexpr int MAX_MT = 4;     // pixel tiles of 16, 32, 48 or 64 rows (BM = 16 *
 // (msconv_cuda_mma.cu's s_a and s_b; the same in float16 and float32).
 constexpr int ROW_BYTES = 80;
 constexpr int smem_bytes(int bm) { return STAGES * (bm + BN) * ROW_BYTES; }
-// The blocks of one tile shape that fit an SM at once, counted in a shared-memory
-// budget about every sm_80+ GPU has (A100 and Jetson Orin: 164 KB per SM; H100:
-// 228 KB): 6 blocks of 16 rows, 5 of 32, 4 of 48 or 64.  Registers (62 to 121 per
-// thread, 128 threads) allow as many.
-constexpr int SMEM_BUDGET = 160 * 1024;
-constexpr int resident_blocks(int bm) { return SMEM_BUDGET / smem_bytes(bm); }
+// What a block takes of an SM's shared memory: its own (plus one int, the last-chunk flag)
+// in 128-byte units, and the 1 KB the driver reserves per block on sm_80 and later.
+constexpr int block_footprint(int bm) { return (smem_bytes(bm) + 4 + 127) / 128 * 128 + 1024; }
+// The blocks of one tile shape that fit an SM at once, in the shared memory every sm_80+
+// GPU has (A100 and Jetson Orin: 164 KB per SM; H100: 228 KB): 6 blocks of 16 rows, 5
+// of 32, 4 of 48, 3 of 64.  Registers (62 to 121 per thread, 128 threads) allow as many.
+constexpr int SMEM_PER_SM = 164 * 1024;
+constexpr int resident_blocks(int bm) { return SMEM_PER_SM / block_footprint(bm); }
 
 // The fewest padded rows over the tiles, the larger tile on a tie (fewer blocks
 // reading the same weights).

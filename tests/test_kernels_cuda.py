@@ -892,15 +892,20 @@ def test_mma_plan_covers_every_k_once(n, c, hw, c1, c3, c5, sms):
     chunks that cover it exactly once; 16-row pixel tiles while those, unsplit,
     would not fill the GPU's resident blocks, else the fewest padded rows; the
     smallest chunk whose blocks all fit at once where K allows (a block's
-    shared memory: 4 stages of its pixel and 64 weight rows, 80 bytes each, in a
-    160 KB budget per SM); one counter per split tile, and a workspace of one
+    shared memory: 4 stages of its pixel and 64 weight rows, 80 bytes each, out
+    of 164 KB per SM); one counter per split tile, and a workspace of one
     float per output value exactly when something is split."""
     p = _C.mma_plan(n, c, hw, hw, c1, c3, c5, sms)
     m, ctot = n * hw * hw, c1 + c3 + c5
     assert p["tile_n"] == 64 and p["tile_k"] == 32
     assert p["tile_m"] in (16, 32, 48, 64)
-    assert p["smem_bytes"] == 4 * (p["tile_m"] + 64) * 80 and p["resident_blocks"] == 160 * 1024 // p["smem_bytes"]
-    resident = lambda bm: 160 * 1024 // (4 * (bm + 64) * 80) * sms  # noqa: E731
+    assert p["smem_bytes"] == 4 * (p["tile_m"] + 64) * 80
+    # A block's share of an SM: its shared memory and flag in 128-byte units, plus the 1 KB
+    # the driver reserves; 164 KB per SM (A100, Orin): 6, 5, 4, 3 blocks of 16, 32, 48, 64 rows.
+    per_sm = {16: 6, 32: 5, 48: 4, 64: 3}
+    assert all(164 * 1024 // (-(-(4 * (bm + 64) * 80 + 4) // 128) * 128 + 1024) == k for bm, k in per_sm.items())
+    assert p["resident_blocks"] == per_sm[p["tile_m"]]
+    resident = lambda bm: per_sm[bm] * sms  # noqa: E731
     tiles16 = -(-m // 16) * sum(-(-cout // 64) for cout in (c1, c3, c5))
     padded = lambda bm: -(-m // bm) * bm  # noqa: E731
     if tiles16 <= resident(16):
