@@ -159,6 +159,10 @@ def graphed(fn, inputs, calls: int = 1):
         g.replay()
         return out
     replay.calls = calls
+    # A graph holds no reference to the tensors it uses: keep fn (and so the buffers and packs
+    # it holds) alive as long as the graph, or their memory goes to other tensors while the
+    # graph still writes it (a split-K kernel's counters overwritten: its output never written).
+    replay.fn = fn
     return replay
 
 

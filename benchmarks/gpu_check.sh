@@ -71,6 +71,7 @@ sanitize() {  # sanitize TOOL LIMIT SELECTION...: compute-sanitizer on test sele
   if want test; then
     step "CUDA tests"
     timeout ${TEST_LIMIT:-200} $PYTEST tests/test_kernels.py tests/test_kernels_cuda.py tests/test_models.py tests/test_dispatch.py \
+      tests/test_benchmarks.py \
       -k "cuda or dispatch or splitk or mma or merge or cutlass or stem" 2>&1 | tail -15
   fi
   if want sanitize; then

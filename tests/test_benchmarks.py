@@ -208,3 +208,24 @@ def test_sweep_mma_refuses_without_a_cuda_gpu_and_lists_its_chunks():
                           text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "needs a CUDA GPU" in proc.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible on this machine")
+def test_bench_msconv_on_cuda_times_every_kernel_right_in_one_process(tmp_path):
+    """Every CUDA kernel of ours in one benchmark process, as the dispatch table is
+    measured (L4 and L5 at batch 1, fp16): each one's error is fp16 rounding and no
+    kept buffer is left dirty.  Each kernel's CUDA graph must keep its buffers alive:
+    a graph holds no reference to them, and once freed their memory went to other
+    tensors, which overwrote the split-K kernels' counters (error 1.0)."""
+    out = tmp_path / "rows.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_msconv.py"), "--device", "cuda", "--json", str(out),
+                           "--layers", "L4", "L5", "--batches", "1", "--dtypes", "fp16", "--repeat", "3"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["layer"] for r in rows] == ["L4", "L5"]
+    for r in rows:
+        errs = {k: v for k, v in r.items() if k.startswith("fused_") and k.endswith("_err")}
+        assert {"fused_splitk_err", "fused_simt_err"} <= set(errs), r
+        assert all(v <= 5e-3 for v in errs.values()), errs
+        assert "dirty_buffers" not in r, r["dirty_buffers"]
