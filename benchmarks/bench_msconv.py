@@ -226,8 +226,8 @@ def run(args, on_rows=lambda rows: None) -> list[dict]:
             kept = {}
             for k in ours:
                 bufs = kept[k] = kernel_buffers(k, xs[0], c1, c3, c5)   # made once, before the capture
-                methods[f"fused_{k}"] = graphed((lambda k, bufs: lambda x: fused_ms_conv(
-                    x, *fw, wp=packs[pack_kind(k)], kernel=k, buffers=bufs))(k, bufs), xs, calls)
+                methods[f"fused_{k}"] = graphed((lambda k, bufs, fw, wp: lambda x: fused_ms_conv(
+                    x, *fw, wp=wp, kernel=k, buffers=bufs))(k, bufs, fw, packs[pack_kind(k)]), xs, calls)
             methods["graph"] = graphed(methods["eager"], xs, calls)
             if "pad5" in methods:
                 methods["graph5"] = graphed(methods["pad5"], xs, calls)

@@ -83,7 +83,8 @@ sanitize() {  # sanitize TOOL LIMIT SELECTION...: compute-sanitizer on test sele
     # Inside the caching allocator's blocks memcheck sees no bounds between tensors; with the
     # stream-ordered allocator each tensor is a driver allocation of its own, so a kernel writing
     # into another tensor (another kernel's kept buffers) is reported.
-    PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync sanitize memcheck ${POOLCHECK_LIMIT:-40} "one_process and L4"
+    PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync sanitize memcheck ${POOLCHECK_LIMIT:-40} \
+      "(mma_matches and n1-c256 and fp16) or (one_process and L4 and fp16)"
     [ "${RACECHECK_LIMIT:-120}" -gt 0 ] && sanitize racecheck ${RACECHECK_LIMIT:-120} \
       "mma_matches and (n1-c8-5px or n2-c16) and True" \
       "(cutlass_matches and n5- and True) or (stem_matches and n1-cin1-48x48)" \

@@ -844,10 +844,12 @@ def test_mma_in_a_cuda_graph_and_on_the_current_stream():
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_mma_chain_in_a_graph_reads_each_layer_after_it_is_written(dtype):
-    """Six mma layers in a row, each reading the one before it (so a launch made
-    while its predecessor is still running, as programmatic dependent launch
-    allows on 9.0+, must wait for it), with one pair of buffers shared by every
-    call, eagerly and replayed in a CUDA graph: the reference chain each time."""
+    """Six mma layers in a row, each reading the one before it, with one pair of
+    buffers shared by every call, eagerly and replayed in a CUDA graph: the
+    reference chain each time.  On 9.0+ each launch is a programmatic dependent
+    of the one before, which lets it launch as it starts: without waiting for
+    it, a layer would read its input (and the shared buffers) while they are
+    being written."""
     _needs_mma()
     from fer_edge.kernels import kernel_buffers, make_pack
 
@@ -1019,7 +1021,9 @@ def test_every_kernel_in_one_process_leaves_the_others_buffers_alone(case, dtype
     kept, graphs = {}, {}
     for k in kernels:
         bufs = kept[k] = kernel_buffers(k, args[0], c1, c3, c5)
-        call = functools.partial(fused_ms_conv, *args[1:], wp=packs[pack_kind(k)], kernel=k, buffers=bufs)
+        def call(x, k=k, bufs=bufs):
+            return fused_ms_conv(x, *args[1:], wp=packs[pack_kind(k)], kernel=k, buffers=bufs)
+
         static = args[0].clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -1034,11 +1038,11 @@ def test_every_kernel_in_one_process_leaves_the_others_buffers_alone(case, dtype
                 y = call(static)
         graph.replay()
         torch.cuda.synchronize()
-        graphs[k] = (graph, y)
+        graphs[k] = (graph, y, static)   # a graph keeps no tensor it uses alive: its input neither
         assert rel_norm(y.cpu(), ref) <= tol, f"{k} in a graph"
         dirty = [f"{owner}'s {name}" for owner, b in kept.items() for name, t in zero_state(owner, b) if t.any()]
         assert not dirty, f"after {k}'s turn: {', '.join(dirty)} not zero"
-    for k, (graph, y) in graphs.items():   # replayed again after every other kernel ran
+    for k, (graph, y, _) in graphs.items():   # replayed again after every other kernel ran
         graph.replay()
         torch.cuda.synchronize()
         assert rel_norm(y.cpu(), ref) <= tol, f"{k}'s graph replayed after the others"

@@ -359,9 +359,11 @@ class FusedMultiScaleConv(nn.Module):
             return parts[0]
         # torch.cat gives NCHW when its parts' layouts differ, as a one-channel input's 1x1
         # branch (NCHW) and its 3x3/5x5 ones (channels_last) do at a channels_last model's
-        # stem: keep the layout the kernels would write, so later layers stay channels_last.
-        y = torch.cat(parts, dim=1)
-        return y.contiguous(memory_format=torch.channels_last) if io_nhwc(x, weights_nhwc(w3, w5)) else y
+        # stem: keep the layout the kernels would write, so later layers stay channels_last
+        # (only that small part is copied).
+        if io_nhwc(x, weights_nhwc(w3, w5)):
+            parts = [p.contiguous(memory_format=torch.channels_last) for p in parts]
+        return torch.cat(parts, dim=1)
 
     def extra_repr(self):
         c1, c3, c5 = self.channels
