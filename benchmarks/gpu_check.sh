@@ -93,6 +93,8 @@ sanitize() {  # sanitize TOOL LIMIT SELECTION...: compute-sanitizer on test sele
   if want sweep; then
     step "the mma kernel's tiles (fp16, batch 1 and 8)"
     timeout ${SWEEP_LIMIT:-60} $PY benchmarks/sweep_mma.py --repeat 20 --json "$OUT/mma_sweep.json" 2>/dev/null
+    step "the Hopper CUTLASS kernels' channel tiles (fp16, batch 256)"
+    timeout ${SWEEP90_LIMIT:-30} $PY benchmarks/sweep_cutlass90.py --json "$OUT/cutlass90_sweep.json" 2>/dev/null
   fi
   if want profile; then
     # One launch of the mma kernel per layer (its first, a warm-up), all metrics of the basic set.

@@ -157,6 +157,21 @@ PYBIND11_MODULE(_C, m) {
       "1x1 order), the float32 workspace / int32 counters it needs (0: none), a block's shared memory and "
       "the blocks per SM the plan counts as resident at once");
 
+  // The Hopper CUTLASS kernels' channel tile for a launch of `cout` channels (host code, in every build).
+  m.def(
+      "igemm90_tile",
+      [](std::int64_t cout, int tile_n) {
+        if (cout < 1) throw std::invalid_argument("igemm90_tile: cout must be >= 1");
+        if (!fer_edge::igemm90::valid_tile_n(tile_n)) throw std::invalid_argument("igemm90_tile: tile_n must be 0, 64 or 128");
+        py::dict d;
+        d["m"] = fer_edge::igemm90::TILE_M; d["n"] = fer_edge::igemm90::tile_n(cout, tile_n);
+        d["k"] = fer_edge::igemm90::TILE_K;
+        return d;
+      },
+      py::arg("cout"), py::arg("tile_n") = 0,
+      "the cutlass90 kernels' tile (pixels m, channels n, k per step) for a launch of `cout` channels "
+      "(tile_n: 64 or 128 instead of the choice)");
+
   // The large-batch path's tile per branch and its input rules (host code, in every build).
   m.def(
       "igemm_tile",
@@ -225,7 +240,7 @@ PYBIND11_MODULE(_C, m) {
          std::uintptr_t b3, std::uintptr_t w5, std::uintptr_t b5, std::int64_t n, std::int64_t c,
          std::int64_t h, std::int64_t w, std::int64_t c1, std::int64_t c3, std::int64_t c5, int layout,
          bool relu, int dtype, std::uintptr_t stream, std::uintptr_t wp, int variant, std::uintptr_t workspace,
-         std::uintptr_t counters, int mma_bm, std::int64_t mma_kchunk, bool mma_pdl) {
+         std::uintptr_t counters, int mma_bm, std::int64_t mma_kchunk, bool mma_pdl, int cutlass90_tile_n) {
         if (dtype != 0 && dtype != 1) throw std::invalid_argument("fused_ms_conv: dtype must be 0 (float32) or 1 (float16)");
         if (variant < 0 || variant >= fer_edge::NUM_VARIANTS)
           throw std::invalid_argument("fused_ms_conv: variant must be 0 (simt), 1 (wmma), 2 (splitk), 3 (mma), "
@@ -237,13 +252,13 @@ PYBIND11_MODULE(_C, m) {
         py::gil_scoped_release nogil;
         fer_edge::msconv_cuda(a, static_cast<fer_edge::DType>(dtype), stream,
                               static_cast<fer_edge::Variant>(variant), workspace, counters,
-                              {mma_bm, mma_kchunk, mma_pdl});
+                              {mma_bm, mma_kchunk, mma_pdl, cutlass90_tile_n});
       },
       py::arg("x"), py::arg("out"), py::arg("w1"), py::arg("b1"), py::arg("w3"), py::arg("b3"),
       py::arg("w5"), py::arg("b5"), py::arg("n"), py::arg("c"), py::arg("h"), py::arg("w"),
       py::arg("c1"), py::arg("c3"), py::arg("c5"), py::arg("layout"), py::arg("relu"), py::arg("dtype"),
       py::arg("stream"), py::arg("wp"), py::arg("variant"), py::arg("workspace") = 0, py::arg("counters") = 0,
-      py::arg("mma_bm") = 0, py::arg("mma_kchunk") = 0, py::arg("mma_pdl") = true,
+      py::arg("mma_bm") = 0, py::arg("mma_kchunk") = 0, py::arg("mma_pdl") = true, py::arg("cutlass90_tile_n") = 0,
       "fused multi-scale conv on CUDA device pointers (dtype 0 = float32, 1 = float16) on `stream`; "
       "`wp`: the weights packed by fer_edge.kernels.pack_ms_weights (25, C, c1 + c3 + c5); `variant`: "
       "0 simt, 1 wmma, 2 splitk (with `workspace`/`counters` sized by splitk_plan), 3 mma (small batches on "
@@ -252,7 +267,8 @@ PYBIND11_MODULE(_C, m) {
       "cutlass90_window (the same as one launch over the zero-padded 5x5 window; `wp` from "
       "pack_window_weights, biases included).  mma_bm / mma_kchunk: the mma kernel's pixel tile and K chunk "
       "instead of its plan's (0: the plan's; buffers from mma_plan with the same values); mma_pdl: launch it as a "
-      "programmatic dependent of the kernel before it (compute capability 9.0+; False: an ordinary launch).");
+      "programmatic dependent of the kernel before it (compute capability 9.0+; False: an ordinary launch); "
+      "cutlass90_tile_n: the Hopper CUTLASS kernels' channel tile, 64 or 128 (0: igemm90_tile's choice).");
   m.def("sm_count", [](int device) { return fer_edge::splitk::sm_count_of(device); }, py::arg("device"));
   m.def("cuda_device_count", &fer_edge::cuda_device_count);
 #endif

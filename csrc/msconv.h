@@ -114,16 +114,19 @@ constexpr int NUM_VARIANTS = 9;
 // Mma, sized by mma::plan (its workspace zero before the first call too);
 // Cutlass and CutlassWindow use `counters` as their split-K semaphores, sized by
 // igemm::semaphores (they clear them themselves).
-// `mma`: Mma's pixel tile and K chunk instead of its plan's (0: the plan's; the
-// benchmarks' tile sweep), sized buffers to match; and whether it launches as a
-// programmatic dependent of the kernel before it where the GPU has that (9.0+).
-struct MmaLaunch {
-  int bm = 0;
-  std::int64_t kchunk = 0;
-  bool pdl = true;
+// `options`, for the benchmarks' tile sweeps (the defaults are what every caller gets):
+// Mma's pixel tile and K chunk instead of its plan's (0: the plan's), buffers sized to
+// match; whether it launches as a programmatic dependent of the kernel before it where
+// the GPU and the build have that (9.0+); the Hopper CUTLASS kernels' channel tile
+// instead of igemm90::tile_n's (0: its choice, else 64 or 128).
+struct KernelOptions {
+  int mma_bm = 0;
+  std::int64_t mma_kchunk = 0;
+  bool mma_pdl = true;
+  int cutlass90_tile_n = 0;
 };
 void msconv_cuda(const MsConvArgs& a, DType dtype, std::uintptr_t stream, Variant variant,
-                 std::uintptr_t workspace = 0, std::uintptr_t counters = 0, MmaLaunch mma = {});
+                 std::uintptr_t workspace = 0, std::uintptr_t counters = 0, KernelOptions options = {});
 int cuda_device_count();
 int cuda_runtime_version();  // CUDART_VERSION the module was built with
 #endif

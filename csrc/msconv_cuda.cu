@@ -318,7 +318,7 @@ void launch(const MsConvArgs& a, cudaStream_t s) {
 // The CUTLASS kernels: the build must have the one asked for, the layer must be one
 // it takes (igemm::unsupported, for both), the GPU one it runs on.
 void launch_cutlass(const MsConvArgs& a, DType dtype, std::uintptr_t stream, bool hopper, igemm::Form form,
-                    int dev, std::uintptr_t semaphores) {
+                    int dev, std::uintptr_t semaphores, int tile_n) {
   const std::string name = std::string(hopper ? "cutlass90" : "cutlass") +
                            (form == igemm::Form::Window ? "_window" : "");
 #ifndef FER_EDGE_WITH_CUTLASS
@@ -343,7 +343,7 @@ void launch_cutlass(const MsConvArgs& a, DType dtype, std::uintptr_t stream, boo
     throw std::invalid_argument("fused_ms_conv: the " + name + " kernel needs compute capability 8.0+; "
                                 "choose simt, splitk or cudnn on this GPU");
 #ifdef FER_EDGE_WITH_CUTLASS_SM90
-  if (hopper) return igemm90::launch(a, stream, form);
+  if (hopper) return igemm90::launch(a, stream, form, tile_n);
 #endif
   igemm::launch(a, stream, splitk::sm_count_of(dev), semaphores, form);
 #endif
@@ -351,7 +351,7 @@ void launch_cutlass(const MsConvArgs& a, DType dtype, std::uintptr_t stream, boo
 
 // The small-batch tensor-core kernel: the cutlass path's inputs, float32 too (mma::unsupported), sm_80+.
 void launch_mma(const MsConvArgs& a, DType dtype, std::uintptr_t stream, int dev, std::uintptr_t workspace,
-                std::uintptr_t counters, MmaLaunch options) {
+                std::uintptr_t counters, const KernelOptions& options) {
   const std::string why = mma::unsupported(a, dtype);
   if (!why.empty()) throw std::invalid_argument("fused_ms_conv: the mma kernel cannot run this layer: " + why);
   int major = 0;
@@ -359,14 +359,14 @@ void launch_mma(const MsConvArgs& a, DType dtype, std::uintptr_t stream, int dev
   if (major < 8)
     throw std::invalid_argument("fused_ms_conv: the mma kernel needs mma.sync m16n8k16 and cp.async (compute "
                                 "capability 8.0+); choose splitk or cudnn on this GPU");
-  mma::launch(a, dtype, stream, splitk::sm_count_of(dev), workspace, counters, options.bm, options.kchunk,
-              options.pdl && major >= 9);
+  mma::launch(a, dtype, stream, splitk::sm_count_of(dev), workspace, counters, options.mma_bm, options.mma_kchunk,
+              options.mma_pdl && major >= 9);
 }
 
 }  // namespace
 
 void msconv_cuda(const MsConvArgs& a, DType dtype, std::uintptr_t stream, Variant variant,
-                 std::uintptr_t workspace, std::uintptr_t counters, MmaLaunch mma) {
+                 std::uintptr_t workspace, std::uintptr_t counters, KernelOptions options) {
   validate(a, /*empty_branches=*/true);
   if (!a.wp) throw std::invalid_argument("fused_ms_conv: the CUDA kernels need the packed weights (wp)");
   const int dev = device_of(a.x, "x");
@@ -387,11 +387,12 @@ void msconv_cuda(const MsConvArgs& a, DType dtype, std::uintptr_t stream, Varian
         variant == Variant::CutlassSm90Window) {
       const bool hopper = variant == Variant::CutlassSm90 || variant == Variant::CutlassSm90Window;
       const bool window = variant == Variant::CutlassWindow || variant == Variant::CutlassSm90Window;
-      launch_cutlass(a, dtype, stream, hopper, window ? igemm::Form::Window : igemm::Form::PerBranch, dev, counters);
+      launch_cutlass(a, dtype, stream, hopper, window ? igemm::Form::Window : igemm::Form::PerBranch, dev, counters,
+                     options.cutlass90_tile_n);
     } else if (variant == Variant::Stem) {
       stem::launch(a, dtype, stream, splitk::sm_count_of(dev));
     } else if (variant == Variant::Mma) {
-      launch_mma(a, dtype, stream, dev, workspace, counters, mma);
+      launch_mma(a, dtype, stream, dev, workspace, counters, options);
     } else if (variant == Variant::SplitK) {
       splitk::launch(a, dtype, stream, splitk::sm_count_of(dev), workspace, counters);
     } else if (dtype == DType::Float32) {

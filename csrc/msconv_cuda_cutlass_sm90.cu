@@ -37,30 +37,38 @@ using NHWC = cutlass::layout::TensorNHWC;  // the activation NHWC, the filter KR
 constexpr int ALIGN = 8;                   // halves per 16-byte access (TMA: 16-byte strides)
 constexpr cutlass::conv::Operator FPROP = cutlass::conv::Operator::kFprop;
 
-// One tile, 128 pixels x 64 channels x 64 (channels x taps) per step: MACNN's
-// branches have 32..192 channels, which a 64-wide tile wastes least of.
-using TileShape = Shape<_128, _64, Shape<_64>>;
-using ClusterShape = Shape<_1, _1, _1>;
-
 // D = max(accumulator + bias[channel], lower_bound): ReLU (0) or identity (-inf) at run time.
 // GEMM N is the output channel, so the bias is a per-column one.
 using Fusion = cutlass::epilogue::fusion::LinCombPerColBiasEltAct<cutlass::epilogue::thread::LowerBound, Half, float,
                                                                   Half, Half, float>;
-using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
-    cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, NHWC, ALIGN, Half, NHWC, ALIGN,
-    cutlass::epilogue::TmaWarpSpecialized, Fusion>::CollectiveOp;
-using Mainloop = typename cutlass::conv::collective::CollectiveBuilder<
-    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, FPROP, Half, NHWC, ALIGN, Half, NHWC, ALIGN, float,
-    TileShape, ClusterShape,
-    cutlass::conv::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
-    cutlass::conv::collective::KernelScheduleAuto>::CollectiveOp;
-using Problem = cutlass::conv::ConvProblemShape<FPROP, Mainloop::DispatchPolicy::NumSpatialDimensions>;
-using Kernel = cutlass::conv::kernel::ConvUniversal<Problem, Mainloop, Epilogue>;
-using Conv = cutlass::conv::device::ConvUniversalAdapter<Kernel>;
-using StrideD = typename Kernel::StrideD;  // ((pixel q, row p, image n), channel = 1, batch = 0)
+using ClusterShape = Shape<_1, _1, _1>;
 
+// One tile shape's kernel: igemm90::TILE_M pixels x TN channels x TILE_K (channels x taps)
+// per step (igemm90::tile_n picks TN per launch).
+template <int TN>
+struct Sm90Conv {
+  using TileShape = Shape<Int<igemm90::TILE_M>, Int<TN>, Shape<Int<igemm90::TILE_K>>>;
+  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, NHWC, ALIGN, Half, NHWC, ALIGN,
+      cutlass::epilogue::TmaWarpSpecialized, Fusion>::CollectiveOp;
+  using Mainloop = typename cutlass::conv::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, FPROP, Half, NHWC, ALIGN, Half, NHWC, ALIGN, float,
+      TileShape, ClusterShape,
+      cutlass::conv::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
+      cutlass::conv::collective::KernelScheduleAuto>::CollectiveOp;
+  using Problem = cutlass::conv::ConvProblemShape<FPROP, Mainloop::DispatchPolicy::NumSpatialDimensions>;
+  using Kernel = cutlass::conv::kernel::ConvUniversal<Problem, Mainloop, Epilogue>;
+  using Op = cutlass::conv::device::ConvUniversalAdapter<Kernel>;
+  using StrideD = typename Kernel::StrideD;  // ((pixel q, row p, image n), channel = 1, batch = 0)
+};
+static_assert(igemm90::TILE_NS[0] == 64 && igemm90::TILE_NS[1] == 128, "the tile table is out of step");
+
+template <int TN>
 void run_branch(const MsConvArgs& a, const igemm::Branch& b, int ctot, cudaStream_t stream) {
+  using Conv = typename Sm90Conv<TN>::Op;
+  using Problem = typename Sm90Conv<TN>::Problem;
+  using StrideD = typename Sm90Conv<TN>::StrideD;
   const int n = int(a.n), h = int(a.h), w = int(a.w), c = int(a.c), k = b.k, cout = b.cout, pad = k / 2;
   const int64_t row = int64_t(w) * ctot, image = int64_t(h) * row;
   Problem problem(cutlass::conv::Mode::kCrossCorrelation,
@@ -96,12 +104,18 @@ void run_branch(const MsConvArgs& a, const igemm::Branch& b, int ctot, cudaStrea
 
 }  // namespace
 
-void launch(const MsConvArgs& a, std::uintptr_t stream, igemm::Form form) {
+void launch(const MsConvArgs& a, std::uintptr_t stream, igemm::Form form, int tile_n) {
   if (a.n * a.h * a.w > INT32_MAX) throw std::invalid_argument("fused_ms_conv: cutlass90: more than 2^31 pixels");
+  if (!valid_tile_n(tile_n)) throw std::invalid_argument("fused_ms_conv: cutlass90 tile_n must be 0, 64 or 128");
   const int ctot = int(a.c1 + a.c3 + a.c5);
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  for (const igemm::Branch& b : igemm::branches(a, form))
-    if (b.cout) run_branch(a, b, ctot, s);  // an empty branch (the single-branch case) is skipped
+  for (const igemm::Branch& b : igemm::branches(a, form)) {
+    if (!b.cout) continue;  // an empty branch (the single-branch case) is skipped
+    if (igemm90::tile_n(b.cout, tile_n) == 128)
+      run_branch<128>(a, b, ctot, s);
+    else
+      run_branch<64>(a, b, ctot, s);
+  }
 }
 
 }  // namespace igemm90

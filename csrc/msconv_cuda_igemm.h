@@ -160,11 +160,25 @@ void launch(const MsConvArgs& a, std::uintptr_t stream, int sm_count, std::uintp
 
 }  // namespace igemm
 
-#ifdef FER_EDGE_WITH_CUTLASS_SM90
 namespace igemm90 {
-// The same launches on Hopper's wgmma and TMA (msconv_cuda_cutlass_sm90.cu;
-// the caller checked unsupported() and compute capability 9.0 exactly), no split-K, no buffers.
-void launch(const MsConvArgs& a, std::uintptr_t stream, igemm::Form form);
-}  // namespace igemm90
+// The Hopper launches' tiles (msconv_cuda_cutlass_sm90.cu instantiates exactly these):
+// 128 pixels x TILE_N channels x 64 (channels x taps) per step, TILE_N 64 or 128.
+constexpr int TILE_M = 128, TILE_K = 64;
+constexpr int TILE_NS[] = {64, 128};
+// A launch's channel tile: 64 for a launch of at most 64 channels (MACNN's 32- and
+// 48-channel branches: a wider tile would mostly multiply padding), 128 above (the
+// 96- to 512-channel launches: as much padding or less, and twice the multiply-adds
+// per value loaded).  tile_n other than 0 replaces the choice (the benchmarks' sweep).
+inline int tile_n(std::int64_t cout, int override_n = 0) {
+  if (override_n) return override_n;
+  return cout > 64 ? 128 : 64;
+}
+inline bool valid_tile_n(int n) { return n == 0 || n == 64 || n == 128; }
+
+#ifdef FER_EDGE_WITH_CUTLASS_SM90
+// The same launches on Hopper's wgmma and TMA (the caller checked unsupported() and
+// compute capability 9.0 exactly), no split-K, no buffers; tile_n: tile_n()'s override.
+void launch(const MsConvArgs& a, std::uintptr_t stream, igemm::Form form, int tile_n = 0);
 #endif
+}  // namespace igemm90
 }  // namespace fer_edge

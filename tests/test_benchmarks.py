@@ -210,6 +210,23 @@ def test_sweep_mma_refuses_without_a_cuda_gpu_and_lists_its_chunks():
     assert proc.stderr.strip().count("\n") == 0 and "needs a CUDA GPU" in proc.stderr
 
 
+def test_sweep_cutlass90_refuses_without_a_hopper_gpu_and_lists_its_launches():
+    """The Hopper tile sweep runs on a 9.0 GPU only: here one line and exit 2.  A
+    window kernel is one launch over every channel, the others one per branch."""
+    sys.path.insert(0, str(BENCH))
+    import sweep_cutlass90
+
+    assert sweep_cutlass90.launch_couts("cutlass90", 32, 48, 48) == [48, 48, 32]
+    assert sweep_cutlass90.launch_couts("cutlass90", 0, 512, 0) == [512]
+    assert sweep_cutlass90.launch_couts("cutlass90_window", 128, 192, 192) == [512]
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is visible: the sweep would run")
+    proc = subprocess.run([sys.executable, str(BENCH / "sweep_cutlass90.py"), "--layers", "L4"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "needs a CUDA GPU" in proc.stderr
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible on this machine")
 def test_bench_msconv_on_cuda_times_every_kernel_right_in_one_process(tmp_path):
     """Every CUDA kernel of ours in one benchmark process, as the dispatch table is

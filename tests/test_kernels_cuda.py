@@ -495,6 +495,44 @@ def test_cutlass_matches_the_reference(case, relu, kernel):
     assert torch.isfinite(y).all()
 
 
+def test_cutlass90_tile_is_64_channels_up_to_64_and_128_above():
+    """The Hopper kernels' channel tile (host code, every build): 64 for MACNN's 32- and
+    48-channel branches, 128 for its 96- to 512-channel launches; 128 pixels and 64 of K
+    per step either way; an override of 64 or 128 replaces the choice, nothing else."""
+    assert [_C.igemm90_tile(c)["n"] for c in (8, 32, 48, 64, 65, 96, 192, 512)] == [64] * 4 + [128] * 4
+    assert _C.igemm90_tile(512)["m"] == 128 and _C.igemm90_tile(512)["k"] == 64
+    assert _C.igemm90_tile(32, 128)["n"] == 128 and _C.igemm90_tile(512, 64)["n"] == 64
+    for bad in ({"cout": 0}, {"cout": 64, "tile_n": 96}):
+        with pytest.raises(ValueError):
+            _C.igemm90_tile(**bad)
+
+
+@requires_cuda
+@requires_cutlass
+@pytest.mark.parametrize("tile_n", [64, 128])
+@pytest.mark.parametrize("kernel", ["cutlass90", "cutlass90_window"])
+def test_cutlass90_each_tile_matches_the_reference(kernel, tile_n):
+    """Both Hopper channel tiles on every launch of a layer (L3 at batch 3: 64-, 96- and
+    256-channel launches, odd tile counts), whatever the rule would pick."""
+    _needs_sm80(kernel)
+    from fer_edge.dispatch import KERNELS
+    from fer_edge.kernels import make_pack, pack_kind
+
+    case = (3, 128, 12, 64, 96, 96)
+    x, w1, b1, w3, b3, w5, b5 = _cutlass_inputs(case)
+    n, c, h, w = x.shape
+    wp = make_pack(pack_kind(kernel), w1, b1, w3, b3, w5, b5)
+    out = torch.empty(n, 256, h, w, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    _C.msconv_cuda(x.data_ptr(), out.data_ptr(), w1.data_ptr(), b1.data_ptr(), w3.data_ptr(), b3.data_ptr(),
+                   w5.data_ptr(), b5.data_ptr(), n, c, h, w, 64, 96, 96, 1, True, 1,
+                   torch.cuda.current_stream().cuda_stream, wp.data_ptr(), KERNELS[kernel], cutlass90_tile_n=tile_n)
+    assert rel_norm(out.cpu(), _cutlass_reference(case, True)) <= FP16_REL_NORM
+    with pytest.raises(ValueError, match="tile_n must be 0, 64 or 128"):
+        _C.msconv_cuda(x.data_ptr(), out.data_ptr(), w1.data_ptr(), b1.data_ptr(), w3.data_ptr(), b3.data_ptr(),
+                       w5.data_ptr(), b5.data_ptr(), n, c, h, w, 64, 96, 96, 1, True, 1,
+                       torch.cuda.current_stream().cuda_stream, wp.data_ptr(), KERNELS[kernel], cutlass90_tile_n=96)
+
+
 @requires_cuda
 @requires_cutlass
 @pytest.mark.parametrize("kernel", ["cutlass", "cutlass_window"])
