@@ -10,7 +10,7 @@
 #   TRAIN_LIMIT=300 bash benchmarks/gpu_both.sh compact   (more of the call left for the timings)
 #
 # What comes back in $OUT: the training stage's files (see gpu_train.sh) and kernel/ (check.log,
-# check-beside-training.log, msconv.json, kernel_dispatch.json, model.json, mma_sweep.json,
+# check-beside-training.log, msconv.json, kernel_dispatch.json, model.json, mma_planned.json, mma_sweep.json,
 # cutlass90_sweep.json, mma-L2/L4.ncu-rep, train-console.log).
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
@@ -43,20 +43,21 @@ echo "== training done after $(( $(date +%s) - START )) s"
 tail -12 "$K/train-console.log"
 
 # Alone on the GPU: the timings, in what is left of the call (CALL_LIMIT seconds, 580).  With 200 s
-# or more left, 95 s go to the tile sweeps (the mma kernel's 40 s, the Hopper CUTLASS kernels' 25 s)
-# and the mma kernel's profile (L2 and L4 at batch 1, 15 s each); of the rest a third to the
-# whole-model benchmark (at most 100 s), the rest to the layer benchmark (at most 300 s; it keeps
-# what it measured); none under a minute left.
+# or more left, 75 s go to the tile sweeps (the mma kernel's planned tiles and its tiles at batch 8,
+# 25 s each, the Hopper CUTLASS kernels' 25 s); of the rest a third to the whole-model benchmark
+# (at most 100 s), the rest to the layer benchmark (at most 300 s; it keeps what it measured); none
+# under a minute left.  (PROFILE=1: the mma kernel's Nsight Compute profile too, 30 s.)
 LEFT=$(( ${CALL_LIMIT:-580} - ($(date +%s) - START) - 15 ))
 if [ "$LEFT" -ge 60 ]; then
-  EXTRA=$(( LEFT >= 200 ? 95 : 0 ))
+  EXTRA=0; PROF=""
+  if [ "$LEFT" -ge 200 ]; then EXTRA=75; [ -n "${PROFILE:-}" ] && EXTRA=105 && PROF=" profile"; fi
   LEFT=$(( LEFT - EXTRA ))
   MODEL_LIMIT=$(( LEFT / 3 > 100 ? 100 : LEFT / 3 ))
   BENCH_LIMIT=$(( LEFT - MODEL_LIMIT > 300 ? 300 : LEFT - MODEL_LIMIT ))
-  STEPS="bench model"; [ "$EXTRA" -gt 0 ] && STEPS="bench model sweep profile"
-  echo "== timings alone: layer benchmark ${BENCH_LIMIT} s, whole model ${MODEL_LIMIT} s, mma sweep and profile ${EXTRA} s"
+  STEPS="bench model"; [ "$EXTRA" -gt 0 ] && STEPS="bench model sweep$PROF"
+  echo "== timings alone: layer benchmark ${BENCH_LIMIT} s, whole model ${MODEL_LIMIT} s, tile sweeps${PROF:+ and profile} ${EXTRA} s"
   OUT=$K STEPS="${ALONE_STEPS:-$STEPS}" BATCHES=${BATCHES:-"1 256 1024"} BENCH_LIMIT=$BENCH_LIMIT \
-    MODEL_LIMIT=$MODEL_LIMIT SWEEP_LIMIT=40 SWEEP90_LIMIT=25 PROFILE_LIMIT=15 bash benchmarks/gpu_check.sh > /dev/null 2>&1
+    MODEL_LIMIT=$MODEL_LIMIT SWEEP_LIMIT=25 SWEEP90_LIMIT=25 PROFILE_LIMIT=15 bash benchmarks/gpu_check.sh > /dev/null 2>&1
   grep -vE "^\s*$" "$K/check.log" | tail -60
 else
   echo "== no time left for the timings ($LEFT s)"

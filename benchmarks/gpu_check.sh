@@ -91,8 +91,14 @@ sanitize() {  # sanitize TOOL LIMIT SELECTION...: compute-sanitizer on test sele
       "fp16_close_to_fp32_reference and splitk"
   fi
   if want sweep; then
-    step "the mma kernel's tiles (fp16, batch 1 and 8)"
-    timeout ${SWEEP_LIMIT:-60} $PY benchmarks/sweep_mma.py --repeat 20 --json "$OUT/mma_sweep.json" 2>/dev/null
+    # The planned tile at batch 1 to 8 (as launched, and as an ordinary launch on 9.0+), then every tile
+    # at batch 8 (the tiles at batch 1 were measured before: 16 rows x 128-deep chunks fastest).
+    step "the mma kernel's planned tiles (fp16, batch 1 to 8)"
+    timeout ${SWEEP_LIMIT:-60} $PY benchmarks/sweep_mma.py --planned-only --batches 1 2 4 8 --repeat 20 \
+      --json "$OUT/mma_planned.json" 2>/dev/null
+    step "the mma kernel's tiles (fp16, batch 8)"
+    timeout ${SWEEP_LIMIT:-60} $PY benchmarks/sweep_mma.py --batches 8 --layers L2 L3 L4 L5 --repeat 20 \
+      --json "$OUT/mma_sweep.json" 2>/dev/null
     step "the Hopper CUTLASS kernels' channel tiles (fp16, batch 256)"
     timeout ${SWEEP90_LIMIT:-30} $PY benchmarks/sweep_cutlass90.py --json "$OUT/cutlass90_sweep.json" 2>/dev/null
   fi

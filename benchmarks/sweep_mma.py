@@ -67,7 +67,7 @@ def mma_call(x, fw, wp, bm: int, kchunk: int, pdl: bool = True):
     return call, plan
 
 
-def sweep(layers, batches, repeat: int, on_rows=lambda rows: None) -> list[dict]:
+def sweep(layers, batches, repeat: int, on_rows=lambda rows: None, planned_only: bool = False) -> list[dict]:
     rows = []
     sms = _C.sm_count(0)
     for n in batches:   # every layer at the first batch before the next batch: a time limit keeps those
@@ -95,8 +95,9 @@ def sweep(layers, batches, repeat: int, on_rows=lambda rows: None) -> list[dict]
                 planned = (chosen["tile_m"], chosen["kchunk"])
                 tiles = [(*planned, True)] + ([(*planned, False)] if torch.cuda.get_device_capability() >= (9, 0)
                                               else [])
-                tiles += [(bm, kchunk, True) for bm in TILES_M for kchunk in chunks_for(cin, c1, c3, c5)
-                          if (bm, kchunk) != planned]
+                if not planned_only:
+                    tiles += [(bm, kchunk, True) for bm in TILES_M for kchunk in chunks_for(cin, c1, c3, c5)
+                              if (bm, kchunk) != planned]
                 for bm, kchunk, pdl in tiles:
                     call, plan = mma_call(xs[0], fw, wp, bm, kchunk, pdl)
                     replay = graphed(call, xs, calls)   # checked as timed: back to back in a graph
@@ -144,6 +145,8 @@ def main(argv=None) -> int:
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     p.add_argument("--repeat", type=int, default=30, help="timed replays per tile")
     p.add_argument("--top", type=int, default=4, help="fastest tiles shown per layer")
+    p.add_argument("--planned-only", action="store_true",
+                   help="time only the planned tile (and, on 9.0+, it as an ordinary launch)")
     p.add_argument("--json", help="write every row to this JSON file")
     args = p.parse_args(argv)
     if not torch.cuda.is_available() or not hasattr(_C, "msconv_cuda"):
@@ -164,7 +167,7 @@ def main(argv=None) -> int:
             tmp.write_text(json.dumps(rows, indent=1))
             tmp.replace(args.json)
 
-    rows = sweep(args.layers, args.batches, args.repeat, save)
+    rows = sweep(args.layers, args.batches, args.repeat, save, planned_only=args.planned_only)
     save(rows)
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, fp16 channels_last, "
           f"{BACK_TO_BACK} calls per graph at batch <= 8")
