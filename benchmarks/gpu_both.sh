@@ -11,7 +11,7 @@
 #
 # What comes back in $OUT: the training stage's files (see gpu_train.sh) and kernel/ (check.log,
 # check-beside-training.log, msconv.json, kernel_dispatch.json, model.json, mma_planned.json, mma_sweep.json,
-# cutlass90_sweep.json, mma-L2/L4.ncu-rep, train-console.log).
+# cutlass90_sweep.json, train-console.log; with PROFILE=1 mma-L2/L4.ncu-rep).
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1

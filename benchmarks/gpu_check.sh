@@ -99,7 +99,7 @@ sanitize() {  # sanitize TOOL LIMIT SELECTION...: compute-sanitizer on test sele
     step "the mma kernel's tiles (fp16, batch 8)"
     timeout ${SWEEP_LIMIT:-60} $PY benchmarks/sweep_mma.py --batches 8 --layers L2 L3 L4 L5 --repeat 20 \
       --json "$OUT/mma_sweep.json" 2>/dev/null
-    step "the Hopper CUTLASS kernels' channel tiles (fp16, batch 256)"
+    step "the Hopper CUTLASS kernels' channel tiles (fp16, batch 256 and 1)"
     timeout ${SWEEP90_LIMIT:-30} $PY benchmarks/sweep_cutlass90.py --json "$OUT/cutlass90_sweep.json" 2>/dev/null
   fi
   if want profile; then

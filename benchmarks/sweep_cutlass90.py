@@ -1,14 +1,14 @@
 #!/usr/bin/env python
 """The Hopper CUTLASS kernels' channel tiles, measured: what igemm90_tile should pick.
 
-For MACNN's layers at large batches (fp16, channels_last, compute capability
+For MACNN's layers at batch 256 and 1 (fp16, channels_last, compute capability
 9.0, a build with the sm_90a kernels), `cutlass90` (one launch per branch)
-and `cutlass90_window` (one launch over the zero-padded 5x5 window) with each
-channel tile (64 and 128; 128 pixels x 64 of K per step either way), each
-checked against the three convolutions and timed as bench_msconv.py times
-kernels at these batches (one call per CUDA graph replay), next to cuDNN's
-best way in the same run.  Per layer it prints every row and marks the tile
-the rule picks (csrc/msconv_cuda_igemm.h); --json writes every row.
+and `cutlass90_window` (one launch over the zero-padded 5x5 window) with the
+rule's channel tile per launch (csrc/msconv_cuda_igemm.h) and with 64 and 128
+on every launch (128 pixels x 64 of K per step either way), each checked
+against the three convolutions and timed as bench_msconv.py times kernels
+(one call per CUDA graph replay: the batch-1 figures include a graph launch),
+next to cuDNN's best way in the same run.  --json writes every row.
 
     python benchmarks/sweep_cutlass90.py --batches 256 --json cutlass90_sweep.json
 """
@@ -29,7 +29,7 @@ from fer_edge import _C  # noqa: E402
 from fer_edge.dispatch import KERNELS  # noqa: E402
 from fer_edge.kernels import kernel_unsupported, make_pack, pack_kind  # noqa: E402
 
-TILES_N = (64, 128)
+TILES_N = (0, 64, 128)   # 0: the rule's choice per launch
 MAX_REL_ERROR = 5e-3   # fp16, as make_dispatch.py accepts a kernel
 
 
@@ -72,12 +72,14 @@ def sweep(layers, batches, repeat: int, on_rows=lambda rows: None) -> list[dict]
                 if not single_branch(LAYERS[name]):
                     pad5 = lambda x: F.relu(F.conv2d(x, w_pad, b_pad, padding=2))  # noqa: E731
                     cudnn["pad5"] = time_fn(pad5, xs, "cuda", repeat)
+                    cudnn["graph5"] = time_fn(graphed(pad5, xs), xs, "cuda", repeat)
                 best = min(cudnn.values())
                 for kernel in ("cutlass90", "cutlass90_window"):
                     if why := kernel_unsupported(xs[0], *fw, kernel=kernel):
                         print(f"{name} n={n}: {kernel} cannot run it ({why})", file=sys.stderr)
                         continue
-                    picks = [_C.igemm90_tile(c)["n"] for c in launch_couts(kernel, c1, c3, c5)]
+                    m, sms = n * hw * hw, _C.sm_count(0)
+                    picks = [_C.igemm90_tile(m, c, sms)["n"] for c in launch_couts(kernel, c1, c3, c5)]
                     for tile_n in TILES_N:
                         replay = graphed(cutlass90_call(xs[0], fw, kernel, tile_n), xs)
                         err = ((replay(xs[0]).float() - ref).norm() / ref.norm()).item()
@@ -95,7 +97,7 @@ def sweep(layers, batches, repeat: int, on_rows=lambda rows: None) -> list[dict]
 def print_table(rows) -> None:
     lines = [["layer", "n", "kernel", "tile_n", "rule", "us", "x cudnn", "rel err", ""]]
     for r in rows:
-        lines.append([r["layer"], str(r["batch"]), r["kernel"], str(r["tile_n"]),
+        lines.append([r["layer"], str(r["batch"]), r["kernel"], str(r["tile_n"] or "rule"),
                       "/".join(map(str, r["rule_tiles"])), f"{r['us']:.1f}", f"{r['speedup_vs_best']:.2f}",
                       f"{r['rel_err']:.1e}", "" if r["ok"] else "WRONG"])
     print_aligned(lines, left_last=True)
@@ -106,7 +108,7 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", nargs="+", choices=[k for k in LAYERS if k != "L1"],
                    default=["L2", "L3", "L4", "L5", "P1", "P3", "P4"])
-    p.add_argument("--batches", nargs="+", type=int, default=[256])
+    p.add_argument("--batches", nargs="+", type=int, default=[256, 1])
     p.add_argument("--repeat", type=int, default=20, help="timed replays per tile")
     p.add_argument("--json", help="write every row to this JSON file")
     args = p.parse_args(argv)

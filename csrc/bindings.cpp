@@ -160,17 +160,17 @@ PYBIND11_MODULE(_C, m) {
   // The Hopper CUTLASS kernels' channel tile for a launch of `cout` channels (host code, in every build).
   m.def(
       "igemm90_tile",
-      [](std::int64_t cout, int tile_n) {
-        if (cout < 1) throw std::invalid_argument("igemm90_tile: cout must be >= 1");
+      [](std::int64_t m, std::int64_t cout, int sm_count, int tile_n) {
+        if (m < 1 || cout < 1 || sm_count < 1) throw std::invalid_argument("igemm90_tile: every size must be >= 1");
         if (!fer_edge::igemm90::valid_tile_n(tile_n)) throw std::invalid_argument("igemm90_tile: tile_n must be 0, 64 or 128");
         py::dict d;
-        d["m"] = fer_edge::igemm90::TILE_M; d["n"] = fer_edge::igemm90::tile_n(cout, tile_n);
+        d["m"] = fer_edge::igemm90::TILE_M; d["n"] = fer_edge::igemm90::tile_n(m, cout, sm_count, tile_n);
         d["k"] = fer_edge::igemm90::TILE_K;
         return d;
       },
-      py::arg("cout"), py::arg("tile_n") = 0,
-      "the cutlass90 kernels' tile (pixels m, channels n, k per step) for a launch of `cout` channels "
-      "(tile_n: 64 or 128 instead of the choice)");
+      py::arg("m"), py::arg("cout"), py::arg("sm_count"), py::arg("tile_n") = 0,
+      "the cutlass90 kernels' tile (pixels m, channels n, k per step) for a launch of m = n*h*w pixels and "
+      "`cout` channels on sm_count SMs (tile_n: 64 or 128 instead of the choice)");
 
   // The large-batch path's tile per branch and its input rules (host code, in every build).
   m.def(
@@ -246,6 +246,8 @@ PYBIND11_MODULE(_C, m) {
           throw std::invalid_argument("fused_ms_conv: variant must be 0 (simt), 1 (wmma), 2 (splitk), 3 (mma), "
                                       "4 (cutlass), 5 (stem), 6 (cutlass90), 7 (cutlass_window) or "
                                       "8 (cutlass90_window)");
+        if (!fer_edge::igemm90::valid_tile_n(cutlass90_tile_n))
+          throw std::invalid_argument("fused_ms_conv: cutlass90_tile_n must be 0, 64 or 128");
         MsConvArgs a = make_args(x, out, w1, b1, w3, b3, w5, b5, n, c, h, w, c1, c3, c5, layout, relu,
                                  /*empty_branches=*/true);
         a.wp = wp;

@@ -343,7 +343,7 @@ void launch_cutlass(const MsConvArgs& a, DType dtype, std::uintptr_t stream, boo
     throw std::invalid_argument("fused_ms_conv: the " + name + " kernel needs compute capability 8.0+; "
                                 "choose simt, splitk or cudnn on this GPU");
 #ifdef FER_EDGE_WITH_CUTLASS_SM90
-  if (hopper) return igemm90::launch(a, stream, form, tile_n);
+  if (hopper) return igemm90::launch(a, stream, form, splitk::sm_count_of(dev), tile_n);
 #endif
   igemm::launch(a, stream, splitk::sm_count_of(dev), semaphores, form);
 #endif

@@ -104,14 +104,14 @@ void run_branch(const MsConvArgs& a, const igemm::Branch& b, int ctot, cudaStrea
 
 }  // namespace
 
-void launch(const MsConvArgs& a, std::uintptr_t stream, igemm::Form form, int tile_n) {
+void launch(const MsConvArgs& a, std::uintptr_t stream, igemm::Form form, int sm_count, int tile_n) {
   if (a.n * a.h * a.w > INT32_MAX) throw std::invalid_argument("fused_ms_conv: cutlass90: more than 2^31 pixels");
   if (!valid_tile_n(tile_n)) throw std::invalid_argument("fused_ms_conv: cutlass90 tile_n must be 0, 64 or 128");
   const int ctot = int(a.c1 + a.c3 + a.c5);
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   for (const igemm::Branch& b : igemm::branches(a, form)) {
     if (!b.cout) continue;  // an empty branch (the single-branch case) is skipped
-    if (igemm90::tile_n(b.cout, tile_n) == 128)
+    if (igemm90::tile_n(a.n * a.h * a.w, b.cout, sm_count, tile_n) == 128)
       run_branch<128>(a, b, ctot, s);
     else
       run_branch<64>(a, b, ctot, s);

@@ -165,20 +165,25 @@ namespace igemm90 {
 // 128 pixels x TILE_N channels x 64 (channels x taps) per step, TILE_N 64 or 128.
 constexpr int TILE_M = 128, TILE_K = 64;
 constexpr int TILE_NS[] = {64, 128};
-// A launch's channel tile: 64 for a launch of at most 64 channels (MACNN's 32- and
-// 48-channel branches: a wider tile would mostly multiply padding), 128 above (the
-// 96- to 512-channel launches: as much padding or less, and twice the multiply-adds
-// per value loaded).  tile_n other than 0 replaces the choice (the benchmarks' sweep).
-inline int tile_n(std::int64_t cout, int override_n = 0) {
+// A launch's channel tile for GEMM M = m pixels and N = cout channels on sm_count SMs: 128
+// (twice the multiply-adds per value loaded) unless it pads more channels than 64 does
+// (192 channels: 256 against 192; 96: 128 either way) or its grid would leave SMs idle
+// where 64 gives more blocks (small batches).  override_n other than 0 replaces the choice
+// (the benchmarks' sweep).
+inline int tile_n(std::int64_t m, std::int64_t cout, int sm_count, int override_n = 0) {
   if (override_n) return override_n;
-  return cout > 64 ? 128 : 64;
+  const std::int64_t wide = (cout + 127) / 128, narrow = (cout + 63) / 64;
+  if (wide * 128 > narrow * 64) return 64;
+  const std::int64_t m_tiles = (m + TILE_M - 1) / TILE_M;
+  if (m_tiles * wide < sm_count && narrow > wide) return 64;
+  return 128;
 }
 inline bool valid_tile_n(int n) { return n == 0 || n == 64 || n == 128; }
 
 #ifdef FER_EDGE_WITH_CUTLASS_SM90
 // The same launches on Hopper's wgmma and TMA (the caller checked unsupported() and
 // compute capability 9.0 exactly), no split-K, no buffers; tile_n: tile_n()'s override.
-void launch(const MsConvArgs& a, std::uintptr_t stream, igemm::Form form, int tile_n = 0);
+void launch(const MsConvArgs& a, std::uintptr_t stream, igemm::Form form, int sm_count, int tile_n = 0);
 #endif
 }  // namespace igemm90
 }  // namespace fer_edge

@@ -495,16 +495,21 @@ def test_cutlass_matches_the_reference(case, relu, kernel):
     assert torch.isfinite(y).all()
 
 
-def test_cutlass90_tile_is_64_channels_up_to_64_and_128_above():
-    """The Hopper kernels' channel tile (host code, every build): 64 for MACNN's 32- and
-    48-channel branches, 128 for its 96- to 512-channel launches; 128 pixels and 64 of K
-    per step either way; an override of 64 or 128 replaces the choice, nothing else."""
-    assert [_C.igemm90_tile(c)["n"] for c in (8, 32, 48, 64, 65, 96, 192, 512)] == [64] * 4 + [128] * 4
-    assert _C.igemm90_tile(512)["m"] == 128 and _C.igemm90_tile(512)["k"] == 64
-    assert _C.igemm90_tile(32, 128)["n"] == 128 and _C.igemm90_tile(512, 64)["n"] == 64
-    for bad in ({"cout": 0}, {"cout": 64, "tile_n": 96}):
+def test_cutlass90_tile_is_128_channels_unless_it_pads_more_or_starves_the_gpu():
+    """The Hopper kernels' channel tile (host code, every build): 128 channels where it
+    pads no more than 64 does and its grid still covers the SMs, else 64; 128 pixels and
+    64 of K per step either way; an override of 64 or 128 replaces the choice."""
+    tile = lambda m, cout, sms=132, t=0: _C.igemm90_tile(m, cout, sms, t)["n"]  # noqa: E731
+    big = 256 * 12 * 12   # L3's pixels at batch 256: a grid far larger than the GPU
+    assert [tile(big, c) for c in (32, 48, 64, 96, 128, 192, 256, 512)] == [64, 64, 64, 128, 128, 64, 128, 128]
+    # Batch 1 of L3 as one window launch (144 pixels, 256 channels): 2 blocks of 128 channels
+    # would leave 130 SMs idle where 64 gives 4; and a 16-SM GPU takes the same.
+    assert tile(144, 256) == 64 and tile(144, 256, 16) == 64 and tile(144 * 64, 256, 16) == 128
+    assert _C.igemm90_tile(big, 512, 132)["m"] == 128 and _C.igemm90_tile(big, 512, 132)["k"] == 64
+    assert tile(big, 32, t=128) == 128 and tile(big, 512, t=64) == 64
+    for bad in ((big, 0, 132, 0), (big, 64, 132, 96), (0, 64, 132, 0)):
         with pytest.raises(ValueError):
-            _C.igemm90_tile(**bad)
+            _C.igemm90_tile(*bad)
 
 
 @requires_cuda
