@@ -31,8 +31,11 @@ def choose_row(bench: dict, margin: float) -> dict:
     """One table row from one benchmark row (a layer, batch and dtype on one GPU)."""
     cin, c1, c3, c5 = bench["channels"]
     cudnn_us = min(bench[f"{b}_us"] for b in CUDNN_WAYS if f"{b}_us" in bench)
+    # A kernel whose kept buffers the run found dirty ("splitk counters") was not measured as it runs.
+    dirty = {entry.split()[0] for entry in bench.get("dirty_buffers", [])}
     candidates = {k: bench[f"fused_{k}_us"] for k in KERNELS
-                  if f"fused_{k}_us" in bench and bench.get(f"fused_{k}_err", 1.0) <= MAX_REL_ERROR[bench["dtype"]]}
+                  if f"fused_{k}_us" in bench and k not in dirty
+                  and bench.get(f"fused_{k}_err", 1.0) <= MAX_REL_ERROR[bench["dtype"]]}
     best = min(candidates, key=candidates.get) if candidates else None
     speedup = cudnn_us / candidates[best] if best else 0.0
     choice = best if best and speedup >= margin else CUDNN

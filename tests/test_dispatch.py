@@ -102,6 +102,8 @@ def test_benchmark_rows_become_table_rows():
     slow = bench_row(fused_splitk_us=39.0, fused_wmma_us=45.0)
     assert md.choose_row(slow, 1.05)["choice"] == "cudnn"
     assert md.choose_row(slow, 1.0)["choice"] == "splitk"
+    # a kernel whose kept buffers the run left dirty was not measured as it runs: never chosen
+    assert md.choose_row(bench_row(dirty_buffers=["splitk counters"]), 1.05)["choice"] == "wmma"
 
 
 def test_new_measurements_replace_only_their_gpu_rows():
