@@ -6,7 +6,6 @@ Rows (each timed in the same run, same input, same weights):
   train          the train-form model (BatchNorm, asymmetric branches), eager
   merged         merge(model, use_kernel=False): square convs, three per MAConv + cat
   merged+graph   `merged` captured in one CUDA graph (CUDA only)
-  merged+compile torch.compile(`merged`, mode=--compile-mode)  (the baseline: max-autotune on CUDA)
   kernel         merge(model): every MAConv runs fer_edge's fused kernel on the CPU;
                  on CUDA each runs what the kernel dispatch table chooses for its
                  shape, dtype and batch (cuDNN where nothing was measured faster)
@@ -17,6 +16,9 @@ Rows (each timed in the same run, same input, same weights):
   cutlass+graph  every MAConv with channels in multiples of 8 forced to the large-batch CUTLASS
                  path, in a CUDA graph (fp16, sm_80+, builds with it)
   cutlass90+graph  the same on Hopper's wgmma and TMA (compute capability 9.0)
+  merged+compile torch.compile(`merged`, mode=--compile-mode)  (the baseline: max-autotune on CUDA;
+                 last, since its compile can take minutes: --only merged+compile fills
+                 inductor's caches ahead, in another process)
 Columns: median milliseconds per batch, images/s, speed-up over
 `merged+compile` (x compile) and over `train`, and the relative error of the
 logits against the float32 merged model (a speed trick may not change results).
@@ -78,7 +80,6 @@ def variants(train, device: str, dtype, compile_mode: str, sample):
     out = {"train": prep(copy.deepcopy(train)), "merged": plain}
     if device == "cuda":
         out["merged+graph"] = lambda: graphed(plain, sample)
-    out["merged+compile"] = lambda: torch.compile(plain, mode=compile_mode)
     out["kernel"] = fused
     if device == "cuda":
         out["kernel+graph"] = lambda: graphed(fused, sample)
@@ -90,6 +91,8 @@ def variants(train, device: str, dtype, compile_mode: str, sample):
         if dtype == torch.float16 and build_info().get("cutlass_sm90") and torch.cuda.get_device_capability() == (9, 0):
             out["cutlass90+graph"] = lambda: graphed(forced(prep(merge(train, use_kernel=True)), "cutlass90"),
                                                      sample)
+    # Last: its compile can take minutes (max-autotune), and a time limit then keeps the rest.
+    out["merged+compile"] = lambda: torch.compile(plain, mode=compile_mode)
     return out
 
 
@@ -135,7 +138,7 @@ def run(args, on_rows=lambda rows: None) -> list[dict]:
         methods = variants(train, device, dtype, compile_mode, xs)
         times, errors, notes = {}, {}, {}
         for name, fn in methods.items():
-            if name in args.skip:
+            if not wanted(args, name):
                 continue
             try:
                 with torch.inference_mode():
@@ -155,7 +158,7 @@ def run(args, on_rows=lambda rows: None) -> list[dict]:
                   file=sys.stderr)
         base = times.get("merged+compile")
         for name in methods:
-            if name in args.skip:
+            if not wanted(args, name):
                 continue
             ms = times.get(name)
             rows.append({
@@ -169,6 +172,11 @@ def run(args, on_rows=lambda rows: None) -> list[dict]:
             })
         on_rows(rows)  # written after every batch size: a run cut short keeps what it measured
     return rows
+
+
+def wanted(args, name: str) -> bool:
+    """Whether a variant runs: not in --skip, and in --only when that is given."""
+    return name not in args.skip and (not args.only or name in args.only)
 
 
 def print_table(rows):
@@ -194,6 +202,8 @@ def main(argv=None):
     p.add_argument("--weights", help="a train-form MACNN checkpoint instead of random weights")
     p.add_argument("--compile-mode", help="torch.compile mode (default: max-autotune on cuda, default on cpu)")
     p.add_argument("--skip", nargs="*", default=[], help="variants to leave out, e.g. merged+compile")
+    p.add_argument("--only", nargs="*", default=[],
+                   help="run only these variants, e.g. merged+compile (to fill torch.compile's caches ahead)")
     p.add_argument("--repeat", type=int, help="timed runs per variant (default 200 cuda, 30 cpu)")
     p.add_argument("--threads", type=int, help="CPU threads (default: all)")
     args = p.parse_args(argv)
