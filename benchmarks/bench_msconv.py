@@ -166,6 +166,35 @@ def graphed(fn, inputs, calls: int = 1):
     return replay
 
 
+def direct_call(x, fw, wp, kernel: str, buffers=(None, None), **options):
+    """A callable that launches one of our CUDA kernels on inputs shaped like x (channels_last)
+    straight through the extension, with msconv_cuda's launch options (mma_bm, mma_kchunk,
+    mma_pdl, cutlass90_tile_n): what the tile sweeps time.  It keeps the pack, the biases and
+    the buffers alive for as long as it lives (a CUDA graph of it reads them)."""
+    from fer_edge import _C
+    from fer_edge.dispatch import KERNELS
+
+    w1, b1, w3, b3, w5, b5 = fw
+    n, c, h, w = x.shape
+    c1, c3, c5 = w1.shape[0], w3.shape[0], w5.shape[0]
+    biases = [b.contiguous() for b in (b1, b3, b5)]
+    ws, counters = buffers
+    dtype = {torch.float32: 0, torch.float16: 1}[x.dtype]
+
+    def call(xx):
+        out = torch.empty(n, c1 + c3 + c5, h, w, dtype=xx.dtype, device=xx.device,
+                          memory_format=torch.channels_last)
+        _C.msconv_cuda(xx.data_ptr(), out.data_ptr(), w1.data_ptr(), biases[0].data_ptr(), w3.data_ptr(),
+                       biases[1].data_ptr(), w5.data_ptr(), biases[2].data_ptr(), n, c, h, w, c1, c3, c5, 1, True,
+                       dtype, torch.cuda.current_stream().cuda_stream, wp.data_ptr(), KERNELS[kernel],
+                       ws.data_ptr() if ws is not None else 0, counters.data_ptr() if counters is not None else 0,
+                       **options)
+        return out
+
+    call.keep = (wp, biases, buffers)
+    return call
+
+
 def dirty_buffers(kept: dict) -> list[str]:
     """Which kept buffers that must be zero between calls (kernels.zero_state) are
     not: one kernel disturbing another's state makes that one wrong from then on."""

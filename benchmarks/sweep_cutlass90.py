@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_msconv import LAYERS, eager, graphed, make_layer, print_aligned, single_branch, time_fn  # noqa: E402
+from bench_msconv import (LAYERS, direct_call, eager, graphed, make_layer, print_aligned,  # noqa: E402
+                          single_branch, time_fn)
 
 from fer_edge import _C  # noqa: E402
-from fer_edge.dispatch import KERNELS  # noqa: E402
 from fer_edge.kernels import kernel_unsupported, make_pack, pack_kind  # noqa: E402
 
 TILES_N = (0, 64, 128)   # 0: the rule's choice per launch
@@ -40,23 +40,7 @@ def launch_couts(kernel: str, c1: int, c3: int, c5: int) -> list[int]:
 
 def cutlass90_call(x, fw, kernel: str, tile_n: int):
     """fused_ms_conv's launch of a Hopper CUTLASS kernel with this channel tile."""
-    w1, b1, w3, b3, w5, b5 = fw
-    n, c, h, w = x.shape
-    c1, c3, c5 = w1.shape[0], w3.shape[0], w5.shape[0]
-    wp = make_pack(pack_kind(kernel), *fw)
-    biases = [b.contiguous() for b in (b1, b3, b5)]
-
-    def call(xx):
-        out = torch.empty(n, c1 + c3 + c5, h, w, dtype=xx.dtype, device=xx.device,
-                          memory_format=torch.channels_last)
-        _C.msconv_cuda(xx.data_ptr(), out.data_ptr(), w1.data_ptr(), biases[0].data_ptr(), w3.data_ptr(),
-                       biases[1].data_ptr(), w5.data_ptr(), biases[2].data_ptr(), n, c, h, w, c1, c3, c5, 1, True,
-                       1, torch.cuda.current_stream().cuda_stream, wp.data_ptr(), KERNELS[kernel],
-                       cutlass90_tile_n=tile_n)
-        return out
-
-    call.keep = (wp, biases)   # alive as long as the call (a graph of it reads them)
-    return call
+    return direct_call(x, fw, make_pack(pack_kind(kernel), *fw), kernel, cutlass90_tile_n=tile_n)
 
 
 def sweep(layers, batches, repeat: int, on_rows=lambda rows: None) -> list[dict]:

@@ -24,11 +24,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_msconv import (BACK_TO_BACK, LAYERS, eager, graphed, make_layer,  # noqa: E402
+from bench_msconv import (BACK_TO_BACK, LAYERS, direct_call, eager, graphed, make_layer,  # noqa: E402
                           print_aligned, time_fn)
 
 from fer_edge import _C  # noqa: E402
-from fer_edge.dispatch import KERNELS  # noqa: E402
 from fer_edge.kernels import kernel_unsupported, pack_krsc_weights  # noqa: E402
 
 TILES_M = (16, 32, 48, 64)
@@ -47,24 +46,12 @@ def chunks_for(cin: int, c1: int, c3: int, c5: int) -> list[int]:
 def mma_call(x, fw, wp, bm: int, kchunk: int, pdl: bool = True):
     """fused_ms_conv's mma launch with this pixel tile and K chunk (its own buffers); pdl=False:
     an ordinary launch instead of a programmatic dependent one (compute capability 9.0+)."""
-    w1, b1, w3, b3, w5, b5 = fw
     n, c, h, w = x.shape
-    c1, c3, c5 = w1.shape[0], w3.shape[0], w5.shape[0]
+    c1, c3, c5 = (t.shape[0] for t in fw[::2])
     plan = _C.mma_plan(n, c, h, w, c1, c3, c5, _C.sm_count(x.device.index or 0), bm, kchunk)
     ws = torch.zeros(max(1, plan["workspace_floats"]), dtype=torch.float32, device=x.device)
     counters = torch.zeros(max(1, plan["counters"]), dtype=torch.int32, device=x.device)
-    biases = [b.contiguous() for b in (b1, b3, b5)]
-
-    def call(xx):
-        out = torch.empty(n, c1 + c3 + c5, h, w, dtype=xx.dtype, device=xx.device,
-                          memory_format=torch.channels_last)
-        _C.msconv_cuda(xx.data_ptr(), out.data_ptr(), w1.data_ptr(), biases[0].data_ptr(), w3.data_ptr(),
-                       biases[1].data_ptr(), w5.data_ptr(), biases[2].data_ptr(), n, c, h, w, c1, c3, c5, 1, True,
-                       1, torch.cuda.current_stream().cuda_stream, wp.data_ptr(), KERNELS["mma"],
-                       ws.data_ptr(), counters.data_ptr(), mma_bm=bm, mma_kchunk=kchunk, mma_pdl=pdl)
-        return out
-
-    return call, plan
+    return direct_call(x, fw, wp, "mma", (ws, counters), mma_bm=bm, mma_kchunk=kchunk, mma_pdl=pdl), plan
 
 
 def sweep(layers, batches, repeat: int, on_rows=lambda rows: None, planned_only: bool = False) -> list[dict]:

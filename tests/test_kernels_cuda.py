@@ -528,14 +528,16 @@ def test_cutlass90_each_tile_matches_the_reference(kernel, tile_n):
     n, c, h, w = x.shape
     wp = make_pack(pack_kind(kernel), w1, b1, w3, b3, w5, b5)
     out = torch.empty(n, 256, h, w, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
-    _C.msconv_cuda(x.data_ptr(), out.data_ptr(), w1.data_ptr(), b1.data_ptr(), w3.data_ptr(), b3.data_ptr(),
-                   w5.data_ptr(), b5.data_ptr(), n, c, h, w, 64, 96, 96, 1, True, 1,
-                   torch.cuda.current_stream().cuda_stream, wp.data_ptr(), KERNELS[kernel], cutlass90_tile_n=tile_n)
-    assert rel_norm(out.cpu(), _cutlass_reference(case, True)) <= FP16_REL_NORM
-    with pytest.raises(ValueError, match="tile_n must be 0, 64 or 128"):
+
+    def launch(tile):
         _C.msconv_cuda(x.data_ptr(), out.data_ptr(), w1.data_ptr(), b1.data_ptr(), w3.data_ptr(), b3.data_ptr(),
                        w5.data_ptr(), b5.data_ptr(), n, c, h, w, 64, 96, 96, 1, True, 1,
-                       torch.cuda.current_stream().cuda_stream, wp.data_ptr(), KERNELS[kernel], cutlass90_tile_n=96)
+                       torch.cuda.current_stream().cuda_stream, wp.data_ptr(), KERNELS[kernel], cutlass90_tile_n=tile)
+
+    launch(tile_n)
+    assert rel_norm(out.cpu(), _cutlass_reference(case, True)) <= FP16_REL_NORM
+    with pytest.raises(ValueError, match="tile_n must be 0, 64 or 128"):
+        launch(96)
 
 
 @requires_cuda
