@@ -107,12 +107,26 @@ class Track:
     hits: int = 1
 
 
+def clip_box(box, width: int, height: int) -> list[int]:
+    """x, y, w, h cut to the frame: a face at the edge is boxed where it is
+    seen (tracks and crops keep the detector's whole box)."""
+    x0, y0 = min(max(int(box[0]), 0), width), min(max(int(box[1]), 0), height)
+    x1, y1 = min(max(int(box[0]) + int(box[2]), x0), width), min(max(int(box[1]) + int(box[3]), y0), height)
+    return [x0, y0, x1 - x0, y1 - y0]
+
+
+def missed_frames(last_seen: int, frame: int) -> int:
+    """Frames between a face's last sighting and ``frame`` in which it was not seen."""
+    return frame - last_seen - 1
+
+
 class Tracker:
     """Greedy IoU matching of this frame's faces to live tracks; each track keeps
     an exponential moving average of the class probabilities (alpha = weight of
-    the new frame), so one odd frame does not flip the label.  A track not seen
-    for more than ``max_age`` frames expires (its face left, or a new face in
-    the same place must not inherit its probabilities)."""
+    the new frame), so one odd frame does not flip the label.  A track missing
+    from more than ``max_age`` frames in a row expires (its face left, or a new
+    face in the same place must not inherit its probabilities); with 0, a face
+    keeps its track only from one frame to the next."""
 
     def __init__(self, alpha: float = 0.4, iou_threshold: float = 0.3, max_age: int = 15):
         self.alpha, self.iou_threshold, self.max_age = alpha, iou_threshold, max_age
@@ -121,7 +135,7 @@ class Tracker:
 
     def update(self, boxes: np.ndarray, probs: np.ndarray, frame: int) -> list[Track]:
         # Expire first: a track older than the gap must not match this frame's faces.
-        self.tracks = [t for t in self.tracks if frame - t.last_frame <= self.max_age]
+        self.tracks = [t for t in self.tracks if missed_frames(t.last_frame, frame) <= self.max_age]
         pairs = sorted(((iou(t.box, b), ti, bi) for ti, t in enumerate(self.tracks) for bi, b in enumerate(boxes)),
                        reverse=True)
         used_t, used_b, assigned = set(), set(), {}
@@ -264,7 +278,7 @@ class Pipeline:
         for box, p, t, s in zip(boxes, probs, tracks, det.scores):
             k = int(np.argmax(t.probs))
             conf = float(t.probs[k])
-            out.append(Face([int(v) for v in box], self.labels[k] if conf >= self.min_confidence else UNCERTAIN,
+            out.append(Face(clip_box(box, frame_bgr.shape[1], frame_bgr.shape[0]), self.labels[k] if conf >= self.min_confidence else UNCERTAIN,
                             conf, {c: float(v) for c, v in zip(self.labels, t.probs)},
                             self.labels[int(np.argmax(p))], t.id, float(s)))
         t4 = time.perf_counter()

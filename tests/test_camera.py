@@ -27,9 +27,11 @@ from fer_edge.targets.detectors import (
     weighted_nms,
 )
 from fer_edge.targets.pipeline import (
+    Pipeline,
     Tracker,
     aligned_crop,
     alignment_matrix,
+    clip_box,
     crop_square,
     eye_angle,
     iou,
@@ -281,13 +283,37 @@ def test_alignment_undoes_a_rolled_head(roll):
 
 
 # ------------------------------------------------------------------ tracks
+def test_boxes_are_clipped_to_the_frame():
+    assert clip_box([-25, 146, 188, 188], 640, 480) == [0, 146, 163, 188]
+    assert clip_box([600, 400, 100, 100], 640, 480) == [600, 400, 40, 80]
+    assert clip_box([10, 20, 30, 40], 640, 480) == [10, 20, 30, 40]
+    assert clip_box([-50, -50, 20, 20], 640, 480) == [0, 0, 0, 0]
+
+
+def test_a_face_cut_by_the_frame_edge_is_boxed_inside_the_frame():
+    """The astronaut with the left 200 columns cut off (her face starts at
+    x = 180): found, classified, and its output box starts at the edge."""
+    from fer_edge.checkpoint import weights_or_default
+    from fer_edge.predict import TorchBackend
+
+    frame = np.ascontiguousarray(skimage_bgr("astronaut")[:, 200:])
+    backend = TorchBackend(weights_or_default(None))
+    pipe = Pipeline(backend, backend.meta["classes"], backend.preprocess, detector=make_detector("blazeface-short"))
+    (face,) = pipe(frame)
+    x, y, w, h = face.box
+    assert x == 0 and w > 40 and y >= 0 and y + h <= frame.shape[0] and x + w <= frame.shape[1]
+    assert face.label in backend.meta["classes"]
+
+
 def test_tracks_expire_after_the_gap():
     t = Tracker(max_age=5)
     box, p = np.array([[100, 100, 50, 50]]), np.array([[0.2, 0.8]])
     assert t.update(box, p, 0)[0].id == 1
-    assert t.update(box, p, 5)[0].id == 1          # 5 frames after its last sighting: within the gap
-    assert t.update(box, p, 11)[0].id == 2         # 6 frames after: expired, a new track
+    assert t.update(box, p, 6)[0].id == 1          # missing from frames 1-5: within the gap of 5
+    assert t.update(box, p, 13)[0].id == 2         # missing from 7-12, six frames: expired, a new track
     assert [x.id for x in t.tracks] == [2]
+    t0 = Tracker(max_age=0)                        # gap 0: tracks still join consecutive frames
+    assert [t0.update(box, p, f)[0].id for f in (0, 1, 2, 4, 5)] == [1, 1, 1, 2, 2]
     assert track_gap_frames("15", 25) == 15 and track_gap_frames("0.5s", 30) == 15
     assert track_gap_frames("2s", None) == 60      # 30 frames/s when the source does not say
     for bad in ("-1", "x", "-0.5s"):
@@ -350,6 +376,7 @@ def test_video_tracks_expire_after_track_gap(tmp_path):
         return sorted({e["track_id"] for e in events})
 
     assert track_ids("--track-gap", "10") == [1]
+    assert track_ids("--track-gap", "6") == [1]            # six missing frames are within a gap of 6
     assert track_ids("--track-gap", "5") == [1, 2]
     assert track_ids("--track-gap", "0.3s") == [1, 2]      # 3 frames at 10 frames/s
     assert track_ids("--track-gap", "1s") == [1]

@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import json
 import sys
+import time
 from pathlib import Path
 
 from fer_edge import UserError
@@ -89,11 +90,14 @@ def face_event(face, t: float, index: int, name: str) -> dict:
             "raw_label": face.raw_label, "probs": {k: round(v, 5) for k, v in face.probs.items()}}
 
 
-def process(args, source, pipe, sink, events, progress, show: bool) -> bool:
+def process(args, source, pipe, sink, events, progress, show: bool, clock: dict) -> bool:
     """Run every frame through the pipeline; True when a camera run was
-    interrupted (Ctrl-C ends a camera run: what was seen so far is kept)."""
+    interrupted (Ctrl-C ends a camera run: what was seen so far is kept).
+    ``clock["seconds"]`` gets the loop's wall time: reading, drawing and
+    writing included, which the pipeline's own stage times leave out."""
     # Images of a folder are unrelated: a face in one must never continue a track of another.
     still = source.kind in ("image", "folder")
+    start = time.perf_counter()
     try:
         for index, t, frame, name in source:
             if still:
@@ -113,6 +117,8 @@ def process(args, source, pipe, sink, events, progress, show: bool) -> bool:
         if source.kind != "camera":
             raise
         return True
+    finally:
+        clock["seconds"] = time.perf_counter() - start
     return False
 
 
@@ -131,7 +137,7 @@ def show_and_save(frame, faces, name, sink, show: bool) -> bool:
     return True
 
 
-def run_with_outputs(args, source, pipe) -> bool:
+def run_with_outputs(args, source, pipe, clock: dict) -> bool:
     """process() with its outputs: events through a temp file renamed into place,
     annotated frames through the Sink; a failure leaves neither behind."""
     from fer_edge.converters.progress import NO_PROGRESS, Progress
@@ -149,7 +155,7 @@ def run_with_outputs(args, source, pipe) -> bool:
     def run(events_path=None):
         nonlocal interrupted
         with open(events_path, "w", encoding="utf-8") if events_path else contextlib.nullcontext() as events:
-            interrupted = process(args, source, pipe, sink, events, progress, show)
+            interrupted = process(args, source, pipe, sink, events, progress, show, clock)
         if source.kind == "folder" and pipe.frames == 0:   # every image failed to decode: say so, keep nothing
             raise UserError(f"{args.source}: none of its images could be used ({len(source.skipped)} skipped, "
                             f"first: {source.skipped[0]})")
@@ -183,7 +189,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
                     tracker=Tracker(max_age=track_gap_frames(args.track_gap, source.fps)))
     try:
         pipe.check_model()   # before the first frame: an artifact that cannot run its own input
-        interrupted = run_with_outputs(args, source, pipe)
+        clock = {"seconds": 0.0}
+        interrupted = run_with_outputs(args, source, pipe, clock)
     except BundleError as exc:
         raise UserError(f"{args.bundle or args.weights}: {exc}") from None
     if source.skipped:
@@ -191,10 +198,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
               file=sys.stderr)
     s = pipe.stats()
     ms = s["ms_per_frame"]
+    wall = clock["seconds"]
     print(f"{s['frames']} frames, {s['faces']} faces, {desc}, detector {detector.name}"
-          f"{', aligned' if args.align else ''}, temperature {pipe.temperature:g}: {s['fps']:.1f} frames/s; "
-          f"ms per frame: detect {ms['detect']:.2f}, preprocess {ms['preprocess']:.2f}, "
-          f"infer {ms['infer']:.2f}, postprocess {ms['postprocess']:.2f}")
+          f"{', aligned' if args.align else ''}, temperature {pipe.temperature:g}: "
+          f"{s['frames'] / wall if wall > 0 else 0.0:.1f} frames/s end to end "
+          f"({s['fps']:.1f} in the pipeline alone); pipeline ms per frame: detect {ms['detect']:.2f}, "
+          f"preprocess {ms['preprocess']:.2f}, infer {ms['infer']:.2f}, postprocess {ms['postprocess']:.2f}")
     if interrupted:
         print(f"fer-edge predict: interrupted after {s['frames']} frames; what was seen so far is saved",
               file=sys.stderr)
