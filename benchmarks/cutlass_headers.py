@@ -2,8 +2,8 @@
 """Pack CUTLASS's C++ headers for a GPU machine without internet, where
 `pip install` cannot fetch the nvidia-cutlass build requirement.
 
-    pip download nvidia-cutlass==4.2.0.0 --no-deps -d /tmp/cutlass
-    python benchmarks/cutlass_headers.py /tmp/cutlass/nvidia_cutlass-4.2.0.0-py3-none-any.whl
+    pip download nvidia-cutlass==4.2.0.0 --no-deps -d downloads
+    python benchmarks/cutlass_headers.py downloads/nvidia_cutlass-4.2.0.0-py3-none-any.whl
 
 writes .data/cutlass-include.tar.xz; `bash benchmarks/gpu_check.sh` unpacks it
 and builds the large-batch path against it (FER_EDGE_CUTLASS_INCLUDE).

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Both GPU checks in one call of about 9 minutes: a training stage of gpu_train.sh runs in the
+# Both GPU checks in one run of about 9 minutes: a training stage of gpu_train.sh runs in the
 # background while the CUDA kernels are built (into their own folder, so the training's install is
 # untouched) and their correctness checks run beside it (the CUDA tests and compute-sanitizer
 # memcheck and racecheck: none of these is a timing); once the training is done, the layer benchmark runs alone
@@ -7,26 +7,27 @@
 #
 #   mkdir -p .data && tar -C ../shared/data/fer2013 -cJf .data/fer2013.tar.xz train publictest
 #   bash benchmarks/gpu_both.sh full            (TRAIN_LIMIT=400 seconds of training stage)
-#   TRAIN_LIMIT=300 bash benchmarks/gpu_both.sh compact   (more of the call left for the timings)
+#   TRAIN_LIMIT=300 bash benchmarks/gpu_both.sh compact   (more of the run left for the timings)
 #
-# What comes back in $OUT: the training stage's files (see gpu_train.sh) and kernel/ (check.log,
+# What it writes to $OUT: the training stage's files (see gpu_train.sh) and kernel/ (check.log,
 # check-beside-training.log, compile-warm.log, msconv.json, kernel_dispatch.json, model.json, mma_planned.json, mma_sweep.json,
 # cutlass90_sweep.json, train-console.log; with PROFILE=1 mma-L2/L4.ncu-rep).
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 START=$(date +%s)
-K=$OUT/kernel; KPKG=/tmp/fer-edge-cuda; mkdir -p "$K"   # under $OUT: it comes back even if the call is cut
+TMP=${TMPDIR:-/tmp}
+K=$OUT/kernel; KPKG=$TMP/fer-edge-cuda; mkdir -p "$K"   # under $OUT: kept even if the run is cut
 
 LIMIT=${TRAIN_LIMIT:-400} RESERVE=${TRAIN_RESERVE:-60} OUT=$OUT bash benchmarks/gpu_train.sh "${@:-full}" \
   > "$K/train-console.log" 2>&1 &
 TRAIN=$!
 
 echo "== kernel build ($(date +%T))"
-rm -rf /tmp/fer-edge-wheel "$KPKG"   # a warm machine keeps /tmp: never install over an earlier call's build
+rm -rf "$TMP/fer-edge-wheel" "$KPKG"   # never install over an earlier run's build
 source benchmarks/gpu_build.sh
-gpu_build wheel -v . -w /tmp/fer-edge-wheel
-python3 -m pip install -q --no-deps --target "$KPKG" /tmp/fer-edge-wheel/fer_edge-*.whl 2>&1 | tail -3
+gpu_build wheel -v . -w "$TMP/fer-edge-wheel"
+python3 -m pip install -q --no-deps --target "$KPKG" "$TMP"/fer-edge-wheel/fer_edge-*.whl 2>&1 | tail -3
 export PYTHONPATH=$KPKG   # the kernels' build for everything below; the training keeps its own
 echo "   built after $(( $(date +%s) - START )) s"
 
@@ -40,7 +41,7 @@ TORCHINDUCTOR_COMPILE_THREADS=8 timeout ${WARM_LIMIT:-330} nice -n 10 python3 -P
 WARM=$!
 
 # Beside the training: correctness, not speed (bounded so that the timings below keep most of
-# what is left of the call).
+# what is left of the run).
 OUT=$K STEPS="${BESIDE_STEPS:-test sanitize}" TEST_LIMIT=${TEST_LIMIT:-150} MEMCHECK_LIMIT=${MEMCHECK_LIMIT:-80} \
   RACECHECK_LIMIT=${RACECHECK_LIMIT:-50} bash benchmarks/gpu_check.sh > /dev/null 2>&1
 mv "$K/check.log" "$K/check-beside-training.log"
@@ -57,7 +58,7 @@ echo "== max-autotune compile ahead: $([ -n "$WARMED" ] && echo done || echo "no
 grep -E "merged\+compile" "$K/compile-warm.log" | head -2
 tail -12 "$K/train-console.log"
 
-# Alone on the GPU: the timings, in what is left of the call (CALL_LIMIT seconds, 580).  With 200 s
+# Alone on the GPU: the timings, in what is left of the run (CALL_LIMIT seconds, 580).  With 200 s
 # or more left, 75 s go to the tile sweeps (the mma kernel's planned tiles and its tiles at batch 8,
 # 25 s each, the Hopper CUTLASS kernels' 25 s); of the rest a third to the whole-model benchmark
 # (at most 100 s), the rest to the layer benchmark (at most 300 s; it keeps what it measured); none

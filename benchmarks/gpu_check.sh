@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The fused kernels on a GPU machine.  Each step has its own time limit, so a slow step costs its
-# own result, not the call's; all of them together may take longer than one 10-minute call, so
-# pick STEPS (or use gpu_both.sh, which bounds them to its call):
+# own result, not the run's; all of them together may take longer than ten minutes, so
+# pick STEPS (or use gpu_both.sh, which bounds them to its run):
 #   1. build for the local GPU (benchmarks/gpu_build.sh: its architecture by number, with the
 #      CUTLASS paths when .data/cutlass-include.tar.xz is there, which benchmarks/cutlass_headers.py
 #      makes: the machine has no internet to fetch nvidia-cutlass)
@@ -13,7 +13,7 @@
 #   5. compute-sanitizer memcheck and racecheck on the small-batch, CUTLASS and stem kernels' tests
 #   6. the mma kernel's tile sweep (benchmarks/sweep_mma.py) -> mma_sweep.json, and an Nsight
 #      Compute profile of it at batch 1 (L2 and L4, fp16)
-# Everything printed goes to check.log; what comes back: check.log, msconv.json, model.json,
+# Everything printed goes to check.log; what it writes to $OUT: check.log, msconv.json, model.json,
 # kernel_dispatch.json, mma_sweep.json, mma-L2.ncu-rep, mma-L4.ncu-rep.  STEPS="bench model" runs a subset.
 #   STEPS="build bench model" bash benchmarks/gpu_check.sh   (the timings: about 8 minutes)
 #   STEPS=model COMPILE=1 bash benchmarks/gpu_check.sh   (adds torch.compile max-autotune: minutes)

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# Train on a remote GPU machine and pack the results for transfer: one stage per command, run
+# Train on a GPU machine and pack the results for transfer: one stage per command, run
 # from a copy of this working tree.  Each stage trains for $LIMIT seconds at most (540), then
-# evaluates on PublicTest (plain and ten-crop) and packs what should come back into $OUT: a few
+# evaluates on PublicTest (plain and ten-crop) and packs what to keep into $OUT: a few
 # files, the weights as float16 parts of at most 16 MiB (ship_weights.py --chunk-mib).
 #
 # Carry the data in the ignored .data/ folder (and, for `compact`, the logits of earlier stages),
 # as fer2013.tar.xz (39 MB: xz shares the faces' identical JPEG headers) or as the 57 MB zip:
 #   mkdir -p .data && tar -C ../shared/data/fer2013 -cJf .data/fer2013.tar.xz train publictest
 #
-# Stages, in the order of the accuracy plan (one call each):
+# Stages, in the order of the accuracy plan (one run each):
 #   full [SEED]  a) full-width MACNN, --recipe long, batch 256, lr 0.1, CUDA graphs
 #                   (--compile reduce-overhead), up to $EPOCHS (300) epochs in the time budget
 #   vgg16        b) the VGG16-BN baseline trained the same way (and the ensemble's second member;
@@ -16,13 +16,13 @@
 #   compact      c) MACNN width 0.25 distilled offline from every .data/*-logits.safetensors
 #                   (the ensemble of the stages above), --recipe long without batch mixing
 #   paper        d) the MACNN paper's recipe (Adam 1e-4, batch 32, 100 epochs) for MACNN and VGG16
-#                   side by side, CUDA graphs, time-boxed to the call: the comparison the paper makes
+#                   side by side, CUDA graphs, time-boxed to the run: the comparison the paper makes
 #   ckplus-ft INIT   10-fold subject-independent CK+ fine-tuning from INIT (a checkpoint in .data/)
 #   hsnet        the HSNet paper's network, --recipe hsnet-paper then --recipe best, time-boxed like full
 #                   (--no-ktl unless STEM=.data/FILE.safetensors holds Inception-ResNet-v1 face-recognition weights)
 #   smoke        two epochs of a compact MACNN: the build, the data and the packing work
 #
-# What comes back in $OUT (gpu-out): NAME.tar.gz (log, metrics.jsonl, summary.json and the
+# What it writes to $OUT (gpu-out): NAME.tar.gz (log, metrics.jsonl, summary.json and the
 # PublicTest report eval.json with ten-crop), NAME-logits.safetensors (the best checkpoint's
 # face-and-mirror logits on the training faces, for `compact`) and the best weights as float16
 # parts NAME.partNN (unpack: python benchmarks/ship_weights.py unpack gpu-out/NAME.part* NAME.safetensors,
@@ -35,7 +35,7 @@ set -uo pipefail
 START=$(date +%s)
 STAGE=${1:-smoke}
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
-LIMIT=${LIMIT:-540}; RESERVE=${RESERVE:-90}   # seconds: the call's training limit, and what eval + packing need
+LIMIT=${LIMIT:-540}; RESERVE=${RESERVE:-90}   # seconds: the run's training limit, and what eval + packing need
 SEED=${SEED:-1}; [ "$STAGE" = full ] && SEED=${2:-$SEED}
 DEV=${DEVICE:-cuda}
 if [ "$DEV" = cuda ]; then COMPILE=${COMPILE-reduce-overhead}; else COMPILE=${COMPILE-}; fi

@@ -4,7 +4,8 @@ VGG16 body: 13 convolutions in 5 stages (64,64 | 128,128 | 256x3 | 512x3 |
 512x3), BN + ReLU after each, 2x2 max-pool after each stage, then global
 average pooling, dropout and one linear layer.  MACNN replaces the first
 convolution of the stages listed in ``maconv_stages`` (default: all five) by
-an MAConv; VGG16 is the same body with none replaced.
+an MAConv; VGG16 is the same body with none replaced.  Where the MAConvs sit
+and their widths are our choice: the paper's text does not place them.
 """
 from __future__ import annotations
 

@@ -2,9 +2,10 @@
 
 ``paper``: the MACNN paper's setting (Adam, lr 1e-4, batch 32, 100 epochs).
 Two readings are ours, not the paper's word: the paper names no schedule
-(we keep the learning rate constant), and it flips 30% of the RAF-DB images
-horizontally and vertically once, in the data set; here every training image
-is flipped each way with probability 0.3 whenever it is drawn.
+(we keep the learning rate constant), and it "applies a 30% vertical and
+horizontal flipping to the images in the dataset" (RAF-DB) without saying
+how; here every training image is flipped each way with probability 0.3
+whenever it is drawn.
 
 ``hsnet-paper``: the HSNet paper's setting (Adam, lr 0.01, betas 0.9 and
 0.999, batch 32, 500 epochs, ReduceLROnPlateau when the validation loss has
