@@ -57,17 +57,17 @@ def artifact_row(fmt, bundle, ref: np.ndarray, faces: np.ndarray, labels: np.nda
     """One converted bundle measured: parity against ``ref`` on ``faces``, size, latency."""
     from fer_edge.contract import preprocess_faces
     from fer_edge.converters.parity import compare_logits
-    from fer_edge.targets.backends import BackendUnavailable, open_backend
+    from fer_edge.targets.backends import BackendUnavailable, open_artifact
 
     row = format_row(fmt)
     art = bundle.artifacts[0]
     try:
-        backend = open_backend(art.path, art.runtime)
+        backend = open_artifact(art)
     except BackendUnavailable as exc:
         return dict(row, status="runtime missing", error=str(exc))
     x = preprocess_faces(faces, bundle.preprocess)
     r = compare_logits(ref, backend.run(x), labels, fmt.thresholds)
-    one = open_backend(art.path, art.runtime, threads=1)
+    one = open_artifact(art, threads=1)
     return dict(row, status="passed" if r["passed"] else "failed parity", size_mb=art.path.stat().st_size / 1e6,
                 accuracy=r["accuracy"], delta_accuracy_points=r["delta_accuracy_points"],
                 agreement=r["agreement"], max_abs_logit_diff=r["max_abs_logit_diff"],

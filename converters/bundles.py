@@ -130,15 +130,16 @@ def staging(out, force: bool):
 
 
 def build_manifest(fmt, meta: dict, weights, folder: Path, pre: dict, status: str, calibration: dict | None,
-                   dynamic_batch: bool) -> dict:
-    """manifest.json: versions, the source checkpoint, the artifact table and
-    the sha256 of every file already in ``folder``."""
+                   dynamic_batch: bool, release: int | None = None) -> dict:
+    """manifest.json: versions, the release number (when given), the source
+    checkpoint, the artifact table and the sha256 of every file already in ``folder``."""
     h, w = pre["input_size"]
     nhwc = pre["layout"] == "NHWC"
     in_shape = [None if dynamic_batch else 1, *((h, w, 1) if nhwc else (1, h, w))]
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "fer_edge_version": __version__,
         "target": fmt.target, "precision": fmt.precision,
+        **({} if release is None else {"release": int(release)}),
         "source_checkpoint": {"file": Path(weights).name, "path": str(Path(weights).resolve()),
                               "sha256": sha256_file(weights),
                               "arch": meta["arch"], "form": meta["form"], "config": meta["config"]},
@@ -156,7 +157,7 @@ def build_manifest(fmt, meta: dict, weights, folder: Path, pre: dict, status: st
 
 
 def write_bundle(folder: Path, fmt, meta: dict, weights, pre: dict, parity_doc: dict, calibration: dict | None,
-                 dynamic_batch: bool = False, key=None) -> None:
+                 dynamic_batch: bool = False, key=None, release: int | None = None) -> None:
     """Everything beside the artifact (already in ``folder``): labels, preprocess,
     parity, README, then the manifest hashing them all, and its signature with ``key``."""
     from fer_edge.converters.guides import readme
@@ -167,7 +168,7 @@ def write_bundle(folder: Path, fmt, meta: dict, weights, pre: dict, parity_doc: 
     (folder / "preprocess.json").write_bytes(json_bytes(pre))
     (folder / "parity.json").write_bytes(json_bytes(parity_doc))
     (folder / "README.md").write_text(readme(fmt, meta, pre), encoding="utf-8")
-    manifest = build_manifest(fmt, meta, weights, folder, pre, status, calibration, dynamic_batch)
+    manifest = build_manifest(fmt, meta, weights, folder, pre, status, calibration, dynamic_batch, release)
     data = json_bytes(manifest)
     (folder / MANIFEST).write_bytes(data)
     if key is not None:
@@ -206,18 +207,57 @@ def source_checkpoint(bundle, weights=None) -> Path:
     recorded = src.get("path", src.get("file", ""))
     weights = Path(weights) if weights else Path(recorded if isinstance(recorded, str) else "")
     if not weights.is_file():
-        raise UserError(f"the PyTorch reference {weights} is not there: pass --weights (the checkpoint "
-                        f"{src.get('file')} with sha256 {src['sha256'][:12]}…)")
+        raise UserError(f"the PyTorch reference {str(weights)!r} is not there: pass --weights (the checkpoint "
+                        f"{str(src.get('file'))[:200]!r} with sha256 {str(src['sha256'])[:12]!r}…)")
     if sha256_file(weights) != src["sha256"]:
         raise UserError(f"{weights} is not the checkpoint this bundle was made from (sha256 differs)")
     return weights
 
 
 def calibration_digests(bundle) -> set[str]:
-    """The pixel hashes of the faces the bundle was calibrated on (left out of parity)."""
+    """The pixel hashes of the faces the bundle was calibrated on (left out of
+    parity).  Only int8 artifacts are calibrated: a bundle without one has none."""
+    from fer_edge.converters.formats import lookup
+
+    if not any(lookup(a.target, a.precision).needs_calib for a in bundle.artifacts):
+        return set()
     cal = bundle.manifest.get("calibration")
     digests = cal.get("face_sha256") if isinstance(cal, dict) else None
     return {d for d in digests if isinstance(d, str)} if isinstance(digests, list) else set()
+
+
+def bundle_formats(bundle) -> list:
+    """The format-table row of each artifact, which sets the thresholds it is
+    judged by.  The row is found by the listed target and precision, and the
+    artifact must be that row's file and runtime (what the listing says is only
+    as trustworthy as the bundle: a signed one is verified before this)."""
+    from fer_edge.converters.formats import lookup
+
+    rows = []
+    for a in bundle.artifacts:
+        fmt = lookup(a.target, a.precision)
+        if (a.file, a.runtime) != (fmt.file, fmt.runtime):
+            raise UserError(f"{bundle.path}: {a.file!r} ({a.runtime!r}) is listed as {fmt.key}, whose artifact is "
+                            f"{fmt.file} run by {fmt.runtime}: not a bundle convert wrote")
+        rows.append(fmt)
+    return rows
+
+
+def check_matches_checkpoint(bundle, meta: dict) -> None:
+    """The bundle's labels.json and preprocess.json are exactly what convert
+    writes for this checkpoint: parity compares logits only, so a reordered
+    class list or another temperature would pass it unseen."""
+    from fer_edge.contract import artifact_preprocess
+
+    if list(bundle.labels) != list(meta["classes"]):
+        raise UserError(f"{bundle.path}: labels.json ({', '.join(bundle.labels)}) is not the checkpoint's class "
+                        f"list ({', '.join(meta['classes'])}): not this checkpoint's bundle, or altered")
+    want = artifact_preprocess(meta["preprocess"], nhwc=bundle.preprocess.get("layout") == "NHWC")
+    diff = sorted(k for k in set(want) | set(bundle.preprocess) if want.get(k) != bundle.preprocess.get(k))
+    if diff:
+        raise UserError(f"{bundle.path}: preprocess.json differs from the checkpoint's pre-processing "
+                        f"({', '.join(map(repr, diff[:8]))[:300]}): not this checkpoint's bundle, altered, or made "
+                        "by an older fer-edge (convert it again)")
 
 
 def remark(bundle, parity_doc: dict, key=None) -> None:

@@ -82,13 +82,15 @@ class FaceSelection:
     root: str
     how: str                 # how the subset was chosen (recorded in the bundle)
     excluded: int = 0        # faces left out because they were calibration faces
+    duplicates: int = 0      # faces left out because an identical face was already in
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def describe(self) -> dict:
         return {"path": self.root, "count": len(self), "files_sha256": files_sha256(self.sources, self.root),
-                "selection": self.how, "excluded_calibration_faces": self.excluded}
+                "selection": self.how, "excluded_calibration_faces": self.excluded,
+                "duplicate_faces": self.duplicates}
 
 
 def read_labelled(path, size: int, classes: list[str], what: str):
@@ -114,10 +116,15 @@ def calibration_subset(path, data, classes: list[str], limit: int, seed: int = 0
 
 def parity_subset(path, data, classes: list[str], limit: int | None, exclude: set[str] | frozenset = frozenset(),
                   seed: int = 0) -> FaceSelection:
-    """Faces of `data` whose digest is not in `exclude`, class-stratified down to
-    `limit` (None: all of them)."""
+    """Faces of `data` whose digest is not in `exclude`, each distinct face once
+    (600 copies of one face are one piece of evidence, not 600), class-stratified
+    down to `limit` (None: all of them)."""
     faces, labels, sources = data
-    keep = np.array([d not in exclude for d in face_digests(faces)], dtype=bool)
+    digests = face_digests(faces)
+    calibration = np.array([d in exclude for d in digests], dtype=bool)
+    first = np.zeros(len(digests), dtype=bool)
+    first[np.unique(np.array(digests, dtype=object), return_index=True)[1].astype(np.int64)] = True
+    keep = first & ~calibration
     pool = np.flatnonzero(keep)
     if limit is not None and limit < len(pool):
         pool = pool[stratified_pick(labels[pool], len(classes), limit, seed)]
@@ -127,7 +134,7 @@ def parity_subset(path, data, classes: list[str], limit: int | None, exclude: se
     if exclude:
         how += ", none of them a calibration face (by pixel sha256)"
     return FaceSelection(faces[pool], labels[pool], [sources[i] for i in pool], str(path), how,
-                         int((~keep).sum()))
+                         int(calibration.sum()), int((~first & ~calibration).sum()))
 
 
 def choose_faces(fmt, calib, parity_data, size: int, classes: list[str], calib_size: int,
@@ -150,6 +157,12 @@ def choose_faces(fmt, calib, parity_data, size: int, classes: list[str], calib_s
     if len(check) == 0:
         raise UserError(f"no faces left for the parity check: all of {source} was used for calibration; "
                         "give --parity-data DIR (labelled faces) or a smaller --calib-size")
+    from fer_edge.converters.parity import too_few_faces
+
+    few = too_few_faces(len(check), [fmt])
+    if few:   # said before the export, not after minutes of it
+        raise UserError(f"{few} (of {source}, after leaving out calibration faces and copies); give --parity-data "
+                        "DIR with more labelled faces, a larger --parity-size, or a smaller --calib-size")
     note = "" if parity_size is None or len(check) >= parity_size else \
         f" (all that is left; fewer than {parity_size}: a coarse check, --parity-data DIR gives more)"
     log(f"parity: {len(check)} faces from {source}, none of them a calibration face{note}")

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from fer_edge.converters.formats import NOISE_MAX_REL_LOGIT, THRESHOLDS
+from fer_edge.converters.formats import MIN_PARITY_FACES, NOISE_MAX_REL_LOGIT, THRESHOLDS
 
 # Without labelled faces, parity runs on this many seeded noise images.
 NOISE_FACES = 64
@@ -23,6 +23,21 @@ STATISTIC = ("thresholds compared with a tolerance of 1e-9; int8 fails when |Δa
 # Threshold comparisons allow this much: Δaccuracy is a difference of float
 # means (3/300 - 0 came out as -1.0000000000000009 points, "failing" a 1.0 limit).
 TOLERANCE = 1e-9
+
+
+def statistical(thresholds: dict) -> bool:
+    """Whether a gate judges top-1 agreement by statistics (fp16, int8), which
+    need enough faces, rather than every face exactly (fp32: each logit within
+    1e-4 on every face, strong evidence of the same function on any number)."""
+    return thresholds.get("agreement") is not None and thresholds["agreement"] < 1.0
+
+
+def too_few_faces(n: int, formats) -> str | None:
+    """Why n distinct labelled faces cannot judge these formats (checked before the long work)."""
+    if n < MIN_PARITY_FACES and any(statistical(f.thresholds) for f in formats):
+        return (f"only {n} distinct labelled faces for the parity check; the {', '.join(f.precision for f in formats)} "
+                f"gate needs at least {MIN_PARITY_FACES}")
+    return None
 
 
 def exceeds(value: float, limit: float, tol: float = TOLERANCE) -> bool:
@@ -132,6 +147,10 @@ def compare_logits(ref: np.ndarray, art: np.ndarray, labels: np.ndarray | None, 
         out.update(accuracy_change(ref.argmax(1), art.argmax(1), np.asarray(labels)))
     t = THRESHOLDS[thresholds] if isinstance(thresholds, str) else thresholds
     failures = []
+    if not np.isfinite(art).all():   # NaN compares false with every limit, and argmax takes it as the top
+        failures.append("the artifact's logits are not all finite (NaN or inf)")
+    if labels is not None and statistical(t) and len(ref) < MIN_PARITY_FACES:
+        failures.append(f"only {len(ref)} distinct labelled faces: a pass needs at least {MIN_PARITY_FACES}")
     if t["max_logit"] is not None and exceeds(out["max_abs_logit_diff"], t["max_logit"]):
         failures.append(f"max |Δlogit| {out['max_abs_logit_diff']:.2e} > {t['max_logit']:.0e}")
     agreement = agreement_failure(agree, len(ref), t["agreement"])
@@ -180,12 +199,13 @@ def reference_logits(model, faces_u8: np.ndarray, preprocess: dict, batch: int =
 
 
 def artifact_logits(path, runtime: str, faces_u8: np.ndarray, preprocess: dict, threads: int | None = None,
-                    backend=None) -> np.ndarray:
-    """The artifact's logits (dequantized for int8) through its runtime."""
+                    backend=None, content: bytes | None = None) -> np.ndarray:
+    """The artifact's logits (dequantized for int8) through its runtime
+    (content: its verified bytes, what the runtime then loads)."""
     from fer_edge.contract import preprocess_faces
     from fer_edge.targets.backends import open_backend
 
-    backend = backend or open_backend(path, runtime, threads)
+    backend = backend or open_backend(path, runtime, threads, content=content)
     return backend.run(preprocess_faces(faces_u8, preprocess))
 
 

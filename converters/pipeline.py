@@ -35,10 +35,11 @@ def check_request(fmt, calib, dynamic_batch: bool) -> None:
 def convert(weights, target: str, precision: str, out, *, calib=None, calib_size: int = 256, parity_data=None,
             parity_size: int | None = PARITY_SIZE, nhwc: bool = False, dynamic_batch: bool = False,
             force: bool = False, calib_method: str = CALIB_METHODS[0], int8_all_layers: bool = False,
-            sign=None, progress: bool = False, log=print) -> dict:
+            sign=None, release: int | None = None, progress: bool = False, log=print) -> dict:
     """Write a bundle; returns its parity report.  Raises UserError for anything the user can fix.
-    sign: a private key file; the bundle then carries manifest.sig.  progress: stage
-    lines and counters on stderr."""
+    sign: a private key file; the bundle then carries manifest.sig.  release: a
+    number recorded in the (signed) manifest, which devices can require a minimum
+    of (predict --min-release).  progress: stage lines and counters on stderr."""
     from fer_edge.checkpoint import load_checkpoint
     from fer_edge.contract import artifact_preprocess
     from fer_edge.converters.bundles import check_out, load_signing_key, staging, write_bundle
@@ -71,7 +72,7 @@ def convert(weights, target: str, precision: str, out, *, calib=None, calib_size
                 report = measure(model, meta, artifact, fmt, pre, check)
             log(format_row(fmt.file, report))
             write_bundle(stage, fmt, meta, weights, pre, parity_document([report], data_record(check)),
-                         calibration_record(calib_sel, calib_method, fmt), dynamic_batch, key)
+                         calibration_record(calib_sel, calib_method, fmt), dynamic_batch, key, release)
     finally:
         bar.close()
     return report
@@ -83,18 +84,28 @@ def parity(bundle, data, weights=None, limit: int | None = None, threads: int | 
     on labelled faces, leaving out the faces the bundle was calibrated on.
     Returns the report, whose "parity" is the new parity.json."""
     from fer_edge.checkpoint import load_checkpoint
-    from fer_edge.converters.bundles import calibration_digests, source_checkpoint
+    from fer_edge.converters.bundles import (bundle_formats, calibration_digests, check_matches_checkpoint,
+                                             source_checkpoint)
     from fer_edge.converters.facesets import parity_subset, read_labelled
-    from fer_edge.converters.parity import artifact_logits, compare_logits, parity_document, reference_logits
+    from fer_edge.converters.parity import (artifact_logits, compare_logits, parity_document, reference_logits,
+                                            too_few_faces)
     from fer_edge.converters.progress import Progress
     from fer_edge.targets.bundle import BundleError
 
-    formats = [lookup(a.target, a.precision) for a in bundle.artifacts]  # the thresholds each is judged by
+    formats = bundle_formats(bundle)  # the thresholds each is judged by
     model, meta = load_checkpoint(source_checkpoint(bundle, weights))
+    check_matches_checkpoint(bundle, meta)
     data_all = read_labelled(data, bundle.preprocess["input_size"][0], meta["classes"], "--data")
     check = parity_subset(data, data_all, meta["classes"], limit, calibration_digests(bundle))
     if len(check) == 0:
         raise UserError(f"--data {data}: every face was a calibration face of this bundle; give other faces")
+    if check.excluded > len(data_all[0]) // 2:
+        # The bundle names the faces to leave out: it must not get to pick most of the test.
+        raise UserError(f"--data {data}: the bundle lists {check.excluded} of its {len(data_all[0])} faces as "
+                        "calibration faces; check it on faces it was not calibrated on")
+    few = too_few_faces(len(check), formats)
+    if few:
+        raise UserError(f"--data {data}: {few} (give more faces, or a larger --limit)")
     bar = Progress(progress, prefix="parity")
     results = []
     try:
@@ -103,7 +114,8 @@ def parity(bundle, data, weights=None, limit: int | None = None, threads: int | 
         for a, fmt in zip(bundle.artifacts, formats):
             with bar.step(f"{a.file} in {a.runtime}"):
                 try:
-                    art = artifact_logits(a.path, a.runtime, check.faces, bundle.preprocess, threads)
+                    art = artifact_logits(a.path, a.runtime, check.faces, bundle.preprocess, threads,
+                                          content=a.content)
                 except BundleError as exc:
                     raise UserError(f"{a.path}: {exc}" if a.file not in str(exc) else str(exc)) from None
             r = compare_logits(ref, art, check.labels, fmt.thresholds)

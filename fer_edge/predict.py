@@ -44,7 +44,7 @@ class TorchBackend:
             return y.numpy()
 
 
-def check_runtime_options(bundle=None, weights=None, backend: str = "auto", trust=None) -> None:
+def check_runtime_options(bundle=None, weights=None, backend: str = "auto", trust=None, min_release=None) -> None:
     """Options that contradict each other: one line, before anything is opened."""
     if backend not in BACKENDS:
         raise UserError(f"--backend {backend}: choose one of {', '.join(BACKENDS)}")
@@ -52,14 +52,16 @@ def check_runtime_options(bundle=None, weights=None, backend: str = "auto", trus
         raise UserError("give one of --bundle (a converted model) or --weights (a checkpoint), not both")
     if trust and not bundle:
         raise UserError("--trust applies to --bundle (a signed bundle); --weights runs a checkpoint in PyTorch")
+    if min_release is not None and not trust:
+        raise UserError("--min-release needs --trust: only a signed manifest's release number means anything")
     if not bundle and backend != "auto":
         raise UserError("--backend applies to --bundle; --weights runs in PyTorch")
 
 
-def _bundle_backend(art, backend: str, log) -> tuple[object, str]:
+def _bundle_backend(art, backend: str, log, signed: bool = False) -> tuple[object, str]:
     """(backend, the runtime's name) for a bundle's artifact; ``backend`` auto picks
     TensorRT for a Jetson ONNX where tensorrt imports, else the artifact's runtime."""
-    from fer_edge.targets import BackendUnavailable, BundleError, open_backend
+    from fer_edge.targets import BackendUnavailable, BundleError, open_artifact, open_backend
 
     runtime = art.runtime
     if backend == "auto" and runtime == "onnxruntime" and art.target == "jetson":
@@ -72,19 +74,23 @@ def _bundle_backend(art, backend: str, log) -> tuple[object, str]:
     chosen = runtime if backend == "auto" else backend
     try:
         if chosen == "tensorrt":
-            from fer_edge.targets.jetson import cached_engine
+            from fer_edge.targets.jetson import cached_engine, private_engine_cache
 
-            engine = cached_engine(art.path, art.precision, log=log, onnx_sha256=art.sha256)
+            # A signed bundle's engine is built from its verified ONNX bytes into a
+            # private cache: one planted in the bundle folder is never used.
+            engine = cached_engine(art.path, art.precision, log=log, onnx_sha256=art.sha256,
+                                   onnx_bytes=art.content, cache_dir=private_engine_cache() if signed else None)
             return open_backend(engine, "tensorrt"), chosen
-        return open_backend(art.path, chosen), chosen
+        return open_artifact(art, runtime=chosen), chosen
     except (BackendUnavailable, BundleError, RuntimeError) as exc:   # no runtime here, an unloadable artifact,
         raise UserError(str(exc)) from None                            # an engine of another GPU
 
 
-def open_runtime(bundle=None, weights=None, backend: str = "auto", log=print, trust=None):
+def open_runtime(bundle=None, weights=None, backend: str = "auto", log=print, trust=None, min_release=None):
     """(backend, labels, preprocess, description).  trust: a public key file; the
-    bundle must then be signed with its private key."""
-    check_runtime_options(bundle, weights, backend, trust)
+    bundle must then be signed with its private key (and, with min_release, carry
+    a release number at least that)."""
+    check_runtime_options(bundle, weights, backend, trust, min_release)
     if not bundle:
         from fer_edge.checkpoint import weights_or_default
 
@@ -94,9 +100,9 @@ def open_runtime(bundle=None, weights=None, backend: str = "auto", log=print, tr
     from fer_edge.targets import BundleError, load_bundle
 
     try:
-        bun = load_bundle(bundle, trust=trust)
+        bun = load_bundle(bundle, trust=trust, min_release=min_release)
         art = bun.artifact()
     except BundleError as exc:
         raise UserError(str(exc)) from None
-    be, chosen = _bundle_backend(art, backend, log)
+    be, chosen = _bundle_backend(art, backend, log, signed=bun.signed_by is not None)
     return be, bun.labels, bun.preprocess, f"{chosen} ({art.file}, {art.precision})"

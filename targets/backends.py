@@ -2,6 +2,7 @@
 
     backend = open_backend(artifact_path, runtime, threads=1)
     logits = backend.run(x)          # x: the array preprocess_faces() made, any batch
+    backend = open_artifact(bundle.artifact())   # a verified bundle's artifact: from its checked bytes
 
 ``BACKENDS`` is the one table of runtimes: a bundle's artifact names its
 runtime, and ``open_backend`` looks the class up here (``register_backend``
@@ -41,7 +42,7 @@ def import_onnxruntime():
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
-    def __init__(self, path, threads: int | None = None, providers=None):
+    def __init__(self, path, threads: int | None = None, providers=None, content: bytes | None = None):
         ort = import_onnxruntime()
         opts = ort.SessionOptions()
         if threads:
@@ -52,7 +53,8 @@ class OnnxRuntimeBackend(Backend):
         # cores the face detector needs right after (measured: detect 25 ->
         # 35 ms per 640x480 frame on 2 cores).  Per-frame inference is short.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(path) if content is None else content, opts,
+                                            providers=providers or ["CPUExecutionProvider"])
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self._batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
@@ -78,10 +80,11 @@ def _tflite_interpreter_class():
 class TFLiteBackend(Backend):
     name = "tflite"
 
-    def __init__(self, path, threads: int | None = None):
+    def __init__(self, path, threads: int | None = None, content: bytes | None = None):
         Interpreter = _tflite_interpreter_class()
+        source = {"model_path": str(path)} if content is None else {"model_content": content}
         with native_output_silenced():
-            self.interp = Interpreter(model_path=str(path), num_threads=threads or None)
+            self.interp = Interpreter(**source, num_threads=threads or None)
             self.interp.allocate_tensors()
         self.inp = self.interp.get_input_details()[0]
         self.out = self.interp.get_output_details()[0]
@@ -105,28 +108,32 @@ class TFLiteBackend(Backend):
         return y.astype(np.float32)
 
 
-def _tensorrt_backend(path, threads: int | None = None) -> Backend:
+def _tensorrt_backend(path, threads: int | None = None, content: bytes | None = None) -> Backend:
     """TensorRT runs a serialized engine (threads do not apply)."""
-    return TensorRTBackend(path)
+    return TensorRTBackend(path, content=content)
 
 
 @dataclass(frozen=True)
 class Runtime:
-    opens: Callable[..., Backend]     # a Backend class (or factory) called as (path, threads)
+    opens: Callable[..., Backend]     # a Backend class (or factory) called as (path, threads[, content=])
     modules: tuple[str, ...]          # the Python modules it needs (what `fer-edge info` reports)
+    from_bytes: bool = False          # opens(..., content=bytes) loads the model from those bytes
 
 
 # The one table of runtimes: name (as a bundle manifest writes it) -> how to open an artifact.
 BACKENDS: dict[str, Runtime] = {
-    "onnxruntime": Runtime(OnnxRuntimeBackend, ("onnxruntime",)),
-    "tflite": Runtime(TFLiteBackend, ("ai_edge_litert",)),
-    "tensorrt": Runtime(_tensorrt_backend, ("tensorrt",)),
+    "onnxruntime": Runtime(OnnxRuntimeBackend, ("onnxruntime",), from_bytes=True),
+    "tflite": Runtime(TFLiteBackend, ("ai_edge_litert",), from_bytes=True),
+    "tensorrt": Runtime(_tensorrt_backend, ("tensorrt",), from_bytes=True),
 }
 
 
-def register_backend(name: str, backend: Callable[..., Backend], modules: tuple[str, ...] = ()) -> None:
-    """Add (or replace) a runtime: ``backend(path, threads)`` opens an artifact."""
-    BACKENDS[name] = Runtime(backend, tuple(modules))
+def register_backend(name: str, backend: Callable[..., Backend], modules: tuple[str, ...] = (),
+                     from_bytes: bool = False) -> None:
+    """Add (or replace) a runtime: ``backend(path, threads)`` opens an artifact;
+    with from_bytes, ``backend(path, threads, content=bytes)`` loads it from the
+    bundle's verified bytes (otherwise it reads the file again, after the check)."""
+    BACKENDS[name] = Runtime(backend, tuple(modules), from_bytes)
 
 
 def unregister_backend(name: str) -> None:
@@ -142,21 +149,32 @@ def runtime_modules() -> tuple[str, ...]:
     return tuple(dict.fromkeys(m for r in BACKENDS.values() for m in r.modules))
 
 
-def open_backend(path, runtime: str, threads: int | None = None) -> Backend:
+def open_artifact(artifact, threads: int | None = None, runtime: str | None = None) -> Backend:
+    """The backend for a bundle's Artifact (load_bundle's): from the bytes the
+    bundle check verified when it has them, else from its file."""
+    return open_backend(artifact.path, runtime or artifact.runtime, threads, content=artifact.content)
+
+
+def open_backend(path, runtime: str, threads: int | None = None, content: bytes | None = None) -> Backend:
     """The backend for an artifact; ``runtime`` as listed in the bundle manifest.
-    BackendUnavailable: the runtime is not installed here; BundleError: the
-    artifact is not something the runtime can load (corrupt, truncated, another format)."""
+    content: the artifact's bytes, already verified (then the file is not read
+    again where the runtime can load bytes).  BackendUnavailable: the runtime
+    is not installed here; BundleError: the artifact is not something the
+    runtime can load (corrupt, truncated, another format)."""
     entry = BACKENDS.get(runtime) if isinstance(runtime, str) else None
     if entry is None:
         raise BundleError(f"unknown runtime {runtime!r} (known: {', '.join(BACKENDS)})")
     path = Path(path)
+    if content is None or not entry.from_bytes:
+        try:
+            found = path.is_file()
+        except OSError as exc:  # a path the OS refuses (too long, a loop of links)
+            raise BundleError(f"{str(path)[:200]}: {exc.strerror or exc}") from None
+        if not found:
+            raise BundleError(f"{path}: no such artifact file")
     try:
-        found = path.is_file()
-    except OSError as exc:  # a path the OS refuses (too long, a loop of links)
-        raise BundleError(f"{str(path)[:200]}: {exc.strerror or exc}") from None
-    if not found:
-        raise BundleError(f"{path}: no such artifact file")
-    try:
+        if content is not None and entry.from_bytes:
+            return entry.opens(path, threads, content=content)
         return entry.opens(path, threads)
     except (BackendUnavailable, BundleError, KeyboardInterrupt, MemoryError):
         raise

@@ -22,8 +22,11 @@ private key (``fer-edge convert --sign``; docs/trust.md).
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,16 +45,18 @@ FORMAT = "fer-edge-bundle"
 FORMAT_VERSION = 2
 REQUIRED_FILES = ("labels.json", "preprocess.json", "parity.json")
 OPTIONAL_FILES = ("README.md",)
-MANIFEST_KEYS = {"format", "format_version", "fer_edge_version", "target", "precision", "source_checkpoint",
-                 "calibration", "artifacts", "files"}
+MANIFEST_KEYS = {"format", "format_version", "fer_edge_version", "target", "precision", "release",
+                 "source_checkpoint", "calibration", "artifacts", "files"}
+MAX_RELEASE = 2 ** 53      # a release number is a JSON integer every reader holds exactly
 REQUIRED_KEYS = {"format", "format_version", "target", "precision", "artifacts", "files"}
 ARTIFACT_KEYS = {"file", "target", "precision", "runtime", "status", "input", "output"}
 STATUSES = ("passed", "failed")
 INPUT_DTYPES = ("float32", "uint8")
 # Class names are printed on frames and in events: one printable line each.
 MAX_CLASSES = 1000
-LABEL = re.compile(r"[^\x00-\x1f\x7f]{1,64}")
+MAX_LABEL = 64
 MAX_JSON_BYTES = 8 << 20   # a bundle's JSON files are kilobytes; far bigger is not one of them
+MAX_ARTIFACT_BYTES = 2 << 30   # ONNX and TFLite files cannot exceed 2 GiB (protobuf / flatbuffer offsets)
 MAX_INPUT_SIDE = 4096
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -63,11 +68,19 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def printable_line(text, max_len: int = MAX_LABEL) -> bool:
+    """Text a bundle may have printed: 1 to max_len characters, every one
+    printable (str.isprintable: no control characters such as ANSI escapes or
+    carriage returns, no line separators, no invisible format characters such
+    as direction marks, which make text read as something else)."""
+    return isinstance(text, str) and 0 < len(text) <= max_len and text.isprintable()
+
+
 def is_plain_name(name) -> bool:
     """A file name directly inside the bundle: no folder part, no "..", not hidden,
-    not the manifest or its signature (which cannot list themselves)."""
-    return (isinstance(name, str) and name not in ("", ".", "..", MANIFEST, SIGNATURE)
-            and not name.startswith(".") and not any(c in name for c in "/\\\0"))
+    not the manifest or its signature (which cannot list themselves), printable."""
+    return (printable_line(name, 255) and name not in (".", "..", MANIFEST, SIGNATURE)
+            and not name.startswith(".") and not any(c in name for c in "/\\"))
 
 
 @dataclass
@@ -79,6 +92,9 @@ class Artifact:
     status: str             # passed | failed (from parity.json)
     path: Path
     sha256: str = ""        # as listed (and checked) in the manifest
+    # The verified bytes (when the bundle was verified): runtimes load these, never
+    # the file again, so a file swapped after the check is not what runs.
+    content: bytes | None = None
 
 
 @dataclass
@@ -120,8 +136,10 @@ def check_structure(path: Path, manifest) -> None:
     if unknown or missing:
         what = f"unknown key {unknown[0]!r}" if unknown else f"no {missing[0]!r}"
         raise BundleError(f"{where}: {what}")
-    if not all(isinstance(manifest[k], str) for k in ("target", "precision")):
-        raise BundleError(f"{where}: target and precision must be text")
+    if not all(printable_line(manifest[k]) for k in ("target", "precision")):
+        raise BundleError(f"{where}: target and precision must be text of one printable line")
+    if "release" in manifest and not (type(manifest["release"]) is int and 0 <= manifest["release"] <= MAX_RELEASE):
+        raise BundleError(f"{where}: release must be a whole number from 0 to 2^53")
     artifacts, files = manifest["artifacts"], manifest["files"]
     if not isinstance(artifacts, list) or not artifacts:
         raise BundleError(f"{where}: lists no artifacts")
@@ -152,8 +170,9 @@ def check_artifact_entry(where: str, a, files: dict) -> None:
         raise BundleError(f"{where}: artifact {_short(a['file'])} is not a plain file name inside the bundle")
     if a["file"] not in files:
         raise BundleError(f"{where}: artifact {a['file']} is not listed with its sha256 in files")
-    if not all(isinstance(a[k], str) for k in ("target", "precision", "runtime")):
-        raise BundleError(f"{where}: the target, precision and runtime of {a['file']} must be text")
+    if not all(printable_line(a[k]) for k in ("target", "precision", "runtime")):
+        raise BundleError(f"{where}: the target, precision and runtime of {a['file']} must be text of one "
+                          "printable line")
     if a["runtime"] not in runtime_names():
         raise BundleError(f"{where}: unknown runtime {a['runtime']!r} for {a['file']}")
     if "status" in a and a["status"] not in STATUSES:
@@ -163,23 +182,57 @@ def check_artifact_entry(where: str, a, files: dict) -> None:
             raise BundleError(f"{where}: the {io} of {a['file']} has no shape list")
 
 
-def verify_files(path: Path, manifest: dict) -> None:
-    """Every listed file is a regular file (not a link) with the listed size and sha256."""
-    for name, entry in manifest["files"].items():
-        f = path / name
-        if f.is_symlink() or not f.is_file():
-            what = "a link" if f.is_symlink() else "missing"
-            raise BundleError(f"{path}: {name} is {what} (listed in {MANIFEST})")
-        try:
-            size = f.stat().st_size
-            if size != entry["bytes"]:
-                raise BundleError(f"{path}: {name} has {size} bytes, the manifest says {entry['bytes']} "
-                                  "(truncated or altered copy)")
-            digest = sha256_file(f)
-        except OSError as exc:
-            raise BundleError(f"{path}: {name} cannot be read ({exc.strerror or exc})") from None
-        if digest != entry["sha256"]:
-            raise BundleError(f"{path}: {name} does not match its sha256 in {MANIFEST} (altered or corrupt)")
+def max_bytes(name: str, manifest: dict) -> int:
+    """How big a listed file may be: an artifact up to what its format can hold, the rest kilobytes."""
+    return MAX_ARTIFACT_BYTES if name in {a["file"] for a in manifest["artifacts"]} else MAX_JSON_BYTES
+
+
+def read_listed(path: Path, name: str, entry: dict, limit: int) -> bytes:
+    """A listed file's bytes, read once through one descriptor that is not a
+    link, checked for size and sha256: what is returned is what was hashed."""
+    if entry["bytes"] > limit:
+        raise BundleError(f"{path}: {name} is listed with {entry['bytes']} bytes, more than a bundle's "
+                          f"{name} can have")
+    f = path / name
+    try:
+        before = os.lstat(f)
+    except FileNotFoundError:
+        raise BundleError(f"{path}: {name} is missing (listed in {MANIFEST})") from None
+    except OSError as exc:
+        raise BundleError(f"{path}: {name} cannot be read ({exc.strerror or exc})") from None
+    if stat.S_ISLNK(before.st_mode):
+        raise BundleError(f"{path}: {name} is a link (listed in {MANIFEST})")
+    if not stat.S_ISREG(before.st_mode):   # a FIFO would block the open below, a device never ends
+        raise BundleError(f"{path}: {name} is not a regular file (listed in {MANIFEST})")
+    try:
+        # O_NOFOLLOW where the OS has it; elsewhere the same file as lstat saw is checked below.
+        fd = os.open(f, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+                     | getattr(os, "O_BINARY", 0))
+    except OSError as exc:  # ELOOP: made a link since
+        raise BundleError(f"{path}: {name} cannot be read ({exc.strerror or exc})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != (before.st_dev, before.st_ino):
+            raise BundleError(f"{path}: {name} was replaced while being read (listed in {MANIFEST})")
+        if st.st_size != entry["bytes"]:
+            raise BundleError(f"{path}: {name} has {st.st_size} bytes, the manifest says {entry['bytes']} "
+                              "(truncated or altered copy)")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(entry["bytes"] + 1)   # one byte more: a file that grew is caught too
+    except OSError as exc:
+        raise BundleError(f"{path}: {name} cannot be read ({exc.strerror or exc})") from None
+    finally:
+        os.close(fd)
+    if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise BundleError(f"{path}: {name} does not match its sha256 in {MANIFEST} (altered or corrupt)")
+    return data
+
+
+def verify_files(path: Path, manifest: dict) -> dict[str, bytes]:
+    """Every listed file is a regular file (not a link) with the listed size and
+    sha256; returns their verified bytes by name."""
+    return {name: read_listed(path, name, entry, max_bytes(name, manifest))
+            for name, entry in manifest["files"].items()}
 
 
 def verify_manifest(path: Path, manifest) -> None:
@@ -229,7 +282,7 @@ def check_labels(path: Path, labels) -> list[str]:
     classes = labels.get("classes") if isinstance(labels, dict) else None
     if not (isinstance(classes, list) and classes and all(isinstance(c, str) and c for c in classes)):
         raise BundleError(f"{path}/labels.json: no list of class names")
-    if len(classes) > MAX_CLASSES or not all(LABEL.fullmatch(c) for c in classes):
+    if len(classes) > MAX_CLASSES or not all(printable_line(c) for c in classes):
         raise BundleError(f"{path}/labels.json: class names must be at most {MAX_CLASSES}, each 1 to 64 "
                           "printable characters on one line")
     if len(set(classes)) != len(classes):
@@ -295,22 +348,40 @@ def parity_status(path: Path, parity, files: list[str]) -> dict[str, str]:
     return out
 
 
-def load_bundle(path, verify: bool = True, allow_failed: bool = False, trust=None) -> Bundle:
+def load_bundle(path, verify: bool = True, allow_failed: bool = False, trust=None,
+                min_release: int | None = None) -> Bundle:
     """Read a bundle after checking its manifest and every file's sha256.
 
     trust: a public key (the ``.pub`` file's path, its bytes, or a key object):
     the bundle must then carry ``manifest.sig``, a valid Ed25519 signature of
     manifest.json made with the matching private key; an unsigned bundle or a
-    bad signature is refused, saying which.  verify=False skips hashing the
-    files (never with trust).  Every problem is a BundleError of one line."""
+    bad signature is refused, saying which.  min_release (with trust): the
+    signed manifest's ``release`` (convert --release) must be at least this, so
+    an older bundle signed with the same key cannot be put back.  verify=False
+    skips hashing the files (never with trust).  Every problem is a BundleError
+    of one line."""
     try:
-        return _load_bundle(Path(path), verify, allow_failed, trust)
+        return _load_bundle(Path(path), verify, allow_failed, trust, min_release)
     except OSError as exc:  # a path the OS refuses (too long, a loop of links), an unreadable folder
         raise BundleError(f"{str(path)[:200]}: {exc.strerror or exc}") from None
 
 
-def _load_bundle(path: Path, verify: bool, allow_failed: bool, trust) -> Bundle:
+def check_release(path: Path, manifest: dict, min_release: int) -> None:
+    """The signed release number is at least min_release (a replayed older bundle is refused)."""
+    release = manifest.get("release")
+    if release is None:
+        raise BundleError(f"{path}: carries no release number, and releases from {min_release} on are accepted "
+                          "(convert --release N)")
+    if release < min_release:
+        raise BundleError(f"{path}: release {release} is older than {min_release}, the oldest accepted here "
+                          "(an earlier bundle put back?)")
+
+
+def _load_bundle(path: Path, verify: bool, allow_failed: bool, trust, min_release: int | None = None) -> Bundle:
     path = Path(path)
+    if min_release is not None and (trust is None or type(min_release) is not int or min_release < 0):
+        raise BundleError("a minimum release needs a trusted key (an unsigned manifest's release can be edited) "
+                          "and is a whole number >= 0")
     if not path.is_dir():
         raise BundleError(f"{path}: no such bundle folder")
     data = read_manifest_bytes(path)
@@ -320,11 +391,21 @@ def _load_bundle(path: Path, verify: bool, allow_failed: bool, trust) -> Bundle:
         signed_by = verify_bundle_signature(path, data, trust)
     manifest = parse_manifest(path, data)
     check_structure(path, manifest)
-    if verify or trust is not None:
-        verify_files(path, manifest)
-    labels = check_labels(path, read_json(path, "labels.json"))
-    preprocess = check_preprocess(path, read_json(path, "preprocess.json"))
-    parity = read_json(path, "parity.json")
+    if min_release is not None:
+        check_release(path, manifest, min_release)
+    # Verified: every file is read once and everything below uses those bytes (the
+    # JSON files parsed from them, the runtimes handed them), so nothing swapped
+    # in after the check is ever used.
+    content = verify_files(path, manifest) if verify or trust is not None else None
+
+    def json_file(name):
+        if content is None:
+            return read_json(path, name)
+        return parse_json(path, name, content[name])
+
+    labels = check_labels(path, json_file("labels.json"))
+    preprocess = check_preprocess(path, json_file("preprocess.json"))
+    parity = json_file("parity.json")
     status = parity_status(path, parity, [a["file"] for a in manifest["artifacts"]])
     artifacts = []
     for a in manifest["artifacts"]:
@@ -334,7 +415,8 @@ def _load_bundle(path: Path, verify: bool, allow_failed: bool, trust) -> Bundle:
             raise BundleError(f"{path}/{MANIFEST}: says {a['file']} {said}, but parity.json says "
                               f"{status[a['file']]} (altered manifest)")
         artifacts.append(Artifact(a["file"], a["target"], a["precision"], a["runtime"], status[a["file"]],
-                                  path / a["file"], manifest["files"][a["file"]]["sha256"]))
+                                  path / a["file"], manifest["files"][a["file"]]["sha256"],
+                                  None if content is None else content[a["file"]]))
     failed = [a.file for a in artifacts if a.status != "passed"]
     if failed and not allow_failed:
         raise BundleError(f"{path}: {', '.join(failed)} failed its parity check against PyTorch "

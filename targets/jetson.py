@@ -6,6 +6,8 @@ engine, ``cuda-python`` for device buffers.  Nothing here imports torch.
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +27,10 @@ def _tensorrt():
     return trt
 
 
-def build_engine(onnx_path, precision: str, out_path, workspace_mb: int = 1024) -> Path:
-    """Parse the ONNX, build a serialized engine and write it (atomically).
+def build_engine(onnx_path, precision: str, out_path, workspace_mb: int = 1024,
+                 onnx_bytes: bytes | None = None) -> Path:
+    """Parse the ONNX (onnx_bytes: its verified bytes, else the file), build a
+    serialized engine and write it (atomically).
 
     int8 bundles are explicitly quantized (Q/DQ nodes carry the scales), so the
     INT8 flag is enough: no calibrator, no images on the device.  FP16 is also
@@ -42,7 +46,7 @@ def build_engine(onnx_path, precision: str, out_path, workspace_mb: int = 1024) 
         flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse(Path(onnx_path).read_bytes()):
+    if not parser.parse(onnx_bytes if onnx_bytes is not None else Path(onnx_path).read_bytes()):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise RuntimeError(f"TensorRT cannot parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
@@ -70,7 +74,7 @@ class TensorRTBackend(Backend):
 
     name = "tensorrt"
 
-    def __init__(self, engine_path):
+    def __init__(self, engine_path, content: bytes | None = None):
         trt = _tensorrt()
         try:
             from cuda.bindings import runtime as cudart
@@ -82,7 +86,8 @@ class TensorRTBackend(Backend):
                     from None
         self.cudart = cudart
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engine = runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
+        self.engine = runtime.deserialize_cuda_engine(content if content is not None
+                                                      else Path(engine_path).read_bytes())
         if self.engine is None:
             raise RuntimeError(f"{engine_path}: not an engine for this GPU / TensorRT version (rebuild it)")
         self.context = self.engine.create_execution_context()
@@ -136,12 +141,38 @@ def engine_key(onnx_sha256: str, tensorrt_version: str, gpu: str, precision: str
     return {"onnx_sha256": onnx_sha256, "tensorrt": tensorrt_version, "gpu": gpu, "precision": precision}
 
 
-def engine_paths(onnx_path, key: dict) -> tuple[Path, Path]:
-    """(engine, sidecar JSON) next to the ONNX, named by the key: a new ONNX, TensorRT
-    or GPU gets a new file instead of reusing a stale one."""
+def engine_paths(onnx_path, key: dict, folder=None) -> tuple[Path, Path]:
+    """(engine, sidecar JSON) in ``folder`` (default: next to the ONNX), named by the
+    key: a new ONNX, TensorRT or GPU gets a new file instead of reusing a stale one."""
     onnx_path = Path(onnx_path)
     stem = f"{onnx_path.stem}.{key['onnx_sha256'][:12]}.trt{key['tensorrt']}.{key['gpu']}.{key['precision']}"
-    return onnx_path.with_name(stem + ".engine"), onnx_path.with_name(stem + ".engine.json")
+    where = Path(folder) if folder is not None else onnx_path.parent
+    return where / (stem + ".engine"), where / (stem + ".engine.json")
+
+
+def private_engine_cache(folder=None) -> Path:
+    """The engine cache of signed bundles: a folder only this user can write
+    (FER_EDGE_ENGINE_CACHE, else $XDG_CACHE_HOME/fer-edge/engines, else
+    ~/.cache/fer-edge/engines), made 0700.  An engine in the bundle folder could
+    have been put there by anyone who can write to the bundle, and the signature
+    does not cover it; so a signed bundle's engine is built from its verified
+    ONNX and cached here.  RuntimeError (one line) when the folder is not private."""
+    if folder is None:
+        folder = os.environ.get("FER_EDGE_ENGINE_CACHE") or \
+            Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fer-edge" / "engines"
+    folder = Path(folder)
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.stat(folder, follow_symlinks=False)
+    except OSError as exc:
+        raise RuntimeError(f"engine cache {folder}: {exc.strerror or exc}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise RuntimeError(f"engine cache {folder}: not a folder (a link or a file)")
+    if os.name == "posix" and (st.st_uid != os.getuid() or st.st_mode & 0o022):
+        raise RuntimeError(f"engine cache {folder}: other users can write to it (owner uid {st.st_uid}, mode "
+                           f"{stat.S_IMODE(st.st_mode):o}); make it yours with mode 700, or set "
+                           "FER_EDGE_ENGINE_CACHE")
+    return folder
 
 
 def stale_reason(engine: Path, sidecar: Path, key: dict) -> str | None:
@@ -164,21 +195,24 @@ def write_sidecar(sidecar: Path, key: dict, engine: Path) -> None:
     write_json_atomic(sidecar, dict(key, engine_sha256=sha256_file(engine)), force=True)
 
 
-def cached_engine(onnx_path, precision: str, log=print, onnx_sha256: str | None = None) -> Path:
-    """The engine for this ONNX, built on first use and cached next to it with a
-    JSON sidecar (ONNX sha256, TensorRT version, GPU, precision, engine sha256);
-    the sidecar is checked before every use and the engine rebuilt when anything
-    differs.  onnx_sha256: the bundle manifest's (already verified) hash.
-    This guards against stale or corrupt engines, not against someone who can
-    write to the bundle folder (see docs/trust.md)."""
+def cached_engine(onnx_path, precision: str, log=print, onnx_sha256: str | None = None,
+                  onnx_bytes: bytes | None = None, cache_dir=None) -> Path:
+    """The engine for this ONNX, built on first use and cached (next to it, or in
+    cache_dir) with a JSON sidecar (ONNX sha256, TensorRT version, GPU,
+    precision, engine sha256); the sidecar is checked before every use and the
+    engine rebuilt when anything differs.  onnx_sha256 / onnx_bytes: the bundle
+    manifest's (already verified) hash and the bytes that were hashed.
+    Next to the ONNX this guards against stale or corrupt engines, not against
+    someone who can write to the bundle folder: signed bundles pass
+    cache_dir=private_engine_cache() (docs/trust.md)."""
     trt = _tensorrt()
     onnx_path = Path(onnx_path)
     key = engine_key(onnx_sha256 or sha256_file(onnx_path), trt.__version__, _gpu_name(), precision)
-    engine, sidecar = engine_paths(onnx_path, key)
+    engine, sidecar = engine_paths(onnx_path, key, cache_dir)
     reason = stale_reason(engine, sidecar, key)
     if reason is not None:
         log(f"building the TensorRT {precision} engine {engine.name} ({reason}; takes a minute)")
         sidecar.unlink(missing_ok=True)  # the old record must never vouch for the new engine
-        build_engine(onnx_path, precision, engine)
+        build_engine(onnx_path, precision, engine, onnx_bytes=onnx_bytes)
         write_sidecar(sidecar, key, engine)
     return engine

@@ -14,6 +14,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
+import re
+import stat
 from pathlib import Path
 
 from fer_edge.fileio import json_bytes
@@ -22,6 +25,27 @@ from fer_edge.targets.runtime import BundleError
 SIGNATURE = "manifest.sig"   # beside manifest.json: the Ed25519 signature of its bytes
 
 ALGORITHM = "ed25519"
+MAX_SIGNATURE_BYTES = 4096   # the file is ~150 bytes; anything far bigger is not one
+MAX_KEY_BYTES = 16384        # a PEM Ed25519 key is ~120 bytes
+_KEY_ID = re.compile(r"[0-9a-f]{16}")
+
+
+def _read_key_file(path, what: str, exc_type, refuse_mode: int, advice: str) -> bytes:
+    """A key file's bytes, refusing what others could read or replace (POSIX):
+    a signing key others can read is no longer secret, a trusted key others can
+    write is no longer the owner's choice."""
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise exc_type(f"{path}: the {what} is not a regular file")
+        if os.name == "posix" and st.st_mode & refuse_mode:
+            raise exc_type(f"{path}: the {what} is {advice} (mode {stat.S_IMODE(st.st_mode):o}): "
+                           f"chmod {'600' if refuse_mode & 0o044 else '644'} it")
+        if st.st_size > MAX_KEY_BYTES:
+            raise exc_type(f"{path}: {st.st_size} bytes, too big for an Ed25519 {what}")
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise exc_type(f"{path}: cannot read the {what} ({exc.strerror})") from None
 
 
 def _ed25519():
@@ -57,10 +81,7 @@ def load_private_key(path):
     from cryptography.hazmat.primitives import serialization as s
 
     ed25519 = _ed25519()
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise ValueError(f"{path}: cannot read the signing key ({exc.strerror})") from None
+    data = _read_key_file(path, "signing key", ValueError, 0o077, "readable or writable by other users")
     try:
         key = s.load_pem_private_key(data, password=None)
     except (ValueError, TypeError):
@@ -81,10 +102,7 @@ def load_public_key(trust):
     where = "the trusted key"
     if isinstance(trust, (str, Path)):
         where = str(trust)
-        try:
-            trust = Path(trust).read_bytes()
-        except OSError as exc:
-            raise BundleError(f"{where}: cannot read the trusted public key ({exc.strerror})") from None
+        trust = _read_key_file(trust, "trusted public key", BundleError, 0o022, "writable by other users")
     if not isinstance(trust, (bytes, bytearray)):
         raise BundleError(f"trust must be a public key file, its bytes or a key, not {type(trust).__name__}")
     data = bytes(trust)
@@ -118,14 +136,21 @@ def read_signature(path: Path) -> tuple[bytes, str | None]:
         raise BundleError(f"{path}: unsigned bundle (no {SIGNATURE}); a trusted key was given, so only a "
                           "signed bundle runs")
     try:
-        doc = json.loads(f.read_text(encoding="utf-8"))
+        if f.stat().st_size > MAX_SIGNATURE_BYTES:
+            raise ValueError
+        doc = json.loads(f.read_bytes().decode("utf-8"))
         sig = base64.b64decode(doc["signature"], validate=True)
         algorithm = doc["algorithm"]
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+    except OSError as exc:
+        raise BundleError(f"{path}/{SIGNATURE}: cannot be read ({exc.strerror or exc})") from None
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
         raise BundleError(f"{path}/{SIGNATURE}: malformed signature file") from None
     if algorithm != ALGORITHM or len(sig) != 64:
         raise BundleError(f"{path}/{SIGNATURE}: not an Ed25519 signature")
-    return sig, doc.get("key_id")
+    # The key id is only printed: anything but 16 hex digits (text made to look like
+    # another message, a huge object) is ignored, not echoed.
+    signer = doc.get("key_id")
+    return sig, signer if isinstance(signer, str) and _KEY_ID.fullmatch(signer) else None
 
 
 def verify_bundle_signature(path: Path, manifest_bytes: bytes, trust) -> str:

@@ -433,7 +433,7 @@ def test_parity_remarks_a_bundle_and_signed_ones_need_the_key(faces, keys, tmp_p
         load_bundle(out, trust=keys / "builder.pub")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     one_line_error(run("parity", "--bundle", out, "--data", check), "pass --sign KEY to re-sign it")
-    one_line_error(run("parity", "--bundle", out, "--data", check, "--sign", keys / "other.key"),
+    one_line_error(run("parity", "--bundle", out, "--data", check, "--sign", keys / "other.key", "--weights", weights),
                    "not the trusted key")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # refused: nothing touched
     proc = run("parity", "--bundle", out, "--data", check, "--sign", keys / "builder.key")
@@ -446,10 +446,14 @@ def test_parity_remarks_a_bundle_and_signed_ones_need_the_key(faces, keys, tmp_p
     assert len(data["files_sha256"]) == 64 and "McNemar" in b.parity["statistic"]
     assert b.parity["artifacts"][0]["flips"]["lost"] >= 0 and 0 <= b.parity["artifacts"][0]["mcnemar_p"] <= 1
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp file left behind
-    # without a key, an unsigned bundle is simply re-marked
+    # without a key, an unsigned bundle is simply re-marked; it is never signed here (signing vouches
+    # for every file, parity checks the logits only: an unsigned bundle is signed by convert)
     (out / "manifest.sig").unlink()
     proc = run("parity", "--bundle", out, "--data", calib)
     assert proc.returncode == 0 and load_bundle(out).parity["data"]["path"] == str(calib), proc.stderr
+    one_line_error(run("parity", "--bundle", out, "--data", calib, "--sign", keys / "builder.key", "--weights",
+                       weights), "is not signed: --sign only re-signs a bundle signed with that key")
+    assert not (out / "manifest.sig").exists()
 
 
 # ------------------------------------------------------------------ TensorRT engine cache (pure parts)
@@ -528,3 +532,279 @@ def test_default_model_int8_converts_and_passes_the_new_gate(target, tmp_path):
     assert len(calib_digests) == 256 and b.parity["data"]["excluded_calibration_faces"] >= 256
     assert sum(d in calib_digests for d in face_digests(faces)) == b.parity["data"]["excluded_calibration_faces"]
 
+
+
+# ------------------------------------------------------------------ what a re-check must not take from the bundle
+def _swap_labels(bundle: Path) -> None:
+    labels = json.loads((bundle / "labels.json").read_text())
+    labels["classes"][0], labels["classes"][3] = labels["classes"][3], labels["classes"][0]
+    (bundle / "labels.json").write_text(json.dumps(labels))
+    rehash(bundle, "labels.json")
+
+
+@needs_data
+def test_parity_judges_the_bundle_against_the_checkpoint_not_against_itself(onnx_copy, faces, tmp_path):
+    """Parity compares logits only, so what else decides a prediction (class
+    order, pre-processing, which thresholds, which faces) is checked against the
+    checkpoint and the format table, not taken from the bundle being judged."""
+    from fer_edge.checkpoint import weights_or_default
+
+    weights, check = weights_or_default(None), faces[1]
+    good = {n: (onnx_copy / n).read_bytes() for n in ("labels.json", "preprocess.json", "manifest.json")}
+
+    def restore():
+        for n, data in good.items():
+            (onnx_copy / n).write_bytes(data)
+
+    _swap_labels(onnx_copy)
+    one_line_error(run("parity", "--bundle", onnx_copy, "--data", check, "--weights", weights),
+                   "labels.json (")
+    restore()
+    pre = json.loads(good["preprocess.json"])
+    (onnx_copy / "preprocess.json").write_text(json.dumps(dict(pre, temperature=3.0)))
+    rehash(onnx_copy, "preprocess.json")
+    one_line_error(run("parity", "--bundle", onnx_copy, "--data", check, "--weights", weights),
+                   "preprocess.json differs from the checkpoint's pre-processing ('temperature')")
+    restore()
+
+    # a float model declared int8, to be judged by int8's looser limits
+    def as_int8(m):
+        m["precision"] = m["artifacts"][0]["precision"] = "int8"
+    rewrite_manifest(onnx_copy, as_int8)
+    one_line_error(run("parity", "--bundle", onnx_copy, "--data", check, "--weights", weights),
+                   "not a bundle convert wrote")
+    restore()
+
+    # calibration faces listed in a bundle without an int8 artifact are not left out
+    from fer_edge.converters.facesets import face_digests, read_labelled
+
+    b_faces = read_labelled(check, 48, json.loads(good["labels.json"])["classes"], "--data")[0]
+    rewrite_manifest(onnx_copy, lambda m: m.__setitem__("calibration", {"face_sha256": face_digests(b_faces)}))
+    proc = run("parity", "--bundle", onnx_copy, "--data", check, "--weights", weights, "--report-only")
+    assert proc.returncode == 0 and "(0 calibration faces left out)" in proc.stdout, proc.stdout + proc.stderr
+
+
+@needs_data
+def test_an_int8_bundle_cannot_pick_most_of_its_parity_faces(bundles, tmp_path):
+    from fer_edge.converters.facesets import face_digests, read_labelled
+
+    src, _ = bundles[("onnx", "int8")]
+    b = tmp_path / "b"
+    shutil.copytree(src, b)
+    check = FER / "publictest"
+    data = copy_subset(check, tmp_path / "check", 30, offset=300)
+    classes = json.loads((b / "labels.json").read_text())["classes"]
+    digests = face_digests(read_labelled(data, 48, classes, "--data")[0])
+    rewrite_manifest(b, lambda m: m["calibration"].__setitem__("face_sha256", digests[: len(digests) * 2 // 3]))
+    one_line_error(run("parity", "--bundle", b, "--data", data, "--report-only"),
+                   "as calibration faces; check it on faces it was not calibrated on")
+
+
+@needs_data
+def test_copies_of_one_face_are_one_face(bundles, tmp_path):
+    """150 copies of a face are one piece of evidence: parity counts distinct
+    faces, and the statistical gates refuse fewer than MIN_PARITY_FACES (and
+    never pass on fewer)."""
+    from fer_edge.converters.formats import MIN_PARITY_FACES
+    from fer_edge.converters.parity import compare_logits
+
+    one = next((FER / "publictest" / "neutral").iterdir())
+    dup = tmp_path / "dup" / "neutral"
+    dup.mkdir(parents=True)
+    for i in range(150):
+        shutil.copy(one, dup / f"{i}{one.suffix}")
+    b = tmp_path / "b"
+    shutil.copytree(bundles[("jetson", "fp16")][0], b)
+    before = sorted((p.name, p.read_bytes()) for p in b.iterdir())
+    one_line_error(run("parity", "--bundle", b, "--data", dup.parent),
+                   f"only 1 distinct labelled faces for the parity check; the fp16 gate needs at least "
+                   f"{MIN_PARITY_FACES}")
+    assert sorted((p.name, p.read_bytes()) for p in b.iterdir()) == before
+    logits = np.random.default_rng(0).normal(size=(MIN_PARITY_FACES - 1, 7))
+    labels = logits.argmax(1)
+    assert not compare_logits(logits, logits, labels, "fp16")["passed"]
+    assert compare_logits(logits, logits, labels, "fp32")["passed"]        # exact on every face
+    assert compare_logits(np.vstack([logits, logits[:1]]), np.vstack([logits, logits[:1]]),
+                          np.append(labels, labels[0]), "fp16")["passed"]
+
+
+def test_non_finite_logits_never_pass():
+    from fer_edge.converters.parity import compare_logits
+
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(200, 7)).astype(np.float32)
+    art = ref + rng.normal(scale=5, size=ref.shape).astype(np.float32)
+    art[np.arange(200), ref.argmax(1)] = np.nan         # argmax takes NaN as the top: "100% agreement"
+    r = compare_logits(ref, art, None, "fp32")
+    assert not r["passed"] and any("not all finite" in f for f in r["failures"])
+
+
+# ------------------------------------------------------------------ the device reads each file once
+@needs_data
+@pytest.mark.parametrize("target", ["onnx", "android"])
+def test_the_runtime_loads_the_bytes_that_were_verified(default_bundles, target, tmp_path):
+    """A file swapped after the bundle check is never what runs: the JSON files
+    are parsed from the hashed bytes and the runtime loads those bytes."""
+    from fer_edge.targets import load_bundle, open_artifact, open_backend, preprocess_faces
+
+    b = tmp_path / "b"
+    shutil.copytree(default_bundles[target], b)
+    bundle = load_bundle(b)
+    art = bundle.artifact()
+    x = preprocess_faces(np.random.default_rng(0).integers(0, 256, (4, 48, 48), dtype=np.uint8), bundle.preprocess)
+    want = open_backend(art.path, art.runtime).run(x)
+    # the JSON files are parsed from the hashed bytes: reading one again by path is never needed
+    from fer_edge.targets import bundle as bundle_module
+
+    def no_second_read(path, name):
+        raise AssertionError(f"{name} read again after it was verified")
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(bundle_module, "read_json", no_second_read)
+        assert load_bundle(b).labels == bundle.labels
+    labels = (b / "labels.json").read_bytes()
+    art.path.write_bytes(b"swapped after the check")
+    (b / "labels.json").write_text('{"classes": ["x"]}')
+    np.testing.assert_array_equal(open_artifact(art).run(x), want)
+    assert len(bundle.labels) == want.shape[1]
+    (b / "labels.json").write_bytes(labels)
+    if os.name == "posix":                                  # a link in its place is refused, not followed
+        art.path.unlink()
+        art.path.symlink_to(b / "README.md")
+        from fer_edge.targets import BundleError
+
+        with pytest.raises(BundleError, match="is a link"):
+            load_bundle(b)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX owners and modes")
+def test_signed_engines_live_in_a_private_cache(tmp_path, monkeypatch):
+    from fer_edge.targets.jetson import engine_key, engine_paths, private_engine_cache
+
+    cache = private_engine_cache(tmp_path / "c")
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+    key = engine_key("a" * 64, "10.3.0", "Orin", "int8")
+    assert engine_paths(tmp_path / "bundle" / "model.onnx", key, cache)[0].parent == cache
+    monkeypatch.setenv("FER_EDGE_ENGINE_CACHE", str(tmp_path / "env"))
+    assert private_engine_cache() == tmp_path / "env"
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    with pytest.raises(RuntimeError, match="other users can write to it"):
+        private_engine_cache(shared)
+    (tmp_path / "link").symlink_to(cache)
+    with pytest.raises(RuntimeError, match="not a folder"):
+        private_engine_cache(tmp_path / "link")
+
+
+# ------------------------------------------------------------------ replay, keys, and what gets printed
+@needs_data
+def test_an_older_signed_release_is_refused(faces, keys, tmp_path):
+    from fer_edge.targets import BundleError, load_bundle
+
+    b = tmp_path / "r3"
+    proc = run("convert", "--target", "onnx", "--calib", faces[0], "--sign", keys / "builder.key", "--release", "3",
+               "--out", b, "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    pub = keys / "builder.pub"
+    assert load_bundle(b, trust=pub, min_release=3).manifest["release"] == 3
+    with pytest.raises(BundleError, match="release 3 is older than 4"):
+        load_bundle(b, trust=pub, min_release=4)
+    with pytest.raises(BundleError, match="needs a trusted key"):
+        load_bundle(b, min_release=3)
+    img = face_image(tmp_path)
+    one_line_error(run("predict", img, "--bundle", b, "--trust", pub, "--min-release", "4"), "older than 4")
+    one_line_error(run("predict", img, "--bundle", b, "--min-release", "1"), "--min-release needs --trust")
+    assert run("predict", img, "--bundle", b, "--trust", pub, "--min-release", "3").returncode == 0
+    old = tmp_path / "norelease"
+    shutil.copytree(b, old)
+    rewrite_manifest(old, lambda m: m.pop("release"))
+    from cryptography.hazmat.primitives import serialization as s
+
+    from fer_edge.targets.signing import signature_file
+    key = s.load_pem_private_key((keys / "builder.key").read_bytes(), None)
+    (old / "manifest.sig").write_bytes(signature_file(key, (old / "manifest.json").read_bytes()))
+    with pytest.raises(BundleError, match="carries no release number"):
+        load_bundle(old, trust=pub, min_release=1)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX modes")
+def test_keys_others_could_read_or_replace_are_refused(keys, tmp_path):
+    from fer_edge.targets import BundleError
+    from fer_edge.targets.signing import load_private_key, load_public_key
+
+    private, public = tmp_path / "k.key", tmp_path / "k.pub"
+    shutil.copy(keys / "builder.key", private)
+    shutil.copy(keys / "builder.pub", public)
+    private.chmod(0o600)
+    public.chmod(0o644)
+    load_private_key(private)
+    load_public_key(public)
+    private.chmod(0o640)
+    with pytest.raises(ValueError, match="readable or writable by other users .*chmod 600"):
+        load_private_key(private)
+    one_line_error(run("convert", "--target", "onnx", "--sign", private, "--out", tmp_path / "o"), "chmod 600")
+    public.chmod(0o666)
+    with pytest.raises(BundleError, match="writable by other users .*chmod 644"):
+        load_public_key(public)
+
+
+def test_what_a_bundle_makes_the_device_print_is_one_plain_line(onnx_copy, keys, tmp_path):
+    from fer_edge.targets import BundleError, load_bundle
+    from fer_edge.targets.signing import read_signature
+
+    # a signature file nested deep enough to break a recursive parser, and one whose key id is a message
+    for depth in (2000, 100000):   # under the size cap (the parser's recursion), and over it
+        (onnx_copy / "manifest.sig").write_text("[" * depth + "]" * depth)
+        with pytest.raises(BundleError, match="malformed signature file"):
+            load_bundle(onnx_copy, trust=keys / "builder.pub")
+    (onnx_copy / "manifest.sig").write_text(json.dumps(
+        {"algorithm": "ed25519", "key_id": "x\nfer-edge predict: OK: signature verified\x1b[2K",
+         "signature": "A" * 86 + "=="}))
+    assert read_signature(onnx_copy)[1] is None
+    with pytest.raises(BundleError) as exc:
+        load_bundle(onnx_copy, trust=keys / "builder.pub")
+    assert "\n" not in str(exc.value) and "OK" not in str(exc.value)
+    (onnx_copy / "manifest.sig").unlink()
+    # class names that move the cursor or reverse the text
+    for bad in ("happy\x1b[2K", "sad\u202e", "fear\x85", "angry\u2028neutral"):
+        b = tmp_path / f"labels{len(bad)}{ord(bad[-1])}"
+        shutil.copytree(onnx_copy, b)
+        labels = json.loads((b / "labels.json").read_text())
+        labels["classes"][0] = bad
+        (b / "labels.json").write_text(json.dumps(labels))
+        rehash(b, "labels.json")
+        with pytest.raises(BundleError, match="printable characters on one line"):
+            load_bundle(b)
+    # a file name that prints as three lines
+    def rename(m):
+        m["files"]["README.md\nnote: bundle verified OK"] = m["files"].pop("README.md")
+    rewrite_manifest(onnx_copy, rename)
+    with pytest.raises(BundleError, match="is not a plain file name") as exc:
+        load_bundle(onnx_copy)
+    assert "\n" not in str(exc.value)
+
+
+def test_a_signed_jetson_bundle_builds_its_engine_from_the_verified_bytes_into_the_private_cache(
+        onnx_copy, tmp_path, monkeypatch):
+    """How predict opens a Jetson bundle with TensorRT (stood in for here: it
+    is not installable on this machine): the ONNX bytes the check verified and,
+    when the bundle is signed, the private cache, never the bundle folder."""
+    import fer_edge.targets as targets
+    from fer_edge import predict
+    from fer_edge.targets import jetson, load_bundle
+
+    art = load_bundle(onnx_copy).artifact()
+    seen = {}
+
+    def fake_cached_engine(onnx_path, precision, log=print, onnx_sha256=None, onnx_bytes=None, cache_dir=None):
+        seen.update(onnx_bytes=onnx_bytes, cache_dir=cache_dir, sha=onnx_sha256)
+        return tmp_path / "x.engine"
+
+    monkeypatch.setattr(jetson, "cached_engine", fake_cached_engine)
+    monkeypatch.setattr(jetson, "private_engine_cache", lambda: tmp_path / "private")
+    monkeypatch.setattr(targets, "open_backend", lambda path, runtime, *a, **k: ("engine", path))
+    for signed, cache in ((True, tmp_path / "private"), (False, None)):
+        backend, chosen = predict._bundle_backend(art, "tensorrt", print, signed=signed)
+        assert chosen == "tensorrt" and backend == ("engine", tmp_path / "x.engine")
+        assert seen["onnx_bytes"] == art.content == (onnx_copy / "model.onnx").read_bytes()
+        assert seen["cache_dir"] == cache and seen["sha"] == art.sha256

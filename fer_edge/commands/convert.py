@@ -14,6 +14,7 @@ from fer_edge.commands.common import check_output_file, check_outputs_spare_inpu
 
 THREADS = int_in(1, 1024)
 CALIB_SIZE = int_in(1, 1 << 20)
+RELEASE = int_in(0, 2 ** 53)
 
 
 def existing(path, what: str) -> Path:
@@ -71,7 +72,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
                               parity_size=args.parity_size or None, nhwc=args.nhwc,
                               dynamic_batch=args.dynamic_batch, force=args.force,
                               calib_method=args.calib_method or CALIB_METHODS[0],
-                              int8_all_layers=args.int8_all_layers, sign=args.sign, progress=not args.no_progress)
+                              int8_all_layers=args.int8_all_layers, sign=args.sign, release=args.release,
+                              progress=not args.no_progress)
     if not report["passed"]:
         print(f"fer-edge convert: {report['artifact']} FAILED parity ({'; '.join(report['failures'])}); "
               f"the bundle in {args.out} is marked failed and devices will refuse it", file=sys.stderr)
@@ -110,6 +112,9 @@ def add_convert_parser(sub) -> None:
     p.add_argument("--dynamic-batch", action="store_true", help="ONNX: dynamic batch dimension (default batch 1)")
     p.add_argument("--sign", metavar="KEY", help="sign manifest.json with this Ed25519 private key "
                    "(fer-edge keygen) into manifest.sig; devices check it with predict --trust")
+    p.add_argument("--release", type=RELEASE, metavar="N",
+                   help="a release number for the manifest (with --sign: devices running predict --min-release N "
+                        "refuse older bundles signed with the same key)")
     p.add_argument("--out", help="bundle folder to write (its parent folders are made)")
     p.add_argument("--force", action="store_true", help="replace an existing --out (a bundle or an empty folder)")
     p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
@@ -134,10 +139,15 @@ def cmd_parity(args: argparse.Namespace) -> int:
     if signed and not (args.sign or args.report_only):
         raise UserError(f"{args.bundle} is signed: re-marking it changes manifest.json and would invalidate "
                         f"{SIGNATURE}; pass --sign KEY to re-sign it, or --report-only")
+    if args.sign and not signed:
+        # Signing vouches for every file; parity checks the artifacts' logits only. A bundle
+        # signed before by this key is known to be its signer's; any other is converted again.
+        raise UserError(f"{args.bundle} is not signed: --sign only re-signs a bundle signed with that key; "
+                        "sign a bundle when converting it (fer-edge convert --sign KEY)")
     key = load_signing_key(args.sign) if args.sign else None
-    # Re-signing vouches for the whole bundle again: a signed one must first verify
-    # with that same key, so a tampered, re-hashed bundle is never laundered here.
-    bundle = open_bundle(args.bundle, trust=key.public_key() if signed and key is not None else None)
+    # Re-signing vouches for the whole bundle again: it must first verify with that
+    # same key, so a tampered, re-hashed bundle is never laundered here.
+    bundle = open_bundle(args.bundle, trust=key.public_key() if key is not None else None)
     rep = pipeline.parity(bundle, args.data, args.weights, args.limit, args.threads, not args.no_progress)
     d = rep["data"]
     print(f"{rep['images']} faces from {args.data} ({d['excluded_calibration_faces']} calibration faces left out); "
@@ -170,7 +180,8 @@ def add_parity_parser(sub) -> None:
     p.add_argument("--limit", type=positive_int, help="use a seeded class-stratified subset of N faces")
     p.add_argument("--threads", type=THREADS, help="runtime threads (default: the runtime's)")
     p.add_argument("--report-only", action="store_true", help="report only; leave the bundle as it is")
-    p.add_argument("--sign", metavar="KEY", help="re-sign the re-marked manifest (required for a signed bundle)")
+    p.add_argument("--sign", metavar="KEY", help="re-sign the re-marked manifest (required for a signed bundle, "
+                   "which must verify with this key first)")
     p.add_argument("--json", help="write the report as JSON")
     p.add_argument("--force", action="store_true", help="overwrite --json")
     p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")

@@ -44,7 +44,7 @@ def check_options(args: argparse.Namespace) -> None:
     """Options that only make sense together."""
     from fer_edge.predict import check_runtime_options
 
-    check_runtime_options(args.bundle, args.weights, args.backend, args.trust)
+    check_runtime_options(args.bundle, args.weights, args.backend, args.trust, args.min_release)
     if args.yunet_model and args.detector != "yunet":
         raise UserError("--yunet-model applies to --detector yunet")
 
@@ -183,7 +183,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     check_outputs(args, source_kind(args.source))
     source = Source(args.source, max_frames=args.max_frames)
     detector = open_detector(args)
-    backend, labels, pre, desc = open_runtime(args.bundle, args.weights, args.backend, trust=args.trust)
+    backend, labels, pre, desc = open_runtime(args.bundle, args.weights, args.backend, trust=args.trust,
+                                              min_release=args.min_release)
     pipe = Pipeline(backend, labels, pre, detector=detector, margin=args.margin, align=args.align,
                     temperature=args.temperature, min_confidence=args.min_confidence or 0.0,
                     tracker=Tracker(max_age=track_gap_frames(args.track_gap, source.fps)))
@@ -227,6 +228,9 @@ def add_predict_parser(sub) -> None:
                    help="auto = TensorRT for a Jetson bundle when tensorrt imports, else the bundle's runtime")
     p.add_argument("--trust", metavar="PUBKEY", help="run the bundle only if manifest.sig is a valid signature "
                    "by this public key (fer-edge keygen's .pub)")
+    p.add_argument("--min-release", type=int_in(0, 2 ** 53), metavar="N",
+                   help="with --trust: refuse a bundle whose signed release number (convert --release) is under N, "
+                        "so an older signed bundle cannot be put back")
     p.add_argument("--detector", default=DEFAULT_DETECTOR, choices=sorted(DETECTORS),
                    help="blazeface-full (default: faces up to ~5 m, a room or robot camera), blazeface-short "
                         "(faces within ~2 m), haar (OpenCV's frontal cascade) or yunet (with --yunet-model)")
