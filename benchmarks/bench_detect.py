@@ -155,11 +155,11 @@ def match(truth_boxes, det_boxes, size_range=(0.3, 1.5)) -> list[tuple[int, int]
 
 
 def open_classifier(bundle):
-    from fer_edge.targets import load_bundle, open_backend
+    from fer_edge.targets import load_bundle, open_artifact
 
     b = load_bundle(bundle)
     a = b.artifact()
-    return open_backend(a.path, a.runtime, threads=1), b.labels, b.preprocess, f"{a.runtime} {a.file}"
+    return open_artifact(a, threads=1), b.labels, b.preprocess, f"{a.runtime} {a.file}"
 
 
 def classify_originals(backend, labels, pre, faces48) -> np.ndarray:

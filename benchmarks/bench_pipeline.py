@@ -113,7 +113,7 @@ def detector_latency(backend, labels, pre, frame, runs: int) -> list[dict]:
 def main_detectors(args) -> int:
     import cv2
 
-    from fer_edge.targets import load_bundle, open_backend
+    from fer_edge.targets import load_bundle, open_artifact, open_backend
 
     cv2.setNumThreads(1)   # one thread: OpenCV's resize and the Haar cascade would use every core
     with tempfile.TemporaryDirectory(prefix="fer-edge-pipe-") as tmp:
@@ -128,7 +128,7 @@ def main_detectors(args) -> int:
                     log=lambda *a: None)
         b = load_bundle(bundle)
         a = b.artifact()
-        backend = open_backend(a.path, a.runtime, threads=1)
+        backend = open_artifact(a, threads=1)
         rows = detector_latency(backend, b.labels, b.preprocess, one_face_frame(), args.runs)
     import platform
 
@@ -168,7 +168,7 @@ def main(argv=None) -> int:
 
     from fer_edge.converters.pipeline import convert
     from fer_edge.predict import TorchBackend
-    from fer_edge.targets import load_bundle, open_backend
+    from fer_edge.targets import load_bundle, open_artifact, open_backend
 
     calib = args.calib or str(DEFAULT_DATA / "fer2013" / "publictest")
     rows = []
@@ -187,9 +187,10 @@ def main(argv=None) -> int:
             if args.device == "cuda" and target == "jetson":
                 from fer_edge.targets.jetson import cached_engine
 
-                backend, name = open_backend(cached_engine(a.path, precision), "tensorrt"), "tensorrt"
+                engine = cached_engine(a.path, precision, onnx_sha256=a.sha256, onnx_bytes=a.content)
+                backend, name = open_backend(engine, "tensorrt"), "tensorrt"
             else:
-                backend, name = open_backend(a.path, a.runtime, args.threads), a.runtime
+                backend, name = open_artifact(a, args.threads), a.runtime
             rows.append({"backend": f"{name} {target}/{precision}", "artifact": a.file,
                          **run_pipeline(backend, b.labels, b.preprocess, video)})
     base = rows[0]["fps"]
