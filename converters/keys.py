@@ -8,10 +8,13 @@ neither is overwritten without ``force``.
 """
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 from fer_edge import UserError
-from fer_edge.fileio import check_writable_parent, os_error_line, refuse_existing, write_bytes_atomic
+from fer_edge.fileio import (check_writable_parent, os_error_line, refuse_existing, refuse_special,
+                             write_bytes_atomic)
 
 
 def key_paths(prefix) -> tuple[Path, Path]:
@@ -26,6 +29,7 @@ def check_key_paths(prefix, force: bool) -> tuple[Path, Path]:
     private, public = key_paths(prefix)
     for p in (private, public):
         try:
+            refuse_special(p)
             refuse_existing(p, force)
             check_writable_parent(p, "--out")
         except OSError as exc:  # a name the file system refuses (too long, ...)
@@ -43,10 +47,34 @@ def keygen(prefix, force: bool = False) -> tuple[Path, Path]:
         private_pem, public_pem = generate_keypair()
     except BundleError as exc:  # cryptography missing
         raise UserError(str(exc)) from None
-    write_bytes_atomic(private, private_pem, force=force, mode=0o600)
-    try:
-        write_bytes_atomic(public, public_pem, force=force, mode=0o644)
-    except BaseException:
-        private.unlink(missing_ok=True)  # half a pair is no pair: nothing signed with it could be checked
-        raise
+    replace_pair(private, private_pem, public, public_pem)
     return private, public
+
+
+def replace_pair(private: Path, private_pem: bytes, public: Path, public_pem: bytes) -> None:
+    """Both keys written in full to temp files first, then renamed into place,
+    the public one first: a failure leaves the old pair (or none), never half of
+    each (an old private key whose public key is gone signs what no device checks)."""
+    old_public = public.read_bytes() if public.is_file() else None
+    temps = []
+    try:
+        for path, data, mode in ((private, private_pem, 0o600), (public, public_pem, 0o644)):
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            temps.append(tmp)
+            os.fchmod(fd, mode) if hasattr(os, "fchmod") else os.chmod(tmp, mode)   # before a byte is in it
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        os.replace(temps[1], public)
+        try:
+            os.replace(temps[0], private)
+        except BaseException:
+            if old_public is None:
+                public.unlink(missing_ok=True)
+            else:
+                write_bytes_atomic(public, old_public, force=True, mode=0o644)
+            raise
+    except OSError as exc:
+        raise UserError(os_error_line(exc, public)) from None
+    finally:
+        for tmp in temps:
+            Path(tmp).unlink(missing_ok=True)

@@ -187,6 +187,8 @@ def check_preprocess(pre) -> None:
     _need(isinstance(size, list) and len(size) == 2
           and all(isinstance(v, int) and not isinstance(v, bool) and low <= v <= high for v in size),
           f"preprocess input_size {size!r:.40}: must be [height, width], each {low}..{high}")
+    # Faces are square crops resized to one side (every reader and exporter uses input_size[0]).
+    _need(size[0] == size[1], f"preprocess input_size {size!r:.40}: must be square (faces are square crops)")
     problem = contract.normalization_problem(pre)
     _need(problem is None, f"preprocess: {problem}")
     t = pre.get("temperature")

@@ -94,8 +94,11 @@ def missing_dependency_line(exc: ModuleNotFoundError, command: str = "") -> str 
 
 
 def refuse(command: str, why) -> int:
-    """A failure the user can fix: one line on stderr, exit code 2."""
-    print(f"fer-edge {command}: error: {why}", file=sys.stderr)
+    """A failure the user can fix: one line on stderr, exit code 2 (a file name
+    with a newline in it does not make it two)."""
+    from fer_edge.fileio import shown
+
+    print(f"fer-edge {command}: error: {shown(why)}", file=sys.stderr)
     return 2
 
 

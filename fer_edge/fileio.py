@@ -10,6 +10,7 @@ import errno
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -29,6 +30,29 @@ def refuse_existing(path, force: bool, what: str = "--out") -> None:
     path = Path(path)
     if _exists(path, what) and not force:
         raise UserError(f"{path} exists; pass --force to overwrite it")
+
+
+def shown(text) -> str:
+    """Text (a file name, a message naming one) as it may be printed: every
+    character that is not printable written as its escape (a newline as \\n,
+    an ANSI escape as \\x1b), so one line stays one line and reads as it is."""
+    text = str(text)
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def refuse_special(path, what: str = "--out") -> None:
+    """An output file's name must not be a link, device, pipe or socket, even with
+    --force: the rename that writes it would replace /dev/null or a link to
+    stdout with a plain file (a folder there is refused by its own check)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{what} {str(path)[:200]}: {getattr(exc, 'strerror', None) or exc}") from None
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        kind = "a link" if stat.S_ISLNK(st.st_mode) else "a device, pipe or socket"
+        raise UserError(f"{what} {path} is {kind}, not a regular file: give another name")
 
 
 def _exists(path: Path, what: str = "--out") -> bool:
@@ -91,6 +115,7 @@ def write_atomic(path, write_fn, force: bool = False, mode: int | None = None) -
     ``mode``: set before a byte is written (private keys); default: what a plain
     open() would give.  OS errors become one UserError line and leave nothing behind."""
     path = Path(path)
+    refuse_special(path)
     refuse_existing(path, force)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -176,8 +176,15 @@ def probe_header(data: bytes) -> tuple[str, int | None, int | None, bool] | None
 
 
 IMAGE_FORMATS = "JPEG, PNG, BMP, TIFF, WebP or PNM"
-# OpenCV's own limit, a second line of defence (read when cv2 loads).
-os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(MAX_IMAGE_PIXELS))
+# OpenCV's own limit, a second line of defence (read when cv2 loads).  A value
+# the user set is kept when it is a sane pixel count; anything else (which makes
+# OpenCV abort the process, or refuse every image) is replaced.
+def _valid_pixel_limit(text) -> bool:
+    return isinstance(text, str) and text.isascii() and text.isdigit() and 1 << 16 <= int(text) <= 1 << 40
+
+
+if not _valid_pixel_limit(os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS")):
+    os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(MAX_IMAGE_PIXELS)
 
 
 @contextlib.contextmanager

@@ -26,6 +26,15 @@ def _save(fig, path) -> Path:
     return path
 
 
+MAX_ANNOTATED = 30   # classes up to which every cell of the confusion matrix is written out
+MAX_INCHES = 24      # a figure side: beyond it a plot of many classes only costs memory
+
+
+def plain(text) -> str:
+    """Text shown as it is: matplotlib would read "$...$" in a class name as math (and fail on it)."""
+    return str(text).replace("$", r"\$")
+
+
 def plot_confusion(cm, classes, path, title="Confusion matrix") -> Path:
     """Counts in each cell, colour = row-normalized (recall), so rare classes stay visible."""
     from fer_edge.metrics import normalize_rows
@@ -34,17 +43,18 @@ def plot_confusion(cm, classes, path, title="Confusion matrix") -> Path:
     cm = np.asarray(cm)
     norm = normalize_rows(cm)
     k = len(classes)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.8 * k, 0.8 + 0.7 * k))
+    fig, ax = plt.subplots(figsize=(min(1.0 + 0.8 * k, MAX_INCHES), min(0.8 + 0.7 * k, MAX_INCHES)))
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    for i in range(k):
+    for i in range(k if k <= MAX_ANNOTATED else 0):
         for j in range(k):
             ax.text(j, i, f"{cm[i, j]}\n{norm[i, j]:.0%}", ha="center", va="center", fontsize=7,
                     color="white" if norm[i, j] > 0.5 else "black")
-    ax.set_xticks(range(k), classes, rotation=45, ha="right")
-    ax.set_yticks(range(k), classes)
+    if k <= MAX_ANNOTATED:
+        ax.set_xticks(range(k), [plain(c) for c in classes], rotation=45, ha="right")
+        ax.set_yticks(range(k), [plain(c) for c in classes])
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(title)
+    ax.set_title(plain(title))
     fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of true class")
     return _save(fig, path)
 
@@ -53,12 +63,13 @@ def plot_roc(rocs: dict, aucs: dict, path, title="One-vs-rest ROC") -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 5))
     for name, (fpr, tpr) in rocs.items():
-        ax.plot(fpr, tpr, label=f"{name} (AUC {aucs[name]:.3f})")
+        ax.plot(fpr, tpr, label=f"{plain(name)} (AUC {aucs[name]:.3f})")
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
-    ax.set_title(title)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(plain(title))
+    if len(rocs) <= MAX_ANNOTATED:
+        ax.legend(loc="lower right", fontsize=8)
     return _save(fig, path)
 
 
@@ -94,5 +105,5 @@ def plot_training_curves(metrics_jsonl, path) -> Path:
     a2.set_xlabel("epoch")
     a2.set_ylabel("accuracy (%)")
     a2.legend()
-    fig.suptitle(Path(metrics_jsonl).parent.name)
+    fig.suptitle(plain(Path(metrics_jsonl).parent.name))
     return _save(fig, path)

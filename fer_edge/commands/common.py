@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from fer_edge import UserError
-from fer_edge.fileio import check_writable_parent, os_error_line, refuse_existing
+from fer_edge.fileio import check_writable_parent, os_error_line, refuse_existing, refuse_special, shown
 
 # Rows of a FER2013 CSV (its Usage column).
 FER2013_USAGES = ("Training", "PublicTest", "PrivateTest")
@@ -54,6 +54,7 @@ def check_output_file(path, force: bool, what: str = "--out") -> Path:
     """An output file: refused if it exists without --force, or cannot be written (checked before any work;
     names the file system refuses are one line from fer_edge.fileio already)."""
     path = check_writable_parent(path, what)
+    refuse_special(path, what)
     refuse_existing(path, force, what)
     return path
 
@@ -118,4 +119,5 @@ def report_skipped(name, dataset, log) -> None:
     """One warning for the items the data reader skipped (unreadable images, malformed rows)."""
     if getattr(dataset, "skipped", None):
         src, why = dataset.skipped[0]
-        log(f"warning: {name}: {dataset.skip_summary()}; first: {src}: {why}; --strict makes this an error")
+        log(f"warning: {shown(name)}: {dataset.skip_summary()}; first: {shown(src)}: {shown(why)}; --strict makes "
+            "this an error")

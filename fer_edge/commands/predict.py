@@ -22,6 +22,7 @@ from pathlib import Path
 
 from fer_edge import UserError
 from fer_edge.argtypes import float_in, int_in, positive_int
+from fer_edge.fileio import shown
 
 MAX_FACE_PX = 1 << 14
 
@@ -105,7 +106,7 @@ def process(args, source, pipe, sink, events, progress, show: bool, clock: dict)
             faces = pipe(frame)
             if not args.quiet:
                 found = ", ".join(f"#{f.track_id} {f.label} {100 * f.confidence:.0f}%" for f in faces) or "no face"
-                print(f"{name} [{index}]: {found}")
+                print(f"{shown(name)} [{index}]: {found}")
             if source.total:
                 progress.count("image" if still else "frame", index + 1, source.total)
             if events is not None:
@@ -195,7 +196,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     except BundleError as exc:
         raise UserError(f"{args.bundle or args.weights}: {exc}") from None
     if source.skipped:
-        print(f"warning: skipped {len(source.skipped)} image(s) that cannot be used (first: {source.skipped[0]})",
+        print(f"warning: skipped {len(source.skipped)} image(s) that cannot be used (first: "
+              f"{shown(source.skipped[0])})",
               file=sys.stderr)
     s = pipe.stats()
     ms = s["ms_per_frame"]

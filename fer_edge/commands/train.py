@@ -63,6 +63,18 @@ def resolve_choices(args) -> dict:
             "distill": resolve_teacher(args.teacher, args.teacher_logits, args.kd_weight, args.kd_temperature)}
 
 
+def check_training_classes(data, counts: dict[str, int]) -> None:
+    """A classifier needs two classes or more, each with faces to learn from: a
+    class without any would be in the model and never predicted."""
+    if len(counts) < 2:
+        raise UserError(f"--data {data}: {len(counts)} class ({', '.join(counts) or 'none'}); a classifier needs "
+                        "at least two")
+    empty = [c for c, n in counts.items() if n == 0]
+    if empty:
+        raise UserError(f"--data {data}: no usable training faces of {', '.join(map(repr, empty[:5]))}; add some, "
+                        "or leave the class out (--classes)")
+
+
 def load_data(args, size: int, ctx, log):
     """(train, val or None): read, subset (--limit), validation classes aligned to training's."""
     from fer_edge.data import load_dataset
@@ -72,6 +84,7 @@ def load_data(args, size: int, ctx, log):
     train = load_dataset(args.data, size=size, classes=args.classes, strict=args.strict, usage="Training",
                          progress=progress)
     report_skipped(args.data, train, log)
+    check_training_classes(args.data, train.class_counts())
     train = limit_set(train, args.limit, args.seed)
     val = None
     if args.val:
@@ -110,7 +123,7 @@ def cmd_train(args: argparse.Namespace, hooks=None) -> int:
     log = _log(ctx)
     device = torch_device(args.device, ctx.local_rank if ctx.enabled else None)
     run_dir = Path(args.out)
-    check_run_dir(run_dir, args.resume, args.force)  # refusals only: nothing goes yet
+    check_run_dir(run_dir, args.resume, args.force, args.folds is not None)  # refusals only: nothing goes yet
     check_outputs_spare_inputs({"--out": run_dir}, {"--data": args.data, "--val": args.val, "--init": args.init,
                                                     "--stem-weights": args.stem_weights, "--teacher": args.teacher,
                                                     "--teacher-logits": args.teacher_logits},
@@ -121,7 +134,7 @@ def cmd_train(args: argparse.Namespace, hooks=None) -> int:
         read_resume_state(run_dir / RESUME_FILE)  # a damaged file fails now, not after the data loads
     choices = resolve_choices(args)
     dist.join_process_group(ctx, device)
-    had_files = has_files(run_dir)
+    had_files, existed = has_files(run_dir), run_dir.is_dir()
     try:
         train, val = load_data(args, choices["input_size"], ctx, log)
         settings = make_settings(args, choices, train, device)
@@ -137,7 +150,7 @@ def cmd_train(args: argparse.Namespace, hooks=None) -> int:
                 rc = run_single(settings, train, val, run_dir, args, ctx, log, device, hooks)
         except BaseException:
             if ctx.main and not args.resume:
-                discard_failed_start(run_dir, had_files)
+                discard_failed_start(run_dir, had_files, existed)
             raise
         if ctx.main:
             finish_run_dir(run_dir)

@@ -81,6 +81,8 @@ class HSNetLite(FrozenStem, nn.Module):
                  freeze_stem=False):
         super().__init__()
         c2, c3 = int(384 * width) // 4 * 4, int(512 * width) // 4 * 4
+        if c2 < 4:   # four branches of at least one channel each
+            raise ValueError(f"width {width} leaves hsnet-lite fewer than 4 channels per stage; use at least 0.011")
         self.config = dict(num_classes=num_classes, in_chans=in_chans, input_size=input_size, width=width,
                            fpn_dim=fpn_dim, dropout=dropout, freeze_stem=freeze_stem)
         self.stem = InceptionResnetV1Stem(in_chans)

@@ -50,6 +50,13 @@ def read_stem_state(path) -> dict:
             stem_state[key.replace(".relu.", ".act.")] = value
     if "conv2d_1a.conv.weight" not in stem_state:
         raise ValueError(f"{path} holds no Inception-ResNet-v1 stem (no conv2d_1a.conv.weight)")
+    for key, value in stem_state.items():   # what load_checkpoint asks of any weights
+        if key.endswith("num_batches_tracked"):
+            continue
+        if not value.is_floating_point():
+            raise ValueError(f"{path}: {key} is {value.dtype}, not floating point weights")
+        if not bool(value.isfinite().all()):
+            raise ValueError(f"{path}: {key} holds NaN or infinite values")
     return stem_state
 
 

@@ -194,6 +194,8 @@ def read_teacher_logits(path) -> tuple[torch.Tensor, dict]:
 
     from safetensors import SafetensorError, safe_open
 
+    if not Path(path).is_file():   # a pipe would block the read, a folder is not one
+        raise UserError(f"--teacher-logits {path}: not a regular file")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -202,13 +204,15 @@ def read_teacher_logits(path) -> tuple[torch.Tensor, dict]:
                                 "(make one with `fer-edge teacher-logits`)")
             logits = f.get_tensor("logits")
         info = json.loads(meta[LOGITS_META_KEY])
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise UserError(f"--teacher-logits {path}: cannot be read ({exc})") from None
+    except (SafetensorError, OSError, ValueError, RecursionError) as exc:
+        raise UserError(f"--teacher-logits {path}: cannot be read ({str(exc)[:200]})") from None
     keys, classes = info.get("keys") if isinstance(info, dict) else None, \
         info.get("classes") if isinstance(info, dict) else None
-    if not (isinstance(keys, list) and isinstance(classes, list) and all(isinstance(c, str) for c in classes)
-            and len(set(classes)) == len(classes)):
-        raise UserError(f"--teacher-logits {path}: damaged (no list of face keys and distinct class names)")
+    if not (isinstance(keys, list) and all(isinstance(k, str) for k in keys) and isinstance(classes, list)
+            and all(isinstance(c, str) for c in classes) and len(set(classes)) == len(classes)
+            and isinstance(info.get("teacher") or {}, dict)):
+        raise UserError(f"--teacher-logits {path}: damaged (no list of face keys and distinct class names, "
+                        "or a teacher record that is not an object)")
     if logits.ndim != 2 or logits.shape != (len(keys), len(classes)) or not torch.isfinite(logits).all():
         raise UserError(f"--teacher-logits {path}: damaged (logits of shape {tuple(logits.shape)} for "
                         f"{len(keys)} keys and {len(classes)} classes, or non-finite values)")

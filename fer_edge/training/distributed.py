@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fer_edge import UserError
+
 
 @dataclass
 class DistContext:
@@ -30,12 +32,29 @@ class DistContext:
         return self.world > 1
 
 
+MAX_WORLD = 1 << 16
+
+
+def env_int(name: str, default: str | None, lo: int, hi: int) -> int:
+    """A whole number from the environment, or one UserError line naming it."""
+    text = os.environ.get(name, default)
+    if text is None:
+        raise UserError(f"{name} is not set, but WORLD_SIZE is {os.environ.get('WORLD_SIZE')}: start with torchrun")
+    try:
+        value = int(text.strip(), 10)
+    except ValueError:
+        value = None
+    if value is None or not lo <= value <= hi:
+        raise UserError(f"{name}={text[:40]!r}: must be a whole number from {lo} to {hi} (torchrun sets it)")
+    return value
+
+
 def context_from_env() -> DistContext:
     """This process's place among torchrun's (WORLD_SIZE, RANK, LOCAL_RANK); one process otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = env_int("WORLD_SIZE", "1", 0, MAX_WORLD)
     if world <= 1:
         return DistContext()
-    return DistContext(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    return DistContext(env_int("RANK", None, 0, world - 1), world, env_int("LOCAL_RANK", "0", 0, world - 1))
 
 
 def join_process_group(ctx: DistContext, device: torch.device) -> None:
@@ -47,7 +66,12 @@ def join_process_group(ctx: DistContext, device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        try:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        except (ValueError, RuntimeError) as exc:   # no MASTER_ADDR/PORT, a peer that never came
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise UserError(f"cannot join the process group of WORLD_SIZE={ctx.world} (start with torchrun): "
+                            f"{first[:200]}") from None
 
 
 def leave_process_group(ctx: DistContext) -> None:

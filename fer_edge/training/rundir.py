@@ -52,23 +52,42 @@ def resumable(run_dir: Path) -> bool:
     return (run_dir / RESUME_FILE).is_file() or (run_dir / "fold01").is_dir()
 
 
+def own_config(run_dir: Path) -> bool:
+    """config.json is one a fer-edge run wrote, not a file of the user's with that name."""
+    try:
+        data = json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and "fer_edge_version" in data
+
+
+def is_run(run_dir: Path) -> bool:
+    """The folder holds a fer-edge run (a single run or a fold run, complete or not)."""
+    return (own_config(run_dir) or resumable(run_dir) or (run_dir / REPLACED).is_dir()
+            or (run_dir / LEGACY_RESUME_FILE).is_file() or own_config(run_dir / "fold01"))
+
+
 def killed_start(run_dir: Path) -> bool:
-    """A run killed before its first checkpoint: nothing in the folder but what a start writes."""
+    """A run killed before its first checkpoint: nothing in the folder but what a
+    start writes, and its config.json is fer-edge's (a user's own config.json is not)."""
     names = {p.name for p in run_dir.iterdir()} if run_dir.is_dir() else set()
-    return bool(names) and names <= START_FILES and not (run_dir / REPLACED).exists()
+    return (CONFIG_FILE in names and names <= START_FILES and not (run_dir / REPLACED).exists()
+            and own_config(run_dir))
 
 
-def check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
+def check_run_dir(run_dir: Path, resume: bool, force: bool, folds: bool | None = None) -> None:
     """Refuse, before any input is read, a run folder that cannot be used:
     one that cannot be written, a run that would be clobbered unasked
-    (--resume continues it, --force starts over), or nothing to resume."""
+    (--resume continues it, --force starts over), a folder of other files
+    (--force replaces a run, never the user's files), or nothing to resume
+    (folds: whether the run to resume is a fold run; None: either)."""
     try:
-        _check_run_dir(run_dir, resume, force)
+        _check_run_dir(run_dir, resume, force, folds)
     except OSError as exc:  # a name the file system refuses (too long, ...), an unreadable folder
         raise UserError(os_error_line(exc, run_dir)) from None
 
 
-def _check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
+def _check_run_dir(run_dir: Path, resume: bool, force: bool, folds: bool | None = None) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--out {run_dir} is a file, not a folder")
     if not run_dir.is_dir():
@@ -84,6 +103,10 @@ def _check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
                 raise UserError(f"{run_dir}: its {LEGACY_RESUME_FILE} comes from an older fer-edge, which pickled "
                                 "it, and fer-edge never unpickles a file; start the run again (--force)")
             raise UserError(f"{run_dir}: nothing to resume (no {RESUME_FILE}); start without --resume")
+        fold_run = (run_dir / "fold01").is_dir()
+        if folds is not None and folds != fold_run:
+            raise UserError(f"{run_dir} holds a {'fold' if fold_run else 'single'} run; --resume continues it with "
+                            f"the same kind of command ({'with' if fold_run else 'without'} --folds)")
         return
     if (run_dir / REPLACED).exists() and not force:
         raise UserError(f"{run_dir} holds a run set aside by an interrupted --force run ({REPLACED}); pass "
@@ -91,6 +114,9 @@ def _check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
     if has_files(run_dir) and not force and not killed_start(run_dir):
         raise UserError(f"{run_dir} exists and is not empty; pass --resume to continue that run "
                         "or --force to start over")
+    if has_files(run_dir) and force and not is_run(run_dir):
+        raise UserError(f"{run_dir} holds files but no fer-edge run; --force only replaces a run: give another "
+                        "--out (or an empty folder)")
 
 
 def run_entries(run_dir: Path) -> list[Path]:
@@ -141,11 +167,11 @@ def finish_run_dir(run_dir: Path) -> None:
     shutil.rmtree(run_dir / REPLACED, ignore_errors=True)
 
 
-def discard_failed_start(run_dir: Path, had_files: bool) -> None:
+def discard_failed_start(run_dir: Path, had_files: bool, existed: bool = False) -> None:
     """A run that failed before its first checkpoint leaves nothing behind
     (else the corrected command would be refused as clobbering a run): its
     files go, the run it was replacing comes back, and the folder goes too
-    when this run made it."""
+    when this run made it (existed: the folder was there before)."""
     if resumable(run_dir) or not run_dir.is_dir():
         return
     remove_run_files(run_dir)
@@ -154,7 +180,7 @@ def discard_failed_start(run_dir: Path, had_files: bool) -> None:
         for entry in aside.iterdir():
             os.replace(entry, run_dir / entry.name)
         aside.rmdir()
-    if not had_files and not any(run_dir.iterdir()):
+    if not had_files and not existed and not any(run_dir.iterdir()):
         run_dir.rmdir()
 
 
@@ -238,7 +264,33 @@ def read_resume_state(path: Path) -> dict:
     if state["epoch"] < 1 or not all(isinstance(r, dict) and isinstance(r.get("cpu"), torch.Tensor)
                                      for r in state["rng"]) or not state["rng"]:
         raise UserError(f"{path}: damaged resume file (epoch {state['epoch']}, {len(state['rng'])} RNG states)")
+    problem = optional_resume_problem(state)
+    if problem:
+        raise UserError(f"{path}: damaged resume file ({problem})")
     return state
+
+
+MAX_RESUME_EPOCHS = 100_000   # what --epochs allows
+MAX_RESUME_SECONDS = 10 * 365 * 86400.0
+
+
+def optional_resume_problem(state: dict) -> str | None:
+    """What is wrong with the resume file's optional entries (None: nothing):
+    each is checked like the required ones, so a crafted file cannot make the
+    loop crash or train for ever."""
+    def number(x, lo, hi, integer=False):
+        ok = isinstance(x, int) if integer else isinstance(x, (int, float))
+        return ok and not isinstance(x, bool) and lo <= x <= hi
+
+    if "epochs" in state and not number(state["epochs"], 1, MAX_RESUME_EPOCHS, integer=True):
+        return f"'epochs' must be a whole number from 1 to {MAX_RESUME_EPOCHS}"
+    if "train_seconds" in state and not number(state["train_seconds"], 0, MAX_RESUME_SECONDS):
+        return "'train_seconds' must be a number of seconds from 0"
+    if "epochs_decided" in state and not isinstance(state["epochs_decided"], bool):
+        return "'epochs_decided' must be true or false"
+    if "ema" in state and not isinstance(state["ema"], dict):
+        return "'ema' must be a weight average's state"
+    return None
 
 
 def restore(path: Path, what: str, load_fn, value) -> None:

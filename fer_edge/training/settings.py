@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from fer_edge.training.recipes import ADDED_KEYS
@@ -79,7 +80,20 @@ def comparable_fingerprint(fp: dict, aux_heads: bool) -> dict:
         fp["recipe"] = {**json.loads(json.dumps(ADDED_KEYS)), **fp["recipe"]}
     if not aux_heads:
         fp.pop("aux_weight", None)
+    if isinstance(fp.get("data"), dict):
+        # The same folder named another way (absolute, "./", a trailing slash) is the same data.
+        fp["data"] = {k: same_place(v) if k in ("train", "val") else v for k, v in fp["data"].items()}
     return fp
+
+
+def same_place(path):
+    """A data path as compared between a run and its resume: resolved from here."""
+    if not isinstance(path, str) or not path:
+        return path
+    try:
+        return str(Path(path).resolve())
+    except (OSError, ValueError, RuntimeError):
+        return path
 
 
 def fingerprint_difference(old: dict, new: dict) -> str | None:
