@@ -63,6 +63,8 @@ def replaceable_bundle(out: Path) -> bool:
 
 def check_out(out, force: bool) -> Path:
     """Refuse, before any long work, a --out that cannot become a bundle."""
+    if not str(out).strip():   # Path("") is the current folder: never what an empty argument meant
+        raise UserError("--out: give a folder name")
     out = Path(out)
     try:
         return _check_out(out, force)

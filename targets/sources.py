@@ -208,6 +208,7 @@ class Sink:
         self.out, self.kind, self.writer, self.fps = Path(out), source.kind, None, source.fps or 30.0
         check_sink(self.out, self.kind, force)
         self.tmp, self.frames, self.made_folder = None, 0, False
+        self.written: list[Path] = []   # images of a folder run, removed if it does not finish
 
     def write(self, frame: np.ndarray, name: str) -> None:
         if self.kind == "image":
@@ -220,6 +221,7 @@ class Sink:
             except OSError as exc:
                 raise SourceError(os_error_line(exc, self.out)) from None
             self._write_image(self.out / name, frame)
+            self.written.append(self.out / name)
         else:
             if self.writer is None:
                 self._open_video(frame.shape[:2])
@@ -256,6 +258,10 @@ class Sink:
         if self.writer is not None:
             self.writer.release()
             self.writer = None
+        if not ok:   # a folder run that did not finish leaves none of its images (a rerun is not refused)
+            for path in self.written:
+                path.unlink(missing_ok=True)
+            self.written = []
         if self.made_folder and not ok and not any(self.out.iterdir()):
             self.out.rmdir()
         if self.tmp is None:

@@ -232,3 +232,35 @@ def test_names_with_newlines_and_bad_opencv_limits(tmp_path):
     proc = subprocess.run([str(SCRIPT), "eval", "--data", str(faces)], capture_output=True, text=True, env=env,
                           timeout=600)
     assert proc.returncode == 0 and "accuracy" in proc.stdout, proc.stderr[-2000:]
+
+
+@pytest.mark.skipif(not FER.is_dir(), reason=f"real data not found at {DATA}")
+def test_an_interrupted_folder_run_leaves_no_saved_images(tmp_path):
+    from fer_edge.targets.sources import Sink, Source
+
+    faces = copy_subset(FER / "publictest", tmp_path / "faces", 5, classes=("happy",)) / "happy"
+    source = Source(str(faces))
+    out = tmp_path / "annotated"
+    sink = Sink(out, source)
+    for index, t, frame, name in source:
+        sink.write(frame, name)
+    assert len(list(out.iterdir())) == 5
+    sink.close(ok=False)                                    # Ctrl-C or an error mid-folder
+    assert not out.exists()
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "mine.txt").write_text("mine")
+    sink = Sink(keep, source, force=True)
+    for index, t, frame, name in source:
+        sink.write(frame, name)
+    sink.close(ok=False)
+    assert [p.name for p in keep.iterdir()] == ["mine.txt"]
+
+
+def test_an_empty_output_name_is_not_the_current_folder(tmp_path):
+    from fer_edge.weights import default_weights
+
+    for cmd in (["train", "--data", tmp_path, "--out", ""], ["merge", "--weights", default_weights(), "--out", ""],
+                ["convert", "--target", "onnx", "--out", ""]):
+        one_line_error(run(*cmd, cwd=tmp_path), "--out: give a")
+    assert list(tmp_path.iterdir()) == []

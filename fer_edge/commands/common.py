@@ -53,6 +53,8 @@ def add_progress_option(p) -> None:
 def check_output_file(path, force: bool, what: str = "--out") -> Path:
     """An output file: refused if it exists without --force, or cannot be written (checked before any work;
     names the file system refuses are one line from fer_edge.fileio already)."""
+    if not str(path).strip():   # Path("") is the current folder: never what an empty argument meant
+        raise UserError(f"{what}: give a file name")
     path = check_writable_parent(path, what)
     refuse_special(path, what)
     refuse_existing(path, force, what)

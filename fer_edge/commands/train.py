@@ -122,6 +122,8 @@ def cmd_train(args: argparse.Namespace, hooks=None) -> int:
     ctx = dist.context_from_env()
     log = _log(ctx)
     device = torch_device(args.device, ctx.local_rank if ctx.enabled else None)
+    if not str(args.out).strip():   # Path("") is the current folder: never what an empty argument meant
+        raise UserError("--out: give a folder name")
     run_dir = Path(args.out)
     check_run_dir(run_dir, args.resume, args.force, args.folds is not None)  # refusals only: nothing goes yet
     check_outputs_spare_inputs({"--out": run_dir}, {"--data": args.data, "--val": args.val, "--init": args.init,
