@@ -58,6 +58,8 @@ def replace_pair(private: Path, private_pem: bytes, public: Path, public_pem: by
     old_public = public.read_bytes() if public.is_file() else None
     temps = []
     try:
+        private.parent.mkdir(parents=True, exist_ok=True)
+        public.parent.mkdir(parents=True, exist_ok=True)
         for path, data, mode in ((private, private_pem, 0o600), (public, public_pem, 0o644)):
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
             temps.append(tmp)

@@ -41,18 +41,24 @@ def shown(text) -> str:
 
 
 def refuse_special(path, what: str = "--out") -> None:
-    """An output file's name must not be a link, device, pipe or socket, even with
-    --force: the rename that writes it would replace /dev/null or a link to
-    stdout with a plain file (a folder there is refused by its own check)."""
+    """An output file's name must not be a device, pipe or socket, nor a link to
+    one, even with --force: the rename that writes it would replace /dev/null or
+    a link to stdout with a plain file.  (A link to a regular file is replaced
+    by the output, its target untouched; a folder is refused by its own check.)"""
     try:
         st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode):
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:   # a dangling link: the rename replaces just the link
+                return
     except FileNotFoundError:
         return
     except (OSError, ValueError) as exc:
         raise UserError(f"{what} {str(path)[:200]}: {getattr(exc, 'strerror', None) or exc}") from None
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
-        kind = "a link" if stat.S_ISLNK(st.st_mode) else "a device, pipe or socket"
-        raise UserError(f"{what} {path} is {kind}, not a regular file: give another name")
+        raise UserError(f"{what} {path} is a device, pipe or socket (or a link to one), not a regular file: "
+                        "give another name")
 
 
 def _exists(path: Path, what: str = "--out") -> bool:

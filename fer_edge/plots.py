@@ -27,6 +27,7 @@ def _save(fig, path) -> Path:
 
 
 MAX_ANNOTATED = 30   # classes up to which every cell of the confusion matrix is written out
+MAX_LABELLED = 100   # classes up to which the axes name them (in a smaller font past MAX_ANNOTATED)
 MAX_INCHES = 24      # a figure side: beyond it a plot of many classes only costs memory
 
 
@@ -49,9 +50,11 @@ def plot_confusion(cm, classes, path, title="Confusion matrix") -> Path:
         for j in range(k):
             ax.text(j, i, f"{cm[i, j]}\n{norm[i, j]:.0%}", ha="center", va="center", fontsize=7,
                     color="white" if norm[i, j] > 0.5 else "black")
-    if k <= MAX_ANNOTATED:
-        ax.set_xticks(range(k), [plain(c) for c in classes], rotation=45, ha="right")
-        ax.set_yticks(range(k), [plain(c) for c in classes])
+    if k <= MAX_LABELLED:
+        size = 10 if k <= MAX_ANNOTATED else 5
+        ax.set_xticks(range(k), [plain(c) for c in classes], rotation=45 if k <= MAX_ANNOTATED else 90,
+                      ha="right" if k <= MAX_ANNOTATED else "center", fontsize=size)
+        ax.set_yticks(range(k), [plain(c) for c in classes], fontsize=size)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(plain(title))

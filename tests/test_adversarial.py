@@ -27,22 +27,25 @@ posix = pytest.mark.skipif(os.name != "posix", reason="POSIX links, pipes and mo
 
 # ------------------------------------------------------------------ outputs that are not files
 @posix
-def test_force_never_turns_a_link_or_a_pipe_into_a_file(tmp_path):
+def test_force_never_turns_a_pipe_or_a_link_to_one_into_a_file(tmp_path):
+    from fer_edge.fileio import write_bytes_atomic
     from fer_edge.weights import default_weights
 
+    fifo, link = tmp_path / "fifo.safetensors", tmp_path / "link.safetensors"
+    os.mkfifo(fifo)
+    link.symlink_to(fifo)                      # like a link to /dev/stdout
+    for out in (fifo, link):
+        one_line_error(run("merge", "--weights", default_weights(), "--out", out, "--force"), "not a regular file")
+    assert link.is_symlink() and not fifo.is_file()
+    with pytest.raises(UserError, match="device, pipe or socket"):
+        write_bytes_atomic(link, b"x", force=True)
+    # a link to a regular file is replaced by the output, as before; its target stays
     target = tmp_path / "target.txt"
     target.write_text("keep")
-    link, fifo = tmp_path / "link.safetensors", tmp_path / "fifo.safetensors"
-    link.symlink_to(target)
-    os.mkfifo(fifo)
-    for out in (link, fifo):
-        one_line_error(run("merge", "--weights", default_weights(), "--out", out, "--force"), "not a regular file")
-    assert link.is_symlink() and target.read_text() == "keep"
-    assert fifo.exists() and not fifo.is_file()
-    from fer_edge.fileio import write_bytes_atomic
-
-    with pytest.raises(UserError, match="is a link"):
-        write_bytes_atomic(link, b"x", force=True)
+    latest = tmp_path / "latest.json"
+    latest.symlink_to(target)
+    write_bytes_atomic(latest, b"{}", force=True)
+    assert latest.read_bytes() == b"{}" and not latest.is_symlink() and target.read_text() == "keep"
 
 
 # ------------------------------------------------------------------ run folders
@@ -54,10 +57,16 @@ def test_a_folder_of_the_users_files_is_not_a_run(tmp_path):
     (mine / "config.json").write_text('{"my": 1}')                  # the user's, not a run's
     (mine / "plots" / "thesis-figure.png").write_bytes(b"png")
     assert not killed_start(mine)
-    with pytest.raises(UserError, match="exists and is not empty"):
-        check_run_dir(mine, resume=False, force=False)
+    for force in (False, True):
+        with pytest.raises(UserError, match="holds files but no fer-edge run"):
+            check_run_dir(mine, resume=False, force=force)
+    # folders named like folds but holding the user's files are not a fold run
+    splits = tmp_path / "splits"
+    for fold in ("fold01", "fold02"):
+        (splits / fold).mkdir(parents=True)
+        (splits / fold / "a.png").write_bytes(b"png")
     with pytest.raises(UserError, match="holds files but no fer-edge run"):
-        check_run_dir(mine, resume=False, force=True)
+        check_run_dir(splits, resume=False, force=True)
     # a start killed before its first checkpoint: fer-edge's own config.json
     killed = tmp_path / "killed"
     killed.mkdir()
@@ -77,6 +86,7 @@ def test_resume_continues_the_same_kind_of_run(tmp_path):
 
     folds = tmp_path / "folds"
     (folds / "fold01").mkdir(parents=True)
+    (folds / "fold01" / RESUME_FILE).write_bytes(b"x")
     with pytest.raises(UserError, match="holds a fold run; --resume continues it .*with --folds"):
         check_run_dir(folds, resume=True, force=False, folds=False)
     check_run_dir(folds, resume=True, force=False, folds=True)
@@ -172,23 +182,26 @@ def test_a_width_that_leaves_no_channels_is_refused():
         models.create("hsnet-lite", width=0.01)
 
 
-def test_keygen_never_leaves_half_a_pair(tmp_path, monkeypatch):
+def test_keygen_never_leaves_half_a_pair(tmp_path):
     from fer_edge.converters import keys
 
     private, public = keys.keygen(tmp_path / "k")
     old = private.read_bytes(), public.read_bytes()
     real_replace = os.replace
+    for failing in (private, public):             # whichever rename fails: the old pair, whole
+        def failing_replace(src, dst, failing=failing):
+            if Path(dst) == failing:
+                raise PermissionError(1, "Operation not permitted")
+            return real_replace(src, dst)
 
-    def failing_replace(src, dst):
-        if Path(dst) == private:
-            raise PermissionError(1, "Operation not permitted")
-        return real_replace(src, dst)
-
-    monkeypatch.setattr(keys.os, "replace", failing_replace)
-    with pytest.raises(UserError):
-        keys.keygen(tmp_path / "k", force=True)
-    assert (private.read_bytes(), public.read_bytes()) == old      # the old pair, whole
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["k.key", "k.pub"]
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(keys.os, "replace", failing_replace)
+            with pytest.raises(UserError):
+                keys.keygen(tmp_path / "k", force=True)
+        assert (private.read_bytes(), public.read_bytes()) == old
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["k.key", "k.pub"]
+    # into a folder that is not there yet
+    assert all(p.is_file() for p in keys.keygen(tmp_path / "new" / "sub" / "k"))
 
 
 # ------------------------------------------------------------------ environment and printing

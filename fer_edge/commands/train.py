@@ -86,6 +86,15 @@ def load_data(args, size: int, ctx, log):
     report_skipped(args.data, train, log)
     check_training_classes(args.data, train.class_counts())
     train = limit_set(train, args.limit, args.seed)
+    if args.limit is not None:
+        counts = train.class_counts()
+        if sum(n > 0 for n in counts.values()) < 2:
+            raise UserError(f"--limit {args.limit} leaves faces of {sum(n > 0 for n in counts.values())} class; a "
+                            "classifier needs at least two: give a larger --limit")
+        empty = [c for c, n in counts.items() if n == 0]
+        if empty:
+            log(f"warning: --limit {args.limit} leaves no faces of {', '.join(empty)}: the model cannot learn "
+                f"{'it' if len(empty) == 1 else 'them'}")
     val = None
     if args.val:
         val = load_dataset(args.val, size=size, classes=args.classes, strict=args.strict, usage=args.val_usage,

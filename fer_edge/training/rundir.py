@@ -49,7 +49,13 @@ def has_files(folder: Path) -> bool:
 
 def resumable(run_dir: Path) -> bool:
     """Whether the folder holds a run that --resume can continue (its own or a fold's resume file)."""
-    return (run_dir / RESUME_FILE).is_file() or (run_dir / "fold01").is_dir()
+    return (run_dir / RESUME_FILE).is_file() or is_fold_folder(run_dir / "fold01")
+
+
+def is_fold_folder(folder: Path) -> bool:
+    """A fold of a fold run (fer-edge's config, resume file or summary in it), not a user's folder of that name."""
+    return folder.is_dir() and ((folder / RESUME_FILE).is_file() or (folder / SUMMARY_FILE).is_file()
+                                or own_config(folder))
 
 
 def own_config(run_dir: Path) -> bool:
@@ -64,7 +70,7 @@ def own_config(run_dir: Path) -> bool:
 def is_run(run_dir: Path) -> bool:
     """The folder holds a fer-edge run (a single run or a fold run, complete or not)."""
     return (own_config(run_dir) or resumable(run_dir) or (run_dir / REPLACED).is_dir()
-            or (run_dir / LEGACY_RESUME_FILE).is_file() or own_config(run_dir / "fold01"))
+            or (run_dir / LEGACY_RESUME_FILE).is_file())
 
 
 def killed_start(run_dir: Path) -> bool:
@@ -103,7 +109,7 @@ def _check_run_dir(run_dir: Path, resume: bool, force: bool, folds: bool | None 
                 raise UserError(f"{run_dir}: its {LEGACY_RESUME_FILE} comes from an older fer-edge, which pickled "
                                 "it, and fer-edge never unpickles a file; start the run again (--force)")
             raise UserError(f"{run_dir}: nothing to resume (no {RESUME_FILE}); start without --resume")
-        fold_run = (run_dir / "fold01").is_dir()
+        fold_run = is_fold_folder(run_dir / "fold01")
         if folds is not None and folds != fold_run:
             raise UserError(f"{run_dir} holds a {'fold' if fold_run else 'single'} run; --resume continues it with "
                             f"the same kind of command ({'with' if fold_run else 'without'} --folds)")
@@ -111,19 +117,20 @@ def _check_run_dir(run_dir: Path, resume: bool, force: bool, folds: bool | None 
     if (run_dir / REPLACED).exists() and not force:
         raise UserError(f"{run_dir} holds a run set aside by an interrupted --force run ({REPLACED}); pass "
                         "--force to start over (it goes when the new run completes), or move it out first")
+    if has_files(run_dir) and not killed_start(run_dir) and not is_run(run_dir):
+        raise UserError(f"{run_dir} holds files but no fer-edge run; a run goes into an empty or new folder "
+                        "(--force replaces only a run): give another --out")
     if has_files(run_dir) and not force and not killed_start(run_dir):
         raise UserError(f"{run_dir} exists and is not empty; pass --resume to continue that run "
                         "or --force to start over")
-    if has_files(run_dir) and force and not is_run(run_dir):
-        raise UserError(f"{run_dir} holds files but no fer-edge run; --force only replaces a run: give another "
-                        "--out (or an empty folder)")
 
 
 def run_entries(run_dir: Path) -> list[Path]:
     """What a run wrote in its folder (the user's other files are never touched)."""
     found = [run_dir / name for name in RUN_FILES if (run_dir / name).exists()]
     for pattern in RUN_FOLDERS:
-        found += [sub for sub in sorted(run_dir.glob(pattern)) if sub.is_dir()]
+        found += [sub for sub in sorted(run_dir.glob(pattern))
+                  if sub.is_dir() and (pattern == "plots" or is_fold_folder(sub))]
     return found
 
 

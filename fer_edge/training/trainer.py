@@ -98,8 +98,11 @@ def resume_from(state: dict, s: Step, pos: Position, settings: TrainSettings, en
     new = comparable_fingerprint(json.loads(json.dumps(settings.fingerprint())), has_aux_heads(s.model))
     diff = fingerprint_difference(old, new)
     if diff is not None:
+        recorded, given = state["fingerprint"].get(diff), settings.fingerprint().get(diff)
+        hint = (" (a relative path is read from the folder you run in: resume from the folder the run started "
+                "in, or give the same data)") if diff == "data" else ""
         raise UserError(f"{run_dir}: cannot resume: '{diff}' differs from the original run "
-                        f"({old.get(diff)!r} vs {new.get(diff)!r})")
+                        f"({recorded!r} vs {given!r}){hint}")
     for what, target in (("model", s.model), ("optimizer", s.optimizer), ("scheduler", s.scheduler),
                          ("scaler", s.scaler)):
         rundir.restore(path, what, target.load_state_dict, state[what])
