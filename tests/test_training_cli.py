@@ -175,6 +175,14 @@ def test_kfold_on_ckplus_is_subject_grouped(tmp_path):
     assert "±" in proc.stdout
     for i in (1, 2, 3):
         assert (tmp_path / "kf" / f"fold{i:02d}" / "last.safetensors").is_file()
+    # --resume reuses a finished fold only when it was trained as this command would train it
+    again = run("train", *TINY, "--data", CKPLUS, "--folds", "3", "--epochs", "1", "--out", tmp_path / "kf",
+                "--resume")
+    assert again.returncode == 0 and again.stdout.count("done earlier") == 3, again.stderr[-2000:]
+    for other, expect in ((("--folds", "2", "--epochs", "1"), "training faces, this fold has"),
+                          (("--folds", "3", "--epochs", "2"), "finished with another")):
+        proc = run("train", *TINY, "--data", CKPLUS, *other, "--out", tmp_path / "kf", "--resume")
+        one_line_error(proc, expect)
 
 
 # ------------------------------------------------------------------ bad input

@@ -214,7 +214,7 @@ def run_folds(settings, data, k: int, run_dir: Path, args, ctx, log, device, hoo
     results = []
     for i, test_idx in enumerate(folds, start=1):
         fold_dir = run_dir / f"fold{i:02d}"
-        summary = fold_summary(fold_dir, args.resume)
+        summary = fold_summary(fold_dir, args.resume, settings, len(data) - len(test_idx))
         if summary is not None:
             log(f"fold {i}/{k}: done earlier, val acc {100 * summary['val_acc']:.2f}%")
         else:
@@ -233,20 +233,43 @@ def run_folds(settings, data, k: int, run_dir: Path, args, ctx, log, device, hoo
     return 0
 
 
-def fold_summary(fold_dir: Path, resume: bool) -> dict | None:
-    """The summary of a fold finished by an earlier process (--resume), or None."""
+def fold_summary(fold_dir: Path, resume: bool, settings=None, train_images: int | None = None) -> dict | None:
+    """The summary of a fold finished by an earlier process (--resume), or None.
+    A finished fold is reused only when it was trained as this fold would be:
+    the same settings (its config.json) and as many training faces (the same
+    number of folds); otherwise one line, never an old result passed off as new."""
     import json
 
-    from fer_edge.training.rundir import SUMMARY_FILE
+    from fer_edge.training.rundir import CONFIG_FILE, SUMMARY_FILE
+    from fer_edge.training.settings import comparable_fingerprint, fingerprint_difference
 
     path = fold_dir / SUMMARY_FILE
     if not (resume and path.is_file()):
         return None
     try:
         summary = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None  # unreadable: the fold is trained again (from its resume file where there is one)
-    return summary if isinstance(summary, dict) and isinstance(summary.get("val_acc"), float) else None
+    if not (isinstance(summary, dict) and isinstance(summary.get("val_acc"), float)):
+        return None
+    if train_images is not None and summary.get("train_images") != train_images:
+        raise UserError(f"{fold_dir}: finished with {summary.get('train_images')!r} training faces, this fold has "
+                        f"{train_images} (another number of folds or other data); start over with --force")
+    if settings is not None:
+        try:
+            config = json.loads((fold_dir / CONFIG_FILE).read_text())
+        except (OSError, ValueError, RecursionError):
+            config = None
+        if not isinstance(config, dict):
+            raise UserError(f"{fold_dir}: finished, but its {CONFIG_FILE} is missing or damaged; start over with "
+                            "--force")
+        fp = json.loads(json.dumps(settings.fingerprint()))
+        diff = fingerprint_difference(comparable_fingerprint({k: config.get(k) for k in fp}, True),
+                                      comparable_fingerprint(fp, True))
+        if diff is not None:
+            raise UserError(f"{fold_dir}: finished with another '{diff}' than this command's; resume with the "
+                            "same command, or start over with --force")
+    return summary
 
 
 def report_folds(results: list[dict], k: int, kind: str, run_dir: Path, log) -> None:
