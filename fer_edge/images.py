@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
+import sys
 
 import numpy as np
 
@@ -185,6 +186,36 @@ def _valid_pixel_limit(text) -> bool:
 
 if not _valid_pixel_limit(os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS")):
     os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(MAX_IMAGE_PIXELS)
+
+
+@contextlib.contextmanager
+def native_stderr_quiet():
+    """What native decoders write straight to file descriptor 2 (libpng's
+    "libpng warning: iCCP: known incorrect sRGB profile", "libpng error: Not
+    enough image data") goes nowhere meanwhile, while Python's own stderr
+    (progress bars, warnings) still reaches the terminal: every image that
+    fails is reported once, in fer-edge's words.  Process-wide, for the main
+    thread to wrap a whole decoding phase."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, AttributeError, ValueError):   # no real stderr (embedded, captured): nothing to quiet
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    python_err, stream = sys.stderr, open(saved, "w", buffering=1, closefd=False,
+                                          encoding=getattr(sys.stderr, "encoding", None) or "utf-8",
+                                          errors="backslashreplace")
+    os.dup2(devnull, 2)
+    sys.stderr = stream
+    try:
+        yield
+    finally:
+        stream.flush()
+        sys.stderr = python_err
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 @contextlib.contextmanager

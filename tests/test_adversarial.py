@@ -277,3 +277,22 @@ def test_an_empty_output_name_is_not_the_current_folder(tmp_path):
                 ["convert", "--target", "onnx", "--out", ""]):
         one_line_error(run(*cmd, cwd=tmp_path), "--out: give a")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not FER.is_dir(), reason=f"real data not found at {DATA}")
+def test_native_decoders_print_nothing_of_their_own(tmp_path):
+    """libpng writes "libpng error: Not enough image data" straight to stderr;
+    fer-edge says it once, in its own line."""
+    import struct
+    import zlib
+
+    from helpers import png_chunk
+
+    faces = copy_subset(FER / "publictest", tmp_path / "faces", 2, classes=("happy", "sad"))
+    ihdr = struct.pack(">IIBBBBB", 48, 48, 8, 0, 0, 0, 0)
+    one_row = zlib.compress(b"\x00" + b"\x80" * 48)
+    (faces / "happy" / "short.png").write_bytes(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr)
+                                                + png_chunk(b"IDAT", one_row) + png_chunk(b"IEND", b""))
+    one_line_error(run("eval", "--data", faces, "--strict", "--no-progress"), "short.png: corrupt or truncated")
+    proc = run("eval", "--data", faces, "--no-progress")
+    assert proc.returncode == 0 and "libpng" not in proc.stderr and "1 skipped" in proc.stderr, proc.stderr

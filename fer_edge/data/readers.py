@@ -21,6 +21,7 @@ from fer_edge.data.classes import CANONICAL_CLASSES, FER2013_CLASSES, RAFDB_CLAS
 from fer_edge.data.faceset import FaceSet
 from fer_edge.data.fer2013_csv import FER2013_USAGES, read_fer2013_csv
 from fer_edge.data.images import IMAGE_SUFFIXES, decode_image, read_face
+from fer_edge.images import native_stderr_quiet
 
 # CK+ file names: S010_004_00000017.png -> subject S010, sequence 004.
 CKPLUS_NAME = re.compile(r"^(S\d+)_(\d+)_")
@@ -62,7 +63,7 @@ def _decode_all(paths: list[str], size: int, strict: bool, desc: str, progress: 
             ok[i] = True
         return i
 
-    with ThreadPoolExecutor(max_workers=4) as pool:
+    with native_stderr_quiet(), ThreadPoolExecutor(max_workers=4) as pool:
         results = pool.map(work, range(len(paths)))
         if progress:
             from tqdm import tqdm
