@@ -296,3 +296,14 @@ def test_native_decoders_print_nothing_of_their_own(tmp_path):
     one_line_error(run("eval", "--data", faces, "--strict", "--no-progress"), "short.png: corrupt or truncated")
     proc = run("eval", "--data", faces, "--no-progress")
     assert proc.returncode == 0 and "libpng" not in proc.stderr and "1 skipped" in proc.stderr, proc.stderr
+
+
+def test_options_that_do_not_apply_are_said_not_ignored(tmp_path):
+    rows = ["emotion,pixels,Usage"] + [f"{e},{' '.join(['128'] * 2304)},PublicTest" for e in (3, 4, 3, 4)]
+    csv = tmp_path / "fer.csv"
+    csv.write_text("\n".join(rows) + "\n")
+    proc = run("eval", "--data", csv, "--classes", "happy,sad", "--no-progress")
+    assert proc.returncode == 0 and "note: --classes applies to class folders" in proc.stderr, proc.stderr
+    if os.name == "posix":
+        os.mkfifo(tmp_path / "pipe")
+        one_line_error(run("eval", "--data", tmp_path / "pipe", "--no-progress"), "not a regular file or a folder")

@@ -176,6 +176,15 @@ def _find_rafdb_list(root: Path) -> Path | None:
     return None
 
 
+def note_fixed_classes(path, classes, what: str) -> None:
+    """--classes names and orders class folders; a CSV or RAF-DB has its own fixed
+    classes: said once (a note at the end), not silently ignored."""
+    if classes:
+        from fer_edge import note
+
+        note(f"note: --classes applies to class folders; {path} is {what}, which has its own classes")
+
+
 def load_dataset(path, size: int = 48, classes: list[str] | None = None, strict: bool = False,
                  usage: str | None = None, split: str = "train", progress: bool = False) -> FaceSet:
     """Pick the reader from what ``path`` is: a FER2013 CSV (``usage``, default
@@ -184,10 +193,14 @@ def load_dataset(path, size: int = 48, classes: list[str] | None = None, strict:
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file or folder")
+    if not (path.is_file() or path.is_dir()):   # a pipe, a device: never read as data
+        raise UserError(f"{path}: not a regular file or a folder")
     if path.is_file():
         if path.suffix.lower() == ".csv":
+            note_fixed_classes(path, classes, "a FER2013 CSV")
             return read_fer2013_csv(path, usage=usage or "Training", strict=strict, size=size)
         raise UserError(f"{path}: expected a FER2013 .csv file or a folder of class folders")
     if _find_rafdb_list(path) is not None:
+        note_fixed_classes(path, classes, "a RAF-DB folder")
         return read_rafdb(path, split=split, size=size, strict=strict, progress=progress)
     return read_image_folder(path, size=size, classes=classes, strict=strict, progress=progress)
