@@ -105,6 +105,7 @@ class Track:
     probs: np.ndarray
     last_frame: int
     hits: int = 1
+    last_time: float | None = None   # seconds, the clock of the frames (cameras: wall time)
 
 
 def clip_box(box, width: int, height: int) -> list[int]:
@@ -126,16 +127,25 @@ class Tracker:
     the new frame), so one odd frame does not flip the label.  A track missing
     from more than ``max_age`` frames in a row expires (its face left, or a new
     face in the same place must not inherit its probabilities); with 0, a face
-    keeps its track only from one frame to the next."""
+    keeps its track only from one frame to the next.  With ``max_seconds`` the
+    gap is time instead, on the frames' clock (``now``): a camera delivers fewer
+    frames than its nominal rate when processing is slower, so a gap in seconds
+    counted in frames would stretch."""
 
-    def __init__(self, alpha: float = 0.4, iou_threshold: float = 0.3, max_age: int = 15):
-        self.alpha, self.iou_threshold, self.max_age = alpha, iou_threshold, max_age
+    def __init__(self, alpha: float = 0.4, iou_threshold: float = 0.3, max_age: int = 15,
+                 max_seconds: float | None = None):
+        self.alpha, self.iou_threshold, self.max_age, self.max_seconds = alpha, iou_threshold, max_age, max_seconds
         self.tracks: list[Track] = []
         self.next_id = 1
 
-    def update(self, boxes: np.ndarray, probs: np.ndarray, frame: int) -> list[Track]:
+    def alive(self, t: Track, frame: int, now: float | None) -> bool:
+        if self.max_seconds is not None and now is not None and t.last_time is not None:
+            return now - t.last_time <= self.max_seconds
+        return missed_frames(t.last_frame, frame) <= self.max_age
+
+    def update(self, boxes: np.ndarray, probs: np.ndarray, frame: int, now: float | None = None) -> list[Track]:
         # Expire first: a track older than the gap must not match this frame's faces.
-        self.tracks = [t for t in self.tracks if missed_frames(t.last_frame, frame) <= self.max_age]
+        self.tracks = [t for t in self.tracks if self.alive(t, frame, now)]
         pairs = sorted(((iou(t.box, b), ti, bi) for ti, t in enumerate(self.tracks) for bi, b in enumerate(boxes)),
                        reverse=True)
         used_t, used_b, assigned = set(), set(), {}
@@ -151,17 +161,23 @@ class Tracker:
         for bi, (box, p) in enumerate(zip(boxes, probs)):
             t = assigned.get(bi)
             if t is None:
-                t = Track(self.next_id, box, p.copy(), frame)
+                t = Track(self.next_id, box, p.copy(), frame, last_time=now)
                 self.next_id += 1
                 self.tracks.append(t)
             else:
                 t.probs = self.alpha * p + (1 - self.alpha) * t.probs
-                t.box, t.last_frame, t.hits = box, frame, t.hits + 1
+                t.box, t.last_frame, t.last_time, t.hits = box, frame, now, t.hits + 1
             out.append(t)
         return out
 
 
 MAX_TRACK_GAP_S = 3600   # longer gaps are typing mistakes (and at 1000 frames/s still a sane count)
+
+
+def track_gap_seconds(spec) -> float | None:
+    """--track-gap in seconds when it was given in seconds ("0.5s"), else None."""
+    text = str(spec).strip().lower()
+    return float(text[:-1]) if text.endswith("s") else None
 
 
 def track_gap_frames(spec, fps: float | None) -> int:
@@ -242,7 +258,7 @@ class Pipeline:
     def reset(self) -> None:
         """Forget every track (a new, unrelated image: nothing carries over)."""
         t = self.tracker
-        self.tracker = Tracker(t.alpha, t.iou_threshold, t.max_age)
+        self.tracker = Tracker(t.alpha, t.iou_threshold, t.max_age, t.max_seconds)
 
     def crops(self, gray: np.ndarray, det) -> np.ndarray | None:
         """(N, H, W) uint8 model-size crops of the detections."""
@@ -254,7 +270,8 @@ class Pipeline:
                              for b, k in zip(det.boxes, det.keypoints)])
         return np.stack([crop_square(gray, b, self.margin, size, self.shift) for b in det.boxes])
 
-    def __call__(self, frame_bgr: np.ndarray) -> list[Face]:
+    def __call__(self, frame_bgr: np.ndarray, now: float | None = None) -> list[Face]:
+        """The faces of one frame; ``now``: the frame's time in seconds (a time-based track gap uses it)."""
         import cv2
 
         t0 = time.perf_counter()
@@ -273,7 +290,7 @@ class Pipeline:
         logits = self.backend.run(x) if x is not None else np.zeros((0, len(self.labels)), np.float32)
         t3 = time.perf_counter()
         probs = softmax(logits / np.float32(self.temperature))
-        tracks = self.tracker.update(boxes, probs, self.frames)
+        tracks = self.tracker.update(boxes, probs, self.frames, now)
         out = []
         for box, p, t, s in zip(boxes, probs, tracks, det.scores):
             k = int(np.argmax(t.probs))

@@ -37,6 +37,7 @@ from fer_edge.targets.pipeline import (
     iou,
     square_box,
     track_gap_frames,
+    track_gap_seconds,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -314,6 +315,10 @@ def test_tracks_expire_after_the_gap():
     assert [x.id for x in t.tracks] == [2]
     t0 = Tracker(max_age=0)                        # gap 0: tracks still join consecutive frames
     assert [t0.update(box, p, f)[0].id for f in (0, 1, 2, 4, 5)] == [1, 1, 1, 2, 2]
+    # a camera's gap in seconds is wall time: a slow pipeline's next frame 0.9 s later is past 0.5 s
+    ts = Tracker(max_age=15, max_seconds=0.5)
+    assert [ts.update(box, p, f, now)[0].id for f, now in ((0, 0.0), (1, 0.9), (2, 1.3), (3, 1.9))] == [1, 2, 2, 3]
+    assert track_gap_seconds("0.5s") == 0.5 and track_gap_seconds("15") is None
     assert track_gap_frames("15", 25) == 15 and track_gap_frames("0.5s", 30) == 15
     assert track_gap_frames("2s", None) == 60      # 30 frames/s when the source does not say
     for bad in ("-1", "x", "-0.5s"):

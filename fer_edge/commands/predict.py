@@ -104,7 +104,7 @@ def process(args, source, pipe, sink, events, progress, show: bool, clock: dict)
         for index, t, frame, name in source:
             if still:
                 pipe.reset()
-            faces = pipe(frame)
+            faces = pipe(frame, t)
             if not args.quiet:
                 found = ", ".join(f"#{f.track_id} {f.label} {100 * f.confidence:.0f}%" for f in faces) or "no face"
                 print(f"{shown(name)} [{index}]: {found}")
@@ -177,7 +177,7 @@ def run_with_outputs(args, source, pipe, clock: dict) -> bool:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from fer_edge.predict import open_runtime
-    from fer_edge.targets.pipeline import Pipeline, Tracker, track_gap_frames
+    from fer_edge.targets.pipeline import Pipeline, Tracker, track_gap_frames, track_gap_seconds
     from fer_edge.targets.runtime import BundleError
     from fer_edge.targets.sources import Source, source_kind
 
@@ -189,7 +189,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
                                               min_release=args.min_release)
     pipe = Pipeline(backend, labels, pre, detector=detector, margin=args.margin, align=args.align,
                     temperature=args.temperature, min_confidence=args.min_confidence or 0.0,
-                    tracker=Tracker(max_age=track_gap_frames(args.track_gap, source.fps)))
+                    tracker=Tracker(max_age=track_gap_frames(args.track_gap, source.fps),
+                                    # a camera's gap in seconds is wall time: it gives fewer frames than
+                                    # its nominal rate when processing is slower
+                                    max_seconds=track_gap_seconds(args.track_gap) if source.kind == "camera"
+                                    else None))
     try:
         pipe.check_model()   # before the first frame: an artifact that cannot run its own input
         clock = {"seconds": 0.0}
