@@ -29,9 +29,9 @@ def check_key_paths(prefix, force: bool) -> tuple[Path, Path]:
     private, public = key_paths(prefix)
     for p in (private, public):
         try:
-            refuse_special(p)
             refuse_existing(p, force)
             check_writable_parent(p, "--out")
+            refuse_special(p)
         except OSError as exc:  # a name the file system refuses (too long, ...)
             raise UserError(os_error_line(exc, p)) from None
     return private, public

@@ -50,9 +50,9 @@ def refuse_special(path, what: str = "--out") -> None:
         if stat.S_ISLNK(st.st_mode):
             try:
                 st = os.stat(path)
-            except FileNotFoundError:   # a dangling link: the rename replaces just the link
+            except (FileNotFoundError, NotADirectoryError):   # a dangling link: the rename replaces the link
                 return
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):   # nothing there (a file on the way is refused elsewhere)
         return
     except (OSError, ValueError) as exc:
         raise UserError(f"{what} {str(path)[:200]}: {getattr(exc, 'strerror', None) or exc}") from None

@@ -232,10 +232,10 @@ def test_force_replaces_a_run_only_when_the_new_one_completes(tiny, tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     assert not (out / ".replaced").exists()
     assert json.loads((out / "config.json").read_text())["seed"] == 1
-    # a start killed before its first checkpoint leaves config.json only: the next run clears it
+    # a start killed before its first checkpoint leaves its config.json only: the next run clears it
     killed = tmp_path / "killed"
     killed.mkdir()
-    (killed / "config.json").write_text("{}")
+    (killed / "config.json").write_text(json.dumps({"fer_edge_version": "0.1.0", "seed": 0}))
     resumed = run("train", *TINY, "--data", train, "--val", val, "--epochs", "1", "--out", killed, "--resume")
     assert resumed.returncode == 2 and "before its first checkpoint" in resumed.stderr
     fresh = run("train", *TINY, "--data", train, "--val", val, "--epochs", "1", "--out", killed)

@@ -194,7 +194,7 @@ def read_teacher_logits(path) -> tuple[torch.Tensor, dict]:
 
     from safetensors import SafetensorError, safe_open
 
-    if not Path(path).is_file():   # a pipe would block the read, a folder is not one
+    if Path(path).exists() and not Path(path).is_file():   # a pipe would block the read, a folder is not one
         raise UserError(f"--teacher-logits {path}: not a regular file")
     try:
         with safe_open(str(path), framework="pt") as f:
