@@ -324,10 +324,15 @@ class YuNetDetector:
         spec = DETECTORS["yunet"]
         self.crop_margin, self.crop_shift = spec.crop_margin, spec.crop_shift
         self.score_threshold = spec.score_threshold if score_threshold is None else float(score_threshold)
+        from fer_edge.targets.runtime import native_output_silenced
+
         try:
-            self.det = cv2.FaceDetectorYN.create(str(onnx_path), "", (320, 320), self.score_threshold)
-            # Any ONNX file loads; only running it shows whether it is YuNet (its outputs).
-            _, faces = self.det.detect(np.zeros((320, 320, 3), np.uint8))
+            # OpenCV's DNN module prints its own "[ERROR] ..." lines for a model it cannot
+            # run; the one line below says what is wrong.
+            with native_output_silenced():
+                self.det = cv2.FaceDetectorYN.create(str(onnx_path), "", (320, 320), self.score_threshold)
+                # Any ONNX file loads; only running it shows whether it is YuNet (its outputs).
+                _, faces = self.det.detect(np.zeros((320, 320, 3), np.uint8))
         except cv2.error:
             raise RuntimeError(f"{onnx_path}: not a YuNet model OpenCV can load and run") from None
         if faces is not None and (faces.ndim != 2 or faces.shape[1] != 15):

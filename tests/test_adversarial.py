@@ -307,3 +307,23 @@ def test_options_that_do_not_apply_are_said_not_ignored(tmp_path):
     if os.name == "posix":
         os.mkfifo(tmp_path / "pipe")
         one_line_error(run("eval", "--data", tmp_path / "pipe", "--no-progress"), "not a regular file or a folder")
+
+
+def test_a_model_that_is_not_yunet_is_one_line(tmp_path):
+    onnx = pytest.importorskip("onnx", reason="onnx makes the stand-in model")
+    from onnx import TensorProto, helper
+
+    # like a 48x48 expression classifier given by mistake: OpenCV fails on its shapes, loudly
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 48, 48])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2304])
+    shape = helper.make_tensor("shape", TensorProto.INT64, [2], [1, 2304])
+    model = helper.make_model(helper.make_graph([helper.make_node("Reshape", ["x", "shape"], ["y"])], "g", [x], [y],
+                                                initializer=[shape]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(tmp_path / "notyunet.onnx"))
+    import cv2
+
+    img = tmp_path / "face.png"
+    cv2.imwrite(str(img), np.full((64, 64, 3), 128, np.uint8))
+    one_line_error(run("predict", img, "--detector", "yunet", "--yunet-model", tmp_path / "notyunet.onnx"),
+                   "not a YuNet model")
