@@ -18,7 +18,7 @@ import numpy as np
 
 from fer_edge import UserError
 from fer_edge.fileio import (check_writable_folder, check_writable_parent, os_error_line, refuse_existing,
-                             refuse_special, write_bytes_atomic)
+                             write_bytes_atomic)
 from fer_edge.targets.images import MAX_PIXELS, image_problem, opencv_silenced, read_image
 
 MAX_CAMERA_INDEX = 1023
@@ -187,7 +187,6 @@ def check_sink(out, kind: str, force: bool = False) -> Path:
             check_writable_parent(out, "--save")
         return out
     check_writable_parent(out, "--save")
-    refuse_special(out, "--save")
     if out.exists() and not out.is_file():
         raise SourceError(f"--save {out}: exists and is not a regular file")
     refuse_existing(out, force, "--save")

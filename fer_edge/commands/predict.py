@@ -22,7 +22,7 @@ from pathlib import Path
 
 from fer_edge import UserError
 from fer_edge.argtypes import float_in, int_in, positive_int
-from fer_edge.fileio import refuse_special, shown
+from fer_edge.fileio import shown
 
 MAX_FACE_PX = 1 << 14
 
@@ -67,7 +67,6 @@ def check_outputs(args: argparse.Namespace, kind: str) -> None:
                                                "the source": None if kind == "camera" else args.source})
     if args.jsonl:
         check_writable_parent(args.jsonl, "--jsonl")
-        refuse_special(args.jsonl, "--jsonl")
         if Path(args.jsonl).exists() and not Path(args.jsonl).is_file():
             raise UserError(f"--jsonl {args.jsonl}: exists and is not a regular file")
         refuse_existing(args.jsonl, args.force, "--jsonl")
